@@ -1,0 +1,59 @@
+"""embedkit: frozen pretrained backbones -> ONNX -> fast embeddings -> light heads.
+
+Heavy modules load on first use, so ``import embedkit`` stays fast and never imports torch.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Backbone": "backbone",
+    "TextPreprocess": "backbone",
+    "hookimpl": "hookspecs",
+    "hookspec": "hookspecs",
+    "get_backbone": "plugins",
+    "list_backbones": "plugins",
+    "plugin_report": "plugins",
+    "register_plugin": "plugins",
+    "Artifact": "artifacts",
+    "ModelStore": "artifacts",
+    "export": "export",
+    "resolve": "export",
+    "Runtime": "runtime",
+    "TextEncoder": "encoder",
+    "Embeddings": "encoder",
+    "embed": "encoder",
+    "ItemError": "text",
+    "Embedder": "embedder",
+    "check_backbone": "testing",
+    "EmbedkitError": "errors",
+    "UnknownBackboneError": "errors",
+    "InvalidBackboneError": "errors",
+    "PluginError": "errors",
+    "DuplicateBackboneError": "errors",
+    "MissingDependencyError": "errors",
+    "ExportError": "errors",
+    "ExportParityError": "errors",
+    "ArtifactError": "errors",
+    "DeviceUnavailableError": "errors",
+    "InvalidInputError": "errors",
+    "BackboneCheckError": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'embedkit' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

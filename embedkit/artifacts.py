@@ -1,0 +1,177 @@
+"""The model store: ``<root>/<name>/<sha256 of model.onnx>/{model.onnx, manifest.json, ...}``.
+
+The digest of the ONNX file is the identity of an exported backbone. Preprocessing is
+written into the ONNX file's metadata before hashing, so a change of tokenizer, max length,
+pooling or normalisation changes the digest too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .backbone import TextPreprocess, preprocess_from_json
+from .errors import ArtifactError
+
+logger = logging.getLogger(__name__)
+
+HOME_ENV = "EMBEDKIT_HOME"
+MANIFEST = "manifest.json"
+MODEL = "model.onnx"
+SCHEMA = 1
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_root() -> Path:
+    """``$EMBEDKIT_HOME`` when set, else ``models/`` in the working directory."""
+    return Path(os.environ.get(HOME_ENV) or "models").resolve()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One exported backbone in the store."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def digest(self) -> str:
+        return str(self.manifest["digest"])
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def modality(self) -> str:
+        return str(self.manifest["modality"])
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / MODEL
+
+    @property
+    def preprocess(self) -> TextPreprocess:
+        """The preprocessing, with file references resolved inside the artifact folder."""
+        data = dict(self.manifest["preprocess"])
+        if "tokenizer" in data:
+            data["tokenizer"] = str(self.path / data["tokenizer"])
+        data.pop("tokenizer_sha256", None)
+        return preprocess_from_json(data)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], verify: bool = True) -> "Artifact":
+        """Open an artifact folder; with ``verify`` the ONNX file's sha256 must match its name."""
+        folder = Path(path)
+        manifest_path = folder / MANIFEST
+        if not manifest_path.is_file() or not (folder / MODEL).is_file():
+            raise ArtifactError(f"{folder} is not an embedkit artifact (needs {MODEL} and {MANIFEST})")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"unreadable manifest {manifest_path}: {exc}") from exc
+        artifact = cls(folder.resolve(), manifest)
+        if verify:
+            artifact.verify()
+        return artifact
+
+    def verify(self) -> None:
+        """Check the ONNX file's digest and the side files' digests against the manifest."""
+        actual = sha256_file(self.onnx_path)
+        if actual != self.digest:
+            raise ArtifactError(
+                f"{self.onnx_path} is corrupted: sha256 {actual[:12]}... but the manifest says "
+                f"{self.digest[:12]}...; delete the folder and export again"
+            )
+        for rel, expected in self.manifest.get("files", {}).items():
+            target = (self.path / rel).resolve()
+            if self.path not in target.parents:
+                raise ArtifactError(f"artifact file {rel!r} points outside {self.path}")
+            if not target.is_file() or sha256_file(target) != expected:
+                raise ArtifactError(f"artifact file {target} is missing or corrupted")
+
+
+class ModelStore:
+    """The folder of exported artifacts."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None):
+        self.root = Path(root).resolve() if root is not None else default_root()
+
+    def __repr__(self) -> str:
+        return f"ModelStore({str(self.root)!r})"
+
+    def artifacts(self, name: str | None = None) -> list[Artifact]:
+        """Every complete artifact (optionally of one backbone), oldest first."""
+        found: list[Artifact] = []
+        names = [name] if name else sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+        for n in names:
+            folder = self.root / n
+            if not folder.is_dir():
+                continue
+            for sub in folder.iterdir():
+                if sub.name.startswith(".") or not (sub / MANIFEST).is_file():
+                    continue
+                try:
+                    found.append(Artifact.open(sub, verify=False))
+                except ArtifactError as exc:
+                    logger.warning("skipping unreadable artifact %s: %s", sub, exc)
+        return sorted(found, key=lambda a: (a.manifest.get("created", ""), a.digest))
+
+    def find(self, name: str, export_key: str) -> Artifact | None:
+        """The artifact exported from exactly these inputs, if any."""
+        for artifact in self.artifacts(name):
+            if artifact.manifest.get("export_key") == export_key:
+                return artifact
+        return None
+
+    def get(self, ref: str, verify: bool = True) -> Artifact:
+        """An artifact by digest (or unique digest prefix of >= 8 hex digits) or by folder path."""
+        if Path(ref).is_dir() and (Path(ref) / MANIFEST).is_file():
+            return Artifact.open(ref, verify=verify)
+        matches = [a for a in self.artifacts() if len(ref) >= 8 and a.digest.startswith(ref)]
+        if len(matches) != 1:
+            raise ArtifactError(
+                f"no single artifact in {self.root} matches {ref!r} ({len(matches)} found)"
+            )
+        if verify:
+            matches[0].verify()
+        return matches[0]
+
+    def staging(self, name: str) -> Path:
+        """A fresh temporary folder beside the final location (same filesystem for rename)."""
+        folder = self.root / name / f".tmp-{uuid.uuid4().hex}"
+        folder.mkdir(parents=True)
+        return folder
+
+    def commit(self, staging: Path, name: str, digest: str) -> Artifact:
+        """Atomically move a staged artifact to ``<root>/<name>/<digest>``."""
+        for f in staging.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        final = self.root / name / digest
+        try:
+            os.rename(staging, final)
+        except OSError:
+            # Another process committed the same digest first: identical content, keep theirs.
+            if not (final / MANIFEST).is_file():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+        return Artifact.open(final)

@@ -1,0 +1,120 @@
+"""``Embedder``: a scikit-learn transformer over the embedkit encoder."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+
+from .errors import InvalidInputError
+
+
+class Embedder(TransformerMixin, BaseEstimator):
+    """Embed raw inputs (texts) with a frozen backbone, as a scikit-learn transformer.
+
+    Parameters are stored verbatim; the backbone is resolved (and exported on first use)
+    in :meth:`fit`. The ONNX session is not pickled: it is rebuilt lazily, so the estimator
+    can be cloned, pickled and sent to joblib workers.
+
+    Args:
+        backbone: registered name (``minilm-l6``), local model folder, artifact folder or digest.
+        device: ``cpu`` | ``cuda`` | ``auto``.
+        threads: CPU threads (default: all cores this process may use).
+        batch_tokens: padded tokens per batch (default 384 on CPU).
+        truncate: truncate texts longer than the backbone's max length (else an error).
+        empty: ``embed`` or ``error`` for empty / whitespace-only texts.
+        store: model store folder (default ``$EMBEDKIT_HOME`` or ``./models``).
+
+    Raises (from ``transform``):
+        InvalidInputError: some items could not be embedded; ``.errors`` lists every one.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "minilm-l6",
+        device: str = "cpu",
+        threads: int | None = None,
+        batch_tokens: int | None = None,
+        truncate: bool = True,
+        empty: str = "embed",
+        store: str | None = None,
+    ):
+        self.backbone = backbone
+        self.device = device
+        self.threads = threads
+        self.batch_tokens = batch_tokens
+        self.truncate = truncate
+        self.empty = empty
+        self.store = store
+
+    def fit(self, X: Any = None, y: Any = None) -> "Embedder":
+        """Resolve the backbone's artifact (export it if needed); X and y are ignored."""
+        from .export import resolve
+
+        artifact = resolve(self.backbone, self.store)
+        self.artifact_path_ = str(artifact.path)
+        self.digest_ = artifact.digest
+        self.backbone_name_ = artifact.name
+        self.n_features_out_ = artifact.dim
+        self._encoder = None
+        return self
+
+    def _get_encoder(self) -> Any:
+        encoder = getattr(self, "_encoder", None)
+        if encoder is None:
+            from .artifacts import Artifact
+            from .encoder import TextEncoder
+
+            artifact = Artifact.open(self.artifact_path_)
+            if artifact.digest != self.digest_:
+                from .errors import ArtifactError
+
+                raise ArtifactError(f"artifact at {self.artifact_path_} changed: {artifact.digest} != {self.digest_}")
+            encoder = TextEncoder(
+                artifact, device=self.device, threads=self.threads, batch_tokens=self.batch_tokens,
+                truncate=self.truncate, empty=self.empty,
+            )
+            self._encoder = encoder
+        return encoder
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Embed ``X`` (a sequence of texts, a 1-D array or Series, or a one-column frame)."""
+        check_is_fitted(self, "digest_")
+        items = _as_items(X)
+        if len(items) == 0:
+            return np.empty((0, self.n_features_out_), dtype=np.float32)
+        result = self._get_encoder().encode(items)
+        if result.errors:
+            raise InvalidInputError(result.errors)
+        return result.vectors
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        check_is_fitted(self, "digest_")
+        prefix = self.backbone_name_.replace("-", "_").replace(".", "_")
+        return np.asarray([f"{prefix}_{i}" for i in range(self.n_features_out_)], dtype=object)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_encoder", None)  # ONNX Runtime sessions do not pickle; rebuilt on demand
+        return state
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.string = True
+        tags.requires_fit = True
+        return tags
+
+
+def _as_items(X: Any) -> list[Any]:
+    if isinstance(X, str):
+        raise TypeError("Embedder.transform takes a sequence of texts, not a single string; wrap it in a list")
+    shape = getattr(X, "shape", None)
+    if shape is not None and len(shape) == 2:
+        if shape[1] != 1:
+            raise ValueError(f"expected a 1-D sequence or a single column, got shape {shape}")
+        X = X.iloc[:, 0] if hasattr(X, "iloc") else np.asarray(X)[:, 0]
+    if hasattr(X, "tolist"):
+        return list(X.tolist())
+    return list(X)

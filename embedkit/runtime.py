@@ -1,0 +1,128 @@
+"""ONNX Runtime sessions: device selection, threads, and parallel streams of batches."""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import DeviceUnavailableError
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def cpu_count() -> int:
+    """Cores this process may use (respects CPU affinity and cgroup-pinned sets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+class Runtime:
+    """One or more ONNX Runtime sessions over the same model.
+
+    On CPU, small transformer batches waste much of each core in intra-op synchronisation;
+    ``streams`` independent single-threaded sessions, each fed its own batches, used this
+    2-core machine better (measured in ``benchmarks/text_cpu.py``). ONNX Runtime releases
+    the GIL while running, so plain threads drive the streams.
+
+    Args:
+        model: path to the ``.onnx`` file.
+        device: ``cpu``, ``cuda`` (a typed error unless the session really runs on CUDA),
+            or ``auto`` (CUDA when it works, else CPU with a logged warning).
+        threads: CPU threads in all (default: the cores this process may use).
+        streams: concurrent sessions (default: ``threads`` on CPU, up to 4; 1 on CUDA).
+    """
+
+    def __init__(self, model: str | Path, device: str = "cpu", threads: int | None = None, streams: int | None = None):
+        import onnxruntime as ort
+
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        if streams is not None and (not isinstance(streams, int) or streams < 1):
+            raise ValueError(f"streams must be a positive int or None, got {streams!r}")
+        self.model = str(model)
+        self.requested_device = device
+        threads = threads or cpu_count()
+        want_cuda = device in ("cuda", "auto")
+        available = ort.get_available_providers()
+        if want_cuda and "CUDAExecutionProvider" not in available:
+            message = (
+                f"device={device!r} asked for CUDA but this onnxruntime offers only {available}; "
+                "install onnxruntime-gpu with matching CUDA libraries, or use device='cpu'"
+            )
+            if device == "cuda":
+                raise DeviceUnavailableError(message)
+            logger.warning("%s; running on CPU", message)
+            want_cuda = False
+        if want_cuda:
+            streams = streams or 1
+            providers: list = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            streams = streams or max(1, min(threads, 4))
+            providers = ["CPUExecutionProvider"]
+        per_stream = max(1, threads // streams)
+        self.sessions = []
+        for _ in range(streams):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = per_stream
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            self.sessions.append(ort.InferenceSession(self.model, options, providers=providers))
+        self.providers = self.sessions[0].get_providers()
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        if want_cuda and self.device != "cuda":
+            message = f"the session fell back to {self.providers} although CUDA was requested"
+            if device == "cuda":
+                raise DeviceUnavailableError(message)
+            logger.warning("%s", message)
+        self.threads = threads
+        self.streams = streams
+        self.input_names = [i.name for i in self.sessions[0].get_inputs()]
+        self.output_name = self.sessions[0].get_outputs()[0].name
+        logger.info(
+            "runtime %s: providers %s, %d stream(s) x %d thread(s)", Path(self.model).parent.name,
+            self.providers, streams, per_stream,
+        )
+
+    def run(self, feeds: dict[str, np.ndarray], stream: int = 0) -> np.ndarray:
+        """Run one batch on one session; returns the first output."""
+        return self.sessions[stream % len(self.sessions)].run([self.output_name], feeds)[0]
+
+    def map(self, batches: Iterable[dict[str, np.ndarray]]) -> Iterator[np.ndarray]:
+        """Run batches over all streams; results come back in the order of ``batches``."""
+        if len(self.sessions) == 1:
+            for feeds in batches:
+                yield self.run(feeds)
+            return
+        free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for k in range(len(self.sessions)):
+            free.put(k)
+
+        def job(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            # Each session serves one batch at a time, so a stream never oversubscribes cores.
+            k = free.get()
+            try:
+                return self.run(feeds, k)
+            finally:
+                free.put(k)
+
+        with ThreadPoolExecutor(len(self.sessions)) as pool:
+            pending = []
+            for feeds in batches:
+                pending.append(pool.submit(job, feeds))
+                # Keep a bounded window of work in flight: memory stays flat on long inputs.
+                if len(pending) >= 2 * len(self.sessions):
+                    yield pending.pop(0).result()
+            for future in pending:
+                yield future.result()

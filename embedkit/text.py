@@ -1,0 +1,195 @@
+"""Text preprocessing: the input policy and tokenisation, with ``tokenizers`` and numpy only.
+
+Policy (one record per bad item, never a silent drop):
+
+==========================  =================================================================
+input                       what happens
+==========================  =================================================================
+``str``                     tokenised as is
+``bytes``                   decoded as strict UTF-8; invalid bytes -> error ``invalid_utf8``
+empty / whitespace only     ``empty="embed"`` (default): embedded like any text (as
+                            sentence-transformers does) and counted in ``stats.empty``;
+                            ``empty="error"``: error ``empty_text``
+anything else (None, NaN,   error ``not_text``
+numbers, lists...)
+longer than ``max_length``  ``truncate=True`` (default): truncated and counted in
+tokens                      ``stats.truncated``; ``truncate=False``: error ``too_long``
+==========================  =================================================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .backbone import TextPreprocess
+
+EMPTY_POLICIES = ("embed", "error")
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """Why one input item produced no embedding."""
+
+    index: int
+    code: str
+    stage: str
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "code": self.code, "stage": self.stage, "message": self.message}
+
+
+@dataclass
+class TextStats:
+    """Counts of what the policy did."""
+
+    total: int = 0
+    ok: int = 0
+    failed: int = 0
+    empty: int = 0
+    truncated: int = 0
+    tokens: int = 0
+
+    def add(self, other: "TextStats") -> None:
+        for name in ("total", "ok", "failed", "empty", "truncated", "tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class Tokenized:
+    """Token ids of the items that passed the policy."""
+
+    indices: list[int] = field(default_factory=list)
+    ids: list[list[int]] = field(default_factory=list)
+    errors: list[ItemError] = field(default_factory=list)
+    stats: TextStats = field(default_factory=TextStats)
+
+
+def _describe(item: Any) -> str:
+    # Never put raw content into messages or logs: type and size only.
+    return type(item).__name__
+
+
+class TextTokenizer:
+    """Tokenises text exactly as the artifact's preprocessing declares.
+
+    ``tokenizer.json`` files often carry fixed padding and a short truncation (all-MiniLM's
+    pads to 128); both are replaced by no padding and truncation at ``max_length`` so the
+    tokens equal what the reference sentence-transformers model sees.
+    """
+
+    def __init__(self, preprocess: TextPreprocess, truncate: bool = True, empty: str = "embed"):
+        from tokenizers import Tokenizer
+
+        if empty not in EMPTY_POLICIES:
+            raise ValueError(f"empty must be one of {EMPTY_POLICIES}, got {empty!r}")
+        self.preprocess = preprocess
+        self.truncate = truncate
+        self.empty = empty
+        self.tokenizer = Tokenizer.from_file(preprocess.tokenizer)
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(preprocess.max_length)
+
+    def validate(self, items: Sequence[Any], offset: int = 0) -> tuple[list[int], list[str], list[ItemError], int]:
+        """Apply the input policy; returns (indices, texts, errors, empty count)."""
+        indices: list[int] = []
+        texts: list[str] = []
+        errors: list[ItemError] = []
+        empty = 0
+        for i, item in enumerate(items, start=offset):
+            if isinstance(item, (bytes, bytearray, memoryview)):
+                try:
+                    item = bytes(item).decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    errors.append(ItemError(i, "invalid_utf8", "decode", f"bytes are not UTF-8 at offset {exc.start}"))
+                    continue
+            if not isinstance(item, str):
+                errors.append(ItemError(i, "not_text", "decode", f"expected str or UTF-8 bytes, got {_describe(item)}"))
+                continue
+            if not item.strip():
+                if self.empty == "error":
+                    errors.append(ItemError(i, "empty_text", "decode", "empty or whitespace-only text"))
+                    continue
+                empty += 1
+            indices.append(i)
+            texts.append(item)
+        return indices, texts, errors, empty
+
+    def encode(self, items: Sequence[Any], offset: int = 0) -> Tokenized:
+        """Validate and tokenise a chunk of items; indices are ``offset``-based."""
+        indices, texts, errors, empty = self.validate(items, offset)
+        out = Tokenized(errors=errors)
+        out.stats.total = len(items)
+        out.stats.empty = empty
+        encodings = self.tokenizer.encode_batch(texts) if texts else []
+        for i, enc in zip(indices, encodings):
+            truncated = bool(enc.overflowing)
+            if truncated and not self.truncate:
+                out.errors.append(
+                    ItemError(i, "too_long", "tokenize", f"longer than max_length={self.preprocess.max_length} tokens")
+                )
+                continue
+            out.stats.truncated += truncated
+            out.indices.append(i)
+            out.ids.append(enc.ids)
+            out.stats.tokens += len(enc.ids)
+        out.stats.failed = len(out.errors)
+        out.stats.ok = len(out.indices)
+        return out
+
+
+def pad(ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+    """Right-pad token id lists into ``input_ids`` and ``attention_mask`` int64 arrays."""
+    length = max((len(x) for x in ids), default=0)
+    input_ids = np.zeros((len(ids), length), dtype=np.int64)
+    mask = np.zeros((len(ids), length), dtype=np.int64)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def token_batches(lengths: Sequence[int], budget: int, max_batch: int = 256) -> list[np.ndarray]:
+    """Group items longest first so that each batch holds about ``budget`` padded tokens.
+
+    Sorting by length keeps padding (wasted FLOPs) near zero; a token budget keeps the
+    activation size, and so cache behaviour, steady from short to long texts.
+    """
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)
+        size = max(1, min(max_batch, budget // longest))
+        batches.append(order[start : start + size])
+        start += size
+    return batches
+
+
+_PROBE_WORDS = (
+    "the quick brown fox jumps over the lazy dog while a careful reader checks every "
+    "number twice before trusting it and transfer learning reuses frozen features from "
+    "a pretrained network to train a small head on few labels with little compute"
+).split()
+
+
+def probe_texts(max_length: int) -> list[str]:
+    """Nine texts of varied lengths, the last longer than ``max_length`` tokens."""
+    lengths = [1, 2, 4, 7, 12, 20, 33, 50]
+    texts = [" ".join((_PROBE_WORDS * 4)[k : k + n]) for k, n in enumerate(lengths)]
+    texts.append(" ".join(_PROBE_WORDS * (max_length // len(_PROBE_WORDS) + 2)))
+    return texts
+
+
+def iter_chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    """Yield lists of up to ``size`` items."""
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
