@@ -41,6 +41,7 @@ _EXPORTS = {
     "DeviceUnavailableError": "errors",
     "InvalidInputError": "errors",
     "BackboneCheckError": "errors",
+    "UnsupportedInputError": "errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

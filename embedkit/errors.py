@@ -94,6 +94,10 @@ class InvalidInputError(EmbedkitError, ValueError):
         super().__init__(f"{len(self.errors)} input item(s) could not be embedded: {shown}{more}")
 
 
+class UnsupportedInputError(EmbedkitError, ValueError):
+    """An input file or column embedkit cannot read (wrong format, missing column)."""
+
+
 class BackboneCheckError(EmbedkitError, AssertionError):
     """A backbone failed one rule of :func:`embedkit.testing.check_backbone`."""
 

@@ -234,7 +234,10 @@ class TextProbes:
             try:
                 got = session.run(None, feeds)[0]
             except Exception as exc:
-                raise ExportError(f"ONNX Runtime failed on a batch of shape {feeds['input_ids'].shape}: {exc}") from exc
+                raise ExportError(
+                    f"ONNX Runtime failed on a batch of shape {feeds['input_ids'].shape} "
+                    f"(are the batch and sequence axes really dynamic?): {exc}"
+                ) from exc
             with torch.inference_mode():
                 ref = module(*(torch.from_numpy(v) for v in feeds.values())).float().numpy()
             if got.shape != ref.shape or got.shape != (len(batch), self.backbone.dim):

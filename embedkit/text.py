@@ -108,6 +108,11 @@ class TextTokenizer:
             if not isinstance(item, str):
                 errors.append(ItemError(i, "not_text", "decode", f"expected str or UTF-8 bytes, got {_describe(item)}"))
                 continue
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:  # lone surrogates, e.g. from errors="surrogateescape"
+                errors.append(ItemError(i, "invalid_utf8", "decode", f"text holds an unpaired surrogate at {exc.start}"))
+                continue
             if not item.strip():
                 if self.empty == "error":
                     errors.append(ItemError(i, "empty_text", "decode", "empty or whitespace-only text"))

@@ -1,0 +1,227 @@
+"""The ``embedkit`` command: one thin sub-command per public function.
+
+Imports stay inside the commands so that ``embedkit --help`` never loads torch.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+EXIT_FAILED_ITEMS = 2
+
+
+def _store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="model store folder (default: $EMBEDKIT_HOME or ./models)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedkit", description="Frozen backbones -> ONNX -> fast embeddings.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("backbones", help="list registered backbones")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("plugins", help="list plugins with their version, status and errors")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="export a backbone to ONNX (reused when already exported)")
+    p.add_argument("backbone", help="registered name or local model folder")
+    p.add_argument("--exporter", default="auto", choices=["auto", "torchscript", "dynamo"])
+    p.add_argument("--force", action="store_true", help="export again even if an artifact exists")
+    _store_arg(p)
+
+    p = sub.add_parser("check", help="run the backbone contract (embedkit.testing.check_backbone)")
+    p.add_argument("backbone")
+
+    p = sub.add_parser("embed", help="embed texts from a text file (one per line) or a CSV/TSV/JSONL/Parquet column")
+    p.add_argument("backbone")
+    p.add_argument("input", help=".txt, .csv, .tsv, .jsonl or .parquet")
+    p.add_argument("--out", required=True, help=".npy or .parquet")
+    p.add_argument("--column", default="text", help="column holding the texts (tables only)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-truncate", action="store_true", help="texts over max length become errors")
+    p.add_argument("--empty", default="embed", choices=["embed", "error"])
+    p.add_argument("--no-progress", action="store_true")
+    _store_arg(p)
+
+    p = sub.add_parser("demo", help="the built-in demo: MiniLM + LogisticRegression on a Banking77 sample")
+    _store_arg(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from .errors import EmbedkitError
+
+    try:
+        return int(COMMANDS[args.command](args) or 0)
+    except EmbedkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from .plugins import list_backbones, registry
+
+    rows = [dict(b.spec(), plugin=registry().owner.get(b.name)) for b in list_backbones()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['name']:<24} {r['modality']:<6} dim={r['dim']:<5} plugin={r['plugin']:<10} {r['license']:<12} {r['description']}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import plugin_report
+
+    report = [p.to_json() for p in plugin_report()]
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for p in report:
+        print(f"{p['name']:<16} {p['distribution']} {p['version']:<10} {p['status']:<7} backbones: {', '.join(p['backbones']) or '-'}")
+        for e in p["errors"]:
+            print(f"    error: {e}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    artifact = export(args.backbone, args.store, exporter=args.exporter, force=args.force)
+    parity = artifact.manifest["parity"]
+    print(f"{artifact.name} {artifact.digest}")
+    print(f"  path     {artifact.path}")
+    print(f"  exporter {parity['exporter']}  max|diff| {parity['max_abs_diff']:.3g}  min cosine {parity['min_cosine']:.8f}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .testing import check_backbone
+
+    report = check_backbone(args.backbone)
+    for rule in report["rules"]:
+        print(f"ok  {rule}")
+    parity = report["parity"]
+    print(f"{report['backbone']}: all rules pass (parity max|diff| {parity['max_abs_diff']:.3g}, "
+          f"min cosine {parity['min_cosine']:.8f}; batch invariance {report['batch_invariance_max_abs_diff']:.3g})")
+    return 0
+
+
+def read_texts(path: Path, column: str) -> list[Any]:
+    """Items from a file; undecodable bytes stay per-item errors instead of failing the file."""
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        lines = path.read_bytes().split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+    if suffix in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            if reader.fieldnames is None or column not in reader.fieldnames:
+                raise _column_error(path, column, reader.fieldnames or [])
+            return [row[column] for row in reader]
+    if suffix == ".jsonl":
+        items = []
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    items.append(record.get(column) if isinstance(record, dict) else None)
+        return items
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if column not in table.column_names:
+            raise _column_error(path, column, table.column_names)
+        return table.column(column).to_pylist()
+    from .errors import UnsupportedInputError
+
+    raise UnsupportedInputError(f"unsupported input {path.name}: use .txt, .csv, .tsv, .jsonl or .parquet")
+
+
+def _column_error(path: Path, column: str, names: Sequence[str]) -> Exception:
+    from .errors import UnsupportedInputError
+
+    return UnsupportedInputError(f"{path.name} has no column {column!r}; columns: {', '.join(names)} (use --column)")
+
+
+def _progress(total: int, disabled: bool) -> Iterator[Any]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="text", disable=disabled, file=sys.stderr, smoothing=0.1)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .encoder import TextEncoder
+    from .export import resolve
+
+    items = read_texts(Path(args.input), args.column)
+    artifact = resolve(args.backbone, args.store)
+    encoder = TextEncoder(artifact, device=args.device, threads=args.threads,
+                          truncate=not args.no_truncate, empty=args.empty)
+    progress = _progress(len(items), args.no_progress)
+    result = encoder.encode(items, progress=next(progress))
+    progress.close()
+    out = Path(args.out)
+    errors_path = out.with_name(out.name + ".errors.jsonl")
+    if out.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        by_row = {e.index: e for e in result.errors}
+        table = pa.table({
+            "row": np.arange(len(items)),
+            "ok": result.ok,
+            "embedding": pa.FixedSizeListArray.from_arrays(result.vectors.reshape(-1), artifact.dim),
+            "error_code": [by_row[i].code if i in by_row else None for i in range(len(items))],
+            "error_message": [by_row[i].message if i in by_row else None for i in range(len(items))],
+        })
+        table = table.replace_schema_metadata({"embedkit.digest": artifact.digest, "embedkit.backbone": artifact.name})
+        pq.write_table(table, out)
+    else:
+        np.save(out, result.vectors)
+    with open(errors_path, "w") as f:
+        for e in result.errors:
+            f.write(json.dumps(e.to_json()) + "\n")
+    s = result.stats
+    print(f"{s.total} texts: {s.ok} ok, {s.failed} failed, {s.truncated} truncated, {s.empty} empty; "
+          f"{s.total / max(result.seconds, 1e-9):.0f} texts/s -> {out} (errors: {errors_path.name})", file=sys.stderr)
+    return EXIT_FAILED_ITEMS if s.failed else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    run(sys.stdout, store=args.store)
+    return 0
+
+
+COMMANDS = {
+    "backbones": cmd_backbones,
+    "plugins": cmd_plugins,
+    "export": cmd_export,
+    "check": cmd_check,
+    "embed": cmd_embed,
+    "demo": cmd_demo,
+}
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

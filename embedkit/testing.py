@@ -1,0 +1,148 @@
+"""``check_backbone``: the executable plugin contract, as ``check_estimator`` is for estimators.
+
+Plugin authors call it from their own tests::
+
+    from embedkit.testing import check_backbone
+    def test_my_backbone(tmp_path):
+        check_backbone(MY_BACKBONE, store=tmp_path)
+
+Each rule raises :class:`BackboneCheckError` naming the rule it found broken.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifacts import ModelStore
+from .backbone import Backbone, preprocess_from_json
+from .errors import BackboneCheckError, ExportError, ExportParityError, InvalidBackboneError
+
+INVARIANCE_LIMIT = 1e-5
+RULES = (
+    "spec",
+    "build",
+    "output",
+    "determinism",
+    "export",
+    "dynamic-axes",
+    "parity",
+    "batch-invariance",
+    "export-determinism",
+    "preprocess-roundtrip",
+)
+
+
+def check_backbone(backbone: Backbone | str, store: str | Path | None = None) -> dict[str, Any]:
+    """Run every rule of the backbone contract; returns a report of what was measured.
+
+    Args:
+        backbone: the backbone (or a registered name).
+        store: model store for the exports (default: a temporary folder, removed afterwards).
+
+    Raises:
+        BackboneCheckError: the first rule broken, with the measured numbers.
+    """
+    if isinstance(backbone, str):
+        from .plugins import get_backbone
+
+        backbone = get_backbone(backbone)
+    if store is None:
+        with tempfile.TemporaryDirectory(prefix="embedkit-check-") as tmp:
+            return _check(backbone, Path(tmp))
+    return _check(backbone, Path(store))
+
+
+def _fail(backbone: Backbone, rule: str, message: str) -> BackboneCheckError:
+    return BackboneCheckError(getattr(backbone, "name", "?"), rule, message)
+
+
+def _check(backbone: Backbone, root: Path) -> dict[str, Any]:
+    import torch
+
+    from .encoder import TextEncoder
+    from .export import TextProbes, export
+    from .text import pad, probe_texts
+
+    report: dict[str, Any] = {"backbone": getattr(backbone, "name", "?"), "rules": []}
+    try:
+        backbone.validate()
+    except InvalidBackboneError as exc:
+        raise _fail(backbone, "spec", str(exc)) from exc
+    report["rules"].append("spec")
+
+    try:
+        module = backbone.build()
+    except Exception as exc:
+        raise _fail(backbone, "build", f"build() raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(module, torch.nn.Module):
+        raise _fail(backbone, "build", f"build() returned {type(module).__name__}, not a torch.nn.Module")
+    module.eval()
+    report["rules"].append("build")
+
+    probes = TextProbes(backbone)
+    feeds = pad(probes.ids)
+    tensors = [torch.from_numpy(v) for v in feeds.values()]
+    with torch.inference_mode():
+        first = module(*tensors)
+        second = module(*tensors)
+    n = len(probes.ids)
+    if not isinstance(first, torch.Tensor) or tuple(first.shape) != (n, backbone.dim):
+        shape = tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__
+        raise _fail(backbone, "output", f"expected a tensor of shape ({n}, {backbone.dim}) (declared dim), got {shape}")
+    if not torch.isfinite(first).all():
+        raise _fail(backbone, "output", "the module output NaN or inf on the probe texts")
+    report["rules"].append("output")
+    if not torch.equal(first, second):
+        diff = float((first - second).abs().max())
+        raise _fail(backbone, "determinism", f"two forward passes on the same input differ by {diff:.3g} (max abs)")
+    report["rules"].append("determinism")
+
+    try:
+        artifact = export(backbone, ModelStore(root / "a"), force=True)
+    except ExportParityError as exc:
+        raise _fail(backbone, "parity", str(exc)) from exc
+    except ExportError as exc:
+        rule = "dynamic-axes" if "dynamic" in str(exc) else "export"
+        raise _fail(backbone, rule, str(exc)) from exc
+    report["rules"] += ["export", "dynamic-axes", "parity"]
+    report["digest"] = artifact.digest
+    report["parity"] = artifact.manifest["parity"]
+
+    texts = probe_texts(backbone.preprocess.max_length)
+    encoder = TextEncoder(artifact, threads=1)
+    alone = np.stack([encoder.encode([t]).vectors[0] for t in texts])
+    together = encoder.encode(texts).vectors
+    shuffled_order = np.random.default_rng(0).permutation(len(texts))
+    shuffled = encoder.encode([texts[i] for i in shuffled_order]).vectors[np.argsort(shuffled_order)]
+    tiny = TextEncoder(artifact, threads=1, batch_tokens=8).encode(texts).vectors
+    worst = max(float(np.abs(alone - other).max()) for other in (together, shuffled, tiny))
+    report["batch_invariance_max_abs_diff"] = worst
+    if not worst <= INVARIANCE_LIMIT:
+        raise _fail(
+            backbone, "batch-invariance",
+            f"the same text embedded alone and inside padded batches differs by {worst:.3g} "
+            f"(limit {INVARIANCE_LIMIT:g}); does the module ignore attention_mask?",
+        )
+    report["rules"].append("batch-invariance")
+
+    again = export(backbone, ModelStore(root / "b"), force=True)
+    if again.digest != artifact.digest:
+        raise _fail(
+            backbone, "export-determinism",
+            f"two exports of the same backbone gave different files ({artifact.digest[:12]} vs {again.digest[:12]})",
+        )
+    report["rules"].append("export-determinism")
+
+    spec = backbone.preprocess.to_json()
+    if preprocess_from_json(spec) != backbone.preprocess:
+        raise _fail(backbone, "preprocess-roundtrip", "preprocess.to_json() does not rebuild an equal preprocessing")
+    stored = artifact.preprocess
+    ours = TextProbes(backbone).tokenizer.encode(texts).ids
+    theirs = encoder.tokenizer.encode(texts).ids
+    if ours != theirs or stored.max_length != backbone.preprocess.max_length:
+        raise _fail(backbone, "preprocess-roundtrip", "the artifact's tokenizer gives other token ids than the backbone's")
+    report["rules"].append("preprocess-roundtrip")
+    return report
