@@ -95,7 +95,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from .exporter import export
 
     artifact = export(args.backbone, args.store, exporter=args.exporter, force=args.force)
     parity = artifact.manifest["parity"]
@@ -171,7 +171,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .encoder import TextEncoder
-    from .export import resolve
+    from .exporter import resolve
 
     items = read_texts(Path(args.input), args.column)
     artifact = resolve(args.backbone, args.store)

@@ -50,7 +50,7 @@ class Embedder(TransformerMixin, BaseEstimator):
 
     def fit(self, X: Any = None, y: Any = None) -> "Embedder":
         """Resolve the backbone's artifact (export it if needed); X and y are ignored."""
-        from .export import resolve
+        from .exporter import resolve
 
         artifact = resolve(self.backbone, self.store)
         self.artifact_path_ = str(artifact.path)

@@ -123,6 +123,6 @@ def embed(
     ``options`` go to :class:`TextEncoder` (device, threads, streams, batch_tokens,
     truncate, empty).
     """
-    from .export import resolve
+    from .exporter import resolve
 
     return TextEncoder(resolve(backbone, store), **options).encode(items, progress=progress)

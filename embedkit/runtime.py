@@ -97,6 +97,8 @@ class Runtime:
 
     def run(self, feeds: dict[str, np.ndarray], stream: int = 0) -> np.ndarray:
         """Run one batch on one session; returns the first output."""
+        if len(feeds) != len(self.input_names):  # e.g. a graph that does not use attention_mask
+            feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         return self.sessions[stream % len(self.sessions)].run([self.output_name], feeds)[0]
 
     def map(self, batches: Iterable[dict[str, np.ndarray]]) -> Iterator[np.ndarray]:

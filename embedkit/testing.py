@@ -63,7 +63,7 @@ def _check(backbone: Backbone, root: Path) -> dict[str, Any]:
     import torch
 
     from .encoder import TextEncoder
-    from .export import TextProbes, export
+    from .exporter import TextProbes, export
     from .text import pad, probe_texts
 
     report: dict[str, Any] = {"backbone": getattr(backbone, "name", "?"), "rules": []}

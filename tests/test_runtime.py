@@ -1,0 +1,57 @@
+"""Runtime: devices never fall back silently, threads and streams, batch-size invariance."""
+import logging
+
+import numpy as np
+import pytest
+
+import embedkit
+from conftest import read_banking
+
+
+def test_cuda_request_without_cuda_is_a_typed_error(minilm):
+    with pytest.raises(embedkit.DeviceUnavailableError, match="CUDA"):
+        embedkit.Runtime(minilm.onnx_path, device="cuda")
+    with pytest.raises(embedkit.DeviceUnavailableError):
+        embedkit.Embedder(device="cuda").fit().transform(["hello"])
+
+
+def test_auto_falls_back_with_a_logged_warning(minilm, caplog):
+    with caplog.at_level(logging.WARNING, logger="embedkit.runtime"):
+        runtime = embedkit.Runtime(minilm.onnx_path, device="auto")
+    assert runtime.device == "cpu" and runtime.providers == ["CPUExecutionProvider"]
+    assert any("CUDA" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_settings_are_rejected(minilm):
+    with pytest.raises(ValueError, match="device"):
+        embedkit.Runtime(minilm.onnx_path, device="gpu")
+    with pytest.raises(ValueError, match="threads"):
+        embedkit.Runtime(minilm.onnx_path, threads=0)
+
+
+def test_threads_and_streams(minilm):
+    one = embedkit.Runtime(minilm.onnx_path, threads=1)
+    assert (one.threads, one.streams) == (1, 1)
+    two = embedkit.Runtime(minilm.onnx_path, threads=2, streams=1)
+    assert len(two.sessions) == 1
+
+
+def test_batch_size_and_neighbour_invariance(minilm):
+    texts, _ = read_banking("test", 300)
+    texts = texts + ["a much longer text " * 30]
+    base = embedkit.TextEncoder(minilm, threads=1, batch_tokens=1).encode(texts).vectors  # one text per batch
+    for kwargs in ({"batch_tokens": 64}, {"batch_tokens": 4096}, {"threads": 2}, {"threads": 2, "streams": 2}):
+        other = embedkit.TextEncoder(minilm, **kwargs).encode(texts).vectors
+        assert np.abs(other - base).max() <= 1e-5, kwargs
+    rng = np.random.default_rng(1)
+    order = rng.permutation(len(texts))
+    shuffled = embedkit.TextEncoder(minilm).encode([texts[i] for i in order]).vectors
+    assert np.abs(shuffled[np.argsort(order)] - base).max() <= 1e-5
+
+
+def test_results_come_back_in_input_order(minilm):
+    texts = ["short", "a somewhat longer sentence here", "mid length text", "x"]
+    enc = embedkit.TextEncoder(minilm, batch_tokens=8)
+    together = enc.encode(texts).vectors
+    for i, t in enumerate(texts):
+        np.testing.assert_allclose(enc.encode([t]).vectors[0], together[i], atol=1e-5)
