@@ -116,7 +116,7 @@ def export(
                 _finish_graph(path, backbone, probes)
                 parity = probes.parity(torch, module, path)
             except ExportError as exc:
-                failure = exc
+                failure = failure or exc  # the first candidate's error is the most telling
                 logger.warning("%s export of %s failed: %s", name, backbone.name, exc)
                 continue
             finally:
@@ -243,8 +243,9 @@ class TextProbes:
             with torch.inference_mode():
                 ref = module(*(torch.from_numpy(v) for v in feeds.values())).float().numpy()
             if got.shape != ref.shape or got.shape != (len(batch), self.backbone.dim):
+                hint = " (are the batch and sequence axes really dynamic?)" if got.shape[:1] != ref.shape[:1] else ""
                 raise ExportError(
-                    f"output shape: onnx {got.shape}, torch {ref.shape}, declared ({len(batch)}, {self.backbone.dim})"
+                    f"output shape: onnx {got.shape}, torch {ref.shape}, declared ({len(batch)}, {self.backbone.dim}){hint}"
                 )
             if not (np.isfinite(got).all() and np.isfinite(ref).all()):
                 raise ExportError("the model produced NaN or inf on the probes")
