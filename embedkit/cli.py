@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 EXIT_FAILED_ITEMS = 2
 
@@ -134,10 +134,16 @@ def read_texts(path: Path, column: str) -> list[Any]:
     if suffix == ".jsonl":
         items = []
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                if line.strip():
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
                     record = json.loads(line)
-                    items.append(record.get(column) if isinstance(record, dict) else None)
+                except json.JSONDecodeError as exc:
+                    from .errors import UnsupportedInputError
+
+                    raise UnsupportedInputError(f"{path.name} line {number} is not JSON: {exc.msg}") from exc
+                items.append(record.get(column) if isinstance(record, dict) else None)
         return items
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -157,16 +163,6 @@ def _column_error(path: Path, column: str, names: Sequence[str]) -> Exception:
     return UnsupportedInputError(f"{path.name} has no column {column!r}; columns: {', '.join(names)} (use --column)")
 
 
-def _progress(total: int, disabled: bool) -> Iterator[Any]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit="text", disable=disabled, file=sys.stderr, smoothing=0.1)
-    try:
-        yield bar.update
-    finally:
-        bar.close()
-
-
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -177,9 +173,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     artifact = resolve(args.backbone, args.store)
     encoder = TextEncoder(artifact, device=args.device, threads=args.threads,
                           truncate=not args.no_truncate, empty=args.empty)
-    progress = _progress(len(items), args.no_progress)
-    result = encoder.encode(items, progress=next(progress))
-    progress.close()
+    from tqdm import tqdm
+
+    with tqdm(total=len(items), unit="text", disable=args.no_progress, file=sys.stderr) as bar:
+        result = encoder.encode(items, progress=bar.update)
     out = Path(args.out)
     errors_path = out.with_name(out.name + ".errors.jsonl")
     if out.suffix == ".parquet":

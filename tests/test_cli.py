@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import embedkit
-from conftest import run_cli
+from support import run_cli
 
 
 def test_import_and_help_do_not_import_torch():
@@ -77,3 +77,16 @@ def test_check_minilm(minilm):
     done = run_cli("check", "minilm-l6")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ok  parity" in done.stdout and "all rules pass" in done.stdout
+
+
+def test_embed_jsonl_and_a_broken_line(minilm, tmp_path):
+    src = tmp_path / "data.jsonl"
+    src.write_text('{"text": "hello"}\n{"text": 7}\n{"other": "x"}\n')
+    out = tmp_path / "o.npy"
+    done = run_cli("embed", "minilm-l6", str(src), "--out", str(out), "--no-progress")
+    assert done.returncode == 2
+    errors = [json.loads(l) for l in (tmp_path / "o.npy.errors.jsonl").read_text().splitlines()]
+    assert [(e["index"], e["code"]) for e in errors] == [(1, "not_text"), (2, "not_text")]
+    src.write_text('{"text": "hello"}\n{"text": \n')
+    done = run_cli("embed", "minilm-l6", str(src), "--out", str(out))
+    assert done.returncode == 1 and "line 2 is not JSON" in done.stderr

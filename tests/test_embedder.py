@@ -10,7 +10,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 
 import embedkit
-from conftest import read_banking
+from support import read_banking
 
 
 @pytest.fixture(scope="module")

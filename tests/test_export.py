@@ -15,7 +15,7 @@ from embedkit.artifacts import sha256_file
 from embedkit_text import minilm_folder
 from embedkit_text.folder import folder_backbone
 
-from conftest import ROOT
+from support import ROOT
 
 
 def test_manifest_records_identity_and_parity(minilm):

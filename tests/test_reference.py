@@ -6,7 +6,7 @@ from sklearn.metrics import accuracy_score
 from sklearn.pipeline import Pipeline
 
 import embedkit
-from conftest import read_banking
+from support import read_banking
 
 
 def test_matches_sentence_transformers_on_1000_banking_texts(minilm):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import embedkit
-from conftest import read_banking
+from support import read_banking
 
 
 def test_cuda_request_without_cuda_is_a_typed_error(minilm):
