@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .artifacts import Artifact
+from .errors import ArtifactError
 from .runtime import Runtime
 from .text import ItemError, TextStats, TextTokenizer, iter_chunks, pad, token_batches
 
@@ -104,8 +105,6 @@ class TextEncoder:
 
     def _check(self, out: np.ndarray, n: int) -> None:
         if out.shape != (n, self.dim):
-            from .errors import ArtifactError
-
             raise ArtifactError(
                 f"artifact {self.artifact.digest[:12]} returned shape {out.shape}, expected {(n, self.dim)}"
             )
