@@ -140,7 +140,7 @@ def _check(backbone: Backbone, root: Path) -> dict[str, Any]:
     if preprocess_from_json(spec) != backbone.preprocess:
         raise _fail(backbone, "preprocess-roundtrip", "preprocess.to_json() does not rebuild an equal preprocessing")
     stored = artifact.preprocess
-    ours = TextProbes(backbone).tokenizer.encode(texts).ids
+    ours = probes.tokenizer.encode(texts).ids
     theirs = encoder.tokenizer.encode(texts).ids
     if ours != theirs or stored.max_length != backbone.preprocess.max_length:
         raise _fail(backbone, "preprocess-roundtrip", "the artifact's tokenizer gives other token ids than the backbone's")
