@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import EmbedkitError, UnsupportedInputError  # light: no heavy imports behind it
+
 EXIT_FAILED_ITEMS = 2
+OUTPUT_SUFFIXES = (".npy", ".parquet")
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
@@ -59,8 +62,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    from .errors import EmbedkitError
-
     try:
         return int(COMMANDS[args.command](args) or 0)
     except EmbedkitError as exc:
@@ -140,8 +141,6 @@ def read_texts(path: Path, column: str) -> list[Any]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    from .errors import UnsupportedInputError
-
                     raise UnsupportedInputError(f"{path.name} line {number} is not JSON: {exc.msg}") from exc
                 items.append(record.get(column) if isinstance(record, dict) else None)
         return items
@@ -152,14 +151,10 @@ def read_texts(path: Path, column: str) -> list[Any]:
         if column not in table.column_names:
             raise _column_error(path, column, table.column_names)
         return table.column(column).to_pylist()
-    from .errors import UnsupportedInputError
-
     raise UnsupportedInputError(f"unsupported input {path.name}: use .txt, .csv, .tsv, .jsonl or .parquet")
 
 
 def _column_error(path: Path, column: str, names: Sequence[str]) -> Exception:
-    from .errors import UnsupportedInputError
-
     return UnsupportedInputError(f"{path.name} has no column {column!r}; columns: {', '.join(names)} (use --column)")
 
 
@@ -169,6 +164,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from .encoder import TextEncoder
     from .exporter import resolve
 
+    out = Path(args.out)
+    if out.suffix not in OUTPUT_SUFFIXES:  # checked before any work; np.save would append .npy
+        raise UnsupportedInputError(f"--out {out.name}: the output must end in {' or '.join(OUTPUT_SUFFIXES)}")
     items = read_texts(Path(args.input), args.column)
     artifact = resolve(args.backbone, args.store)
     encoder = TextEncoder(artifact, device=args.device, threads=args.threads,
@@ -177,7 +175,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     with tqdm(total=len(items), unit="text", disable=args.no_progress, file=sys.stderr) as bar:
         result = encoder.encode(items, progress=bar.update)
-    out = Path(args.out)
     errors_path = out.with_name(out.name + ".errors.jsonl")
     if out.suffix == ".parquet":
         import pyarrow as pa

@@ -90,3 +90,11 @@ def test_embed_jsonl_and_a_broken_line(minilm, tmp_path):
     src.write_text('{"text": "hello"}\n{"text": \n')
     done = run_cli("embed", "minilm-l6", str(src), "--out", str(out))
     assert done.returncode == 1 and "line 2 is not JSON" in done.stderr
+
+
+def test_embed_refuses_an_unknown_output_format_before_working(tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_text("hello\n")
+    done = run_cli("embed", "minilm-l6", str(src), "--out", str(tmp_path / "v.csv"))
+    assert done.returncode == 1 and ".npy or .parquet" in done.stderr
+    assert list(tmp_path.iterdir()) == [src]
