@@ -132,7 +132,7 @@ def export(
             raise mismatch or failure  # type: ignore[misc]
         digest = sha256_file(staging / MODEL)
         shutil.copyfile(backbone.preprocess.tokenizer, staging / "tokenizer.json")
-        manifest = _manifest(backbone, digest, key, parity, opset, time.perf_counter() - started)
+        manifest = _manifest(backbone, probes, digest, key, parity, opset, time.perf_counter() - started)
         manifest["files"] = {"tokenizer.json": sha256_file(staging / "tokenizer.json")}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         artifact = store.commit(staging, backbone.name, digest)
@@ -212,10 +212,11 @@ class TextProbes:
         self.backbone = backbone
         self.tokenizer = TextTokenizer(backbone.preprocess)
         self.ids = self.tokenizer.encode(probe_texts(backbone.preprocess.max_length)).ids
+        self.tokenizer_sha256 = sha256_file(backbone.preprocess.tokenizer)
 
     def preprocess_identity(self) -> dict[str, Any]:
         data = self.backbone.preprocess.to_json()
-        data["tokenizer"] = sha256_file(self.backbone.preprocess.tokenizer)
+        data["tokenizer"] = self.tokenizer_sha256
         return data
 
     def example(self, torch: Any) -> tuple[Any, Any]:
@@ -278,12 +279,14 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-300), 1.0)
 
 
-def _manifest(backbone: Backbone, digest: str, key: str, parity: dict[str, Any], opset: int, seconds: float) -> dict[str, Any]:
+def _manifest(
+    backbone: Backbone, probes: TextProbes, digest: str, key: str, parity: dict[str, Any], opset: int, seconds: float
+) -> dict[str, Any]:
     from . import __version__
 
     preprocess = backbone.preprocess.to_json()
     preprocess["tokenizer"] = "tokenizer.json"
-    preprocess["tokenizer_sha256"] = sha256_file(backbone.preprocess.tokenizer)
+    preprocess["tokenizer_sha256"] = probes.tokenizer_sha256
     reg = registry()
     return {
         "schema": SCHEMA,
