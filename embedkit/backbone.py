@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from .errors import InvalidBackboneError
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-MODALITIES = ("text",)
+MODALITIES = ("text", "image")
 POOLINGS = ("mean", "cls", "max", "last")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,96 @@ class TextPreprocess:
             raise InvalidBackboneError("preprocess", f"normalize must be a bool, got {self.normalize!r}")
 
 
-PREPROCESS_TYPES: dict[str, type] = {"text": TextPreprocess}
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """How a decoded image becomes model input: (3, H, W) float32, RGB, channels first.
+
+    The steps, as timm's ``pretrained_cfg`` and torchvision's eval transforms declare them:
+    resize so the shorter side is ``resize`` (aspect kept), centre-crop ``crop`` (height,
+    width), then ``(pixel / 255 - mean) / std`` per channel. A scale/offset rule such as
+    EfficientNet-Lite's ``(x - 127) / 128`` is ``mean=127/255``, ``std=128/255`` (see
+    :meth:`from_scale_offset`). Transparent pixels are composited on ``background``.
+
+    Resizing is antialiased and done in float (no uint8 rounding between passes), so it
+    equals torch's ``interpolate(..., antialias=True)`` on float tensors.
+    """
+
+    crop: tuple[int, int] = (224, 224)
+    resize: int = 256
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    background: tuple[int, int, int] = (255, 255, 255)
+    kind: str = field(default="image", init=False)
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; tuples keep the dataclass hashable and equal after a round trip.
+        for name in ("crop", "mean", "std", "background"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+
+    @classmethod
+    def from_scale_offset(cls, scale: float, offset: float, **kwargs: Any) -> "ImagePreprocess":
+        """The preprocessing for ``y = x * scale + offset`` on 0..255 pixels."""
+        std = 1.0 / (255.0 * scale)
+        mean = -offset * std
+        return cls(mean=(mean,) * 3, std=(std,) * 3, **kwargs)
+
+    @classmethod
+    def from_timm_config(cls, config: dict[str, Any]) -> "ImagePreprocess":
+        """From a timm data config (``input_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``)."""
+        _, height, width = config.get("input_size", (3, 224, 224))
+        crop_pct = float(config.get("crop_pct") or 0.875)
+        return cls(
+            crop=(int(height), int(width)),
+            resize=int(math.floor(min(height, width) / crop_pct)),
+            interpolation=str(config.get("interpolation") or "bilinear"),
+            mean=tuple(float(m) for m in config.get("mean", cls.mean)),  # type: ignore[arg-type]
+            std=tuple(float(s) for s in config.get("std", cls.std)),  # type: ignore[arg-type]
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ImagePreprocess":
+        data = {k: v for k, v in data.items() if k != "kind"}
+        return cls(**data)
+
+    def validate(self) -> None:
+        def ints(value: Any, n: int) -> bool:
+            return (
+                isinstance(value, tuple) and len(value) == n
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            )
+
+        if not ints(self.crop, 2) or min(self.crop) < 1:
+            raise InvalidBackboneError("preprocess", f"crop must be (height, width) positive ints, got {self.crop!r}")
+        if not isinstance(self.resize, int) or isinstance(self.resize, bool) or self.resize < min(self.crop):
+            raise InvalidBackboneError(
+                "preprocess", f"resize (shorter side) must be an int >= the crop's shorter side, got {self.resize!r}"
+            )
+        if self.interpolation not in INTERPOLATIONS:
+            raise InvalidBackboneError(
+                "preprocess", f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if not (isinstance(value, tuple) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+                raise InvalidBackboneError("preprocess", f"{name} must be 3 numbers (R, G, B), got {value!r}")
+        if not all(s > 0 for s in self.std):
+            raise InvalidBackboneError("preprocess", f"std must be positive, got {self.std!r}")
+        if not ints(self.background, 3) or not all(0 <= v <= 255 for v in self.background):
+            raise InvalidBackboneError("preprocess", f"background must be 3 ints in 0..255, got {self.background!r}")
 
 
-def preprocess_from_json(data: dict[str, Any]) -> TextPreprocess:
+Preprocess = Union[TextPreprocess, ImagePreprocess]
+PREPROCESS_TYPES: dict[str, type] = {"text": TextPreprocess, "image": ImagePreprocess}
+
+
+def preprocess_from_json(data: dict[str, Any]) -> Preprocess:
     """Rebuild a preprocessing dataclass from its JSON form."""
     kind = data.get("kind")
     if kind not in PREPROCESS_TYPES:
@@ -71,11 +159,12 @@ class Backbone:
     Either pass ``builder`` (a zero-argument callable returning the torch module) or
     subclass and override :meth:`build`. The module maps preprocessed batches to (N, dim)
     float32 embeddings; for text it is called as ``module(input_ids, attention_mask)`` with
-    int64 tensors of shape (N, L), padding on the right.
+    int64 tensors of shape (N, L), padding on the right; for images as ``module(pixel_values)``
+    with a float32 tensor of shape (N, 3, H, W) made by :class:`ImagePreprocess`.
 
     Attributes:
         name: registry name, ``[a-z0-9][a-z0-9._-]*``.
-        modality: ``text``.
+        modality: ``text`` or ``image``.
         dim: embedding dimension.
         preprocess: declarative, JSON-serialisable preprocessing.
         weights: where the weights come from (package, path or URL, for people to read).
@@ -88,7 +177,7 @@ class Backbone:
     name: str
     modality: str
     dim: int
-    preprocess: TextPreprocess
+    preprocess: Preprocess
     weights: str
     license: str
     weight_files: tuple[str, ...] = ()

@@ -41,15 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="run the backbone contract (embedkit.testing.check_backbone)")
     p.add_argument("backbone")
 
-    p = sub.add_parser("embed", help="embed texts from a text file (one per line) or a CSV/TSV/JSONL/Parquet column")
+    p = sub.add_parser(
+        "embed", help="embed texts or images: a text file (one text or image path per line), a CSV/TSV/JSONL/Parquet "
+        "column, or (images) a folder",
+    )
     p.add_argument("backbone")
-    p.add_argument("input", help=".txt, .csv, .tsv, .jsonl or .parquet")
+    p.add_argument("input", help=".txt, .csv, .tsv, .jsonl, .parquet, or an image folder (class subfolders = labels)")
     p.add_argument("--out", required=True, help=".npy or .parquet")
-    p.add_argument("--column", default="text", help="column holding the texts (tables only)")
+    p.add_argument("--column", help="column holding the texts or image paths (tables; default text / path)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--threads", type=int)
-    p.add_argument("--no-truncate", action="store_true", help="texts over max length become errors")
-    p.add_argument("--empty", default="embed", choices=["embed", "error"])
+    p.add_argument("--no-truncate", action="store_true", help="text: texts over max length become errors")
+    p.add_argument("--empty", default="embed", choices=["embed", "error"], help="text: empty texts")
+    p.add_argument("--batch-size", type=int, help="images per batch (default 16 on CPU)")
+    p.add_argument("--workers", type=int, help="image decoding threads (default: cores)")
+    p.add_argument("--max-pixels", type=int, help="refuse larger images (decompression-bomb guard)")
+    p.add_argument("--keep-blank", action="store_true", help="embed blank / placeholder graphics instead of refusing them")
     p.add_argument("--no-progress", action="store_true")
     _store_arg(p)
 
@@ -158,22 +165,50 @@ def _column_error(path: Path, column: str, names: Sequence[str]) -> Exception:
     return UnsupportedInputError(f"{path.name} has no column {column!r}; columns: {', '.join(names)} (use --column)")
 
 
+def read_images(path: Path, column: str) -> tuple[list[Any], dict[str, list[Any]]]:
+    """Image items (paths) and extra output columns from a folder, a file list or a table."""
+    from .sources import file_list, image_folder
+
+    if path.is_dir():
+        folder = image_folder(path)
+        return list(folder.paths), {"path": folder.paths, "label": folder.labels}
+    if path.suffix.lower() == ".txt":
+        items = file_list(path)
+        return list(items), {"path": items}
+    if not path.is_file():
+        raise UnsupportedInputError(f"{path} is neither a folder nor a file")
+    values = read_texts(path, column)
+    # Paths in a table are relative to the table's folder, as in a file list.
+    items = [str(path.parent / v) if isinstance(v, str) and v and not Path(v).is_absolute() else v for v in values]
+    return items, {column: values}
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .encoder import TextEncoder
+    from .encoder import encoder_for
     from .exporter import resolve
 
     out = Path(args.out)
     if out.suffix not in OUTPUT_SUFFIXES:  # checked before any work; np.save would append .npy
         raise UnsupportedInputError(f"--out {out.name}: the output must end in {' or '.join(OUTPUT_SUFFIXES)}")
-    items = read_texts(Path(args.input), args.column)
     artifact = resolve(args.backbone, args.store)
-    encoder = TextEncoder(artifact, device=args.device, threads=args.threads,
-                          truncate=not args.no_truncate, empty=args.empty)
+    extra: dict[str, list[Any]] = {}
+    if artifact.modality == "image":
+        items, extra = read_images(Path(args.input), args.column or "path")
+        encoder = encoder_for(
+            artifact, device=args.device, threads=args.threads, batch_size=args.batch_size,
+            workers=args.workers, max_pixels=args.max_pixels, reject_blank=not args.keep_blank,
+        )
+        unit = "image"
+    else:
+        items = read_texts(Path(args.input), args.column or "text")
+        encoder = encoder_for(artifact, device=args.device, threads=args.threads,
+                              truncate=not args.no_truncate, empty=args.empty)
+        unit = "text"
     from tqdm import tqdm
 
-    with tqdm(total=len(items), unit="text", disable=args.no_progress, file=sys.stderr) as bar:
+    with tqdm(total=len(items), unit=unit, disable=args.no_progress, file=sys.stderr) as bar:
         result = encoder.encode(items, progress=bar.update)
     errors_path = out.with_name(out.name + ".errors.jsonl")
     if out.suffix == ".parquet":
@@ -181,8 +216,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
         import pyarrow.parquet as pq
 
         by_row = {e.index: e for e in result.errors}
+        columns = {"row": np.arange(len(items))}
+        columns.update({k: [v if isinstance(v, (str, type(None))) else repr(type(v)) for v in vs] for k, vs in extra.items()})
         table = pa.table({
-            "row": np.arange(len(items)),
+            **columns,
             "ok": result.ok,
             "embedding": pa.FixedSizeListArray.from_arrays(result.vectors.reshape(-1), artifact.dim),
             "error_code": [by_row[i].code if i in by_row else None for i in range(len(items))],
@@ -194,10 +231,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
         np.save(out, result.vectors)
     with open(errors_path, "w") as f:
         for e in result.errors:
-            f.write(json.dumps(e.to_json()) + "\n")
+            record = e.to_json()
+            if "path" in extra:  # images: the file is the item's id
+                record["path"] = extra["path"][e.index]
+            f.write(json.dumps(record) + "\n")
     s = result.stats
-    print(f"{s.total} texts: {s.ok} ok, {s.failed} failed, {s.truncated} truncated, {s.empty} empty; "
-          f"{s.total / max(result.seconds, 1e-9):.0f} texts/s -> {out} (errors: {errors_path.name})", file=sys.stderr)
+    detail = f", {s.truncated} truncated, {s.empty} empty" if unit == "text" else ""
+    print(f"{s.total} {unit}s: {s.ok} ok, {s.failed} failed{detail}; "
+          f"{s.total / max(result.seconds, 1e-9):.0f} {unit}s/s -> {out} (errors: {errors_path.name})", file=sys.stderr)
     return EXIT_FAILED_ITEMS if s.failed else 0
 
 

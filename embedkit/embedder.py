@@ -11,20 +11,28 @@ from .errors import InvalidInputError
 
 
 class Embedder(TransformerMixin, BaseEstimator):
-    """Embed raw inputs (texts) with a frozen backbone, as a scikit-learn transformer.
+    """Embed raw inputs (texts or images) with a frozen backbone, as a scikit-learn transformer.
 
     Parameters are stored verbatim; the backbone is resolved (and exported on first use)
     in :meth:`fit`. The ONNX session is not pickled: it is rebuilt lazily, so the estimator
     can be cloned, pickled and sent to joblib workers.
 
     Args:
-        backbone: registered name (``minilm-l6``), local model folder, artifact folder or digest.
+        backbone: registered name (``minilm-l6``, ``mobilenet-v2``), a spec such as
+            ``timm:resnet50@ckpt.pth``, a local model folder, artifact folder or digest.
         device: ``cpu`` | ``cuda`` | ``auto``.
         threads: CPU threads (default: all cores this process may use).
-        batch_tokens: padded tokens per batch (default 384 on CPU).
-        truncate: truncate texts longer than the backbone's max length (else an error).
-        empty: ``embed`` or ``error`` for empty / whitespace-only texts.
+        batch_tokens: text only: padded tokens per batch (default 384 on CPU).
+        truncate: text only: truncate texts longer than the backbone's max length (else an error).
+        empty: text only: ``embed`` or ``error`` for empty / whitespace-only texts.
+        batch_size: images only: images per batch (default 16 on CPU).
+        workers: images only: decoding threads (default: the cores this process may use).
+        max_pixels: images only: larger images are refused (decompression-bomb guard).
+        reject_blank: images only: refuse blank / placeholder graphics.
         store: model store folder (default ``$EMBEDKIT_HOME`` or ``./models``).
+
+    Images may be paths, bytes, PIL images or numpy arrays (H, W[, C]); see
+    :mod:`embedkit.image` for the decoding policy.
 
     Raises (from ``transform``):
         InvalidInputError: some items could not be embedded; ``.errors`` lists every one.
@@ -38,6 +46,10 @@ class Embedder(TransformerMixin, BaseEstimator):
         batch_tokens: int | None = None,
         truncate: bool = True,
         empty: str = "embed",
+        batch_size: int | None = None,
+        workers: int | None = None,
+        max_pixels: int | None = None,
+        reject_blank: bool = True,
         store: str | None = None,
     ):
         self.backbone = backbone
@@ -46,6 +58,10 @@ class Embedder(TransformerMixin, BaseEstimator):
         self.batch_tokens = batch_tokens
         self.truncate = truncate
         self.empty = empty
+        self.batch_size = batch_size
+        self.workers = workers
+        self.max_pixels = max_pixels
+        self.reject_blank = reject_blank
         self.store = store
 
     def fit(self, X: Any = None, y: Any = None) -> "Embedder":
@@ -57,6 +73,7 @@ class Embedder(TransformerMixin, BaseEstimator):
         self.digest_ = artifact.digest
         self.backbone_name_ = artifact.name
         self.n_features_out_ = artifact.dim
+        self.modality_ = artifact.modality
         self._encoder = None
         return self
 
@@ -64,29 +81,33 @@ class Embedder(TransformerMixin, BaseEstimator):
         encoder = getattr(self, "_encoder", None)
         if encoder is None:
             from .artifacts import Artifact
-            from .encoder import TextEncoder
+            from .encoder import encoder_for
 
             artifact = Artifact.open(self.artifact_path_)
             if artifact.digest != self.digest_:
                 from .errors import ArtifactError
 
                 raise ArtifactError(f"artifact at {self.artifact_path_} changed: {artifact.digest} != {self.digest_}")
-            encoder = TextEncoder(
-                artifact, device=self.device, threads=self.threads, batch_tokens=self.batch_tokens,
-                truncate=self.truncate, empty=self.empty,
-            )
+            options: dict[str, Any] = {"device": self.device, "threads": self.threads}
+            if artifact.modality == "image":
+                options.update(batch_size=self.batch_size, workers=self.workers,
+                               max_pixels=self.max_pixels, reject_blank=self.reject_blank)
+            else:
+                options.update(batch_tokens=self.batch_tokens, truncate=self.truncate, empty=self.empty)
+            encoder = encoder_for(artifact, **options)
             self._encoder = encoder
         return encoder
 
     def transform(self, X: Any) -> np.ndarray:
-        """Embed ``X`` (a sequence of texts, a 1-D array or Series, or a one-column frame)."""
+        """Embed ``X``: a sequence of texts or images, a 1-D array or Series, or a one-column frame
+        (an (N, H, W[, C]) array is N images)."""
         check_is_fitted(self, "digest_")
-        items = _as_items(X)
+        items = _as_items(X, getattr(self, "modality_", "text"))
         if len(items) == 0:
             return np.empty((0, self.n_features_out_), dtype=np.float32)
         result = self._get_encoder().encode(items)
         if result.errors:
-            raise InvalidInputError(result.errors)
+            raise InvalidInputError(result.errors, ok=result.ok)
         return result.vectors
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
@@ -107,14 +128,17 @@ class Embedder(TransformerMixin, BaseEstimator):
         return tags
 
 
-def _as_items(X: Any) -> list[Any]:
-    if isinstance(X, str):
-        raise TypeError("Embedder.transform takes a sequence of texts, not a single string; wrap it in a list")
+def _as_items(X: Any, modality: str) -> list[Any]:
+    if isinstance(X, (str, bytes)) or hasattr(X, "getpixel"):
+        what = "string" if isinstance(X, str) else "bytes object" if isinstance(X, bytes) else "image"
+        raise TypeError(f"Embedder.transform takes a sequence of {modality}s, not a single {what}; wrap it in a list")
     shape = getattr(X, "shape", None)
+    if modality == "image" and isinstance(X, np.ndarray) and X.ndim >= 3:
+        return list(X)  # a stack of images
     if shape is not None and len(shape) == 2:
         if shape[1] != 1:
             raise ValueError(f"expected a 1-D sequence or a single column, got shape {shape}")
         X = X.iloc[:, 0] if hasattr(X, "iloc") else np.asarray(X)[:, 0]
-    if hasattr(X, "tolist"):
+    if hasattr(X, "tolist") and not (isinstance(X, np.ndarray) and X.dtype == object):
         return list(X.tolist())
     return list(X)

@@ -68,9 +68,11 @@ class ExportParityError(ExportError):
         self.exporter = exporter
         self.parity = parity
         self.limits = limits
+        scale = float(parity.get("output_scale", 1.0))
+        scaled = f" x output scale {scale:.3g}" if scale > 1.0 else ""
         super().__init__(
             f"ONNX export of {name!r} ({exporter}) failed the parity gate: "
-            f"max |diff| = {parity['max_abs_diff']:.3g} (limit {limits['max_abs_diff']:g}), "
+            f"max |diff| = {parity['max_abs_diff']:.3g} (limit {limits['max_abs_diff']:g}{scaled}), "
             f"min cosine = {parity['min_cosine']:.8f} (limit {limits['min_cosine']:g}) "
             f"on {parity['probes']} probes at batch sizes {parity['batch_sizes']}"
         )
@@ -85,10 +87,15 @@ class DeviceUnavailableError(EmbedkitError, RuntimeError):
 
 
 class InvalidInputError(EmbedkitError, ValueError):
-    """Some input items could not be embedded; ``errors`` lists one record per bad item."""
+    """Some input items could not be embedded; ``errors`` lists one record per bad item.
 
-    def __init__(self, errors: list[Any]):
+    ``ok`` (when given) is the boolean mask of the items that did embed, in input order, so a
+    caller can keep the good items: ``[x for x, k in zip(X, exc.ok) if k]``.
+    """
+
+    def __init__(self, errors: list[Any], ok: Any = None):
         self.errors = list(errors)
+        self.ok = ok
         shown = "; ".join(f"item {e.index}: {e.code} ({e.message})" for e in self.errors[:5])
         more = f" and {len(self.errors) - 5} more" if len(self.errors) > 5 else ""
         super().__init__(f"{len(self.errors)} input item(s) could not be embedded: {shown}{more}")

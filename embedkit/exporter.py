@@ -1,5 +1,8 @@
 """The exporter: torch -> ONNX export with a checker, a parity gate and a manifest.
 
+Text and image backbones share this path; what differs per modality (probe inputs, dynamic
+axes, side files such as ``tokenizer.json``) lives in :mod:`embedkit.probes`.
+
 The legacy TorchScript exporter is tried first: traced with an all-ones attention mask it
 gave exact BERT graphs that ran faster on CPU than the dynamo exporter's. Tracing bakes
 data-dependent branches into the graph, so every candidate must pass the parity gate on
@@ -17,17 +20,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .artifacts import MANIFEST, MODEL, SCHEMA, Artifact, ModelStore, sha256_file
 from .backbone import Backbone
 from .errors import ExportError, ExportParityError, MissingDependencyError
 from .plugins import get_backbone, registry
-from .text import TextTokenizer, pad, probe_texts
+from .probes import LIMITS, Probes, passes, probes_for
 
 logger = logging.getLogger(__name__)
 
-LIMITS = {"max_abs_diff": 1e-4, "min_cosine": 0.99999}
 EXPORTERS = ("torchscript", "dynamo")
 OPSET = 17
 FORMAT = 1  # bump when the export procedure changes what it writes
@@ -44,7 +44,8 @@ def export_key(backbone: Backbone, exporter: str = "auto", opset: int = OPSET) -
     """A hash of everything that determines the exported file, computed without torch."""
     spec = backbone.spec()
     spec["preprocess"] = dict(spec["preprocess"])
-    spec["preprocess"]["tokenizer"] = sha256_file(backbone.preprocess.tokenizer)
+    if "tokenizer" in spec["preprocess"]:
+        spec["preprocess"]["tokenizer"] = sha256_file(spec["preprocess"]["tokenizer"])
     spec.pop("description", None)
     spec["weight_files"] = [sha256_file(p) for p in backbone.weight_files]
     payload = {
@@ -104,7 +105,7 @@ def export(
     if not isinstance(module, torch.nn.Module):
         raise ExportError(f"{backbone.name}.build() returned {type(module).__name__}, not a torch.nn.Module")
     module.eval()
-    probes = TextProbes(backbone)
+    probes = probes_for(backbone)
     staging = store.staging(backbone.name)
     try:
         candidates = EXPORTERS if exporter == "auto" else (exporter,)
@@ -123,7 +124,7 @@ def export(
             finally:
                 module.eval()  # exporting can leave submodules in training mode
             parity["exporter"] = name
-            if parity["max_abs_diff"] <= LIMITS["max_abs_diff"] and parity["min_cosine"] >= LIMITS["min_cosine"]:
+            if passes(parity):
                 break
             mismatch = ExportParityError(backbone.name, name, parity, LIMITS)
             logger.warning("%s", mismatch)
@@ -131,9 +132,11 @@ def export(
             # A measured mismatch says more than a later candidate's crash: report it first.
             raise mismatch or failure  # type: ignore[misc]
         digest = sha256_file(staging / MODEL)
-        shutil.copyfile(backbone.preprocess.tokenizer, staging / "tokenizer.json")
         manifest = _manifest(backbone, probes, digest, key, parity, opset, time.perf_counter() - started)
-        manifest["files"] = {"tokenizer.json": sha256_file(staging / "tokenizer.json")}
+        manifest["files"] = {}
+        for name, source in probes.files().items():
+            shutil.copyfile(source, staging / name)
+            manifest["files"][name] = sha256_file(staging / name)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         artifact = store.commit(staging, backbone.name, digest)
     finally:
@@ -145,33 +148,34 @@ def export(
     return artifact
 
 
-def _export_once(torch: Any, module: Any, probes: "TextProbes", path: Path, exporter: str, opset: int) -> None:
+def _export_once(torch: Any, module: Any, probes: Probes, path: Path, exporter: str, opset: int) -> None:
     example = probes.example(torch)
-    names = ["input_ids", "attention_mask"]
     # Tracer warnings ("might not generalize") are what the parity gate settles by measurement;
     # they go to the debug log instead of the user's terminal.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _run_exporter(torch, module, example, names, path, exporter, opset)
+        _run_exporter(torch, module, example, probes, path, exporter, opset)
     for w in caught:
         logger.debug("%s exporter warning: %s", exporter, w.message)
 
 
-def _run_exporter(torch: Any, module: Any, example: Any, names: list[str], path: Path, exporter: str, opset: int) -> None:
+def _run_exporter(torch: Any, module: Any, example: Any, probes: Probes, path: Path, exporter: str, opset: int) -> None:
+    names = probes.input_names
     try:
         if exporter == "torchscript":
-            dynamic = {n: {0: "batch", 1: "sequence"} for n in names}
+            dynamic: dict[str, dict[int, str]] = {n: dict(probes.dynamic_axes) for n in names}
             dynamic["embeddings"] = {0: "batch"}
             torch.onnx.export(
                 module, example, str(path), input_names=names, output_names=["embeddings"],
                 dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, dynamo=False,
             )
         else:
-            batch = torch.export.Dim("batch", min=1)
-            seq = torch.export.Dim("sequence", min=2)
+            dims = {0: torch.export.Dim("batch", min=1)}
+            if 1 in probes.dynamic_axes:
+                dims[1] = torch.export.Dim("sequence", min=2)
             program = torch.onnx.export(
                 module, example, input_names=names, output_names=["embeddings"],
-                dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), opset_version=max(opset, 18),
+                dynamic_shapes=tuple(dict(dims) for _ in names), opset_version=max(opset, 18),
                 dynamo=True, external_data=False, optimize=True, verbose=False,
             )
             program.save(str(path))
@@ -179,16 +183,18 @@ def _run_exporter(torch: Any, module: Any, example: Any, names: list[str], path:
         raise ExportError(f"{exporter} export failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _finish_graph(path: Path, backbone: Backbone, probes: "TextProbes") -> None:
+def _finish_graph(path: Path, backbone: Backbone, probes: Probes) -> None:
     """Check the graph, insist on dynamic axes, and write the preprocessing into its metadata."""
     import onnx
 
     model = onnx.load(str(path))
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
-        if len(dims) != 2 or any(d.HasField("dim_value") for d in dims):
-            shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
-            raise ExportError(f"input {value.name!r} has static shape {shape}; batch and sequence axes must be dynamic")
+        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+        static = [axis for axis in probes.dynamic_axes if axis < len(dims) and dims[axis].HasField("dim_value")]
+        if len(dims) != probes.rank or static:
+            axes = " and ".join(probes.dynamic_axes.values())
+            raise ExportError(f"input {value.name!r} has shape {shape}; its {axes} axes must be dynamic")
     # The name is left out on purpose: the same network exported under two names is one artifact.
     meta = {
         "embedkit.dim": str(backbone.dim),
@@ -205,88 +211,12 @@ def _finish_graph(path: Path, backbone: Backbone, probes: "TextProbes") -> None:
     onnx.save(model, str(path))
 
 
-class TextProbes:
-    """Padded probe batches for the parity gate, tokenised with the runtime's own tokenizer."""
-
-    def __init__(self, backbone: Backbone):
-        self.backbone = backbone
-        self.tokenizer = TextTokenizer(backbone.preprocess)
-        self.ids = self.tokenizer.encode(probe_texts(backbone.preprocess.max_length)).ids
-        self.tokenizer_sha256 = sha256_file(backbone.preprocess.tokenizer)
-
-    def preprocess_identity(self) -> dict[str, Any]:
-        data = self.backbone.preprocess.to_json()
-        data["tokenizer"] = self.tokenizer_sha256
-        return data
-
-    def example(self, torch: Any) -> tuple[Any, Any]:
-        """Two equal-length rows with an all-ones mask (the trace that exported BERT exactly)."""
-        long = sorted(self.ids, key=len)[-2:]
-        n = min(16, min(len(x) for x in long))
-        feeds = pad([x[:n] for x in long])
-        return torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
-
-    def batches(self) -> list[list[list[int]]]:
-        """Batch size 1 for every probe, then two padded batches of 7 with different neighbours."""
-        return [[x] for x in self.ids] + [self.ids[:7], self.ids[-7:][::-1]]
-
-    def parity(self, torch: Any, module: Any, path: Path) -> dict[str, Any]:
-        """ONNX Runtime (CPU) vs torch on identical padded batches."""
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise ExportError(f"ONNX Runtime cannot load the export: {exc}") from exc
-        max_diff, min_cos = 0.0, 1.0
-        wanted = {i.name for i in session.get_inputs()}  # a trace may drop an input it ignored
-        for batch in self.batches():
-            feeds = pad(batch)
-            try:
-                got = session.run(None, {k: v for k, v in feeds.items() if k in wanted})[0]
-            except Exception as exc:
-                raise ExportError(
-                    f"ONNX Runtime failed on a batch of shape {feeds['input_ids'].shape} "
-                    f"(are the batch and sequence axes really dynamic?): {exc}"
-                ) from exc
-            with torch.inference_mode():
-                ref = module(*(torch.from_numpy(v) for v in feeds.values())).float().numpy()
-            if got.shape != ref.shape or got.shape != (len(batch), self.backbone.dim):
-                hint = " (are the batch and sequence axes really dynamic?)" if got.shape[:1] != ref.shape[:1] else ""
-                raise ExportError(
-                    f"output shape: onnx {got.shape}, torch {ref.shape}, declared ({len(batch)}, {self.backbone.dim}){hint}"
-                )
-            if not (np.isfinite(got).all() and np.isfinite(ref).all()):
-                raise ExportError("the model produced NaN or inf on the probes")
-            max_diff = max(max_diff, float(np.abs(got - ref).max()))
-            min_cos = min(min_cos, float(_cosine(got, ref).min()))
-        return {
-            "max_abs_diff": max_diff,
-            "min_cosine": min_cos,
-            "probes": len(self.ids),
-            "batch_sizes": [1, 7],
-            "limits": LIMITS,
-        }
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-300), 1.0)
-
-
 def _manifest(
-    backbone: Backbone, probes: TextProbes, digest: str, key: str, parity: dict[str, Any], opset: int, seconds: float
+    backbone: Backbone, probes: Probes, digest: str, key: str, parity: dict[str, Any], opset: int, seconds: float
 ) -> dict[str, Any]:
     from . import __version__
 
-    preprocess = backbone.preprocess.to_json()
-    preprocess["tokenizer"] = "tokenizer.json"
-    preprocess["tokenizer_sha256"] = probes.tokenizer_sha256
+    preprocess = probes.manifest_preprocess()
     reg = registry()
     return {
         "schema": SCHEMA,
@@ -303,7 +233,7 @@ def _manifest(
         "exporter": parity["exporter"],
         "opset": opset,
         "parity": parity,
-        "inputs": ["input_ids", "attention_mask"],
+        "inputs": probes.input_names,
         "outputs": ["embeddings"],
         "export_seconds": round(seconds, 2),
         "versions": {

@@ -62,9 +62,8 @@ def _fail(backbone: Backbone, rule: str, message: str) -> BackboneCheckError:
 def _check(backbone: Backbone, root: Path) -> dict[str, Any]:
     import torch
 
-    from .encoder import TextEncoder
-    from .exporter import TextProbes, export
-    from .text import pad, probe_texts
+    from .exporter import export
+    from .probes import probes_for
 
     report: dict[str, Any] = {"backbone": getattr(backbone, "name", "?"), "rules": []}
     try:
@@ -82,18 +81,19 @@ def _check(backbone: Backbone, root: Path) -> dict[str, Any]:
     module.eval()
     report["rules"].append("build")
 
-    probes = TextProbes(backbone)
-    feeds = pad(probes.ids)
+    probes = probes_for(backbone)
+    feeds = probes.feeds(probes.rows())
     tensors = [torch.from_numpy(v) for v in feeds.values()]
     with torch.inference_mode():
         first = module(*tensors)
         second = module(*tensors)
-    n = len(probes.ids)
+    n = len(probes.items)
+    kind = "texts" if backbone.modality == "text" else "images"
     if not isinstance(first, torch.Tensor) or tuple(first.shape) != (n, backbone.dim):
         shape = tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__
         raise _fail(backbone, "output", f"expected a tensor of shape ({n}, {backbone.dim}) (declared dim), got {shape}")
     if not torch.isfinite(first).all():
-        raise _fail(backbone, "output", "the module output NaN or inf on the probe texts")
+        raise _fail(backbone, "output", f"the module output NaN or inf on the probe {kind}")
     report["rules"].append("output")
     if not torch.equal(first, second):
         diff = float((first - second).abs().max())
@@ -111,20 +111,21 @@ def _check(backbone: Backbone, root: Path) -> dict[str, Any]:
     report["digest"] = artifact.digest
     report["parity"] = artifact.manifest["parity"]
 
-    texts = probe_texts(backbone.preprocess.max_length)
-    encoder = TextEncoder(artifact, threads=1)
-    alone = np.stack([encoder.encode([t]).vectors[0] for t in texts])
-    together = encoder.encode(texts).vectors
-    shuffled_order = np.random.default_rng(0).permutation(len(texts))
-    shuffled = encoder.encode([texts[i] for i in shuffled_order]).vectors[np.argsort(shuffled_order)]
-    tiny = TextEncoder(artifact, threads=1, batch_tokens=8).encode(texts).vectors
+    items = probes.items
+    encoder = _encoder(artifact)
+    alone = np.stack([encoder.encode([x]).vectors[0] for x in items])
+    together = encoder.encode(items).vectors
+    shuffled_order = np.random.default_rng(0).permutation(len(items))
+    shuffled = encoder.encode([items[i] for i in shuffled_order]).vectors[np.argsort(shuffled_order)]
+    tiny = _encoder(artifact, small=True).encode(items).vectors
     worst = max(float(np.abs(alone - other).max()) for other in (together, shuffled, tiny))
     report["batch_invariance_max_abs_diff"] = worst
     if not worst <= INVARIANCE_LIMIT:
         raise _fail(
             backbone, "batch-invariance",
-            f"the same text embedded alone and inside padded batches differs by {worst:.3g} "
-            f"(limit {INVARIANCE_LIMIT:g}); does the module ignore attention_mask?",
+            f"the same item embedded alone and inside batches differs by {worst:.3g} (limit {INVARIANCE_LIMIT:g}); "
+            + ("does the module ignore attention_mask?" if backbone.modality == "text"
+               else "does the module mix samples (BatchNorm in training mode?)"),
         )
     report["rules"].append("batch-invariance")
 
@@ -139,10 +140,29 @@ def _check(backbone: Backbone, root: Path) -> dict[str, Any]:
     spec = backbone.preprocess.to_json()
     if preprocess_from_json(spec) != backbone.preprocess:
         raise _fail(backbone, "preprocess-roundtrip", "preprocess.to_json() does not rebuild an equal preprocessing")
-    stored = artifact.preprocess
-    ours = probes.tokenizer.encode(texts).ids
-    theirs = encoder.tokenizer.encode(texts).ids
-    if ours != theirs or stored.max_length != backbone.preprocess.max_length:
-        raise _fail(backbone, "preprocess-roundtrip", "the artifact's tokenizer gives other token ids than the backbone's")
+    if artifact.preprocess != _resolved(backbone, artifact):
+        raise _fail(backbone, "preprocess-roundtrip", "the artifact's manifest does not rebuild the backbone's preprocessing")
+    if backbone.modality == "text":
+        same = probes.tokenizer.encode(items).ids == encoder.tokenizer.encode(items).ids
+    else:
+        same = all(np.array_equal(a, encoder.processor(x)[0]) for a, x in zip(probes.rows(), items))
+    if not same:
+        raise _fail(backbone, "preprocess-roundtrip", "the artifact's preprocessing gives other model inputs than the backbone's")
     report["rules"].append("preprocess-roundtrip")
     return report
+
+
+def _encoder(artifact: Any, small: bool = False) -> Any:
+    from .encoder import ImageEncoder, TextEncoder
+
+    if artifact.modality == "image":
+        return ImageEncoder(artifact, threads=1, batch_size=2 if small else None)
+    return TextEncoder(artifact, threads=1, batch_tokens=8 if small else None)
+
+
+def _resolved(backbone: Backbone, artifact: Any) -> Any:
+    """The backbone's preprocessing with file references pointing into the artifact."""
+    spec = backbone.preprocess.to_json()
+    if "tokenizer" in spec:
+        spec["tokenizer"] = str(artifact.path / "tokenizer.json")
+    return preprocess_from_json(spec)

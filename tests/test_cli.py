@@ -23,10 +23,12 @@ def test_import_and_help_do_not_import_torch():
 
 
 def test_backbones_and_plugins_json():
-    rows = json.loads(run_cli("backbones", "--json").stdout)
-    assert rows[0]["name"] == "minilm-l6" and rows[0]["dim"] == 384 and rows[0]["plugin"] == "text"
-    plugins = json.loads(run_cli("plugins", "--json").stdout)
-    assert plugins[0]["distribution"] == "embedkit-text" and plugins[0]["status"] == "ok"
+    rows = {r["name"]: r for r in json.loads(run_cli("backbones", "--json").stdout)}
+    assert rows["minilm-l6"]["dim"] == 384 and rows["minilm-l6"]["plugin"] == "text"
+    assert rows["mobilenet-v2"]["modality"] == "image" and rows["mobilenet-v2"]["plugin"] == "vision"
+    plugins = {p["name"]: p for p in json.loads(run_cli("plugins", "--json").stdout)}
+    assert plugins["text"]["distribution"] == "embedkit-text" and plugins["text"]["status"] == "ok"
+    assert plugins["vision"]["backbones"] == ["mobilenet-v2", "efficientnet-lite0"]
 
 
 def test_embed_text_file_with_a_bad_line(minilm, tmp_path):

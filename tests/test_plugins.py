@@ -27,7 +27,9 @@ def test_builtin_backbone_arrives_through_the_entry_point():
     assert report["text"].distribution == "embedkit-text"
     assert report["text"].version == "0.1.0" and report["text"].ok
     assert "minilm-l6" in report["text"].backbones
-    assert [b.name for b in embedkit.list_backbones()] == ["minilm-l6"]
+    assert report["vision"].distribution == "embedkit-vision" and report["vision"].ok
+    assert report["vision"].backbones == ["mobilenet-v2", "efficientnet-lite0"]
+    assert [b.name for b in embedkit.list_backbones()] == ["efficientnet-lite0", "minilm-l6", "mobilenet-v2"]
 
 
 def test_load_plugins_env_restricts(monkeypatch):

@@ -30,6 +30,15 @@ def test_usage_example_prints_what_it_says(minilm):
     assert out.getvalue().splitlines() == expected
 
 
+def test_images_example_prints_what_it_says():
+    code = _python_blocks("Images")[0]
+    expected = [line[2:].strip() for line in code.splitlines() if line.startswith("# ")]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+    assert out.getvalue().splitlines() == expected
+
+
 def _write_plugin_files(root: Path) -> Path:
     files = re.findall(r"<!-- readme-plugin: (\S+) -->\n```\w+\n(.*?)```", README, re.S)
     assert len(files) == 2
