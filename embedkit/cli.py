@@ -60,6 +60,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _store_arg(p)
 
+    p = sub.add_parser(
+        "extract", help="extract features of a source into a feature store, resumable and exactly once",
+    )
+    p.add_argument("source", help="folder, glob, .txt, .csv, .tsv, .jsonl or .parquet")
+    p.add_argument("--backbone", default="minilm-l6")
+    p.add_argument("--out", required=True, help="feature store folder")
+    p.add_argument("--column", help="payload column of a table (default text / path)")
+    p.add_argument("--id-column", help="column of item ids (default: a hash of the content)")
+    p.add_argument("--shard-size", type=int, help="source items per shard (default 4096 texts / 512 images)")
+    p.add_argument("--max-failures", type=int, default=0, help="exit 2 when more items fail (default 0)")
+    p.add_argument("--no-verify", action="store_true", help="skip checksumming the committed shards first")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--batch-size", type=int, help="images per batch")
+    p.add_argument("--workers", type=int, help="image decoding threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _store_arg(p)
+
+    p = sub.add_parser("store", help="inspect a feature store: info | verify | gc")
+    p.add_argument("action", choices=["info", "verify", "gc"])
+    p.add_argument("path", help="feature store folder")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("demo", help="the built-in demo: MiniLM + LogisticRegression on a Banking77 sample")
     _store_arg(p)
     return parser
@@ -242,6 +266,71 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return EXIT_FAILED_ITEMS if s.failed else 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .exporter import resolve
+    from .extraction import extract
+    from .sources import count_items
+
+    artifact = resolve(args.backbone, args.store)
+    options: dict[str, Any] = {"device": args.device, "threads": args.threads}
+    if artifact.modality == "image":
+        options.update(batch_size=args.batch_size, workers=args.workers)
+    elif args.batch_size or args.workers:
+        raise UnsupportedInputError("--batch-size and --workers apply to image backbones")
+    from tqdm import tqdm
+
+    total = None if args.no_progress else count_items(args.source, artifact.modality)
+    with tqdm(total=total, unit="item", disable=args.no_progress, file=sys.stderr, smoothing=0.1) as bar:
+        report = extract(
+            args.source, artifact, args.out, column=args.column, id_column=args.id_column,
+            shard_size=args.shard_size, verify=not args.no_verify, progress=bar.update, **options,
+        )
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    print(report.summary(), file=sys.stderr)
+    if report.failed > args.max_failures:
+        print(f"error: {report.failed} items failed (--max-failures {args.max_failures}); "
+              f"see `embedkit store info {args.out}` and the failure records", file=sys.stderr)
+        return EXIT_FAILED_ITEMS
+    return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from .store import FeatureStore
+
+    store = FeatureStore(args.path)
+    if not Path(args.path).is_dir():
+        raise UnsupportedInputError(f"{args.path} is not a feature store folder")
+    if args.action == "info":
+        rows = store.info()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for r in rows:
+            if not args.json:
+                print(f"{r['backbone']:<22} {r['digest'][:12]}  dim={r['dim']:<5} rows={r['rows']:<9} "
+                      f"shards={r['shards']:<5} failures={r['failures']:<6} {r['bytes'] / 1e6:.1f} MB")
+        return 0
+    if args.action == "verify":
+        found = store.verify(deep=True)
+        bad = {k: [p.to_json() for p in v] for k, v in found.items() if v}
+        if args.json:
+            print(json.dumps({"namespaces": len(found), "problems": bad}, indent=2))
+        else:
+            for key, problems in bad.items():
+                for p in problems:
+                    print(f"{key}: shard {p['shard']}: {p['reason']}")
+            print(f"{len(found)} namespace(s) checked, {sum(len(v) for v in bad.values())} damaged shard(s)"
+                  + (" (a rerun of extract sets them aside and recomputes their items)" if bad else ""))
+        return 1 if bad else 0
+    removed = store.gc()
+    if args.json:
+        print(json.dumps(removed, indent=2))
+    else:
+        for key, counts in removed.items():
+            print(f"{key}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
@@ -255,6 +344,8 @@ COMMANDS = {
     "export": cmd_export,
     "check": cmd_check,
     "embed": cmd_embed,
+    "extract": cmd_extract,
+    "store": cmd_store,
     "demo": cmd_demo,
 }
 

@@ -101,6 +101,10 @@ class InvalidInputError(EmbedkitError, ValueError):
         super().__init__(f"{len(self.errors)} input item(s) could not be embedded: {shown}{more}")
 
 
+class StoreError(EmbedkitError, RuntimeError):
+    """The feature store is inconsistent, of another schema, or lacks what was asked for."""
+
+
 class UnsupportedInputError(EmbedkitError, ValueError):
     """An input file or column embedkit cannot read (wrong format, missing column)."""
 
