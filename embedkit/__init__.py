@@ -34,6 +34,8 @@ _EXPORTS = {
     "ImageFolder": "sources",
     "file_list": "sources",
     "FeatureStore": "store",
+    "quantize": "quantization",
+    "quantization_report": "quantization",
     "extract": "extraction",
     "ExtractReport": "extraction",
     "StoreError": "errors",

@@ -84,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="feature store folder")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("quantize", help="int8 variants for CPU, with a report of their cost on your data")
+    p.add_argument("backbone")
+    p.add_argument("--variant", action="append", choices=["dynamic", "dynamic-per-tensor", "static"],
+                   help="repeatable (default: all three)")
+    p.add_argument("--report", action="store_true", help="measure cosine to fp32, speed and head accuracy")
+    p.add_argument("--data", help="your items: .txt, .csv, .tsv, .jsonl or .parquet (needed by --report and static)")
+    p.add_argument("--column", help="payload column (default text / path)")
+    p.add_argument("--label-column", help="labels for the head-accuracy column of the report")
+    p.add_argument("--limit", type=int, default=2000, help="items used from --data (default 2000)")
+    p.add_argument("--json", action="store_true")
+    _store_arg(p)
+
     p = sub.add_parser("demo", help="the built-in demo: MiniLM + LogisticRegression on a Banking77 sample")
     _store_arg(p)
     return parser
@@ -331,6 +343,41 @@ def cmd_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .exporter import resolve
+    from .quantization import VARIANTS, quantization_report, quantize
+    from .sources import iter_items
+
+    variants = args.variant or list(VARIANTS)
+    base = resolve(args.backbone, args.store)
+    items: list[Any] = []
+    labels: list[Any] | None = None
+    if args.data:
+        path = Path(args.data)
+        items = [item.payload for _, item in zip(range(args.limit), iter_items(path, base.modality, args.column))]
+        if args.label_column:
+            labels = [row for _, row in zip(range(args.limit), read_texts(path, args.label_column))]
+    if (args.report or "static" in variants) and not items:
+        raise UnsupportedInputError("--report and the static variant need --data (a sample of your items)")
+    if not args.report:
+        for variant in variants:
+            art = quantize(base, variant, calibration=items[:256], store=args.store)
+            print(f"{art.name} {art.digest}\n  path {art.path}")
+        return 0
+    rows = quantization_report(base, items, labels, variants=variants, store=args.store)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{len(items)} items from {Path(args.data).name}; measured on a 30 % held-out part")
+    header = f"{'variant':<20} {'items/s':>8} {'speed':>6} {'mean cos':>9} {'min cos':>8} {'MB':>6}"
+    print(header + ("  accuracy" if labels is not None else ""))
+    for r in rows:
+        line = (f"{r['variant']:<20} {r['items_per_s']:8.0f} {r['speedup']:5.2f}x {r['mean_cosine']:9.4f} "
+                f"{r['min_cosine']:8.4f} {r['size_mb']:6.1f}")
+        print(line + (f"  {r['accuracy']:.4f}" if labels is not None else ""))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
@@ -346,6 +393,7 @@ COMMANDS = {
     "embed": cmd_embed,
     "extract": cmd_extract,
     "store": cmd_store,
+    "quantize": cmd_quantize,
     "demo": cmd_demo,
 }
 

@@ -248,7 +248,8 @@ def _manifest(
 
 
 def resolve(spec: "str | Backbone | Artifact", store: ModelStore | str | None = None) -> Artifact:
-    """An artifact from a backbone name or spec (exported on first use), an artifact folder, or a digest."""
+    """An artifact from a backbone name or spec (exported on first use), an artifact folder, a
+    digest, or the name of an artifact made in the store (an int8 variant: the newest)."""
     if isinstance(spec, Artifact):
         return spec
     if isinstance(spec, Backbone):
@@ -260,4 +261,14 @@ def resolve(spec: "str | Backbone | Artifact", store: ModelStore | str | None = 
     if len(spec) >= 8 and all(c in "0123456789abcdef" for c in spec):
         if any(a.digest.startswith(spec) for a in store.artifacts()):
             return store.get(spec)
-    return export(spec, store)
+    from .errors import UnknownBackboneError
+
+    try:
+        return export(spec, store)
+    except UnknownBackboneError:
+        # Not a backbone: an artifact made in the store, e.g. an int8 variant, by its name.
+        found = store.artifacts(spec) if "/" not in spec else []
+        if found:
+            found[-1].verify()
+            return found[-1]
+        raise

@@ -17,6 +17,18 @@ logger = logging.getLogger(__name__)
 DEVICES = ("cpu", "cuda", "auto")
 
 
+OOM_MARKERS = ("out of memory", "failed to allocate", "bad_alloc", "bad allocation", "cudaerrormemoryallocation",
+               "cublas_status_alloc_failed", "cudnn_status_alloc_failed")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an ONNX Runtime error reports an allocation failure (CPU or CUDA)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in OOM_MARKERS)
+
+
 def cpu_count() -> int:
     """Cores this process may use (respects CPU affinity and cgroup-pinned sets)."""
     try:
@@ -88,6 +100,7 @@ class Runtime:
             logger.warning("%s", message)
         self.threads = threads
         self.streams = streams
+        self.halvings = 0  # batches split after running out of memory
         self.input_names = [i.name for i in self.sessions[0].get_inputs()]
         self.output_name = self.sessions[0].get_outputs()[0].name
         logger.info(
@@ -96,10 +109,25 @@ class Runtime:
         )
 
     def run(self, feeds: dict[str, np.ndarray], stream: int = 0) -> np.ndarray:
-        """Run one batch on one session; returns the first output."""
+        """Run one batch on one session; returns the first output.
+
+        Out of memory halves the batch and retries each half (recursively, down to one
+        item): items are never skipped, and the rows come back in order.
+        """
         if len(feeds) != len(self.input_names):  # e.g. a graph that does not use attention_mask
             feeds = {k: v for k, v in feeds.items() if k in self.input_names}
-        return self.sessions[stream % len(self.sessions)].run([self.output_name], feeds)[0]
+        try:
+            return self.sessions[stream % len(self.sessions)].run([self.output_name], feeds)[0]
+        except Exception as exc:
+            n = len(next(iter(feeds.values())))
+            if n < 2 or not is_out_of_memory(exc):
+                raise
+            self.halvings += 1
+            logger.warning("out of memory on a batch of %d; retrying as two batches of %d and %d", n, n // 2, n - n // 2)
+            half = n // 2
+            first = self.run({k: v[:half] for k, v in feeds.items()}, stream)
+            second = self.run({k: v[half:] for k, v in feeds.items()}, stream)
+            return np.concatenate([first, second])
 
     def map(self, batches: Iterable[dict[str, np.ndarray]]) -> Iterator[np.ndarray]:
         """Run batches over all streams; results come back in the order of ``batches``."""

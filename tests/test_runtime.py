@@ -55,3 +55,35 @@ def test_results_come_back_in_input_order(minilm):
     together = enc.encode(texts).vectors
     for i, t in enumerate(texts):
         np.testing.assert_allclose(enc.encode([t]).vectors[0], together[i], atol=1e-5)
+
+
+OOM_SCRIPT = """
+import resource, sys, numpy as np
+from embedkit.runtime import Runtime
+rt = Runtime(sys.argv[1], threads=1, streams=1)
+x = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)
+one = rt.run({"pixel_values": x})
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+# A real allocation limit: 200 MB above what the process holds now. A batch of 256 needs
+# over a GB of activations; 16 images need far less.
+resource.setrlimit(resource.RLIMIT_AS, (vm + 200 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+out = rt.run({"pixel_values": np.repeat(x, 256, axis=0)})
+print("halvings", rt.halvings, out.shape, float(np.abs(out - one).max()))
+"""
+
+
+def test_out_of_memory_halves_the_batch_and_skips_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    import embedkit
+
+    artifact = embedkit.export("mobilenet-v2")
+    script = tmp_path / "oom.py"
+    script.write_text(OOM_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), str(artifact.onnx_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    _, halvings, rows, cols, diff = run.stdout.replace("(", "").replace(")", "").replace(",", "").split()
+    assert int(halvings) >= 1 and (int(rows), int(cols)) == (256, 1280)
+    assert float(diff) <= 1e-5  # every row equals the image embedded alone
+    assert "out of memory on a batch of 256" in run.stderr
