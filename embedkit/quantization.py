@@ -137,14 +137,11 @@ class _ToDebug(logging.Filter):
 def _quiet() -> Iterator[None]:
     root = logging.getLogger()
     quiet = _ToDebug()
-    handlers = list(root.handlers)
-    for h in handlers:
-        h.addFilter(quiet)
+    root.addFilter(quiet)  # logging.warning() calls are filtered at the root logger itself
     try:
         yield
     finally:
-        for h in handlers:
-            h.removeFilter(quiet)
+        root.removeFilter(quiet)
 
 
 def sha256_of_items(items: Sequence[Any]) -> str:
