@@ -70,13 +70,17 @@ class TextEncoder:
         oks: list[np.ndarray] = []
         result = Embeddings(np.empty((0, self.dim), np.float32), np.empty(0, bool))
         offset = 0
-        for chunk in iter_chunks(items, CHUNK):
-            vectors, ok = self._encode_chunk(chunk, offset, result)
-            rows.append(vectors)
-            oks.append(ok)
-            offset += len(chunk)
-            if progress is not None:
-                progress(len(chunk))
+        # Tokenising chunk k+1 (in a thread: tokenizers releases the GIL) overlaps running chunk k.
+        with ThreadPoolExecutor(1, thread_name_prefix="embedkit-tokenize") as pool:
+            ahead: tuple[list[Any], int, Future] | None = None
+            for chunk in iter_chunks(items, CHUNK):
+                job = (chunk, offset, pool.submit(self.tokenizer.encode, chunk, offset))
+                offset += len(chunk)
+                if ahead is not None:
+                    self._finish_chunk(ahead, result, rows, oks, progress)
+                ahead = job
+            if ahead is not None:
+                self._finish_chunk(ahead, result, rows, oks, progress)
         if rows:
             result.vectors = np.concatenate(rows)
             result.ok = np.concatenate(oks)
@@ -88,8 +92,16 @@ class TextEncoder:
         )
         return result
 
-    def _encode_chunk(self, chunk: Sequence[Any], offset: int, result: Embeddings) -> tuple[np.ndarray, np.ndarray]:
-        tokens = self.tokenizer.encode(chunk, offset)
+    def _finish_chunk(self, job: tuple[list[Any], int, Future], result: Embeddings, rows: list[np.ndarray],
+                      oks: list[np.ndarray], progress: Callable[[int], None] | None) -> None:
+        chunk, offset, tokens = job
+        vectors, ok = self._encode_chunk(chunk, offset, tokens.result(), result)
+        rows.append(vectors)
+        oks.append(ok)
+        if progress is not None:
+            progress(len(chunk))
+
+    def _encode_chunk(self, chunk: Sequence[Any], offset: int, tokens: Any, result: Embeddings) -> tuple[np.ndarray, np.ndarray]:
         vectors = np.full((len(chunk), self.dim), np.nan, dtype=np.float32)
         ok = np.zeros(len(chunk), dtype=bool)
         errors = list(tokens.errors)
