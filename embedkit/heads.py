@@ -1,0 +1,237 @@
+"""FAISS heads as scikit-learn estimators: ``FaissNearestNeighbors`` and ``FaissKNNClassifier``.
+
+FAISS itself accepts NaN silently and raises a bare ``AssertionError`` on a wrong dimension;
+these estimators validate like scikit-learn does (``ValueError`` naming the problem) before any
+vector reaches an index. The index is chosen from the data size and a memory budget:
+
+=========================  ================================================================
+``index``                  what is built
+=========================  ================================================================
+``flat`` (exact)           ``IndexFlatIP`` (cosine, inner product) or ``IndexFlatL2``
+``hnsw``                   ``IndexHNSWFlat`` (M=32): fast, approximate, full vectors in RAM
+``ivfpq``                  ``IndexIVFPQ``: compressed codes for sets beyond the memory budget
+``auto`` (default)         flat below ``exact_below`` rows (50,000); above it HNSW when the
+                           vectors (plus graph) fit ``memory_budget_mb``, else IVF-PQ
+=========================  ================================================================
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from .errors import MissingDependencyError
+
+METRICS = ("euclidean", "cosine", "inner_product")
+INDEXES = ("auto", "flat", "hnsw", "ivfpq")
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as exc:
+        raise MissingDependencyError("faiss-cpu", "heads", "FAISS heads") from exc
+    return faiss
+
+
+class FaissNearestNeighbors(BaseEstimator):
+    """Nearest neighbours over a FAISS index, with scikit-learn's API and input checks.
+
+    Args:
+        n_neighbors: default k for :meth:`kneighbors`.
+        metric: ``euclidean`` (distances as scikit-learn's), ``cosine`` (1 - cosine
+            similarity) or ``inner_product`` (distance = -<x, y>).
+        index: ``auto`` | ``flat`` | ``hnsw`` | ``ivfpq`` (see the module's table).
+        exact_below: ``auto`` uses an exact index below this many rows.
+        memory_budget_mb: ``auto`` uses IVF-PQ when HNSW would not fit (None: no limit).
+        nprobe: IVF lists searched per query; ``ef_search``: HNSW search breadth.
+        random_state: seed for IVF training.
+    """
+
+    def __init__(self, n_neighbors: int = 5, metric: str = "euclidean", index: str = "auto",
+                 exact_below: int = 50_000, memory_budget_mb: float | None = None, nprobe: int = 16,
+                 ef_search: int = 128, random_state: int = 0):
+        self.n_neighbors = n_neighbors
+        self.metric = metric
+        self.index = index
+        self.exact_below = exact_below
+        self.memory_budget_mb = memory_budget_mb
+        self.nprobe = nprobe
+        self.ef_search = ef_search
+        self.random_state = random_state
+
+    # -- fitting ------------------------------------------------------------------------------
+    def _prepare(self, X: np.ndarray) -> np.ndarray:
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if self.metric == "cosine":
+            norms = np.linalg.norm(X, axis=1, keepdims=True)
+            X = X / np.where(norms > 0, norms, 1.0)
+        return np.ascontiguousarray(X, dtype=np.float32)
+
+    def _choose(self, n: int, d: int) -> str:
+        if self.index != "auto":
+            return self.index
+        if n < self.exact_below:
+            return "flat"
+        hnsw_mb = n * (d * 4 + 32 * 2 * 4) / 2**20
+        if self.memory_budget_mb is None or hnsw_mb <= self.memory_budget_mb:
+            return "hnsw"
+        return "ivfpq"
+
+    def _build(self, X: np.ndarray) -> Any:
+        faiss = _faiss()
+        n, d = X.shape
+        kind = self._choose(n, d)
+        ip = self.metric in ("cosine", "inner_product")
+        metric = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
+        if kind == "flat":
+            index = faiss.IndexFlatIP(d) if ip else faiss.IndexFlatL2(d)
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(d, 32, metric)
+            index.hnsw.efSearch = self.ef_search
+        else:
+            nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+            m = next(m for m in (64, 48, 32, 24, 16, 12, 8, 4, 2, 1) if d % m == 0 and m <= d)
+            quantizer = faiss.IndexFlatIP(d) if ip else faiss.IndexFlatL2(d)
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, metric)
+            rng = np.random.default_rng(self.random_state)
+            sample = X[rng.choice(n, size=min(n, 256 * nlist), replace=False)]
+            index.train(sample)
+            index.nprobe = min(self.nprobe, nlist)
+        index.add(X)
+        self.index_kind_ = kind
+        return index
+
+    def fit(self, X: Any, y: Any = None) -> "FaissNearestNeighbors":
+        """Build the index over X (finite, 2-D numbers)."""
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.index not in INDEXES:
+            raise ValueError(f"index must be one of {', '.join(INDEXES)}, got {self.index!r}")
+        if not isinstance(self.n_neighbors, (int, np.integer)) or self.n_neighbors < 1:
+            raise ValueError(f"n_neighbors must be a positive int, got {self.n_neighbors!r}")
+        X = validate_data(self, X, dtype=[np.float32, np.float64], ensure_min_samples=1)
+        self._index = self._build(self._prepare(X))
+        self.n_samples_fit_ = X.shape[0]
+        return self
+
+    # -- querying -----------------------------------------------------------------------------
+    def kneighbors(self, X: Any = None, n_neighbors: int | None = None, return_distance: bool = True) -> Any:
+        """Indices (and distances) of the nearest fitted rows, nearest first.
+
+        With ``X=None`` the fitted rows query themselves, each excluded from its own result,
+        as in scikit-learn.
+        """
+        check_is_fitted(self, "n_samples_fit_")
+        k = self.n_neighbors if n_neighbors is None else n_neighbors
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"n_neighbors must be a positive int, got {k!r}")
+        query_is_train = X is None
+        if query_is_train:
+            X = self._index.reconstruct_n(0, self.n_samples_fit_) if self.index_kind_ != "ivfpq" else None
+            if X is None:
+                raise ValueError("kneighbors(X=None) needs an index that keeps the vectors (flat or hnsw)")
+            k_search = k + 1
+            queries = X
+        else:
+            X = validate_data(self, X, dtype=[np.float32, np.float64], reset=False)
+            queries = self._prepare(X)
+            k_search = k
+        if k_search > self.n_samples_fit_:
+            raise ValueError(f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {k}, "
+                             f"n_samples_fit = {self.n_samples_fit_}, n_samples = {len(queries)}")
+        scores, indices = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k_search)
+        if query_is_train:
+            keep = indices != np.arange(len(indices))[:, None]
+            keep[keep.sum(1) > k, -1] = False  # the row itself was not among its own results
+            indices = indices[keep].reshape(len(indices), k)
+            scores = scores[keep].reshape(len(scores), k)
+        if (indices < 0).any():
+            raise RuntimeError("the index returned fewer neighbours than asked; raise nprobe or ef_search")
+        if not return_distance:
+            return indices
+        if self.metric == "euclidean":
+            distances = np.sqrt(np.maximum(scores, 0))
+        elif self.metric == "cosine":
+            distances = 1.0 - scores
+        else:
+            distances = -scores
+        return distances.astype(np.float64), indices
+
+    # -- persistence --------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        index = state.pop("_index", None)
+        if index is not None:
+            state["_index_bytes"] = _faiss().serialize_index(index)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        data = state.pop("_index_bytes", None)
+        self.__dict__.update(state)
+        if data is not None:
+            self._index = _faiss().deserialize_index(data)
+
+
+class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
+    """k-nearest-neighbour classification over :class:`FaissNearestNeighbors`.
+
+    ``weights``: ``uniform`` (majority vote; ties go to the first class in ``classes_``, as in
+    scikit-learn) or ``distance`` (votes weighted by 1 / distance; an exact match wins).
+    """
+
+    def __init__(self, n_neighbors: int = 5, weights: str = "uniform", metric: str = "euclidean",
+                 index: str = "auto", exact_below: int = 50_000, memory_budget_mb: float | None = None,
+                 nprobe: int = 16, ef_search: int = 128, random_state: int = 0):
+        self.n_neighbors = n_neighbors
+        self.weights = weights
+        self.metric = metric
+        self.index = index
+        self.exact_below = exact_below
+        self.memory_budget_mb = memory_budget_mb
+        self.nprobe = nprobe
+        self.ef_search = ef_search
+        self.random_state = random_state
+
+    def fit(self, X: Any, y: Any) -> "FaissKNNClassifier":
+        if self.weights not in ("uniform", "distance"):
+            raise ValueError(f"weights must be 'uniform' or 'distance', got {self.weights!r}")
+        X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
+        check_classification_targets(y)
+        self.classes_, self._y = np.unique(y, return_inverse=True)
+        self.nn_ = FaissNearestNeighbors(
+            n_neighbors=self.n_neighbors, metric=self.metric, index=self.index, exact_below=self.exact_below,
+            memory_budget_mb=self.memory_budget_mb, nprobe=self.nprobe, ef_search=self.ef_search,
+            random_state=self.random_state,
+        ).fit(X)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, "nn_")
+        X = validate_data(self, X, dtype=[np.float32, np.float64], reset=False)
+        distances, indices = self.nn_.kneighbors(X)
+        labels = self._y[indices]
+        if self.weights == "uniform":
+            w = np.ones_like(distances)
+        else:
+            with np.errstate(divide="ignore"):
+                w = 1.0 / distances
+            exact = ~np.isfinite(w)
+            rows = exact.any(axis=1)
+            w[rows] = exact[rows].astype(float)  # exact matches take the vote, as in scikit-learn
+        proba = np.zeros((len(X), len(self.classes_)))
+        np.add.at(proba, (np.repeat(np.arange(len(X)), labels.shape[1]), labels.ravel()), w.ravel())
+        total = proba.sum(axis=1, keepdims=True)
+        return proba / np.where(total > 0, total, 1.0)
+
+    def predict(self, X: Any) -> np.ndarray:
+        proba = self.predict_proba(X)  # checks fitted before classes_ is touched
+        return self.classes_[np.argmax(proba, axis=1)]
+
+    def kneighbors(self, X: Any = None, n_neighbors: int | None = None, return_distance: bool = True) -> Any:
+        check_is_fitted(self, "nn_")
+        return self.nn_.kneighbors(X, n_neighbors, return_distance)
