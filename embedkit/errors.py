@@ -101,6 +101,10 @@ class InvalidInputError(EmbedkitError, ValueError):
         super().__init__(f"{len(self.errors)} input item(s) could not be embedded: {shown}{more}")
 
 
+class UnsafeModelError(EmbedkitError, PermissionError):
+    """Loading would run code from a file (a pickle, an untrusted skops type) or a file changed."""
+
+
 class StoreError(EmbedkitError, RuntimeError):
     """The feature store is inconsistent, of another schema, or lacks what was asked for."""
 

@@ -1,0 +1,185 @@
+"""One deployable model: backbone reference (artifact digest) + head, saved so loading runs no code.
+
+A saved model is a folder::
+
+    model.json      format, backbone name + digest, head kind + file + sha256, versions
+    head.skops      scikit-learn heads (skops: loads only the types it is told to trust)
+    head.json, head.npz, index.faiss
+                    FAISS heads: parameters, classes and labels as plain arrays, the index
+
+``load`` checks every file's sha256, refuses a model whose backbone resolves to another digest
+(naming both), loads skops heads with no untrusted types, and never opens a pickle or joblib
+file unless the caller passes ``trust_pickle=True`` (and its sha256 still matches).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifacts import sha256_file
+from .errors import ArtifactError, EmbedkitError, UnsafeModelError
+
+FORMAT = 1
+MODEL_FILE = "model.json"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _split(model: Any) -> tuple[Any, Any]:
+    """(Embedder, head) from a Pipeline([Embedder, head]) or a (Embedder, head) pair."""
+    from .embedder import Embedder
+
+    steps = [s for _, s in model.steps] if hasattr(model, "steps") else list(model)
+    if len(steps) != 2 or not isinstance(steps[0], Embedder):
+        raise TypeError("save() takes Pipeline([Embedder, head]) or (Embedder, head), both fitted")
+    return steps[0], steps[1]
+
+
+def save(model: Any, path: str | os.PathLike[str]) -> Path:
+    """Save a fitted embedder + head pipeline as a folder (atomically: written beside, then renamed)."""
+    from sklearn.utils.validation import check_is_fitted
+
+    from .heads import FaissKNNClassifier
+
+    embedder, head = _split(model)
+    check_is_fitted(embedder, "digest_")
+    check_is_fitted(head)
+    final = Path(path)
+    staging = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    staging.mkdir(parents=True)
+    try:
+        if isinstance(head, FaissKNNClassifier):
+            import faiss
+
+            kind, files = "faiss-knn", ["head.json", "head.npz", "index.faiss"]
+            (staging / "head.json").write_text(json.dumps(head.get_params(), sort_keys=True))
+            np.savez(staging / "head.npz", classes=np.asarray(head.classes_).astype(str),
+                     y=head._y, n_features=np.asarray(head.n_features_in_))
+            faiss.write_index(head.nn_._index, str(staging / "index.faiss"))
+        else:
+            import skops.io as sio
+
+            kind, files = "skops", ["head.skops"]
+            sio.dump(head, staging / "head.skops")
+        manifest = {
+            "format": FORMAT,
+            "backbone": {"name": embedder.backbone_name_, "digest": embedder.digest_, "spec": str(embedder.backbone)},
+            "embedder": {k: v for k, v in embedder.get_params().items() if k not in ("backbone", "store")},
+            "head": {"kind": kind, "class": f"{type(head).__module__}.{type(head).__qualname__}",
+                     "files": {f: sha256_file(staging / f) for f in files}},
+            "versions": {d: _version(d) for d in ("embedkit", "scikit-learn", "faiss-cpu", "skops", "onnxruntime")},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (staging / MODEL_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        for f in staging.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def load(path: str | os.PathLike[str], store: str | None = None, trust_pickle: bool = False) -> Any:
+    """A ``Pipeline([Embedder, head])`` that predicts from raw inputs.
+
+    Raises:
+        UnsafeModelError: a file's sha256 differs from the record, the head is a pickle and
+            ``trust_pickle`` is False, or a skops file holds types outside the trusted set.
+        ArtifactError: the backbone now resolves to another artifact digest than recorded.
+    """
+    from sklearn.pipeline import Pipeline
+
+    from .embedder import Embedder
+
+    folder = Path(path)
+    try:
+        manifest = json.loads((folder / MODEL_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{folder} is not a saved embedkit model ({MODEL_FILE}: {exc})") from exc
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{folder}: model format {manifest.get('format')}, this embedkit reads {FORMAT}")
+    head_info = manifest["head"]
+    for name, digest in head_info["files"].items():
+        target = (folder / name).resolve()
+        if folder.resolve() not in target.parents:
+            raise UnsafeModelError(f"{name!r} points outside {folder}")
+        if not target.is_file() or sha256_file(target) != digest:
+            raise UnsafeModelError(f"{target} is missing or changed since it was saved (sha256 mismatch); refusing it")
+    backbone = manifest["backbone"]
+    embedder = Embedder(backbone["digest"], store=store, **manifest.get("embedder", {}))
+    try:
+        embedder.fit()
+    except EmbedkitError:
+        embedder = Embedder(backbone["spec"], store=store, **manifest.get("embedder", {})).fit()
+    if embedder.digest_ != backbone["digest"]:
+        raise ArtifactError(
+            f"this model's head was trained on {backbone['name']} {backbone['digest'][:12]}, but "
+            f"{backbone['spec']!r} now resolves to {embedder.backbone_name_} {embedder.digest_[:12]}; "
+            "features differ, so the head is refused (re-export the original or retrain the head)"
+        )
+    kind = head_info["kind"]
+    if kind == "skops":
+        import skops.io as sio
+
+        file = folder / "head.skops"
+        try:
+            untrusted = sio.get_untrusted_types(file=file)
+        except Exception as exc:  # not a skops archive (e.g. a pickle renamed): never unpickled
+            raise UnsafeModelError(f"{file} is not a skops file: {type(exc).__name__}: {exc}") from exc
+        if untrusted:
+            raise UnsafeModelError(f"{file} holds types outside skops' trusted set: {', '.join(untrusted)}")
+        head = sio.load(file)
+    elif kind == "faiss-knn":
+        head = _load_faiss(folder)
+    elif kind == "pickle":
+        if not trust_pickle:
+            raise UnsafeModelError(
+                f"{folder} holds a pickle head ({', '.join(head_info['files'])}); unpickling runs code from the file. "
+                "Load it only if you made it: pass trust_pickle=True (--trust-pickle); its sha256 was checked."
+            )
+        import pickle
+
+        with open(folder / next(iter(head_info["files"])), "rb") as f:
+            head = pickle.load(f)  # noqa: S301 - explicit trust, sha256 verified above
+    else:
+        raise ArtifactError(f"unknown head kind {kind!r} in {folder}")
+    return Pipeline([("embed", embedder), ("head", head)])
+
+
+def _load_faiss(folder: Path) -> Any:
+    import faiss
+
+    from .heads import FaissKNNClassifier, FaissNearestNeighbors
+
+    params = json.loads((folder / "head.json").read_text())
+    arrays = np.load(folder / "head.npz", allow_pickle=False)
+    head = FaissKNNClassifier(**params)
+    head.classes_ = arrays["classes"]
+    head._y = arrays["y"]
+    head.n_features_in_ = int(arrays["n_features"])
+    nn = FaissNearestNeighbors(**{k: v for k, v in params.items() if k != "weights"})
+    nn._index = faiss.read_index(str(folder / "index.faiss"))
+    if nn._index.d != head.n_features_in_ or nn._index.ntotal != len(head._y):
+        raise ArtifactError(f"{folder}/index.faiss does not match its head (dimension or row count)")
+    nn.n_features_in_ = head.n_features_in_
+    nn.n_samples_fit_ = int(nn._index.ntotal)
+    nn.index_kind_ = ("flat" if isinstance(nn._index, (faiss.IndexFlatIP, faiss.IndexFlatL2))
+                      else "hnsw" if isinstance(nn._index, faiss.IndexHNSWFlat) else "ivfpq")
+    head.nn_ = nn
+    return head
