@@ -96,6 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _store_arg(p)
 
+    p = sub.add_parser("train-head", help="train a head on cached features; metrics, confusion matrix, saved model")
+    p.add_argument("features", help="feature store folder")
+    p.add_argument("--backbone", default="minilm-l6")
+    p.add_argument("--labels", required=True,
+                   help="a table with id (or the extracted payload column) and label columns, or 'folder' "
+                   "(images: the class subfolder)")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--id-column", help="id column of the labels table (default: id, else content ids)")
+    p.add_argument("--column", help="payload column to recompute content ids from (default text / path)")
+    p.add_argument("--head", default="logreg", choices=["logreg", "linear-svm", "ridge", "mlp", "knn", "faiss-knn"])
+    p.add_argument("--param", action="append", default=[], help="head parameter key=value (repeatable)")
+    p.add_argument("--cv", type=int, default=0, help="also report k-fold accuracy")
+    p.add_argument("--test-size", type=float, default=0.2)
+    p.add_argument("--out", required=True, help="folder for the saved model, report.json and confusion.png")
+    p.add_argument("--json", action="store_true")
+    _store_arg(p)
+
+    p = sub.add_parser("predict", help="predict with a saved model from raw inputs")
+    p.add_argument("model")
+    p.add_argument("inputs", nargs="+", help="texts or image paths")
+    p.add_argument("--trust-pickle", action="store_true", help="allow a pickle head you made yourself")
+    _store_arg(p)
+
     p = sub.add_parser("demo", help="the built-in demo: MiniLM + LogisticRegression on a Banking77 sample")
     _store_arg(p)
     return parser
@@ -159,46 +182,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{report['backbone']}: all rules pass (parity max|diff| {parity['max_abs_diff']:.3g}, "
           f"min cosine {parity['min_cosine']:.8f}; batch invariance {report['batch_invariance_max_abs_diff']:.3g})")
     return 0
-
-
-def read_texts(path: Path, column: str) -> list[Any]:
-    """Items from a file; undecodable bytes stay per-item errors instead of failing the file."""
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        lines = path.read_bytes().split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        return [line[:-1] if line.endswith(b"\r") else line for line in lines]
-    if suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            if reader.fieldnames is None or column not in reader.fieldnames:
-                raise _column_error(path, column, reader.fieldnames or [])
-            return [row[column] for row in reader]
-    if suffix == ".jsonl":
-        items = []
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UnsupportedInputError(f"{path.name} line {number} is not JSON: {exc.msg}") from exc
-                items.append(record.get(column) if isinstance(record, dict) else None)
-        return items
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if column not in table.column_names:
-            raise _column_error(path, column, table.column_names)
-        return table.column(column).to_pylist()
-    raise UnsupportedInputError(f"unsupported input {path.name}: use .txt, .csv, .tsv, .jsonl or .parquet")
-
-
-def _column_error(path: Path, column: str, names: Sequence[str]) -> Exception:
-    return UnsupportedInputError(f"{path.name} has no column {column!r}; columns: {', '.join(names)} (use --column)")
 
 
 def read_images(path: Path, column: str) -> tuple[list[Any], dict[str, list[Any]]]:
@@ -378,6 +361,53 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_head(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .embedder import Embedder
+    from .persistence import save
+    from .store import FeatureStore
+    from .training import evaluate, labels_for, make_head, parse_params
+
+    namespace = FeatureStore(args.features).find(args.backbone)
+    ids, X, sources = namespace.load_with_sources()
+    y = labels_for(ids, sources, args.labels, namespace.info.get("modality", "text"), args.label_column,
+                   args.id_column, args.column)
+    known = np.asarray([v is not None and v == v and v != "" for v in y])
+    if known.sum() < 2:
+        raise UnsupportedInputError(f"only {int(known.sum())} of {len(ids)} stored items have a label in {args.labels}")
+    params = parse_params(args.param)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    X_known, y_known = np.asarray(X)[known], np.asarray(y[known]).astype(str)
+    report = evaluate(X_known, y_known, args.head, params, cv=args.cv, test_size=args.test_size,
+                      confusion_png=out / "confusion.png")
+    report.unlabelled = int((~known).sum())
+    head = make_head(args.head, params).fit(X_known, y_known)
+    embedder = Embedder(namespace.digest, store=args.store).fit()
+    model = save((embedder, head), out / "model")
+    (out / "report.json").write_text(json.dumps(report.to_json(), indent=2))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(f"{args.head} on {namespace.name} ({namespace.digest[:12]}): {report.n_train} train / {report.n_test} "
+              f"held-out items, {report.classes} classes, {report.unlabelled} stored items without a label")
+        print(f"accuracy {report.accuracy:.4f}  macro-F1 {report.macro_f1:.4f}  fit {report.fit_seconds:.2f}s"
+              + (f"  {args.cv}-fold accuracy {np.mean(report.cv_accuracy):.4f} +- {np.std(report.cv_accuracy):.4f}"
+                 if report.cv_accuracy else ""))
+        print(f"model -> {model}; per-class report -> {out / 'report.json'}; confusion matrix -> {out / 'confusion.png'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .persistence import load
+
+    model = load(args.model, store=args.store, trust_pickle=args.trust_pickle)
+    for item, label in zip(args.inputs, model.predict(list(args.inputs))):
+        print(f"{label}\t{item}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
@@ -394,6 +424,8 @@ COMMANDS = {
     "extract": cmd_extract,
     "store": cmd_store,
     "quantize": cmd_quantize,
+    "train-head": cmd_train_head,
+    "predict": cmd_predict,
     "demo": cmd_demo,
 }
 

@@ -65,6 +65,46 @@ def file_list(path: str | os.PathLike[str]) -> list[str]:
     return items
 
 
+def read_texts(path: Path, column: str) -> list[Any]:
+    """Items from a file; undecodable bytes stay per-item errors instead of failing the file."""
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        lines = path.read_bytes().split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+    if suffix in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            if reader.fieldnames is None or column not in reader.fieldnames:
+                raise _column_error(path, column, reader.fieldnames or [])
+            return [row[column] for row in reader]
+    if suffix == ".jsonl":
+        items = []
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UnsupportedInputError(f"{path.name} line {number} is not JSON: {exc.msg}") from exc
+                items.append(record.get(column) if isinstance(record, dict) else None)
+        return items
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if column not in table.column_names:
+            raise _column_error(path, column, table.column_names)
+        return table.column(column).to_pylist()
+    raise UnsupportedInputError(f"unsupported input {path.name}: use .txt, .csv, .tsv, .jsonl or .parquet")
+
+
+def _column_error(path: Path, column: str, names: Sequence[str]) -> Exception:
+    return UnsupportedInputError(f"{path.name} has no column {column!r}; columns: {', '.join(names)} (use --column)")
+
+
 # -- streaming items for extraction -----------------------------------------------------------
 GLOB_CHARS = "*?["
 TABLES = (".csv", ".tsv", ".jsonl", ".parquet")

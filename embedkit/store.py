@@ -172,15 +172,21 @@ class Namespace:
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, X)``: every committed item once (first commit wins), X memory-mapped float32."""
+        ids, X, _ = self.load_with_sources()
+        return ids, X
+
+    def load_with_sources(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, X, sources)``; ``sources`` are the items' locators (paths, ``file:row N``)."""
         records = [r for r in self.commits() if r.get("rows")]
         key = _cache_key(records)
         cache = self.path / "cache"
-        ids_path, x_path = cache / f"{key}.ids.npy", cache / f"{key}.x.npy"
-        if not (ids_path.is_file() and x_path.is_file()):
-            self._consolidate(records, ids_path, x_path)
-        return np.load(ids_path, allow_pickle=False), np.load(x_path, mmap_mode="r")
+        ids_path, x_path, src_path = cache / f"{key}.ids.npy", cache / f"{key}.x.npy", cache / f"{key}.src.npy"
+        if not (ids_path.is_file() and x_path.is_file() and src_path.is_file()):
+            self._consolidate(records, ids_path, x_path, src_path)
+        return (np.load(ids_path, allow_pickle=False), np.load(x_path, mmap_mode="r"),
+                np.load(src_path, allow_pickle=False))
 
-    def _consolidate(self, records: list[dict[str, Any]], ids_path: Path, x_path: Path) -> None:
+    def _consolidate(self, records: list[dict[str, Any]], ids_path: Path, x_path: Path, src_path: Path) -> None:
         ids_path.parent.mkdir(exist_ok=True)
         seen: set[str] = set()
         keep: list[tuple[str, np.ndarray]] = []
@@ -197,6 +203,7 @@ class Namespace:
         tmp = x_path.with_name(f".{x_path.name}.{uuid.uuid4().hex[:8]}.tmp")
         X = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, self.dim))
         ids: list[str] = []
+        sources: list[str] = []
         row = 0
         for shard, mask in keep:  # second pass: copy one shard at a time (bounded memory)
             table = self._shard_table(shard)
@@ -204,12 +211,17 @@ class Namespace:
             n = int(mask.sum())
             X[row:row + n] = vectors[mask]
             ids.extend(np.asarray(table.column("id").to_pylist(), dtype=object)[mask].tolist())
+            if "source" in table.column_names:
+                sources.extend(np.asarray(table.column("source").to_pylist(), dtype=object)[mask].tolist())
+            else:
+                sources.extend([""] * n)
             row += n
         X.flush()
         del X
         os.replace(tmp, x_path)
+        _write_atomic(src_path, _npy_bytes(np.asarray(sources, dtype=str) if sources else np.empty(0, dtype="<U1")))
         buf = _npy_bytes(np.asarray(ids, dtype=str) if ids else np.empty(0, dtype="<U1"))
-        _write_atomic(ids_path, buf)
+        _write_atomic(ids_path, buf)  # written last: its presence marks a complete consolidation
         for old in ids_path.parent.iterdir():  # older consolidations are derived data
             if old.name.split(".")[0] != ids_path.name.split(".")[0] and not old.name.startswith("."):
                 old.unlink(missing_ok=True)

@@ -1,0 +1,159 @@
+"""Train a head on cached features: labels joined to the store, metrics, a confusion matrix, a saved model."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UnsupportedInputError
+
+logger = logging.getLogger(__name__)
+
+HEADS = ("logreg", "linear-svm", "ridge", "mlp", "knn", "faiss-knn")
+
+
+def make_head(kind: str, params: dict[str, Any] | None = None) -> Any:
+    """A scikit-learn (or FAISS) head by name, with parameters."""
+    params = dict(params or {})
+    if kind == "logreg":
+        from sklearn.linear_model import LogisticRegression
+
+        params.setdefault("max_iter", 2000)
+        return LogisticRegression(**params)
+    if kind == "linear-svm":
+        from sklearn.svm import LinearSVC
+
+        return LinearSVC(**params)
+    if kind == "ridge":
+        from sklearn.linear_model import RidgeClassifier
+
+        return RidgeClassifier(**params)
+    if kind == "mlp":
+        from sklearn.neural_network import MLPClassifier
+
+        params.setdefault("max_iter", 500)
+        params.setdefault("random_state", 0)
+        return MLPClassifier(**params)
+    if kind == "knn":
+        from sklearn.neighbors import KNeighborsClassifier
+
+        return KNeighborsClassifier(**params)
+    if kind == "faiss-knn":
+        from .heads import FaissKNNClassifier
+
+        return FaissKNNClassifier(**params)
+    raise ValueError(f"head must be one of {', '.join(HEADS)}, got {kind!r}")
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """``["C=10", "weights=distance"]`` -> ``{"C": 10, "weights": "distance"}`` (JSON values when they parse)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UnsupportedInputError(f"--param takes key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def labels_for(ids: np.ndarray, sources: np.ndarray, labels: str, modality: str, label_column: str = "label",
+               id_column: str | None = None, column: str | None = None) -> np.ndarray:
+    """One label per stored item (None where unknown).
+
+    ``labels`` is ``folder`` (the parent folder of each image's path) or a table: with an id
+    column (``id_column`` or ``id``) it joins on ids; otherwise it recomputes each row's content
+    id from its payload column exactly as extraction did.
+    """
+    if labels == "folder":
+        return np.asarray([Path(s).parent.name if s else None for s in sources], dtype=object)
+    from .sources import iter_items, read_texts
+
+    path = Path(labels)
+    if not path.is_file():
+        raise UnsupportedInputError(f"--labels {labels}: not a file (or 'folder' for image class subfolders)")
+    values = read_texts(path, label_column)
+    try:
+        keys = [str(k) for k in read_texts(path, id_column or "id")]
+    except UnsupportedInputError:
+        if id_column:
+            raise
+        keys = [item.id for item in iter_items(path, modality, column)]
+    mapping = dict(zip(keys, values))
+    return np.asarray([mapping.get(str(i)) for i in ids], dtype=object)
+
+
+@dataclass
+class HeadReport:
+    head: str
+    n_train: int
+    n_test: int
+    classes: int
+    accuracy: float
+    macro_f1: float
+    fit_seconds: float
+    per_class: dict[str, Any] = field(default_factory=dict)
+    cv_accuracy: list[float] = field(default_factory=list)
+    unlabelled: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def evaluate(X: np.ndarray, y: np.ndarray, kind: str, params: dict[str, Any], cv: int = 0,
+             test_size: float = 0.2, seed: int = 0, confusion_png: Path | None = None) -> HeadReport:
+    """Holdout metrics (and k-fold accuracy when ``cv``), and a confusion-matrix PNG."""
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+    from sklearn.model_selection import cross_val_score, train_test_split
+
+    counts = np.unique(y, return_counts=True)[1]
+    stratify = y if counts.min() >= 2 else None
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=stratify)
+    head = make_head(kind, params)
+    start = time.perf_counter()
+    head.fit(X_train, y_train)
+    seconds = time.perf_counter() - start
+    pred = head.predict(X_test)
+    report = HeadReport(
+        head=kind, n_train=len(y_train), n_test=len(y_test), classes=len(np.unique(y)),
+        accuracy=float(accuracy_score(y_test, pred)), macro_f1=float(f1_score(y_test, pred, average="macro")),
+        fit_seconds=seconds, per_class=classification_report(y_test, pred, output_dict=True, zero_division=0),
+    )
+    if cv:
+        report.cv_accuracy = [float(s) for s in cross_val_score(make_head(kind, params), X, y, cv=cv)]
+    if confusion_png is not None:
+        labels = np.unique(y)
+        _plot_confusion(confusion_matrix(y_test, pred, labels=labels), labels, confusion_png,
+                        f"{kind}: accuracy {report.accuracy:.3f}, macro-F1 {report.macro_f1:.3f}")
+    return report
+
+
+def _plot_confusion(matrix: np.ndarray, labels: np.ndarray, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, min(24.0, 0.25 * len(labels) + 3))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ticks = np.arange(len(labels))
+    ax.set_xticks(ticks, [str(v) for v in labels], rotation=90, fontsize=max(4, 10 - len(labels) // 10))
+    ax.set_yticks(ticks, [str(v) for v in labels], fontsize=max(4, 10 - len(labels) // 10))
+    if len(labels) <= 20:
+        for (i, j), v in np.ndenumerate(matrix):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                    color="white" if v > matrix.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
