@@ -119,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true", help="allow a pickle head you made yourself")
     _store_arg(p)
 
+    p = sub.add_parser("index", help="build a nearest-neighbour index over stored features")
+    p.add_argument("features", help="feature store folder")
+    p.add_argument("--backbone", default="minilm-l6")
+    p.add_argument("--out", required=True, help="index folder")
+    p.add_argument("--metric", default="cosine", choices=["cosine", "euclidean", "inner_product"])
+    p.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
+    p.add_argument("--memory-budget-mb", type=float)
+
+    p = sub.add_parser("search", help="nearest stored items for raw queries (texts or image paths)")
+    p.add_argument("index", help="index folder made by `embedkit index`")
+    p.add_argument("queries", nargs="+")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    _store_arg(p)
+
     p = sub.add_parser("demo", help="the built-in demo: MiniLM + LogisticRegression on a Banking77 sample")
     _store_arg(p)
     return parser
@@ -408,6 +423,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from .persistence import save_index
+
+    path = save_index(args.features, args.backbone, args.out, metric=args.metric, index=args.kind,
+                      memory_budget_mb=args.memory_budget_mb)
+    meta = json.loads((path / "index.json").read_text())
+    print(f"{meta['rows']} items of {meta['backbone']['name']} ({meta['backbone']['digest'][:12]}), "
+          f"{meta['kind']} index, {meta['metric']} -> {path}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .persistence import search
+
+    results = search(args.index, list(args.queries), k=args.k, store=args.store)
+    if args.json:
+        print(json.dumps([{"query": q, "neighbours": r} for q, r in zip(args.queries, results)], indent=2))
+        return 0
+    for query, hits in zip(args.queries, results):
+        print(f"# {query}")
+        for rank, hit in enumerate(hits, start=1):
+            if "error" in hit:
+                print(f"  error {hit['error']}: {hit['message']}")
+            else:
+                print(f"  {rank:>3}  {hit['distance']:.4f}  {hit['id']}  {hit['source']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
@@ -426,6 +469,8 @@ COMMANDS = {
     "quantize": cmd_quantize,
     "train-head": cmd_train_head,
     "predict": cmd_predict,
+    "index": cmd_index,
+    "search": cmd_search,
     "demo": cmd_demo,
 }
 

@@ -183,3 +183,79 @@ def _load_faiss(folder: Path) -> Any:
                       else "hnsw" if isinstance(nn._index, faiss.IndexHNSWFlat) else "ivfpq")
     head.nn_ = nn
     return head
+
+
+INDEX_FILE = "index.json"
+
+
+def save_index(store: Any, backbone: str, path: str | os.PathLike[str], metric: str = "cosine",
+               index: str = "auto", memory_budget_mb: float | None = None) -> Path:
+    """A nearest-neighbour index over a feature store namespace, saved atomically with ids and sources."""
+    import faiss
+
+    from .heads import FaissNearestNeighbors
+    from .store import FeatureStore
+
+    namespace = FeatureStore(store).find(backbone) if not hasattr(store, "load_with_sources") else store
+    ids, X, sources = namespace.load_with_sources()
+    nn = FaissNearestNeighbors(metric=metric, index=index, memory_budget_mb=memory_budget_mb).fit(np.asarray(X))
+    final = Path(path)
+    staging = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    staging.mkdir(parents=True)
+    try:
+        faiss.write_index(nn._index, str(staging / "index.faiss"))
+        np.save(staging / "ids.npy", ids, allow_pickle=False)
+        np.save(staging / "sources.npy", sources, allow_pickle=False)
+        files = ["index.faiss", "ids.npy", "sources.npy"]
+        meta = {
+            "format": FORMAT, "backbone": {"name": namespace.name, "digest": namespace.digest},
+            "metric": metric, "kind": nn.index_kind_, "rows": int(len(ids)), "dim": int(X.shape[1]),
+            "files": {f: sha256_file(staging / f) for f in files},
+            "versions": {d: _version(d) for d in ("embedkit", "faiss-cpu")},
+        }
+        (staging / INDEX_FILE).write_text(json.dumps(meta, indent=2))
+        for f in staging.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def search(path: str | os.PathLike[str], queries: list[Any], k: int = 10, store: str | None = None) -> list[list[dict[str, Any]]]:
+    """The ``k`` nearest stored items (id, source, distance) for each raw query, nearest first."""
+    import faiss
+
+    from .encoder import encoder_for
+    from .exporter import resolve
+    from .heads import FaissNearestNeighbors
+
+    folder = Path(path)
+    try:
+        meta = json.loads((folder / INDEX_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{folder} is not a saved embedkit index ({INDEX_FILE}: {exc})") from exc
+    for name, digest in meta["files"].items():
+        if sha256_file(folder / name) != digest:
+            raise UnsafeModelError(f"{folder / name} changed since it was saved (sha256 mismatch); refusing it")
+    artifact = resolve(meta["backbone"]["digest"], store)
+    index = faiss.read_index(str(folder / "index.faiss"))
+    ids = np.load(folder / "ids.npy", allow_pickle=False)
+    sources = np.load(folder / "sources.npy", allow_pickle=False)
+    if index.d != meta["dim"] or index.ntotal != len(ids) or artifact.dim != meta["dim"]:
+        raise ArtifactError(f"{folder}: the index does not match its ids or its backbone (dimension or rows)")
+    nn = FaissNearestNeighbors(metric=meta["metric"])
+    nn._index, nn.n_features_in_, nn.n_samples_fit_, nn.index_kind_ = index, meta["dim"], len(ids), meta["kind"]
+    result = encoder_for(artifact).encode(queries)
+    out: list[list[dict[str, Any]]] = [[] for _ in queries]
+    good = np.flatnonzero(result.ok)
+    if len(good):
+        distances, indices = nn.kneighbors(result.vectors[good], n_neighbors=min(k, len(ids)))
+        for row, dist, idx in zip(good, distances, indices):
+            out[row] = [{"id": str(ids[i]), "source": str(sources[i]), "distance": float(d)} for d, i in zip(dist, idx)]
+    for error in result.errors:
+        out[error.index] = [{"error": error.code, "message": error.message}]
+    return out
