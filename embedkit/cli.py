@@ -134,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _store_arg(p)
 
+    p = sub.add_parser("report", help="learning curves: frozen-backbone head vs a from-scratch baseline")
+    p.add_argument("features", help="feature store folder")
+    p.add_argument("--backbone", default="minilm-l6")
+    p.add_argument("--labels", required=True, help="the labelled table that was extracted, or 'folder' for images")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--column", help="payload column (default text / path)")
+    p.add_argument("--head", default="logreg", choices=["logreg", "linear-svm", "ridge", "mlp", "knn", "faiss-knn"])
+    p.add_argument("--param", action="append", default=[])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", required=True, help="folder for learning_curve.csv and learning_curve.png")
+
     p = sub.add_parser("demo", help="the built-in demo: MiniLM + LogisticRegression on a Banking77 sample")
     _store_arg(p)
     return parser
@@ -451,6 +462,46 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .sources import iter_items
+    from .store import FeatureStore
+    from .training import _baseline_features, labels_for, learning_curve, parse_params, plot_learning_curve
+
+    namespace = FeatureStore(args.features).find(args.backbone)
+    modality = namespace.info.get("modality", "text")
+    ids, X, sources = namespace.load_with_sources()
+    y = labels_for(ids, sources, args.labels, modality, args.label_column, None, args.column)
+    if modality == "image":
+        payloads = [str(s) for s in sources]
+    else:
+        if args.labels == "folder":
+            raise UnsupportedInputError("text reports need --labels TABLE (its text column feeds the TF-IDF baseline)")
+        by_id = {item.id: item.payload for item in iter_items(Path(args.labels), modality, args.column)}
+        payloads = [by_id.get(str(i)) for i in ids]
+    known = np.asarray([v is not None and v == v and v != "" for v in y]) & np.asarray([p is not None for p in payloads])
+    raw = _baseline_features(modality, [p for p, k in zip(payloads, known) if k])
+    rows = learning_curve(np.asarray(X)[known], raw, np.asarray(y[known]).astype(str), modality, args.head,
+                          parse_params(args.param), repeats=args.repeats)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "learning_curve.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_learning_curve(rows, out / "learning_curve.png", f"{namespace.name}: {args.head} vs from-scratch baseline")
+    print(f"{'per class':>9} {'items':>6}  {'model':<28} {'accuracy':>8} {'train s':>8}")
+    summary: dict[tuple[Any, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        summary.setdefault((r["per_class"], r["model"]), []).append(r)
+    for (size, model), group in summary.items():
+        print(f"{size!s:>9} {group[0]['train_items']:>6}  {model:<28} {np.mean([g['accuracy'] for g in group]):8.4f} "
+              f"{np.mean([g['train_seconds'] for g in group]):8.3f}")
+    print(f"-> {out / 'learning_curve.csv'}, {out / 'learning_curve.png'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
@@ -471,6 +522,7 @@ COMMANDS = {
     "predict": cmd_predict,
     "index": cmd_index,
     "search": cmd_search,
+    "report": cmd_report,
     "demo": cmd_demo,
 }
 

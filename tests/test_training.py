@@ -32,6 +32,14 @@ def test_text_head_from_a_labelled_table(minilm, tmp_path: Path):
     pred = run_cli("predict", str(out / "model"), "my new card still has not arrived", "what exchange rate do you use")
     assert pred.returncode == 0, pred.stderr
     assert [line.split("\t")[0] for line in pred.stdout.splitlines()] == ["card_arrival", "exchange_rate"]
+    curve = run_cli("report", str(fs), "--labels", str(table), "--label-column", "category", "--repeats", "1",
+                    "--out", str(tmp_path / "rep"))
+    assert curve.returncode == 0, curve.stderr
+    lines = (tmp_path / "rep" / "learning_curve.csv").read_text().splitlines()
+    assert lines[0] == "per_class,train_items,repeat,model,accuracy,train_seconds"
+    sizes = {line.split(",")[0] for line in lines[1:]}
+    assert {"1", "2", "4", "all"} <= sizes and any("baseline" in line for line in lines)
+    assert (tmp_path / "rep" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_image_head_with_folder_labels(tmp_path: Path):
