@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import EmbedkitError, UnsupportedInputError  # light: no heavy imports behind it
+from .sources import read_texts  # light too: csv/json only, pyarrow imported on use
 
 EXIT_FAILED_ITEMS = 2
 OUTPUT_SUFFIXES = (".npy", ".parquet")
@@ -390,38 +391,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_train_head(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .embedder import Embedder
-    from .persistence import save
-    from .store import FeatureStore
-    from .training import evaluate, labels_for, make_head, parse_params
+    from .training import parse_params, train_head
 
-    namespace = FeatureStore(args.features).find(args.backbone)
-    ids, X, sources = namespace.load_with_sources()
-    y = labels_for(ids, sources, args.labels, namespace.info.get("modality", "text"), args.label_column,
-                   args.id_column, args.column)
-    known = np.asarray([v is not None and v == v and v != "" for v in y])
-    if known.sum() < 2:
-        raise UnsupportedInputError(f"only {int(known.sum())} of {len(ids)} stored items have a label in {args.labels}")
-    params = parse_params(args.param)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    X_known, y_known = np.asarray(X)[known], np.asarray(y[known]).astype(str)
-    report = evaluate(X_known, y_known, args.head, params, cv=args.cv, test_size=args.test_size,
-                      confusion_png=out / "confusion.png")
-    report.unlabelled = int((~known).sum())
-    head = make_head(args.head, params).fit(X_known, y_known)
-    embedder = Embedder(namespace.digest, store=args.store).fit()
-    model = save((embedder, head), out / "model")
-    (out / "report.json").write_text(json.dumps(report.to_json(), indent=2))
+    report, model = train_head(
+        args.features, args.backbone, args.labels, head=args.head, params=parse_params(args.param), out=args.out,
+        label_column=args.label_column, id_column=args.id_column, column=args.column, cv=args.cv,
+        test_size=args.test_size, store=args.store,
+    )
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
-    else:
-        print(f"{args.head} on {namespace.name} ({namespace.digest[:12]}): {report.n_train} train / {report.n_test} "
-              f"held-out items, {report.classes} classes, {report.unlabelled} stored items without a label")
-        print(f"accuracy {report.accuracy:.4f}  macro-F1 {report.macro_f1:.4f}  fit {report.fit_seconds:.2f}s"
-              + (f"  {args.cv}-fold accuracy {np.mean(report.cv_accuracy):.4f} +- {np.std(report.cv_accuracy):.4f}"
-                 if report.cv_accuracy else ""))
-        print(f"model -> {model}; per-class report -> {out / 'report.json'}; confusion matrix -> {out / 'confusion.png'}")
+        return 0
+    print(f"{args.head} on {args.backbone}: {report.n_train} train / {report.n_test} held-out items, "
+          f"{report.classes} classes, {report.unlabelled} stored items without a label")
+    print(f"accuracy {report.accuracy:.4f}  macro-F1 {report.macro_f1:.4f}  fit {report.fit_seconds:.2f}s"
+          + (f"  {args.cv}-fold accuracy {np.mean(report.cv_accuracy):.4f} +- {np.std(report.cv_accuracy):.4f}"
+             if report.cv_accuracy else ""))
+    print(f"model -> {model}; per-class report -> {Path(args.out) / 'report.json'}; "
+          f"confusion matrix -> {Path(args.out) / 'confusion.png'}")
     return 0
 
 

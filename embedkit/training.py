@@ -160,6 +160,43 @@ def _plot_confusion(matrix: np.ndarray, labels: np.ndarray, path: Path, title: s
     plt.close(fig)
 
 
+def train_head(
+    features: str | Path, backbone: str, labels: str, head: str = "logreg", params: dict[str, Any] | None = None,
+    out: str | Path | None = None, label_column: str = "label", id_column: str | None = None,
+    column: str | None = None, cv: int = 0, test_size: float = 0.2, store: str | None = None,
+) -> tuple[HeadReport, Path | None]:
+    """Train a head on a feature store's cached (memory-mapped) features.
+
+    Measures holdout accuracy, macro-F1 and a per-class report (plus k-fold accuracy with
+    ``cv``), then fits on every labelled item. With ``out``: writes ``report.json``,
+    ``confusion.png`` and the deployable model (``out/model``, see :func:`embedkit.load`).
+    """
+    from .embedder import Embedder
+    from .persistence import save
+    from .store import FeatureStore
+
+    namespace = FeatureStore(features).find(backbone)
+    ids, X, sources = namespace.load_with_sources()
+    y = labels_for(ids, sources, labels, namespace.info.get("modality", "text"), label_column, id_column, column)
+    known = np.asarray([v is not None and v == v and v != "" for v in y])
+    if known.sum() < 2:
+        raise UnsupportedInputError(f"only {int(known.sum())} of {len(ids)} stored items have a label in {labels}")
+    X_known, y_known = np.asarray(X)[known], np.asarray(y[known]).astype(str)
+    folder = Path(out) if out is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    report = evaluate(X_known, y_known, head, params or {}, cv=cv, test_size=test_size,
+                      confusion_png=folder / "confusion.png" if folder else None)
+    report.unlabelled = int((~known).sum())
+    model = None
+    if folder is not None:
+        fitted = make_head(head, params).fit(X_known, y_known)
+        embedder = Embedder(namespace.digest, store=store).fit()
+        model = save((embedder, fitted), folder / "model")
+        (folder / "report.json").write_text(json.dumps(report.to_json(), indent=2))
+    return report, model
+
+
 def _baseline_features(modality: str, payloads: list[Any]) -> Any:
     """What the from-scratch baseline sees: raw texts (TF-IDF is fitted per run) or raw pixels."""
     if modality == "text":
