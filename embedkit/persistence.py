@@ -29,6 +29,18 @@ from .errors import ArtifactError, EmbedkitError, UnsafeModelError
 
 FORMAT = 1
 MODEL_FILE = "model.json"
+# scikit-learn's own helper classes that fitted MLP and k-NN heads hold; skops rebuilds them
+# from their state like any trusted type (no code from the file runs), but does not list them.
+SKLEARN_INTERNALS = frozenset({
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
+    "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.neighbors._ball_tree.BallTree",
+    "sklearn.metrics._dist_metrics.EuclideanDistance64",
+    "sklearn.metrics._dist_metrics.ManhattanDistance64",
+    "sklearn.metrics._dist_metrics.MinkowskiDistance64",
+    "sklearn.metrics._dist_metrics.ChebyshevDistance64",
+})
 
 
 def _version(dist: str) -> str | None:
@@ -142,9 +154,10 @@ def load(path: str | os.PathLike[str], store: str | None = None, trust_pickle: b
             untrusted = sio.get_untrusted_types(file=file)
         except Exception as exc:  # not a skops archive (e.g. a pickle renamed): never unpickled
             raise UnsafeModelError(f"{file} is not a skops file: {type(exc).__name__}: {exc}") from exc
-        if untrusted:
-            raise UnsafeModelError(f"{file} holds types outside skops' trusted set: {', '.join(untrusted)}")
-        head = sio.load(file)
+        refused = [t for t in untrusted if t not in SKLEARN_INTERNALS]
+        if refused:
+            raise UnsafeModelError(f"{file} holds types outside the trusted set: {', '.join(refused)}")
+        head = sio.load(file, trusted=untrusted or None)
     elif kind == "faiss-knn":
         head = _load_faiss(folder)
     elif kind == "pickle":

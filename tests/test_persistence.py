@@ -12,6 +12,7 @@ from sklearn.pipeline import Pipeline
 import embedkit
 from embedkit import Embedder
 from embedkit.heads import FaissKNNClassifier
+from embedkit.training import make_head
 from support import read_banking
 
 
@@ -21,7 +22,10 @@ def data(minilm):
     return texts[::25], labels[::25]  # the file is sorted by intent: every 25th row spans them all
 
 
-@pytest.mark.parametrize("head", [LogisticRegression(max_iter=1000), FaissKNNClassifier(n_neighbors=5, metric="cosine")])
+@pytest.mark.parametrize("head", [
+    LogisticRegression(max_iter=1000), FaissKNNClassifier(n_neighbors=5, metric="cosine"),
+    make_head("mlp", {"max_iter": 50}), make_head("knn"), make_head("linear-svm"), make_head("ridge"),
+])
 def test_save_load_predicts_the_same_from_raw_inputs(data, tmp_path, head):
     texts, labels = data
     pipe = Pipeline([("embed", Embedder("minilm-l6")), ("head", head)]).fit(texts[:300], labels[:300])
@@ -93,3 +97,20 @@ def test_pickle_disguised_as_skops_is_refused(data, tmp_path):
     with pytest.raises(embedkit.UnsafeModelError, match="not a skops file"):
         embedkit.load(path, trust_pickle=True)
     assert not marker.exists()
+
+
+def test_skops_head_with_an_untrusted_type_is_refused(data, tmp_path):
+    import os
+
+    import skops.io as sio
+    from sklearn.preprocessing import FunctionTransformer
+
+    texts, labels = data
+    pipe = Pipeline([("embed", Embedder("minilm-l6")), ("head", LogisticRegression(max_iter=500))]).fit(texts[:100], labels[:100])
+    path = embedkit.save(pipe, tmp_path / "model")
+    sio.dump(FunctionTransformer(os.system).fit(np.zeros((2, 2))), path / "head.skops")
+    manifest = json.loads((path / "model.json").read_text())
+    manifest["head"]["files"]["head.skops"] = embedkit.artifacts.sha256_file(path / "head.skops")
+    (path / "model.json").write_text(json.dumps(manifest))
+    with pytest.raises(embedkit.UnsafeModelError, match="system"):
+        embedkit.load(path)
