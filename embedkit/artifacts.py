@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import fsync_files
 from .backbone import Preprocess, preprocess_from_json
 from .errors import ArtifactError
 
@@ -163,9 +164,7 @@ class ModelStore:
 
     def commit(self, staging: Path, name: str, digest: str) -> Artifact:
         """Atomically move a staged artifact to ``<root>/<name>/<digest>``."""
-        for f in staging.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        fsync_files(staging)
         final = self.root / name / digest
         try:
             os.rename(staging, final)

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .artifacts import sha256_file
+from .atomic import staged_folder
 from .errors import ArtifactError, EmbedkitError, UnsafeModelError
 
 FORMAT = 1
@@ -70,9 +69,7 @@ def save(model: Any, path: str | os.PathLike[str]) -> Path:
     check_is_fitted(embedder, "digest_")
     check_is_fitted(head)
     final = Path(path)
-    staging = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
-    staging.mkdir(parents=True)
-    try:
+    with staged_folder(final) as staging:
         if isinstance(head, FaissKNNClassifier):
             import faiss
 
@@ -96,14 +93,6 @@ def save(model: Any, path: str | os.PathLike[str]) -> Path:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (staging / MODEL_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        for f in staging.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
@@ -213,9 +202,7 @@ def save_index(store: Any, backbone: str, path: str | os.PathLike[str], metric: 
     ids, X, sources = namespace.load_with_sources()
     nn = FaissNearestNeighbors(metric=metric, index=index, memory_budget_mb=memory_budget_mb).fit(np.asarray(X))
     final = Path(path)
-    staging = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
-    staging.mkdir(parents=True)
-    try:
+    with staged_folder(final) as staging:
         faiss.write_index(nn._index, str(staging / "index.faiss"))
         np.save(staging / "ids.npy", ids, allow_pickle=False)
         np.save(staging / "sources.npy", sources, allow_pickle=False)
@@ -227,14 +214,6 @@ def save_index(store: Any, backbone: str, path: str | os.PathLike[str], metric: 
             "versions": {d: _version(d) for d in ("embedkit", "faiss-cpu")},
         }
         (staging / INDEX_FILE).write_text(json.dumps(meta, indent=2))
-        for f in staging.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return final
 
 

@@ -34,30 +34,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .artifacts import sha256_file
+from .atomic import fsync_dir, write_atomic
 from .errors import StoreError
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 NAMESPACE = "namespace.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 @dataclass
@@ -150,7 +133,7 @@ class Namespace:
                     os.replace(src, target / src.name)
             logger.warning("quarantined shard %s of %s: %s", p.shard, self.name, p.reason)
         if problems:
-            _fsync_dir(self.path / "commits")
+            fsync_dir(self.path / "commits")
             self.write_manifest()
 
     def done_ids(self) -> set[str]:
@@ -219,9 +202,9 @@ class Namespace:
         X.flush()
         del X
         os.replace(tmp, x_path)
-        _write_atomic(src_path, _npy_bytes(np.asarray(sources, dtype=str) if sources else np.empty(0, dtype="<U1")))
+        write_atomic(src_path, _npy_bytes(np.asarray(sources, dtype=str) if sources else np.empty(0, dtype="<U1")))
         buf = _npy_bytes(np.asarray(ids, dtype=str) if ids else np.empty(0, dtype="<U1"))
-        _write_atomic(ids_path, buf)  # written last: its presence marks a complete consolidation
+        write_atomic(ids_path, buf)  # written last: its presence marks a complete consolidation
         for old in ids_path.parent.iterdir():  # older consolidations are derived data
             if old.name.split(".")[0] != ids_path.name.split(".")[0] and not old.name.startswith("."):
                 old.unlink(missing_ok=True)
@@ -264,12 +247,12 @@ class Namespace:
                 os.fsync(f.fileno())
             final = shards / f"{shard}.arrow"
             os.replace(tmp, final)
-            _fsync_dir(shards)
+            fsync_dir(shards)
             record["bytes"] = final.stat().st_size
             record["sha256"] = sha256_file(final)
         commits = self.path / "commits"
         commits.mkdir(exist_ok=True)
-        _write_atomic(commits / f"{shard}.json", json.dumps(record).encode())  # the commit point
+        write_atomic(commits / f"{shard}.json", json.dumps(record).encode())  # the commit point
         self.write_manifest()
         return shard
 
@@ -283,7 +266,7 @@ class Namespace:
         ]
         manifest["rows"] = sum(r["rows"] for r in records)
         manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        _write_atomic(self.path / "manifest.json", json.dumps(manifest, indent=2).encode())
+        write_atomic(self.path / "manifest.json", json.dumps(manifest, indent=2).encode())
 
     def gc(self) -> dict[str, int]:
         """Remove orphan shards (no commit record), temp files, quarantined shards, stale caches."""
@@ -355,7 +338,7 @@ class FeatureStore:
                 raise StoreError(f"{folder} has schema {existing.get('schema')}, this embedkit writes {SCHEMA_VERSION}")
             return Namespace(folder, existing)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, json.dumps(info, indent=2).encode())
+        write_atomic(path, json.dumps(info, indent=2).encode())
         return Namespace(folder, info)
 
     def namespaces(self) -> list[Namespace]:
