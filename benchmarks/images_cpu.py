@@ -21,23 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from embedkit.testing import torch_preprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "images" / "hymenoptera"
-
-
-def torch_transform(path: str, preprocess, torch, F):
-    from PIL import Image
-
-    array = np.asarray(Image.open(path).convert("RGB")).copy()
-    h, w = array.shape[:2]
-    size = preprocess.resize
-    nh, nw = (int(size * h / w), size) if w <= h else (size, int(size * w / h))
-    x = torch.from_numpy(array).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=(nh, nw), mode=preprocess.interpolation, antialias=True, align_corners=False)[0]
-    ch, cw = preprocess.crop
-    top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
-    x = x[:, top:top + ch, left:left + cw] / 255.0
-    return (x - torch.tensor(preprocess.mean)[:, None, None]) / torch.tensor(preprocess.std)[:, None, None]
 
 
 class Files:
@@ -50,10 +37,7 @@ class Files:
         return len(self.paths)
 
     def __getitem__(self, i):
-        import torch
-        import torch.nn.functional as F
-
-        return torch_transform(self.paths[i], self.preprocess, torch, F)
+        return torch_preprocess(self.paths[i], self.preprocess)
 
 
 def pil_transform(path: str, preprocess, torch):
@@ -82,11 +66,11 @@ def torch_pil_loop(module, paths, preprocess, batch, torch):
     return np.concatenate(out)
 
 
-def torch_loop(module, paths, preprocess, batch, torch, F):
+def torch_loop(module, paths, preprocess, batch, torch):
     out = []
     with torch.inference_mode():
         for start in range(0, len(paths), batch):
-            x = torch.stack([torch_transform(p, preprocess, torch, F) for p in paths[start:start + batch]])
+            x = torch.stack([torch_preprocess(p, preprocess) for p in paths[start:start + batch]])
             out.append(module(x).numpy())
     return np.concatenate(out)
 
@@ -111,7 +95,6 @@ def main() -> int:
         print(f"{DATA} is not present", file=sys.stderr)
         return 1
     import torch
-    import torch.nn.functional as F
 
     import embedkit
     from embedkit.probes import cosine
@@ -140,7 +123,7 @@ def main() -> int:
                 assert res.stats.failed == 0, res.errors
                 results[name] = res.vectors
             elif name == "torch loop":
-                results[name] = torch_loop(module, paths, backbone.preprocess, args.batch, torch, F)
+                results[name] = torch_loop(module, paths, backbone.preprocess, args.batch, torch)
             elif name == "torch PIL-resize loop":
                 results[name] = torch_pil_loop(module, paths, backbone.preprocess, args.batch, torch)
             else:

@@ -166,3 +166,32 @@ def _resolved(backbone: Backbone, artifact: Any) -> Any:
     if "tokenizer" in spec:
         spec["tokenizer"] = str(artifact.path / "tokenizer.json")
     return preprocess_from_json(spec)
+
+
+def torch_preprocess(image: Any, preprocess: Any) -> Any:
+    """The torch-side reference of an :class:`ImagePreprocess`: a ``(3, H, W)`` float tensor.
+
+    Shorter side resized with ``torch.nn.functional.interpolate`` on float values (antialiased,
+    as embedkit's own float resize), centre crop, scale to [0, 1], normalise. ``image`` is a path
+    or an ``(H, W, 3)`` uint8 array. Plugin authors compare their training transform against it;
+    embedkit's tests and benchmarks use it as the reference for its numpy/PIL preprocessing.
+    """
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as img:
+            image = np.asarray(img.convert("RGB"))
+    t = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float()
+    h, w = image.shape[:2]
+    size = preprocess.resize
+    nh, nw = (int(size * h / w), size) if w <= h else (size, int(size * w / h))
+    if preprocess.interpolation == "nearest":
+        t = F.interpolate(t, size=(nh, nw), mode="nearest-exact")[0]
+    else:
+        t = F.interpolate(t, size=(nh, nw), mode=preprocess.interpolation, antialias=True, align_corners=False)[0]
+    ch, cw = preprocess.crop
+    top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
+    t = t[:, top:top + ch, left:left + cw] / 255.0
+    return (t - torch.tensor(preprocess.mean)[:, None, None]) / torch.tensor(preprocess.std)[:, None, None]

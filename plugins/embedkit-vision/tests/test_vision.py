@@ -16,28 +16,10 @@ from sklearn.pipeline import Pipeline
 import embedkit
 from embedkit import Embedder, ImageProcessor, InvalidInputError, image_folder
 from embedkit.probes import cosine
-from embedkit.testing import check_backbone
+from embedkit.testing import check_backbone, torch_preprocess
 
 BACKBONES = ["mobilenet-v2", "efficientnet-lite0"]
 ANT, BEE = 310, 309  # ImageNet classes "ant, emmet, pismire" and "bee"
-
-
-def torch_reference(path: str, preprocess) -> torch.Tensor:
-    """The torch-side transform: float resize with torch's antialiased interpolate, crop, normalise."""
-    import torch.nn.functional as F
-
-    array = np.asarray(Image.open(path).convert("RGB")).copy()
-    h, w = array.shape[:2]
-    size = preprocess.resize
-    nh, nw = (int(size * h / w), size) if w <= h else (size, int(size * w / h))
-    x = torch.from_numpy(array).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=(nh, nw), mode=preprocess.interpolation, antialias=True, align_corners=False)[0]
-    ch, cw = preprocess.crop
-    top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
-    x = x[:, top:top + ch, left:left + cw] / 255.0
-    mean = torch.tensor(preprocess.mean)[:, None, None]
-    std = torch.tensor(preprocess.std)[:, None, None]
-    return (x - mean) / std
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -63,7 +45,7 @@ def test_preprocessing_matches_torch_reference_on_real_photos(name, hymenoptera)
     paths = image_folder(hymenoptera / "val").paths[::10]
     processor = ImageProcessor(backbone.preprocess)
     ours = np.stack([processor(p)[0] for p in paths])
-    ref = torch.stack([torch_reference(p, backbone.preprocess) for p in paths])
+    ref = torch.stack([torch_preprocess(p, backbone.preprocess) for p in paths])
     assert np.abs(ours - ref.numpy()).max() <= 1e-3
     # Features: torch on the torch-side input vs embedkit (ONNX Runtime on PIL + numpy input).
     module = backbone.build().eval()
