@@ -163,6 +163,18 @@ class FaissNearestNeighbors(BaseEstimator):
         return distances.astype(np.float64), indices
 
     # -- persistence --------------------------------------------------------------------------
+    @classmethod
+    def from_index(cls, index: Any, **params: Any) -> "FaissNearestNeighbors":
+        """A fitted instance around a FAISS index read back from disk (no vectors re-added)."""
+        faiss = _faiss()
+        self = cls(**params)
+        self._index = index
+        self.n_features_in_ = int(index.d)
+        self.n_samples_fit_ = int(index.ntotal)
+        self.index_kind_ = ("flat" if isinstance(index, (faiss.IndexFlatIP, faiss.IndexFlatL2))
+                            else "hnsw" if isinstance(index, faiss.IndexHNSWFlat) else "ivfpq")
+        return self
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         index = state.pop("_index", None)
@@ -203,12 +215,12 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         check_classification_targets(y)
         self.classes_, self._y = np.unique(y, return_inverse=True)
-        self.nn_ = FaissNearestNeighbors(
-            n_neighbors=self.n_neighbors, metric=self.metric, index=self.index, exact_below=self.exact_below,
-            memory_budget_mb=self.memory_budget_mb, nprobe=self.nprobe, ef_search=self.ef_search,
-            random_state=self.random_state,
-        ).fit(X)
+        self.nn_ = FaissNearestNeighbors(**self.neighbor_params()).fit(X)
         return self
+
+    def neighbor_params(self) -> dict[str, Any]:
+        """The parameters this classifier passes on to its :class:`FaissNearestNeighbors`."""
+        return {k: v for k, v in self.get_params().items() if k != "weights"}
 
     def predict_proba(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "nn_")

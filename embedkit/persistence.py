@@ -175,14 +175,9 @@ def _load_faiss(folder: Path) -> Any:
     head.classes_ = arrays["classes"]
     head._y = arrays["y"]
     head.n_features_in_ = int(arrays["n_features"])
-    nn = FaissNearestNeighbors(**{k: v for k, v in params.items() if k != "weights"})
-    nn._index = faiss.read_index(str(folder / "index.faiss"))
-    if nn._index.d != head.n_features_in_ or nn._index.ntotal != len(head._y):
+    nn = FaissNearestNeighbors.from_index(faiss.read_index(str(folder / "index.faiss")), **head.neighbor_params())
+    if nn.n_features_in_ != head.n_features_in_ or nn.n_samples_fit_ != len(head._y):
         raise ArtifactError(f"{folder}/index.faiss does not match its head (dimension or row count)")
-    nn.n_features_in_ = head.n_features_in_
-    nn.n_samples_fit_ = int(nn._index.ntotal)
-    nn.index_kind_ = ("flat" if isinstance(nn._index, (faiss.IndexFlatIP, faiss.IndexFlatL2))
-                      else "hnsw" if isinstance(nn._index, faiss.IndexHNSWFlat) else "ivfpq")
     head.nn_ = nn
     return head
 
@@ -239,8 +234,7 @@ def search(path: str | os.PathLike[str], queries: list[Any], k: int = 10, store:
     sources = np.load(folder / "sources.npy", allow_pickle=False)
     if index.d != meta["dim"] or index.ntotal != len(ids) or artifact.dim != meta["dim"]:
         raise ArtifactError(f"{folder}: the index does not match its ids or its backbone (dimension or rows)")
-    nn = FaissNearestNeighbors(metric=meta["metric"])
-    nn._index, nn.n_features_in_, nn.n_samples_fit_, nn.index_kind_ = index, meta["dim"], len(ids), meta["kind"]
+    nn = FaissNearestNeighbors.from_index(index, metric=meta["metric"])
     result = encoder_for(artifact).encode(queries)
     out: list[list[dict[str, Any]]] = [[] for _ in queries]
     good = np.flatnonzero(result.ok)
