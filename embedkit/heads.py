@@ -164,9 +164,10 @@ class FaissNearestNeighbors(BaseEstimator):
 
     # -- persistence --------------------------------------------------------------------------
     @classmethod
-    def from_index(cls, index: Any, **params: Any) -> "FaissNearestNeighbors":
+    def from_index(cls, faiss_index: Any, /, **params: Any) -> "FaissNearestNeighbors":
         """A fitted instance around a FAISS index read back from disk (no vectors re-added)."""
         faiss = _faiss()
+        index = faiss_index
         self = cls(**params)
         self._index = index
         self.n_features_in_ = int(index.d)
