@@ -6,7 +6,7 @@ import glob
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -241,23 +241,26 @@ def iter_items(
                 where = f"{path.name}:line {n}"
                 if modality == "image":
                     name = line.decode("utf-8", "surrogateescape").strip()
-                    if not name or name.startswith("#"):
-                        continue
-                    file = name if os.path.isabs(name) else str(path.parent / name)
-                    yield Item(_file_id(file), file, file)
+                    if name and not name.startswith("#"):
+                        yield _file_item(name, path.parent)
                 else:
                     yield Item(_text_id(line, where), line, where)
         return
     for n, value, key in _rows(path, column, id_column):
         where = f"{path.name}:row {n}"
         if modality == "image" and isinstance(value, str) and value:
-            value = value if os.path.isabs(value) else str(path.parent / value)
-            item_id = _file_id(value)
+            item = _file_item(value, path.parent)
         else:
-            item_id = _text_id(value, where)
+            item = Item(_text_id(value, where), value, where)
         if id_column:
-            item_id = str(key) if key not in (None, "") else "src-" + content_id(where.encode())
-        yield Item(item_id, value, value if modality == "image" and isinstance(value, str) else where)
+            item = replace(item, id=str(key) if key not in (None, "") else "src-" + content_id(where.encode()))
+        yield item
+
+
+def _file_item(name: str, folder: Path) -> Item:
+    """An image file named in a list or a table; relative names are taken from that file's folder."""
+    file = name if os.path.isabs(name) else str(folder / name)
+    return Item(_file_id(file), file, file)
 
 
 def count_items(source: Any, modality: str) -> int | None:
