@@ -43,6 +43,7 @@ _EXPORTS = {
     "FaissKNNClassifier": "heads",
     "FaissNearestNeighbors": "heads",
     "quantize": "quantization",
+    "half": "precision",
     "quantization_report": "quantization",
     "extract": "extraction",
     "ExtractReport": "extraction",

@@ -162,6 +162,36 @@ class ModelStore:
         folder.mkdir(parents=True)
         return folder
 
+    def variants(self, name: str, section: str, key: str) -> Artifact | None:
+        """A variant already made (int8, fp16): the artifact named ``name`` whose ``section`` has ``key``."""
+        for found in self.artifacts(name):
+            if found.manifest.get(section, {}).get("key") == key:
+                return found
+        return None
+
+    def commit_variant(self, base: Artifact, staging: Path, name: str, section: str, info: dict[str, Any]) -> Artifact:
+        """Commit ``staging/model.onnx`` (a transform of ``base``'s graph) as an artifact of its own.
+
+        Its manifest is ``base``'s with the new name and digest and ``info`` under ``section``;
+        the export key is dropped so it is never mistaken for the plain export, and ``base``'s
+        side files (tokenizer) are copied beside it.
+        """
+        import time
+
+        digest = sha256_file(staging / MODEL)
+        manifest = dict(base.manifest)
+        manifest.update({
+            "name": name,
+            "digest": digest,
+            section: {**info, "parent": base.digest},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+        manifest.pop("export_key", None)
+        for rel in base.manifest.get("files", {}):
+            shutil.copyfile(base.path / rel, staging / rel)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        return self.commit(staging, name, digest)
+
     def commit(self, staging: Path, name: str, digest: str) -> Artifact:
         """Atomically move a staged artifact to ``<root>/<name>/<digest>``."""
         fsync_files(staging)

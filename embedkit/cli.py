@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("backbone", help="registered name or local model folder")
     p.add_argument("--exporter", default="auto", choices=["auto", "torchscript", "dynamo"])
     p.add_argument("--force", action="store_true", help="export again even if an artifact exists")
+    p.add_argument("--fp16", action="store_true",
+                   help="also make the fp16 variant for GPUs (<name>-fp16), gated against fp32 on the probes")
     _store_arg(p)
 
     p = sub.add_parser("check", help="run the backbone contract (embedkit.testing.check_backbone)")
@@ -196,6 +198,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"{artifact.name} {artifact.digest}")
     print(f"  path     {artifact.path}")
     print(f"  exporter {parity['exporter']}  max|diff| {parity['max_abs_diff']:.3g}  min cosine {parity['min_cosine']:.8f}")
+    if args.fp16:
+        from .precision import half
+
+        variant = half(artifact, args.store)
+        parity = variant.manifest["precision"]["parity"]
+        print(f"{variant.name} {variant.digest}")
+        print(f"  path     {variant.path}")
+        print(f"  fp16 vs fp32  max|diff| {parity['max_abs_diff']:.3g}  min cosine {parity['min_cosine']:.8f}")
     return 0
 
 

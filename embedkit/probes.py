@@ -18,6 +18,8 @@ from .errors import ExportError
 # unit-scale embeddings that is the absolute difference; a randomly initialised deep CNN
 # whose activations reach 1e9 is judged by float32's relative precision instead.
 LIMITS = {"max_abs_diff": 1e-4, "min_cosine": 0.99999}
+# fp16 keeps ~3 significant digits: a half-precision variant or runtime is judged by these.
+FP16_LIMITS = {"max_abs_diff": 1e-2, "min_cosine": 0.999}
 
 
 class Probes:
@@ -59,33 +61,25 @@ class Probes:
 
     def parity(self, torch: Any, module: Any, path: Path) -> dict[str, Any]:
         """ONNX Runtime (CPU) vs torch on identical batches."""
-        import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise ExportError(f"ONNX Runtime cannot load the export: {exc}") from exc
+        def reference(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            with torch.inference_mode():
+                return module(*(torch.from_numpy(v) for v in feeds.values())).float().numpy()
+
+        return self.compare(onnx_runner(path, self.rank), reference, "torch")
+
+    def compare(self, candidate: Any, reference: Any, against: str = "reference",
+                limits: dict[str, float] = LIMITS) -> dict[str, Any]:
+        """``candidate(feeds)`` vs ``reference(feeds)`` (each returning (N, dim) arrays) on the probe batches."""
         max_diff, min_cos, scale = 0.0, 1.0, 1.0
-        wanted = {i.name for i in session.get_inputs()}  # a trace may drop an input it ignored
         for batch in self.batches():
             feeds = self.feeds(batch)
-            first = next(iter(feeds.values()))
-            try:
-                got = session.run(None, {k: v for k, v in feeds.items() if k in wanted})[0]
-            except Exception as exc:
-                raise ExportError(
-                    f"ONNX Runtime failed on a batch of shape {first.shape} "
-                    f"(are the batch{' and sequence' if self.rank == 2 else ''} axes really dynamic?): {exc}"
-                ) from exc
-            with torch.inference_mode():
-                ref = module(*(torch.from_numpy(v) for v in feeds.values())).float().numpy()
+            got = candidate(feeds)
+            ref = reference(feeds)
             if got.shape != ref.shape or got.shape != (len(batch), self.backbone.dim):
                 hint = " (are the axes really dynamic?)" if got.shape[:1] != ref.shape[:1] else ""
                 raise ExportError(
-                    f"output shape: onnx {got.shape}, torch {ref.shape}, declared ({len(batch)}, {self.backbone.dim}){hint}"
+                    f"output shape: onnx {got.shape}, {against} {ref.shape}, declared ({len(batch)}, {self.backbone.dim}){hint}"
                 )
             if not (np.isfinite(got).all() and np.isfinite(ref).all()):
                 raise ExportError("the model produced NaN or inf on the probes")
@@ -99,8 +93,34 @@ class Probes:
             "min_cosine": min_cos,
             "probes": len(self.items),
             "batch_sizes": [1, 7],
-            "limits": LIMITS,
+            "limits": limits,
         }
+
+
+def onnx_runner(path: Path, rank: int = 2) -> Any:
+    """``feeds -> first output`` on one single-threaded CPU session (inputs the graph lacks dropped)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportError(f"ONNX Runtime cannot load the export: {exc}") from exc
+    wanted = {i.name for i in session.get_inputs()}  # a trace may drop an input it ignored
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        try:
+            return session.run(None, {k: v for k, v in feeds.items() if k in wanted})[0]
+        except Exception as exc:
+            shape = next(iter(feeds.values())).shape
+            raise ExportError(
+                f"ONNX Runtime failed on a batch of shape {shape} "
+                f"(are the batch{' and sequence' if rank == 2 else ''} axes really dynamic?): {exc}"
+            ) from exc
+
+    return run
 
 
 class TextProbes(Probes):
@@ -178,9 +198,9 @@ class ImageProbes(Probes):
         return (torch.from_numpy(self.feeds(self._rows[:2])["pixel_values"]),)
 
 
-def passes(parity: dict[str, Any]) -> bool:
-    """The gate: the scaled difference and the cosine within :data:`LIMITS`."""
-    return parity["scaled_diff"] <= LIMITS["max_abs_diff"] and parity["min_cosine"] >= LIMITS["min_cosine"]
+def passes(parity: dict[str, Any], limits: dict[str, float] = LIMITS) -> bool:
+    """The gate: the scaled difference and the cosine within ``limits`` (default :data:`LIMITS`)."""
+    return parity["scaled_diff"] <= limits["max_abs_diff"] and parity["min_cosine"] >= limits["min_cosine"]
 
 
 def probes_for(backbone: Backbone) -> Probes:

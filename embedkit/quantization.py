@@ -15,7 +15,6 @@ never silently reused with int8 ones.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 import time
@@ -23,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .artifacts import MANIFEST, MODEL, Artifact, ModelStore, sha256_file
+from .artifacts import MODEL, Artifact, ModelStore
 from .errors import MissingDependencyError
 
 logger = logging.getLogger(__name__)
@@ -68,9 +67,9 @@ def quantize(
         if not calibration:
             raise ValueError("static int8 needs calibration items (a sample of your data)")
         key += ":" + sha256_of_items(calibration)
-    for found in store.artifacts(name):
-        if found.manifest.get("quantization", {}).get("key") == key:
-            return found
+    found = store.variants(name, "quantization", key)
+    if found is not None:
+        return found
     try:
         from onnxruntime import quantization as q
     except ImportError as exc:  # pragma: no cover - onnxruntime always ships it
@@ -103,20 +102,8 @@ def quantize(
                     str(base.onnx_path), str(target), per_channel=(variant == "dynamic"),
                     weight_type=q.QuantType.QInt8,
                 )
-        digest = sha256_file(target)
-        manifest = dict(base.manifest)
-        manifest.update({
-            "name": name,
-            "digest": digest,
-            "quantization": {"variant": variant, "parent": base.digest, "key": key,
-                             "seconds": round(time.perf_counter() - started, 2)},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        })
-        manifest.pop("export_key", None)  # never mistaken for the fp32 export
-        for rel in base.manifest.get("files", {}):
-            shutil.copyfile(base.path / rel, staging / rel)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        result = store.commit(staging, name, digest)
+        result = store.commit_variant(base, staging, name, "quantization", {
+            "variant": variant, "key": key, "seconds": round(time.perf_counter() - started, 2)})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("quantized %s -> %s (%s)", base.name, result.digest[:12], variant)

@@ -131,3 +131,14 @@ def test_cli_embeds_an_image_folder_with_labels_and_error_records(hymenoptera, t
         ("imageNotFound.gif", "blank_image"), ("broken.jpg", "truncated"),
     }
     assert np.stack(table["embedding"][table["ok"]]).shape == (6, 1280)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_fp16_variant_stays_close_on_real_photos(name, hymenoptera):
+    fp32 = embedkit.resolve(name)
+    fp16 = embedkit.half(fp32)
+    paths = sorted(hymenoptera.glob("val/*/*.jpg"))[:24]
+    a = embedkit.embed([str(p) for p in paths], backbone=fp32).vectors
+    b = embedkit.embed([str(p) for p in paths], backbone=fp16).vectors
+    assert fp16.manifest["precision"]["parity"]["min_cosine"] >= 0.999
+    assert cosine(a, b).min() >= 0.999
