@@ -44,6 +44,8 @@ _EXPORTS = {
     "FaissNearestNeighbors": "heads",
     "quantize": "quantization",
     "half": "precision",
+    "tune": "tuning",
+    "TorchRuntime": "torch_runtime",
     "quantization_report": "quantization",
     "extract": "extraction",
     "ExtractReport": "extraction",

@@ -99,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _store_arg(p)
 
+    p = sub.add_parser("tune", help="measure ONNX Runtime vs torch for a backbone on this device; record the faster")
+    p.add_argument("backbone", help="name, digest, or a variant's name (e.g. minilm-l6-fp16)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--runtime", action="append", choices=["onnxruntime", "torch"], help="repeatable (default: both)")
+    p.add_argument("--data", help="a sample of your items (.txt, .csv, .tsv, .jsonl, .parquet); default: shipped sentences / probe images")
+    p.add_argument("--column", help="payload column (default text / path)")
+    p.add_argument("--limit", type=int, default=1000, help="items used from --data (default 1000)")
+    p.add_argument("--seconds", type=float, default=2.0, help="minimum timing per runtime")
+    p.add_argument("--json", action="store_true")
+    _store_arg(p)
+
     p = sub.add_parser("train-head", help="train a head on cached features; metrics, confusion matrix, saved model")
     p.add_argument("features", help="feature store folder")
     p.add_argument("--backbone", default="minilm-l6")
@@ -363,6 +374,31 @@ def cmd_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .exporter import resolve
+    from .sources import iter_items
+    from .tuning import RUNTIMES, tune
+
+    artifact = resolve(args.backbone, args.store)
+    items = None
+    if args.data:
+        items = [item.payload for _, item in zip(range(args.limit), iter_items(Path(args.data), artifact.modality, args.column))]
+    record = tune(artifact, args.device, items=items, seconds=args.seconds, runtimes=tuple(args.runtime or RUNTIMES))
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    print(f"{artifact.name} {artifact.digest[:12]} on {record['device']} ({record['items']} items, end to end)")
+    for name, row in record["candidates"].items():
+        if "error" in row:
+            print(f"  {name:<12} cannot run here: {row['error']}")
+            continue
+        gate = "passes" if row["passes"] else "FAILS"
+        print(f"  {name:<12} {row['items_per_s']:9.1f} items/s  parity max|diff| {row['parity']['max_abs_diff']:.3g} "
+              f"min cos {row['parity']['min_cosine']:.6f} ({gate})")
+    print(f"choice: {record['choice']} (recorded; encoders with runtime='auto' on this device use it)")
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .exporter import resolve
     from .quantization import VARIANTS, quantization_report, quantize
@@ -514,6 +550,7 @@ COMMANDS = {
     "extract": cmd_extract,
     "store": cmd_store,
     "quantize": cmd_quantize,
+    "tune": cmd_tune,
     "train-head": cmd_train_head,
     "predict": cmd_predict,
     "index": cmd_index,

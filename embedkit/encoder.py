@@ -18,8 +18,9 @@ import numpy as np
 from .artifacts import Artifact
 from .errors import ArtifactError
 from .image import DEFAULT_MAX_PIXELS, ImageProcessor, ImageStats, ItemFailure, stack
-from .runtime import Runtime, cpu_count
+from .runtime import cpu_count
 from .text import ItemError, TextStats, TextTokenizer, iter_chunks, pad, token_batches
+from .tuning import make_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +55,13 @@ class TextEncoder:
         batch_tokens: int | None = None,
         truncate: bool = True,
         empty: str = "embed",
+        runtime: str = "auto",
     ):
         if artifact.modality != "text":
             raise ArtifactError(f"{artifact.name} is a {artifact.modality} artifact; TextEncoder needs a text one")
         self.artifact = artifact
         self.tokenizer = TextTokenizer(artifact.preprocess, truncate=truncate, empty=empty)
-        self.runtime = Runtime(artifact.onnx_path, device=device, threads=threads, streams=streams)
+        self.runtime = make_runtime(artifact, runtime, device=device, threads=threads, streams=streams)
         self.batch_tokens = batch_tokens or (DEFAULT_BATCH_TOKENS if self.runtime.device == "cpu" else 16384)
         self.dim = artifact.dim
 
@@ -138,6 +140,8 @@ class ImageEncoder:
     Args:
         artifact: an image artifact.
         device, threads, streams: see :class:`~embedkit.runtime.Runtime`.
+        runtime: ``auto`` (default: the faster one measured by :func:`embedkit.tune` on this
+            device), ``onnxruntime`` or ``torch`` (see :mod:`embedkit.tuning`).
         batch_size: images per batch (default 16 on CPU, 128 on CUDA).
         workers: decoding threads (default: the cores this process may use).
         max_pixels, reject_blank: the decoding policy (see :mod:`embedkit.image`).
@@ -153,6 +157,7 @@ class ImageEncoder:
         workers: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         reject_blank: bool = True,
+        runtime: str = "auto",
     ):
         if artifact.modality != "image":
             raise ArtifactError(f"{artifact.name} is a {artifact.modality} artifact; ImageEncoder needs an image one")
@@ -161,7 +166,7 @@ class ImageEncoder:
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         self.artifact = artifact
         self.processor = ImageProcessor(artifact.preprocess, max_pixels=max_pixels, reject_blank=reject_blank)
-        self.runtime = Runtime(artifact.onnx_path, device=device, threads=threads, streams=streams)
+        self.runtime = make_runtime(artifact, runtime, device=device, threads=threads, streams=streams)
         self.batch_size = batch_size or (16 if self.runtime.device == "cpu" else 128)
         self.workers = workers or cpu_count()
         self.dim = artifact.dim
@@ -248,8 +253,8 @@ class ImageEncoder:
         return result
 
 
-TEXT_OPTIONS = ("device", "threads", "streams", "batch_tokens", "truncate", "empty")
-IMAGE_OPTIONS = ("device", "threads", "streams", "batch_size", "workers", "max_pixels", "reject_blank")
+TEXT_OPTIONS = ("device", "threads", "streams", "batch_tokens", "truncate", "empty", "runtime")
+IMAGE_OPTIONS = ("device", "threads", "streams", "batch_size", "workers", "max_pixels", "reject_blank", "runtime")
 
 
 def encoder_for(artifact: Artifact, **options: Any) -> "TextEncoder | ImageEncoder":
@@ -273,7 +278,7 @@ def embed(
     """Embed items with a backbone; bad items become error records, never a crash.
 
     ``options`` go to :class:`TextEncoder` (device, threads, streams, batch_tokens,
-    truncate, empty) or :class:`ImageEncoder` (device, threads, streams, batch_size,
+    truncate, empty, runtime) or :class:`ImageEncoder` (device, threads, streams, runtime, batch_size,
     workers, max_pixels, reject_blank), by the backbone's modality.
     """
     from .exporter import resolve

@@ -6,7 +6,7 @@ import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -35,6 +35,26 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         return os.cpu_count() or 1
+
+
+def run_halving(run: Callable[[dict[str, np.ndarray]], np.ndarray], feeds: dict[str, np.ndarray],
+                counter: Any = None) -> np.ndarray:
+    """``run(feeds)``; out of memory halves the batch and retries each half (recursively, down
+    to one item): items are never skipped, and the rows come back in order. Each split adds
+    one to ``counter.halvings``."""
+    try:
+        return run(feeds)
+    except Exception as exc:
+        n = len(next(iter(feeds.values())))
+        if n < 2 or not is_out_of_memory(exc):
+            raise
+        if counter is not None:
+            counter.halvings += 1
+        logger.warning("out of memory on a batch of %d; retrying as two batches of %d and %d", n, n // 2, n - n // 2)
+        half = n // 2
+        first = run_halving(run, {k: v[:half] for k, v in feeds.items()}, counter)
+        second = run_halving(run, {k: v[half:] for k, v in feeds.items()}, counter)
+        return np.concatenate([first, second])
 
 
 class Runtime:
@@ -116,18 +136,8 @@ class Runtime:
         """
         if len(feeds) != len(self.input_names):  # e.g. a graph that does not use attention_mask
             feeds = {k: v for k, v in feeds.items() if k in self.input_names}
-        try:
-            return self.sessions[stream % len(self.sessions)].run([self.output_name], feeds)[0]
-        except Exception as exc:
-            n = len(next(iter(feeds.values())))
-            if n < 2 or not is_out_of_memory(exc):
-                raise
-            self.halvings += 1
-            logger.warning("out of memory on a batch of %d; retrying as two batches of %d and %d", n, n // 2, n - n // 2)
-            half = n // 2
-            first = self.run({k: v[:half] for k, v in feeds.items()}, stream)
-            second = self.run({k: v[half:] for k, v in feeds.items()}, stream)
-            return np.concatenate([first, second])
+        session = self.sessions[stream % len(self.sessions)]
+        return run_halving(lambda f: session.run([self.output_name], f)[0], feeds, self)
 
     def map(self, batches: Iterable[dict[str, np.ndarray]]) -> Iterator[np.ndarray]:
         """Run batches over all streams; results come back in the order of ``batches``."""

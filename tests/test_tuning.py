@@ -1,0 +1,107 @@
+"""Runtime selection by measurement: the torch runtime, tune(), the record, and runtime='auto'."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import embedkit
+from embedkit.encoder import encoder_for
+from embedkit.probes import cosine
+from embedkit.torch_runtime import TorchRuntime
+from embedkit.tuning import device_key, recorded
+from embedkit_text import minilm_folder
+from support import read_banking, run_cli
+
+
+@pytest.fixture(autouse=True)
+def no_records_left(model_store):
+    """Other tests expect the default (no record: ONNX Runtime on CPU); drop what these tests measured."""
+    yield
+    for path in (model_store / "tuning").glob("*.json"):
+        path.unlink()
+
+
+def test_torch_runtime_matches_onnx_runtime_on_real_sentences(minilm):
+    texts, _ = read_banking("test", limit=300)
+    ours = encoder_for(minilm, runtime="onnxruntime").encode(texts)
+    torch_side = encoder_for(minilm, runtime="torch").encode(texts)
+    assert isinstance(encoder_for(minilm, runtime="torch").runtime, TorchRuntime)
+    assert np.abs(ours.vectors - torch_side.vectors).max() <= 1e-4
+    assert cosine(ours.vectors, torch_side.vectors).min() >= 0.99999
+
+
+def test_tune_records_the_fastest_passing_runtime_and_auto_uses_it(minilm):
+    record = embedkit.tune(minilm, items=read_banking("test", limit=200)[0], seconds=0.2)
+    rates = {k: v["items_per_s"] for k, v in record["candidates"].items()}
+    assert set(rates) == {"onnxruntime", "torch"} and all(r > 0 for r in rates.values())
+    assert all(v["passes"] for v in record["candidates"].values())
+    assert record["choice"] == max(rates, key=rates.get) and record["device"] == device_key("cpu")
+    assert recorded(minilm, "cpu") == record  # read back from the model store
+    expected = TorchRuntime if record["choice"] == "torch" else embedkit.Runtime
+    assert type(encoder_for(minilm).runtime) is expected
+
+    # Only torch measured: torch is recorded, and runtime="auto" now builds the torch runtime.
+    torch_only = embedkit.tune(minilm, items=["a short sentence"] * 20, seconds=0.1, runtimes=("torch",))
+    assert torch_only["choice"] == "torch"
+    assert isinstance(encoder_for(minilm).runtime, TorchRuntime)
+    embedkit.tune(minilm, items=["a short sentence"] * 20, seconds=0.1, runtimes=("onnxruntime",))
+    assert isinstance(encoder_for(minilm).runtime, embedkit.Runtime)
+    assert isinstance(encoder_for(minilm, runtime="torch").runtime, TorchRuntime)  # explicit beats the record
+
+
+class Pooled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(30522, 8)
+
+    def forward(self, input_ids, attention_mask):
+        m = attention_mask.unsqueeze(-1).float()
+        return (self.emb(input_ids) * m).sum(1) / m.sum(1)
+
+
+def test_torch_runtime_refuses_a_module_that_is_not_the_exported_network(tmp_path):
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"v1")
+    backbone = embedkit.Backbone(
+        name="pooled", modality="text", dim=8, weights="random", license="MIT", weight_files=(str(weights),),
+        preprocess=embedkit.TextPreprocess(tokenizer=str(minilm_folder() / "tokenizer.json"), max_length=64),
+        builder=Pooled,
+    )
+    artifact = embedkit.export(backbone, tmp_path / "models")
+    TorchRuntime(artifact, backbone=backbone)  # the same network: accepted
+    weights.write_bytes(b"v2")  # new weights since the export
+    with pytest.raises(embedkit.ArtifactError, match="not the network"):
+        TorchRuntime(artifact, backbone=backbone)
+
+
+def test_fp16_variant_on_cpu_runs_on_onnx_runtime_only(minilm):
+    fp16 = embedkit.half(minilm)
+    with pytest.raises(embedkit.DeviceUnavailableError):
+        TorchRuntime(fp16, device="cpu")
+    record = embedkit.tune(fp16, items=["a short sentence"] * 20, seconds=0.1)
+    assert record["choice"] == "onnxruntime" and "error" in record["candidates"]["torch"]
+    assert record["candidates"]["onnxruntime"]["parity"]["limits"]["min_cosine"] == 0.999
+
+
+def test_tune_cli_prints_both_runtimes_and_the_choice(minilm, tmp_path):
+    data = tmp_path / "sample.txt"
+    data.write_text("\n".join(read_banking("test", limit=50)[0]))
+    run = run_cli("tune", "minilm-l6", "--data", str(data), "--seconds", "0.1", "--json")
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout)
+    assert record["items"] == 50 and set(record["candidates"]) == {"onnxruntime", "torch"}
+    text = run_cli("tune", "minilm-l6", "--data", str(data), "--seconds", "0.1")
+    assert "choice:" in text.stdout and "onnxruntime" in text.stdout and "torch" in text.stdout
+
+
+def test_cuda_requests_are_typed_errors_without_a_gpu(minilm):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(embedkit.DeviceUnavailableError):
+        TorchRuntime(minilm, device="cuda")
+    with pytest.raises(embedkit.EmbedkitError, match="no runtime ran"):
+        embedkit.tune(minilm, "cuda", items=["x"], seconds=0.1)
