@@ -49,6 +49,17 @@ def test_batch_size_and_neighbour_invariance(minilm):
     assert np.abs(shuffled[np.argsort(order)] - base).max() <= 1e-5
 
 
+def test_io_binding_path_gives_the_same_rows(minilm):
+    """The IO-binding path CUDA uses (bind inputs, allocate the output in the session, copy it
+    out once) runs on CPU too: same rows as the plain path, through both runtimes' map()."""
+    texts, _ = read_banking("test", 200)
+    plain = embedkit.TextEncoder(minilm).encode(texts).vectors
+    bound = embedkit.TextEncoder(minilm, runtime="onnxruntime")
+    bound.runtime = embedkit.Runtime(minilm.onnx_path, io_binding=True)
+    assert bound.runtime.io_binding and not embedkit.Runtime(minilm.onnx_path).io_binding
+    assert np.abs(bound.encode(texts).vectors - plain).max() <= 1e-6
+
+
 def test_results_come_back_in_input_order(minilm):
     texts = ["short", "a somewhat longer sentence here", "mid length text", "x"]
     enc = embedkit.TextEncoder(minilm, batch_tokens=8)
@@ -60,7 +71,7 @@ def test_results_come_back_in_input_order(minilm):
 OOM_SCRIPT = """
 import resource, sys, numpy as np
 from embedkit.runtime import Runtime
-rt = Runtime(sys.argv[1], threads=1, streams=1)
+rt = Runtime(sys.argv[1], threads=1, streams=1, io_binding=sys.argv[2] == "bound")
 x = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)
 one = rt.run({"pixel_values": x})
 vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
@@ -72,7 +83,8 @@ print("halvings", rt.halvings, out.shape, float(np.abs(out - one).max()))
 """
 
 
-def test_out_of_memory_halves_the_batch_and_skips_nothing(tmp_path):
+@pytest.mark.parametrize("mode", ["plain", "bound"])
+def test_out_of_memory_halves_the_batch_and_skips_nothing(tmp_path, mode):
     import subprocess
     import sys
 
@@ -81,7 +93,7 @@ def test_out_of_memory_halves_the_batch_and_skips_nothing(tmp_path):
     artifact = embedkit.export("mobilenet-v2")
     script = tmp_path / "oom.py"
     script.write_text(OOM_SCRIPT)
-    run = subprocess.run([sys.executable, str(script), str(artifact.onnx_path)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(script), str(artifact.onnx_path), mode], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     _, halvings, rows, cols, diff = run.stdout.replace("(", "").replace(")", "").replace(",", "").split()
     assert int(halvings) >= 1 and (int(rows), int(cols)) == (256, 1280)
