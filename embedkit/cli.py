@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help=".npy or .parquet")
     p.add_argument("--column", help="column holding the texts or image paths (tables; default text / path)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "torch-compile"],
+                   help="auto: the faster one measured by `embedkit tune` on this device")
     p.add_argument("--threads", type=int)
     p.add_argument("--no-truncate", action="store_true", help="text: texts over max length become errors")
     p.add_argument("--empty", default="embed", choices=["embed", "error"], help="text: empty texts")
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=0, help="exit 2 when more items fail (default 0)")
     p.add_argument("--no-verify", action="store_true", help="skip checksumming the committed shards first")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "torch-compile"],
+                   help="auto: the faster one measured by `embedkit tune` on this device")
     p.add_argument("--threads", type=int)
     p.add_argument("--batch-size", type=int, help="images per batch")
     p.add_argument("--workers", type=int, help="image decoding threads")
@@ -102,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="measure ONNX Runtime vs torch for a backbone on this device; record the faster")
     p.add_argument("backbone", help="name, digest, or a variant's name (e.g. minilm-l6-fp16)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--runtime", action="append", choices=["onnxruntime", "torch"], help="repeatable (default: both)")
+    p.add_argument("--runtime", action="append", choices=["onnxruntime", "torch", "torch-compile"],
+                   help="repeatable (default: onnxruntime and torch; on CUDA also torch-compile)")
     p.add_argument("--data", help="a sample of your items (.txt, .csv, .tsv, .jsonl, .parquet); default: shipped sentences / probe images")
     p.add_argument("--column", help="payload column (default text / path)")
     p.add_argument("--limit", type=int, default=1000, help="items used from --data (default 1000)")
@@ -264,13 +269,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if artifact.modality == "image":
         items, extra = read_images(Path(args.input), args.column or "path")
         encoder = encoder_for(
-            artifact, device=args.device, threads=args.threads, batch_size=args.batch_size,
+            artifact, device=args.device, threads=args.threads, runtime=args.runtime, batch_size=args.batch_size,
             workers=args.workers, max_pixels=args.max_pixels, reject_blank=not args.keep_blank,
         )
         unit = "image"
     else:
         items = read_texts(Path(args.input), args.column or "text")
-        encoder = encoder_for(artifact, device=args.device, threads=args.threads,
+        encoder = encoder_for(artifact, device=args.device, threads=args.threads, runtime=args.runtime,
                               truncate=not args.no_truncate, empty=args.empty)
         unit = "text"
     from tqdm import tqdm
@@ -315,7 +320,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .sources import count_items
 
     artifact = resolve(args.backbone, args.store)
-    options: dict[str, Any] = {"device": args.device, "threads": args.threads}
+    options: dict[str, Any] = {"device": args.device, "threads": args.threads, "runtime": args.runtime}
     if artifact.modality == "image":
         options.update(batch_size=args.batch_size, workers=args.workers)
     elif args.batch_size or args.workers:
@@ -377,13 +382,13 @@ def cmd_store(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from .exporter import resolve
     from .sources import iter_items
-    from .tuning import RUNTIMES, tune
+    from .tuning import tune
 
     artifact = resolve(args.backbone, args.store)
     items = None
     if args.data:
         items = [item.payload for _, item in zip(range(args.limit), iter_items(Path(args.data), artifact.modality, args.column))]
-    record = tune(artifact, args.device, items=items, seconds=args.seconds, runtimes=tuple(args.runtime or RUNTIMES))
+    record = tune(artifact, args.device, items=items, seconds=args.seconds, runtimes=tuple(args.runtime) if args.runtime else None)
     if args.json:
         print(json.dumps(record, indent=2))
         return 0

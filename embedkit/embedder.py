@@ -30,6 +30,8 @@ class Embedder(TransformerMixin, BaseEstimator):
         max_pixels: images only: larger images are refused (decompression-bomb guard).
         reject_blank: images only: refuse blank / placeholder graphics.
         store: model store folder (default ``$EMBEDKIT_HOME`` or ``./models``).
+        runtime: ``auto`` (the one :func:`embedkit.tune` measured faster here; ONNX Runtime
+            when nothing was measured on a CPU), ``onnxruntime``, ``torch`` or ``torch-compile``.
 
     Images may be paths, bytes, PIL images or numpy arrays (H, W[, C]); see
     :mod:`embedkit.image` for the decoding policy.
@@ -51,6 +53,7 @@ class Embedder(TransformerMixin, BaseEstimator):
         max_pixels: int | None = None,
         reject_blank: bool = True,
         store: str | None = None,
+        runtime: str = "auto",
     ):
         self.backbone = backbone
         self.device = device
@@ -63,6 +66,7 @@ class Embedder(TransformerMixin, BaseEstimator):
         self.max_pixels = max_pixels
         self.reject_blank = reject_blank
         self.store = store
+        self.runtime = runtime
 
     def fit(self, X: Any = None, y: Any = None) -> "Embedder":
         """Resolve the backbone's artifact (export it if needed); X and y are ignored."""
@@ -88,7 +92,7 @@ class Embedder(TransformerMixin, BaseEstimator):
                 from .errors import ArtifactError
 
                 raise ArtifactError(f"artifact at {self.artifact_path_} changed: {artifact.digest} != {self.digest_}")
-            options: dict[str, Any] = {"device": self.device, "threads": self.threads}
+            options: dict[str, Any] = {"device": self.device, "threads": self.threads, "runtime": self.runtime}
             if artifact.modality == "image":
                 options.update(batch_size=self.batch_size, workers=self.workers,
                                max_pixels=self.max_pixels, reject_blank=self.reject_blank)

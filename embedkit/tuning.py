@@ -28,7 +28,13 @@ from .runtime import Runtime, cpu_count
 
 logger = logging.getLogger(__name__)
 
-RUNTIMES = ("onnxruntime", "torch")
+RUNTIMES = ("onnxruntime", "torch", "torch-compile")
+
+
+def candidates_for(device: str) -> tuple[str, ...]:
+    """What ``tune`` measures by default: torch.compile only on CUDA (on CPU it needs a C
+    compiler and minutes of compiling for what ONNX Runtime already does faster here)."""
+    return RUNTIMES if device == "cuda" else RUNTIMES[:2]
 
 
 def device_key(device: str) -> str:
@@ -69,14 +75,15 @@ def make_runtime(artifact: Artifact, runtime: str = "auto", device: str = "cpu",
                  streams: int | None = None) -> Any:
     """A :class:`Runtime` or :class:`~embedkit.torch_runtime.TorchRuntime` for ``artifact``.
 
-    ``runtime``: ``onnxruntime``, ``torch``, or ``auto`` (the recorded measurement; see the module).
+    ``runtime``: ``onnxruntime``, ``torch``, ``torch-compile``, or ``auto`` (the recorded measurement; see the module).
     """
     if runtime not in ("auto",) + RUNTIMES:
-        raise ValueError(f"runtime must be auto, onnxruntime or torch; got {runtime!r}")
-    if runtime == "torch":
+        raise ValueError(f"runtime must be auto, {', '.join(RUNTIMES)}; got {runtime!r}")
+    if runtime.startswith("torch"):
         from .torch_runtime import TorchRuntime
 
-        return TorchRuntime(artifact, device="cuda" if device == "auto" else device, threads=threads)
+        return TorchRuntime(artifact, device="cuda" if device == "auto" else device, threads=threads,
+                            compile=runtime == "torch-compile")
     if runtime == "auto":
         import onnxruntime as ort
 
@@ -88,11 +95,11 @@ def make_runtime(artifact: Artifact, runtime: str = "auto", device: str = "cpu",
                 record = tune(artifact, "cuda")
             except Exception as exc:  # noqa: BLE001 - measuring is an optimisation; ONNX Runtime still works
                 logger.warning("could not tune %s on CUDA (%s); using ONNX Runtime", artifact.name, exc)
-        if record is not None and record.get("choice") == "torch":
+        if record is not None and record.get("choice", "").startswith("torch"):
             from .torch_runtime import TorchRuntime
 
             try:
-                return TorchRuntime(artifact, device=actual, threads=threads, compile=record.get("compile", False))
+                return TorchRuntime(artifact, device=actual, threads=threads, compile=record["choice"] == "torch-compile")
             except (EmbedkitError, ImportError) as exc:
                 logger.warning("the recorded choice for %s is torch, but: %s; using ONNX Runtime", artifact.name, exc)
     return Runtime(artifact.onnx_path, device=device, threads=threads, streams=streams)
@@ -121,7 +128,7 @@ def _rate(encoder: Any, items: list[Any], seconds: float) -> float:
 
 
 def tune(artifact: Artifact | str, device: str = "cpu", items: list[Any] | None = None, seconds: float = 2.0,
-         runtimes: tuple[str, ...] = RUNTIMES, threads: int | None = None,
+         runtimes: tuple[str, ...] | None = None, threads: int | None = None,
          store: ModelStore | str | None = None, **options: Any) -> dict[str, Any]:
     """Measure each runtime on this device, check it against the artifact, record the fastest that passes.
 
@@ -141,6 +148,7 @@ def tune(artifact: Artifact | str, device: str = "cpu", items: list[Any] | None 
     half = artifact.manifest.get("precision", {}).get("dtype") == "fp16"
     limits = FP16_LIMITS if half else LIMITS
     items = list(items) if items is not None else default_items(artifact)
+    runtimes = runtimes or candidates_for(device)
     probes = probes_for(artifact)
     reference = onnx_runner(artifact.onnx_path, probes.rank)
     candidates: dict[str, dict[str, Any]] = {}
