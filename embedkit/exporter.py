@@ -87,6 +87,7 @@ def export(
         ExportParityError: no candidate export matched torch within ``LIMITS``.
         ExportError: export or ``onnx.checker`` failed.
     """
+    source = backbone if isinstance(backbone, str) else None
     if isinstance(backbone, str):
         backbone = get_backbone(backbone)
     backbone.validate()
@@ -133,6 +134,8 @@ def export(
             raise mismatch or failure  # type: ignore[misc]
         digest = sha256_file(staging / MODEL)
         manifest = _manifest(backbone, probes, digest, key, parity, opset, time.perf_counter() - started)
+        if source is not None and source != backbone.name:
+            manifest["source"] = source  # the spec (a path, timm:...) that builds it again, e.g. for the torch runtime
         manifest["files"] = {}
         for name, source in probes.files().items():
             shutil.copyfile(source, staging / name)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .artifacts import Artifact, ModelStore
 from .backbone import Backbone
-from .errors import ArtifactError, DeviceUnavailableError, MissingDependencyError
+from .errors import ArtifactError, DeviceUnavailableError, MissingDependencyError, UnknownBackboneError
 from .runtime import cpu_count, run_halving
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,13 @@ def backbone_of(artifact: Artifact, store: ModelStore | str | None = None, backb
     if parent:
         store = store if isinstance(store, ModelStore) else ModelStore(store or artifact.path.parents[1])
         base = store.get(parent)
-    backbone = backbone or get_backbone(base.name)
+    if backbone is None:
+        try:
+            backbone = get_backbone(base.name)
+        except UnknownBackboneError:
+            if "source" not in base.manifest:
+                raise
+            backbone = get_backbone(base.manifest["source"])  # exported from a path or a zoo spec
     key = base.manifest.get("export_key")
     opset = base.manifest.get("opset", 17)
     if key not in {export_key(backbone, e, opset) for e in ("auto",) + EXPORTERS}:
