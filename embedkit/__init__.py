@@ -29,6 +29,7 @@ _EXPORTS = {
     "ImageProcessor": "image",
     "Embeddings": "encoder",
     "embed": "encoder",
+    "encoder_for": "encoder",
     "ItemError": "text",
     "image_folder": "sources",
     "ImageFolder": "sources",

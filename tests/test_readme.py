@@ -90,3 +90,17 @@ def test_broken_plugin_is_listed_and_the_rest_keep_working(installed_plugins):
     assert re.search(r"^my_plugin\s+my-embedkit-plugin 1\.0\.0\s+ok", report.stdout, re.M)
     embedded = run_cli("export", "minilm-l6", env=installed_plugins)
     assert embedded.returncode == 0 and "minilm-l6" in embedded.stdout
+
+
+def test_gpu_section_example_prints_what_it_says(minilm, model_store):
+    code = _python_blocks("GPU, fp16 and runtime selection")[0]
+    expected = [line.split("# ", 1)[1].strip() for line in code.splitlines()
+                if line.startswith("print(") and "# " in line]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "README.md", "exec"), {})
+    finally:
+        for path in (model_store / "tuning").glob("*.json"):
+            path.unlink()  # other tests expect no recorded choice
+    assert out.getvalue().splitlines() == expected
