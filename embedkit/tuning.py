@@ -82,8 +82,11 @@ def make_runtime(artifact: Artifact, runtime: str = "auto", device: str = "cpu",
     if runtime.startswith("torch"):
         from .torch_runtime import TorchRuntime
 
-        return TorchRuntime(artifact, device="cuda" if device == "auto" else device, threads=threads,
-                            compile=runtime == "torch-compile")
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return TorchRuntime(artifact, device=device, threads=threads, compile=runtime == "torch-compile")
     if runtime == "auto":
         import onnxruntime as ort
 
