@@ -106,6 +106,11 @@ def _fuse_round_trips(model: Any) -> Any:
     return model
 
 
+def _json_number(value: float) -> float | str:
+    """Plain JSON has no inf/NaN (attention masks reach -inf): those are written as strings."""
+    return value if np.isfinite(value) else str(value)
+
+
 def half(artifact: Artifact | str, store: ModelStore | str | None = None) -> Artifact:
     """The fp16 variant of an artifact, made and gated once, then reused from the model store.
 
@@ -146,7 +151,7 @@ def half(artifact: Artifact | str, store: ModelStore | str | None = None) -> Art
             raise ExportParityError(name, "fp16", parity, FP16_LIMITS)
         result = store.commit_variant(base, staging, name, "precision", {
             "dtype": "fp16", "key": key, "parity": parity, "fp32_nodes": keep,
-            "peak_activation": max(peaks.values(), default=0.0), "seconds": round(time.perf_counter() - started, 2)})
+            "peak_activation": _json_number(max(peaks.values(), default=0.0)), "seconds": round(time.perf_counter() - started, 2)})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("fp16 %s -> %s (min cos %.6f)", base.name, result.digest[:12], parity["min_cosine"])

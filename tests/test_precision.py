@@ -17,6 +17,7 @@ def test_fp16_variant_is_its_own_gated_artifact_close_to_fp32(minilm):
     info = fp16.manifest["precision"]
     assert info["dtype"] == "fp16" and info["parent"] == minilm.digest
     assert info["parity"]["min_cosine"] >= 0.999 and "export_key" not in fp16.manifest
+    assert "Infinity" not in (fp16.path / "manifest.json").read_text()  # strict JSON for other tools
     assert embedkit.half(minilm).digest == fp16.digest  # reused, not redone
     assert embedkit.resolve("minilm-l6-fp16").digest == fp16.digest
     import onnx
