@@ -160,7 +160,12 @@ def _flush(shard: _Shard, encoder: Any, namespace: Namespace, report: ExtractRep
                          "code": error.code, "message": error.message})
         failed.add(item.id)
     vectors = result.vectors[ok] if ids else np.empty((0, namespace.dim), np.float32)
-    namespace.commit(ids, vectors, sources, failures, {"computed": len(ids), "failed": len(failures)})
+    runtime = encoder.runtime
+    namespace.commit(ids, vectors, sources, failures, {
+        "computed": len(ids), "failed": len(failures),
+        # provenance: every runtime passed this artifact's gate, so shards may mix them
+        "runtime": {"kind": type(runtime).__name__, "device": runtime.device, "providers": list(runtime.providers)},
+    })
     done.update(ids)
     report.shards += 1
     report.computed += len(ids)

@@ -87,6 +87,14 @@ def test_parquet_and_csv_sources(minilm, tmp_path: Path):
     ids_b, X_b = sorted_store(tmp_path / "b")
     assert ids_a == ids_b
     np.testing.assert_array_equal(X_a, X_b)
+    # The torch runtime computes the same features; each commit says which runtime computed it.
+    c = embedkit.extract(str(tmp_path / "t.csv"), "minilm-l6", str(tmp_path / "c"), column="body", runtime="torch")
+    assert c.computed == 50
+    ids_c, X_c = sorted_store(tmp_path / "c")
+    assert ids_c == ids_a and np.abs(X_c - X_a).max() <= 1e-4
+    kinds = {str(p): [r["stats"]["runtime"]["kind"] for r in embedkit.FeatureStore(p).find("minilm-l6").commits()]
+             for p in (tmp_path / "a", tmp_path / "c")}
+    assert kinds == {str(tmp_path / "a"): ["Runtime"], str(tmp_path / "c"): ["TorchRuntime"]}
 
 
 def test_changed_preprocessing_gets_its_own_namespace(minilm, tmp_path: Path):
