@@ -73,36 +73,9 @@ def read_texts(path: Path, column: str) -> list[Any]:
         if lines and lines[-1] == b"":
             lines.pop()
         return [line[:-1] if line.endswith(b"\r") else line for line in lines]
-    if suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            if reader.fieldnames is None or column not in reader.fieldnames:
-                raise _column_error(path, column, reader.fieldnames or [])
-            return [row[column] for row in reader]
-    if suffix == ".jsonl":
-        items = []
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UnsupportedInputError(f"{path.name} line {number} is not JSON: {exc.msg}") from exc
-                items.append(record.get(column) if isinstance(record, dict) else None)
-        return items
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if column not in table.column_names:
-            raise _column_error(path, column, table.column_names)
-        return table.column(column).to_pylist()
-    raise UnsupportedInputError(f"unsupported input {path.name}: use .txt, .csv, .tsv, .jsonl or .parquet")
-
-
-def _column_error(path: Path, column: str, names: Sequence[str]) -> Exception:
-    return UnsupportedInputError(f"{path.name} has no column {column!r}; columns: {', '.join(names)} (use --column)")
+    if suffix not in TABLES:
+        raise UnsupportedInputError(f"unsupported input {path.name}: use .txt, .csv, .tsv, .jsonl or .parquet")
+    return [value for _, value, _ in _rows(path, column, None, strict=True)]
 
 
 # -- streaming items for extraction -----------------------------------------------------------
@@ -156,8 +129,12 @@ def walk_files(root: Path) -> Iterator[str]:
                 yield path
 
 
-def _rows(path: Path, column: str, id_column: str | None) -> Iterator[tuple[int, Any, Any]]:
-    """``(row number, value, id value)`` from a table, streamed."""
+def _rows(path: Path, column: str, id_column: str | None, strict: bool = False) -> Iterator[tuple[int, Any, Any]]:
+    """``(row number, value, id value)`` from a table, streamed.
+
+    A JSONL line that is not JSON is that item's failure (value None), or with ``strict`` an
+    :class:`UnsupportedInputError` naming the line.
+    """
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
@@ -172,7 +149,9 @@ def _rows(path: Path, column: str, id_column: str | None) -> Iterator[tuple[int,
                     continue
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
+                except json.JSONDecodeError as exc:
+                    if strict:
+                        raise UnsupportedInputError(f"{path.name} line {n} is not JSON: {exc.msg}") from exc
                     record = None  # a bad line is that item's failure, not the file's
                 if not isinstance(record, dict):
                     yield n, None, None
@@ -198,7 +177,8 @@ def _rows(path: Path, column: str, id_column: str | None) -> Iterator[tuple[int,
 def _check_columns(path: Path, names: Sequence[str], column: str, id_column: str | None) -> None:
     for wanted in (column, id_column):
         if wanted and wanted not in names:
-            raise UnsupportedInputError(f"{path.name} has no column {wanted!r}; columns: {', '.join(names)}")
+            raise UnsupportedInputError(
+                f"{path.name} has no column {wanted!r}; columns: {', '.join(names)} (use --column / --id-column)")
 
 
 def iter_items(
