@@ -6,6 +6,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -15,40 +16,24 @@ from .errors import UnsupportedInputError
 
 logger = logging.getLogger(__name__)
 
-HEADS = ("logreg", "linear-svm", "ridge", "mlp", "knn", "faiss-knn")
+# name -> (module, class, default parameters); classes are imported only when asked for.
+_HEADS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "logreg": ("sklearn.linear_model", "LogisticRegression", {"max_iter": 2000}),
+    "linear-svm": ("sklearn.svm", "LinearSVC", {}),
+    "ridge": ("sklearn.linear_model", "RidgeClassifier", {}),
+    "mlp": ("sklearn.neural_network", "MLPClassifier", {"max_iter": 500, "random_state": 0}),
+    "knn": ("sklearn.neighbors", "KNeighborsClassifier", {}),
+    "faiss-knn": ("embedkit.heads", "FaissKNNClassifier", {}),
+}
+HEADS = tuple(_HEADS)
 
 
 def make_head(kind: str, params: dict[str, Any] | None = None) -> Any:
     """A scikit-learn (or FAISS) head by name, with parameters."""
-    params = dict(params or {})
-    if kind == "logreg":
-        from sklearn.linear_model import LogisticRegression
-
-        params.setdefault("max_iter", 2000)
-        return LogisticRegression(**params)
-    if kind == "linear-svm":
-        from sklearn.svm import LinearSVC
-
-        return LinearSVC(**params)
-    if kind == "ridge":
-        from sklearn.linear_model import RidgeClassifier
-
-        return RidgeClassifier(**params)
-    if kind == "mlp":
-        from sklearn.neural_network import MLPClassifier
-
-        params.setdefault("max_iter", 500)
-        params.setdefault("random_state", 0)
-        return MLPClassifier(**params)
-    if kind == "knn":
-        from sklearn.neighbors import KNeighborsClassifier
-
-        return KNeighborsClassifier(**params)
-    if kind == "faiss-knn":
-        from .heads import FaissKNNClassifier
-
-        return FaissKNNClassifier(**params)
-    raise ValueError(f"head must be one of {', '.join(HEADS)}, got {kind!r}")
+    if kind not in _HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {kind!r}")
+    module, name, defaults = _HEADS[kind]
+    return getattr(import_module(module), name)(**{**defaults, **(params or {})})
 
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:
