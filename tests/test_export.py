@@ -14,6 +14,7 @@ from embedkit_text import minilm_folder
 from embedkit_text.folder import folder_backbone
 
 from support import ROOT
+from tiny import text_backbone
 
 
 def test_manifest_records_identity_and_parity(minilm):
@@ -81,11 +82,7 @@ class Branchy(torch.nn.Module):
 
 
 def _branchy_backbone(name="branchy"):
-    return embedkit.Backbone(
-        name=name, modality="text", dim=8, weights="random", license="MIT",
-        preprocess=embedkit.TextPreprocess(tokenizer=str(minilm_folder() / "tokenizer.json"), max_length=64),
-        builder=Branchy,
-    )
+    return text_backbone(name, Branchy)
 
 
 def test_parity_gate_refuses_a_wrong_trace_with_numbers(tmp_path):
@@ -136,11 +133,7 @@ def test_unknown_exporter_and_backbone(tmp_path):
 
 
 def test_export_output_is_the_declared_dimension(tmp_path):
-    wrong = embedkit.Backbone(
-        name="wrong-dim", modality="text", dim=16, weights="random", license="MIT",
-        preprocess=embedkit.TextPreprocess(tokenizer=str(minilm_folder() / "tokenizer.json"), max_length=64),
-        builder=Branchy,
-    )
+    wrong = text_backbone("wrong-dim", Branchy, dim=16)
     with pytest.raises(embedkit.ExportError, match="declared"):
         embedkit.export(wrong, tmp_path, exporter="torchscript")
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import embedkit
-from embedkit_text import minilm_folder
 from embedkit.probes import cosine
 from support import read_banking, run_cli
+from tiny import text_backbone
 
 
 def test_fp16_variant_is_its_own_gated_artifact_close_to_fp32(minilm):
@@ -62,18 +62,10 @@ class Tiny(torch.nn.Module):
         return (self.emb(input_ids) * m).sum(1) / m.sum(1)
 
 
-def _backbone(name, builder):
-    return embedkit.Backbone(
-        name=name, modality="text", dim=8, weights="random", license="MIT",
-        preprocess=embedkit.TextPreprocess(tokenizer=str(minilm_folder() / "tokenizer.json"), max_length=64),
-        builder=builder,
-    )
-
-
 def test_nodes_whose_activations_exceed_fp16_range_stay_fp32(tmp_path):
     import onnx
 
-    fp32 = embedkit.export(_backbone("overflows", Overflows), tmp_path)
+    fp32 = embedkit.export(text_backbone("overflows", Overflows), tmp_path)
     fp16 = embedkit.half(fp32, tmp_path)
     info = fp16.manifest["precision"]
     assert info["peak_activation"] > 65504 and info["fp32_nodes"]  # found by running the probes
@@ -88,12 +80,12 @@ def test_nodes_whose_activations_exceed_fp16_range_stay_fp32(tmp_path):
             assert types.get(name) != onnx.TensorProto.FLOAT16, (node.name, name)
     assert any(types.get(n.output[0]) == onnx.TensorProto.FLOAT16 for n in model.graph.node)  # the rest is fp16
     assert info["parity"]["min_cosine"] >= 0.999
-    small = embedkit.half(embedkit.export(_backbone("in-range", lambda: Overflows(scale=1.0)), tmp_path), tmp_path)
+    small = embedkit.half(embedkit.export(text_backbone("in-range", lambda: Overflows(scale=1.0)), tmp_path), tmp_path)
     assert small.manifest["precision"]["fp32_nodes"] == []  # nothing kept when nothing is out of range
 
 
 def test_a_network_fp16_cannot_represent_is_refused_with_numbers(tmp_path):
-    fp32 = embedkit.export(_backbone("tiny", Tiny), tmp_path)
+    fp32 = embedkit.export(text_backbone("tiny", Tiny), tmp_path)
     with pytest.raises(embedkit.ExportParityError) as info:
         embedkit.half(fp32, tmp_path)
     assert info.value.parity["min_cosine"] < 0.999 and "fp16" in str(info.value)

@@ -4,23 +4,7 @@ import torch
 
 import embedkit
 from embedkit.testing import check_backbone
-from embedkit_text import minilm_folder
-
-TOKENIZER = str(minilm_folder() / "tokenizer.json")
-
-
-class Pooled(torch.nn.Module):
-    """A tiny honest text encoder: embedding + masked mean."""
-
-    def __init__(self, dim=8, seed=0):
-        super().__init__()
-        if seed is not None:
-            torch.manual_seed(seed)
-        self.emb = torch.nn.Embedding(30522, dim)
-
-    def forward(self, input_ids, attention_mask):
-        m = attention_mask.unsqueeze(-1).float()
-        return (self.emb(input_ids) * m).sum(1) / m.sum(1)
+from tiny import Pooled, text_backbone
 
 
 class IgnoresMask(Pooled):
@@ -45,10 +29,7 @@ class NonFinite(Pooled):
 
 
 def _backbone(builder, dim=8, name="probe-model"):
-    return embedkit.Backbone(
-        name=name, modality="text", dim=dim, weights="random", license="MIT",
-        preprocess=embedkit.TextPreprocess(tokenizer=TOKENIZER, max_length=64), builder=builder,
-    )
+    return text_backbone(name, builder, dim)
 
 
 def test_a_good_backbone_passes_every_rule(tmp_path):

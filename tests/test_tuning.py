@@ -12,8 +12,8 @@ from embedkit.encoder import encoder_for
 from embedkit.probes import cosine
 from embedkit.torch_runtime import TorchRuntime
 from embedkit.tuning import device_key, recorded
-from embedkit_text import minilm_folder
 from support import read_banking, run_cli
+from tiny import Pooled, text_backbone
 
 
 @pytest.fixture(autouse=True)
@@ -52,25 +52,10 @@ def test_tune_records_the_fastest_passing_runtime_and_auto_uses_it(minilm):
     assert isinstance(encoder_for(minilm, runtime="torch").runtime, TorchRuntime)  # explicit beats the record
 
 
-class Pooled(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = torch.nn.Embedding(30522, 8)
-
-    def forward(self, input_ids, attention_mask):
-        m = attention_mask.unsqueeze(-1).float()
-        return (self.emb(input_ids) * m).sum(1) / m.sum(1)
-
-
 def test_torch_runtime_refuses_a_module_that_is_not_the_exported_network(tmp_path):
     weights = tmp_path / "weights.bin"
     weights.write_bytes(b"v1")
-    backbone = embedkit.Backbone(
-        name="pooled", modality="text", dim=8, weights="random", license="MIT", weight_files=(str(weights),),
-        preprocess=embedkit.TextPreprocess(tokenizer=str(minilm_folder() / "tokenizer.json"), max_length=64),
-        builder=Pooled,
-    )
+    backbone = text_backbone("pooled", Pooled, weight_files=(str(weights),))
     artifact = embedkit.export(backbone, tmp_path / "models")
     TorchRuntime(artifact, backbone=backbone)  # the same network: accepted
     weights.write_bytes(b"v2")  # new weights since the export
