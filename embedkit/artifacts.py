@@ -116,6 +116,11 @@ class ModelStore:
     def __init__(self, root: str | os.PathLike[str] | None = None):
         self.root = Path(root).resolve() if root is not None else default_root()
 
+    @classmethod
+    def holding(cls, artifact: "Artifact") -> "ModelStore":
+        """The store an artifact lives in (``<root>/<name>/<digest>``)."""
+        return cls(artifact.path.parents[1])
+
     def __repr__(self) -> str:
         return f"ModelStore({str(self.root)!r})"
 

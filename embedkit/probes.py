@@ -79,7 +79,7 @@ class Probes:
             if got.shape != ref.shape or got.shape != (len(batch), self.backbone.dim):
                 hint = " (are the axes really dynamic?)" if got.shape[:1] != ref.shape[:1] else ""
                 raise ExportError(
-                    f"output shape: onnx {got.shape}, {against} {ref.shape}, declared ({len(batch)}, {self.backbone.dim}){hint}"
+                    f"output shape: {got.shape}, {against} {ref.shape}, declared ({len(batch)}, {self.backbone.dim}){hint}"
                 )
             if not (np.isfinite(got).all() and np.isfinite(ref).all()):
                 raise ExportError("the model produced NaN or inf on the probes")

@@ -35,7 +35,7 @@ def backbone_of(artifact: Artifact, store: ModelStore | str | None = None, backb
     if "quantization" in artifact.manifest:
         raise ArtifactError(f"{artifact.name} is an int8 variant; the torch runtime runs fp32 or fp16 artifacts")
     if parent:
-        store = store if isinstance(store, ModelStore) else ModelStore(store or artifact.path.parents[1])
+        store = store if isinstance(store, ModelStore) else (ModelStore(store) if store else ModelStore.holding(artifact))
         base = store.get(parent)
     if backbone is None:
         try:

@@ -1,7 +1,8 @@
 """Runtime selection by measurement: which of ONNX Runtime and torch is faster for this artifact here.
 
-``tune(artifact, device)`` runs every runtime on the same batch of probe inputs, checks each
-against the artifact's own ONNX Runtime CPU output on the padded probe batches (the export gate:
+``tune(artifact, device)`` runs a real encoder end to end with each runtime over the same items,
+checks each runtime against the artifact's own ONNX Runtime CPU output on the padded probe
+batches (the export gate:
 :data:`~embedkit.probes.LIMITS` for fp32 artifacts, :data:`~embedkit.probes.FP16_LIMITS` for fp16
 variants), times it, and records the fastest one that passes in
 ``<model store>/tuning/<digest>.json`` under a key naming the device (CPU model and cores, or
@@ -18,7 +19,6 @@ import platform
 import time
 from pathlib import Path
 from typing import Any
-
 
 from .artifacts import Artifact, ModelStore
 from .atomic import write_atomic
@@ -55,12 +55,8 @@ def device_key(device: str) -> str:
     return f"cpu:{model}:{cpu_count()} cores"
 
 
-def _store_of(artifact: Artifact) -> ModelStore:
-    return ModelStore(artifact.path.parents[1])  # <root>/<name>/<digest>
-
-
 def _path(artifact: Artifact) -> Path:
-    return _store_of(artifact).root / "tuning" / f"{artifact.digest}.json"
+    return ModelStore.holding(artifact).root / "tuning" / f"{artifact.digest}.json"
 
 
 def recorded(artifact: Artifact, device: str) -> dict[str, Any] | None:
@@ -79,32 +75,33 @@ def make_runtime(artifact: Artifact, runtime: str = "auto", device: str = "cpu",
     """
     if runtime not in ("auto",) + RUNTIMES:
         raise ValueError(f"runtime must be auto, {', '.join(RUNTIMES)}; got {runtime!r}")
-    if runtime.startswith("torch"):
-        from .torch_runtime import TorchRuntime
-
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return TorchRuntime(artifact, device=device, threads=threads, compile=runtime == "torch-compile")
-    if runtime == "auto":
+    explicit = runtime != "auto"
+    actual = device  # the device a record or the torch runtime is for; Runtime keeps "auto"'s fallback
+    if not explicit:
         import onnxruntime as ort
 
-        actual = device if device != "auto" else (
-            "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu")
+        if device == "auto":
+            actual = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
         record = recorded(artifact, actual)
         if record is None and actual == "cuda":
             try:
                 record = tune(artifact, "cuda")
             except Exception as exc:  # noqa: BLE001 - measuring is an optimisation; ONNX Runtime still works
                 logger.warning("could not tune %s on CUDA (%s); using ONNX Runtime", artifact.name, exc)
-        if record is not None and record.get("choice", "").startswith("torch"):
-            from .torch_runtime import TorchRuntime
+        runtime = record["choice"] if record is not None else "onnxruntime"
+    if runtime.startswith("torch"):
+        from .torch_runtime import TorchRuntime
 
-            try:
-                return TorchRuntime(artifact, device=actual, threads=threads, compile=record["choice"] == "torch-compile")
-            except (EmbedkitError, ImportError) as exc:
-                logger.warning("the recorded choice for %s is torch, but: %s; using ONNX Runtime", artifact.name, exc)
+        if actual == "auto":
+            import torch
+
+            actual = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            return TorchRuntime(artifact, device=actual, threads=threads, compile=runtime == "torch-compile")
+        except (EmbedkitError, ImportError) as exc:
+            if explicit:
+                raise
+            logger.warning("the recorded choice for %s is %s, but: %s; using ONNX Runtime", artifact.name, runtime, exc)
     return Runtime(artifact.onnx_path, device=device, threads=threads, streams=streams)
 
 
@@ -142,7 +139,6 @@ def tune(artifact: Artifact | str, device: str = "cpu", items: list[Any] | None 
     could not run here).
     """
     from .encoder import encoder_for
-
     from .exporter import resolve
 
     if device not in ("cpu", "cuda"):
