@@ -1,0 +1,210 @@
+"""Commands that compute or inspect features: embed, extract, store."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import UnsupportedInputError
+from ..sources import read_texts
+from .common import EXIT_FAILED_ITEMS, OUTPUT_SUFFIXES, store_arg
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser(
+        "embed", help="embed texts or images: a text file (one text or image path per line), a CSV/TSV/JSONL/Parquet "
+        "column, or (images) a folder",
+    )
+    p.add_argument("backbone")
+    p.add_argument("input", help=".txt, .csv, .tsv, .jsonl, .parquet, or an image folder (class subfolders = labels)")
+    p.add_argument("--out", required=True, help=".npy or .parquet")
+    p.add_argument("--column", help="column holding the texts or image paths (tables; default text / path)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "torch-compile"],
+                   help="auto: the faster one measured by `embedkit tune` on this device")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-truncate", action="store_true", help="text: texts over max length become errors")
+    p.add_argument("--empty", default="embed", choices=["embed", "error"], help="text: empty texts")
+    p.add_argument("--batch-size", type=int, help="images per batch (default 16 on CPU)")
+    p.add_argument("--workers", type=int, help="image decoding threads (default: cores)")
+    p.add_argument("--max-pixels", type=int, help="refuse larger images (decompression-bomb guard)")
+    p.add_argument("--keep-blank", action="store_true", help="embed blank / placeholder graphics instead of refusing them")
+    p.add_argument("--no-progress", action="store_true")
+    store_arg(p)
+
+    p = sub.add_parser(
+        "extract", help="extract features of a source into a feature store, resumable and exactly once",
+    )
+    p.add_argument("source", help="folder, glob, .txt, .csv, .tsv, .jsonl or .parquet")
+    p.add_argument("--backbone", default="minilm-l6")
+    p.add_argument("--out", required=True, help="feature store folder")
+    p.add_argument("--column", help="payload column of a table (default text / path)")
+    p.add_argument("--id-column", help="column of item ids (default: a hash of the content)")
+    p.add_argument("--shard-size", type=int, help="source items per shard (default 4096 texts / 512 images)")
+    p.add_argument("--max-failures", type=int, default=0, help="exit 2 when more items fail (default 0)")
+    p.add_argument("--no-verify", action="store_true", help="skip checksumming the committed shards first")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "torch-compile"],
+                   help="auto: the faster one measured by `embedkit tune` on this device")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--batch-size", type=int, help="images per batch")
+    p.add_argument("--workers", type=int, help="image decoding threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    store_arg(p)
+
+    p = sub.add_parser("store", help="inspect a feature store: info | verify | gc")
+    p.add_argument("action", choices=["info", "verify", "gc"])
+    p.add_argument("path", help="feature store folder")
+    p.add_argument("--json", action="store_true")
+
+
+def read_images(path: Path, column: str) -> tuple[list[Any], dict[str, list[Any]]]:
+    """Image items (paths) and extra output columns from a folder, a file list or a table."""
+    from .sources import file_list, image_folder
+
+    if path.is_dir():
+        folder = image_folder(path)
+        return list(folder.paths), {"path": folder.paths, "label": folder.labels}
+    if path.suffix.lower() == ".txt":
+        items = file_list(path)
+        return list(items), {"path": items}
+    if not path.is_file():
+        raise UnsupportedInputError(f"{path} is neither a folder nor a file")
+    values = read_texts(path, column)
+    # Paths in a table are relative to the table's folder, as in a file list.
+    items = [str(path.parent / v) if isinstance(v, str) and v and not Path(v).is_absolute() else v for v in values]
+    return items, {column: values}
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..encoder import encoder_for
+    from ..exporter import resolve
+
+    out = Path(args.out)
+    if out.suffix not in OUTPUT_SUFFIXES:  # checked before any work; np.save would append .npy
+        raise UnsupportedInputError(f"--out {out.name}: the output must end in {' or '.join(OUTPUT_SUFFIXES)}")
+    artifact = resolve(args.backbone, args.store)
+    extra: dict[str, list[Any]] = {}
+    if artifact.modality == "image":
+        items, extra = read_images(Path(args.input), args.column or "path")
+        encoder = encoder_for(
+            artifact, device=args.device, threads=args.threads, runtime=args.runtime, batch_size=args.batch_size,
+            workers=args.workers, max_pixels=args.max_pixels, reject_blank=not args.keep_blank,
+        )
+        unit = "image"
+    else:
+        items = read_texts(Path(args.input), args.column or "text")
+        encoder = encoder_for(artifact, device=args.device, threads=args.threads, runtime=args.runtime,
+                              truncate=not args.no_truncate, empty=args.empty)
+        unit = "text"
+    from tqdm import tqdm
+
+    with tqdm(total=len(items), unit=unit, disable=args.no_progress, file=sys.stderr) as bar:
+        result = encoder.encode(items, progress=bar.update)
+    errors_path = out.with_name(out.name + ".errors.jsonl")
+    if out.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        by_row = {e.index: e for e in result.errors}
+        columns = {"row": np.arange(len(items))}
+        columns.update({k: [v if isinstance(v, (str, type(None))) else repr(type(v)) for v in vs] for k, vs in extra.items()})
+        table = pa.table({
+            **columns,
+            "ok": result.ok,
+            "embedding": pa.FixedSizeListArray.from_arrays(result.vectors.reshape(-1), artifact.dim),
+            "error_code": [by_row[i].code if i in by_row else None for i in range(len(items))],
+            "error_message": [by_row[i].message if i in by_row else None for i in range(len(items))],
+        })
+        table = table.replace_schema_metadata({"embedkit.digest": artifact.digest, "embedkit.backbone": artifact.name})
+        pq.write_table(table, out)
+    else:
+        np.save(out, result.vectors)
+    with open(errors_path, "w") as f:
+        for e in result.errors:
+            record = e.to_json()
+            if "path" in extra:  # images: the file is the item's id
+                record["path"] = extra["path"][e.index]
+            f.write(json.dumps(record) + "\n")
+    s = result.stats
+    detail = f", {s.truncated} truncated, {s.empty} empty" if unit == "text" else ""
+    print(f"{s.total} {unit}s: {s.ok} ok, {s.failed} failed{detail}; "
+          f"{s.total / max(result.seconds, 1e-9):.0f} {unit}s/s -> {out} (errors: {errors_path.name})", file=sys.stderr)
+    return EXIT_FAILED_ITEMS if s.failed else 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from ..exporter import resolve
+    from ..extraction import extract
+    from ..sources import count_items
+
+    artifact = resolve(args.backbone, args.store)
+    options: dict[str, Any] = {"device": args.device, "threads": args.threads, "runtime": args.runtime}
+    if artifact.modality == "image":
+        options.update(batch_size=args.batch_size, workers=args.workers)
+    elif args.batch_size or args.workers:
+        raise UnsupportedInputError("--batch-size and --workers apply to image backbones")
+    from tqdm import tqdm
+
+    total = None if args.no_progress else count_items(args.source, artifact.modality)
+    with tqdm(total=total, unit="item", disable=args.no_progress, file=sys.stderr, smoothing=0.1) as bar:
+        report = extract(
+            args.source, artifact, args.out, column=args.column, id_column=args.id_column,
+            shard_size=args.shard_size, verify=not args.no_verify, progress=bar.update, **options,
+        )
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    print(report.summary(), file=sys.stderr)
+    if report.failed > args.max_failures:
+        print(f"error: {report.failed} items failed (--max-failures {args.max_failures}); "
+              f"see `embedkit store info {args.out}` and the failure records", file=sys.stderr)
+        return EXIT_FAILED_ITEMS
+    return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from ..store import FeatureStore
+
+    store = FeatureStore(args.path)
+    if not Path(args.path).is_dir():
+        raise UnsupportedInputError(f"{args.path} is not a feature store folder")
+    if args.action == "info":
+        rows = store.info()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for r in rows:
+            if not args.json:
+                print(f"{r['backbone']:<22} {r['digest'][:12]}  dim={r['dim']:<5} rows={r['rows']:<9} "
+                      f"shards={r['shards']:<5} failures={r['failures']:<6} {r['bytes'] / 1e6:.1f} MB")
+        return 0
+    if args.action == "verify":
+        found = store.verify(deep=True)
+        bad = {k: [p.to_json() for p in v] for k, v in found.items() if v}
+        if args.json:
+            print(json.dumps({"namespaces": len(found), "problems": bad}, indent=2))
+        else:
+            for key, problems in bad.items():
+                for p in problems:
+                    print(f"{key}: shard {p['shard']}: {p['reason']}")
+            print(f"{len(found)} namespace(s) checked, {sum(len(v) for v in bad.values())} damaged shard(s)"
+                  + (" (a rerun of extract sets them aside and recomputes their items)" if bad else ""))
+        return 1 if bad else 0
+    removed = store.gc()
+    if args.json:
+        print(json.dumps(removed, indent=2))
+    else:
+        for key, counts in removed.items():
+            print(f"{key}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+    return 0
+
+
+COMMANDS = {
+    "embed": cmd_embed,
+    "extract": cmd_extract,
+    "store": cmd_store,
+}

@@ -1,0 +1,193 @@
+"""Commands about backbones and artifacts: backbones, plugins, export, check, tune, quantize, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import UnsupportedInputError
+from ..sources import read_texts
+from .common import store_arg
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("backbones", help="list registered backbones")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("plugins", help="list plugins with their version, status and errors")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="export a backbone to ONNX (reused when already exported)")
+    p.add_argument("backbone", help="registered name or local model folder")
+    p.add_argument("--exporter", default="auto", choices=["auto", "torchscript", "dynamo"])
+    p.add_argument("--force", action="store_true", help="export again even if an artifact exists")
+    p.add_argument("--fp16", action="store_true",
+                   help="also make the fp16 variant for GPUs (<name>-fp16), gated against fp32 on the probes")
+    store_arg(p)
+
+    p = sub.add_parser("check", help="run the backbone contract (embedkit.testing.check_backbone)")
+    p.add_argument("backbone")
+
+    p = sub.add_parser("tune", help="measure ONNX Runtime vs torch for a backbone on this device; record the faster")
+    p.add_argument("backbone", help="name, digest, or a variant's name (e.g. minilm-l6-fp16)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--runtime", action="append", choices=["onnxruntime", "torch", "torch-compile"],
+                   help="repeatable (default: onnxruntime and torch; on CUDA also torch-compile)")
+    p.add_argument("--data", help="a sample of your items (.txt, .csv, .tsv, .jsonl, .parquet); default: shipped sentences / probe images")
+    p.add_argument("--column", help="payload column (default text / path)")
+    p.add_argument("--limit", type=int, default=1000, help="items used from --data (default 1000)")
+    p.add_argument("--seconds", type=float, default=2.0, help="minimum timing per runtime")
+    p.add_argument("--json", action="store_true")
+    store_arg(p)
+
+    p = sub.add_parser("quantize", help="int8 variants for CPU, with a report of their cost on your data")
+    p.add_argument("backbone")
+    p.add_argument("--variant", action="append", choices=["dynamic", "dynamic-per-tensor", "static"],
+                   help="repeatable (default: all three)")
+    p.add_argument("--report", action="store_true", help="measure cosine to fp32, speed and head accuracy")
+    p.add_argument("--data", help="your items: .txt, .csv, .tsv, .jsonl or .parquet (needed by --report and static)")
+    p.add_argument("--column", help="payload column (default text / path)")
+    p.add_argument("--label-column", help="labels for the head-accuracy column of the report")
+    p.add_argument("--limit", type=int, default=2000, help="items used from --data (default 2000)")
+    p.add_argument("--json", action="store_true")
+    store_arg(p)
+
+    p = sub.add_parser("demo", help="the built-in demo: MiniLM + LogisticRegression on a Banking77 sample")
+    store_arg(p)
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from ..plugins import list_backbones, registry
+
+    rows = [dict(b.spec(), plugin=registry().owner.get(b.name)) for b in list_backbones()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['name']:<24} {r['modality']:<6} dim={r['dim']:<5} plugin={r['plugin']:<10} {r['license']:<12} {r['description']}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from ..plugins import plugin_report
+
+    report = [p.to_json() for p in plugin_report()]
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for p in report:
+        print(f"{p['name']:<16} {p['distribution']} {p['version']:<10} {p['status']:<7} backbones: {', '.join(p['backbones']) or '-'}")
+        for e in p["errors"]:
+            print(f"    error: {e}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..exporter import export
+
+    artifact = export(args.backbone, args.store, exporter=args.exporter, force=args.force)
+    parity = artifact.manifest["parity"]
+    print(f"{artifact.name} {artifact.digest}")
+    print(f"  path     {artifact.path}")
+    print(f"  exporter {parity['exporter']}  max|diff| {parity['max_abs_diff']:.3g}  min cosine {parity['min_cosine']:.8f}")
+    if args.fp16:
+        from ..precision import half
+
+        variant = half(artifact, args.store)
+        parity = variant.manifest["precision"]["parity"]
+        print(f"{variant.name} {variant.digest}")
+        print(f"  path     {variant.path}")
+        print(f"  fp16 vs fp32  max|diff| {parity['max_abs_diff']:.3g}  min cosine {parity['min_cosine']:.8f}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from ..testing import check_backbone
+
+    report = check_backbone(args.backbone)
+    for rule in report["rules"]:
+        print(f"ok  {rule}")
+    parity = report["parity"]
+    print(f"{report['backbone']}: all rules pass (parity max|diff| {parity['max_abs_diff']:.3g}, "
+          f"min cosine {parity['min_cosine']:.8f}; batch invariance {report['batch_invariance_max_abs_diff']:.3g})")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from ..exporter import resolve
+    from ..sources import iter_items
+    from ..tuning import tune
+
+    artifact = resolve(args.backbone, args.store)
+    items = None
+    if args.data:
+        items = [item.payload for _, item in zip(range(args.limit), iter_items(Path(args.data), artifact.modality, args.column))]
+    record = tune(artifact, args.device, items=items, seconds=args.seconds, runtimes=tuple(args.runtime) if args.runtime else None)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    print(f"{artifact.name} {artifact.digest[:12]} on {record['device']} ({record['items']} items, end to end)")
+    for name, row in record["candidates"].items():
+        if "error" in row:
+            print(f"  {name:<12} cannot run here: {row['error']}")
+            continue
+        gate = "passes" if row["passes"] else "FAILS"
+        print(f"  {name:<12} {row['items_per_s']:9.1f} items/s  parity max|diff| {row['parity']['max_abs_diff']:.3g} "
+              f"min cos {row['parity']['min_cosine']:.6f} ({gate})")
+    print(f"choice: {record['choice']} (recorded; encoders with runtime='auto' on this device use it)")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from ..exporter import resolve
+    from ..quantization import VARIANTS, quantization_report, quantize
+    from ..sources import iter_items
+
+    variants = args.variant or list(VARIANTS)
+    base = resolve(args.backbone, args.store)
+    items: list[Any] = []
+    labels: list[Any] | None = None
+    if args.data:
+        path = Path(args.data)
+        items = [item.payload for _, item in zip(range(args.limit), iter_items(path, base.modality, args.column))]
+        if args.label_column:
+            labels = [row for _, row in zip(range(args.limit), read_texts(path, args.label_column))]
+    if (args.report or "static" in variants) and not items:
+        raise UnsupportedInputError("--report and the static variant need --data (a sample of your items)")
+    if not args.report:
+        for variant in variants:
+            art = quantize(base, variant, calibration=items[:256], store=args.store)
+            print(f"{art.name} {art.digest}\n  path {art.path}")
+        return 0
+    rows = quantization_report(base, items, labels, variants=variants, store=args.store)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{len(items)} items from {Path(args.data).name}; measured on a 30 % held-out part")
+    header = f"{'variant':<20} {'items/s':>8} {'speed':>6} {'mean cos':>9} {'min cos':>8} {'MB':>6}"
+    print(header + ("  accuracy" if labels is not None else ""))
+    for r in rows:
+        line = (f"{r['variant']:<20} {r['items_per_s']:8.0f} {r['speedup']:5.2f}x {r['mean_cosine']:9.4f} "
+                f"{r['min_cosine']:8.4f} {r['size_mb']:6.1f}")
+        print(line + (f"  {r['accuracy']:.4f}" if labels is not None else ""))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run
+
+    run(sys.stdout, store=args.store)
+    return 0
+
+
+COMMANDS = {
+    "backbones": cmd_backbones,
+    "plugins": cmd_plugins,
+    "export": cmd_export,
+    "check": cmd_check,
+    "tune": cmd_tune,
+    "quantize": cmd_quantize,
+    "demo": cmd_demo,
+}
