@@ -38,8 +38,27 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 
 
 def default_root() -> Path:
-    """``$EMBEDKIT_HOME`` when set, else ``models/`` in the working directory."""
-    return Path(os.environ.get(HOME_ENV) or "models").resolve()
+    """The user's model store: ``$EMBEDKIT_HOME`` when set, else the platform's user cache folder.
+
+    The cache folder is ``platformdirs.user_cache_dir("embedkit")``: ``~/.cache/embedkit`` on
+    Linux (``$XDG_CACHE_HOME/embedkit`` when that is set), ``~/Library/Caches/embedkit`` on
+    macOS, ``%LOCALAPPDATA%\\embedkit\\Cache`` on Windows. It never depends on the working
+    directory, so every process of one user shares one copy of each export.
+    """
+    home = os.environ.get(HOME_ENV)
+    if home:
+        return Path(home).expanduser().resolve()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("embedkit")).resolve()
+
+
+def describe_root(root: str | os.PathLike[str] | None = None) -> str:
+    """Where the model store is and why, for ``--help`` and ``embedkit backbones``."""
+    if root is not None:
+        return f"{Path(root).resolve()} (--models)"
+    why = f"${HOME_ENV}" if os.environ.get(HOME_ENV) else f"user cache folder; set ${HOME_ENV} to move it"
+    return f"{default_root()} ({why})"
 
 
 @dataclass(frozen=True)
@@ -140,6 +159,13 @@ class ModelStore:
                 except ArtifactError as exc:
                     logger.warning("skipping unreadable artifact %s: %s", sub, exc)
         return sorted(found, key=lambda a: (a.manifest.get("created", ""), a.digest))
+
+    def by_digest(self, digest: str) -> Artifact | None:
+        """The artifact whose full sha256 is ``digest``, whatever its name, or None."""
+        for artifact in self.artifacts():
+            if artifact.digest == digest:
+                return artifact
+        return None
 
     def find(self, name: str, export_key: str) -> Artifact | None:
         """The artifact exported from exactly these inputs, if any."""

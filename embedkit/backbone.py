@@ -140,6 +140,63 @@ class ImagePreprocess:
             raise InvalidBackboneError("preprocess", f"background must be 3 ints in 0..255, got {self.background!r}")
 
 
+@dataclass(frozen=True)
+class OnnxModel:
+    """An ONNX file that already is the network: the source of an ONNX-only backbone (no torch).
+
+    The graph must take ``input_ids`` and ``attention_mask`` (int64, shape (N, L), both axes
+    dynamic; a ``token_type_ids`` input, if any, is fed zeros). embedkit keeps only the part of
+    the graph that computes ``output``, then appends what the backbone declares:
+
+    - ``pooled=True``: ``output`` already is one vector per text, shape (N, dim); the text
+      preprocessing's ``pooling`` records how the graph pooled and embedkit pools nothing.
+    - ``pooled=False``: ``output`` holds token states, shape (N, L, dim); embedkit appends the
+      preprocessing's ``pooling`` (``mean`` | ``cls`` | ``max`` | ``last``, padding masked).
+    - the preprocessing's ``normalize=True``: embedkit appends an L2 normalisation (harmless
+      when the graph already normalises); ``False`` leaves the vectors as the graph gives them.
+
+    Attributes:
+        path: the ``.onnx`` file (its content, not its path, is part of the identity).
+        output: name of the graph output to use (e.g. ``"461"``); empty: the first output.
+        pooled: whether ``output`` is already pooled (see above).
+        inputs: graph input name per role, for graphs that name them differently, e.g.
+            ``{"input_ids": "ids"}``; roles are ``input_ids``, ``attention_mask``, ``token_type_ids``.
+        reference: optional ``.npz`` with ``texts`` (strings) and ``embeddings`` (float32, (n, dim)):
+            the backbone's expected outputs, checked by the export gate and ``check_backbone``.
+    """
+
+    path: str
+    output: str = ""
+    pooled: bool = True
+    inputs: tuple[tuple[str, str], ...] = ()
+    reference: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, dict):
+            object.__setattr__(self, "inputs", tuple(sorted(self.inputs.items())))
+        elif isinstance(self.inputs, list):
+            object.__setattr__(self, "inputs", tuple(tuple(x) for x in self.inputs))
+
+    def input_name(self, role: str) -> str:
+        return dict(self.inputs).get(role, role)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "output": self.output, "pooled": self.pooled,
+                "inputs": dict(self.inputs), "reference": self.reference}
+
+    def validate(self, modality: str) -> None:
+        if modality != "text":
+            raise InvalidBackboneError("onnx", "ONNX-only backbones are text backbones (image graphs need a builder for now)")
+        if not isinstance(self.path, str) or not self.path.endswith(".onnx"):
+            raise InvalidBackboneError("onnx", f"OnnxModel.path must be a path to a .onnx file, got {self.path!r}")
+        if not isinstance(self.output, str) or not isinstance(self.pooled, bool):
+            raise InvalidBackboneError("onnx", "OnnxModel.output must be a string and pooled a bool")
+        roles = {"input_ids", "attention_mask", "token_type_ids"}
+        unknown = [r for r, _ in self.inputs if r not in roles]
+        if unknown:
+            raise InvalidBackboneError("onnx", f"OnnxModel.inputs roles must be among {sorted(roles)}, got {unknown}")
+
+
 Preprocess = Union[TextPreprocess, ImagePreprocess]
 PREPROCESS_TYPES: dict[str, type] = {"text": TextPreprocess, "image": ImagePreprocess}
 
@@ -172,6 +229,8 @@ class Backbone:
         weight_files: files whose *content* identifies the weights; hashed into the
             export key so new weights give a new artifact.
         description: one line for ``embedkit backbones``.
+        onnx: an :class:`OnnxModel` instead of a builder: an ONNX-only backbone, stored and
+            gated without torch.
     """
 
     name: str
@@ -183,12 +242,14 @@ class Backbone:
     weight_files: tuple[str, ...] = ()
     description: str = ""
     builder: Callable[[], Any] | None = field(default=None, compare=False, repr=False)
+    onnx: OnnxModel | None = None
 
     def build(self) -> Any:
         """Return the torch module (``eval()`` mode is set by the exporter)."""
         if self.builder is None:
+            kind = " (an ONNX-only backbone has no torch module)" if self.onnx is not None else ""
             raise NotImplementedError(
-                f"backbone {self.name!r} has no builder: pass builder=... or override build()"
+                f"backbone {self.name!r} has no builder{kind}: pass builder=... or override build()"
             )
         return self.builder()
 
@@ -203,6 +264,7 @@ class Backbone:
             "license": self.license,
             "weight_files": list(self.weight_files),
             "description": self.description,
+            **({"onnx": self.onnx.to_json()} if self.onnx is not None else {}),
         }
 
     def validate(self) -> None:
@@ -231,5 +293,11 @@ class Backbone:
             json.dumps(self.spec())
         except (TypeError, ValueError) as exc:
             raise InvalidBackboneError("json", f"the declaration is not JSON-serialisable: {exc}") from exc
-        if self.builder is None and type(self).build is Backbone.build:
-            raise InvalidBackboneError("build", "pass builder=... or override build()")
+        if self.onnx is not None:
+            if not isinstance(self.onnx, OnnxModel):
+                raise InvalidBackboneError("onnx", f"onnx must be an embedkit.OnnxModel, got {type(self.onnx).__name__}")
+            self.onnx.validate(self.modality)
+            if self.builder is not None:
+                raise InvalidBackboneError("build", "pass either builder=... (torch) or onnx=... (ONNX-only), not both")
+        elif self.builder is None and type(self).build is Backbone.build:
+            raise InvalidBackboneError("build", "pass builder=... (a torch module) or onnx=embedkit.OnnxModel(...)")

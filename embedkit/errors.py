@@ -47,13 +47,13 @@ class DuplicateBackboneError(PluginError):
 class MissingDependencyError(EmbedkitError, ImportError):
     """An optional dependency is missing; the message names the extra to install."""
 
-    def __init__(self, module: str, extra: str, purpose: str):
+    def __init__(self, module: str, extra: str, purpose: str, install: str | None = None):
         self.module = module
         self.extra = extra
-        super().__init__(
-            f"{purpose} needs the '{module}' package: pip install 'embedkit[{extra}]' "
-            f"(install torch==2.13.0 first for the CPU build)"
-        )
+        # The exact command: an extra of another distribution (embedkit-vision[zoo]) passes it.
+        self.install = install or (f"pip install 'embedkit[{extra}]'" if extra else f"pip install '{module.split('.')[0]}'")
+        torch_hint = " (install torch==2.13.0 first for the CPU build)" if extra == "export" and not install else ""
+        super().__init__(f"{purpose} needs the '{module}' package: {self.install}{torch_hint}")
 
 
 class ExportError(EmbedkitError, RuntimeError):
@@ -120,3 +120,30 @@ class BackboneCheckError(EmbedkitError, AssertionError):
         self.backbone = backbone
         self.rule = rule
         super().__init__(f"backbone {backbone!r} breaks rule '{rule}': {message}")
+
+
+class ArtifactMismatchError(ArtifactError):
+    """An export gave another artifact digest than the one required (e.g. by a saved model)."""
+
+    def __init__(self, name: str, expected: str, got: str):
+        self.name, self.expected, self.got = name, expected, got
+        super().__init__(
+            f"exporting {name!r} now gives artifact {got[:12]}..., not the required {expected[:12]}... "
+            "(other weights, preprocessing or tool versions); nothing was kept"
+        )
+
+
+class BackboneNotAvailableError(ArtifactError, LookupError):
+    """A required backbone artifact (by digest) is in no model store and cannot be re-made here."""
+
+    def __init__(self, digest: str, name: str | None, store: Any, reason: str = "", needed_by: str = ""):
+        self.digest, self.name, self.store, self.reason = digest, name, store, reason
+        what = f"backbone {name!r} artifact {digest}" if name else f"backbone artifact {digest}"
+        by = f" needed by {needed_by}" if needed_by else ""
+        why = f" {reason}." if reason else ""
+        super().__init__(
+            f"{what}{by} is not in the model store {store}.{why} To get it: copy the folder "
+            f"<store>/{name or '<name>'}/{digest} from the machine that made it into {store} "
+            f"(or point --models / $EMBEDKIT_HOME at a store holding it), or export it again with "
+            f"the same backbone, weights and tool versions (`embedkit export {name or '<backbone>'}`)"
+        )

@@ -48,12 +48,17 @@ def export_key(backbone: Backbone, exporter: str = "auto", opset: int = OPSET) -
         spec["preprocess"]["tokenizer"] = sha256_file(spec["preprocess"]["tokenizer"])
     spec.pop("description", None)
     spec["weight_files"] = [sha256_file(p) for p in backbone.weight_files]
+    if "onnx" in spec:  # ONNX-only: the file's content, not its path; no torch involved
+        spec["onnx"] = dict(spec["onnx"], path=sha256_file(spec["onnx"]["path"]))
+        if spec["onnx"]["reference"]:
+            spec["onnx"]["reference"] = sha256_file(spec["onnx"]["reference"])
+        exporter, opset = "onnx-import", 0
     payload = {
         "format": FORMAT,
         "spec": spec,
         "exporter": exporter,
         "opset": opset,
-        "torch": _version("torch"),
+        "torch": _version("torch") if "onnx" not in spec else None,
         "onnx": _version("onnx"),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -73,19 +78,26 @@ def export(
     exporter: str = "auto",
     force: bool = False,
     opset: int = OPSET,
+    expect: str | None = None,
 ) -> Artifact:
     """Export a backbone to the model store, or return the artifact already exported.
 
+    An ONNX-only backbone (``Backbone(onnx=OnnxModel(...))``) is imported instead, without
+    torch (:mod:`embedkit.importer`).
+
     Args:
         backbone: a :class:`Backbone` or a registered name / resolvable spec.
-        store: the model store (default ``$EMBEDKIT_HOME`` or ``./models``).
+        store: the model store (default: ``$EMBEDKIT_HOME``, else the user cache folder).
         exporter: ``auto`` (TorchScript, then dynamo if it fails the gate),
             ``torchscript`` or ``dynamo``.
         force: export again even when an artifact with the same export key exists.
+        expect: the sha256 the artifact must have (a saved model's backbone): any other
+            result raises before anything is kept in the store.
 
     Raises:
         ExportParityError: no candidate export matched torch within ``LIMITS``.
         ExportError: export or ``onnx.checker`` failed.
+        ArtifactMismatchError: ``expect`` is given and the export has another digest.
     """
     source = backbone if isinstance(backbone, str) else None
     if isinstance(backbone, str):
@@ -98,8 +110,13 @@ def export(
     if not force:
         found = store.find(backbone.name, key)
         if found is not None:
+            check_expected(backbone, found.digest, expect)
             logger.info("reusing export %s/%s", backbone.name, found.digest[:12])
             return found
+    if backbone.onnx is not None:
+        from .importer import import_onnx
+
+        return import_onnx(backbone, store, key, expect)
     torch = _import_torch()
     started = time.perf_counter()
     module = backbone.build()
@@ -133,6 +150,7 @@ def export(
             # A measured mismatch says more than a later candidate's crash: report it first.
             raise mismatch or failure  # type: ignore[misc]
         digest = sha256_file(staging / MODEL)
+        check_expected(backbone, digest, expect)  # before anything is kept
         manifest = _manifest(backbone, probes, digest, key, parity, opset, time.perf_counter() - started)
         if source is not None and source != backbone.name:
             manifest["source"] = source  # the spec (a path, timm:...) that builds it again, e.g. for the torch runtime
@@ -149,6 +167,14 @@ def export(
         parity["exporter"], parity["max_abs_diff"], parity["min_cosine"],
     )
     return artifact
+
+
+def check_expected(backbone: Backbone, digest: str, expect: str | None) -> None:
+    """Raise :class:`ArtifactMismatchError` when ``expect`` is given and ``digest`` is another."""
+    if expect is not None and digest != expect:
+        from .errors import ArtifactMismatchError
+
+        raise ArtifactMismatchError(backbone.name, expect, digest)
 
 
 def _export_once(torch: Any, module: Any, probes: Probes, path: Path, exporter: str, opset: int) -> None:
@@ -261,10 +287,10 @@ def resolve(spec: "str | Backbone | Artifact", store: ModelStore | str | None = 
     folder = Path(spec)
     if (folder / MANIFEST).is_file():
         return Artifact.open(folder)
-    if len(spec) >= 8 and all(c in "0123456789abcdef" for c in spec):
-        if any(a.digest.startswith(spec) for a in store.artifacts()):
-            return store.get(spec)
-    from .errors import UnknownBackboneError
+    digest_like = len(spec) >= 8 and all(c in "0123456789abcdef" for c in spec)
+    if digest_like and any(a.digest.startswith(spec) for a in store.artifacts()):
+        return store.get(spec)
+    from .errors import BackboneNotAvailableError, UnknownBackboneError
 
     try:
         return export(spec, store)
@@ -274,4 +300,6 @@ def resolve(spec: "str | Backbone | Artifact", store: ModelStore | str | None = 
         if found:
             found[-1].verify()
             return found[-1]
+        if digest_like:
+            raise BackboneNotAvailableError(spec, None, store.root) from None
         raise

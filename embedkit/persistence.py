@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import sha256_file
+from .artifacts import ModelStore, sha256_file
 from .atomic import staged_folder
 from .errors import ArtifactError, EmbedkitError, UnsafeModelError
 
@@ -102,7 +102,8 @@ def load(path: str | os.PathLike[str], store: str | None = None, trust_pickle: b
     Raises:
         UnsafeModelError: a file's sha256 differs from the record, the head is a pickle and
             ``trust_pickle`` is False, or a skops file holds types outside the trusted set.
-        ArtifactError: the backbone now resolves to another artifact digest than recorded.
+        BackboneNotAvailableError: the backbone artifact is in no model store here and the
+            recorded backbone does not export to the same digest (see :func:`backbone_artifact`).
     """
     from sklearn.pipeline import Pipeline
 
@@ -123,17 +124,9 @@ def load(path: str | os.PathLike[str], store: str | None = None, trust_pickle: b
         if not target.is_file() or sha256_file(target) != digest:
             raise UnsafeModelError(f"{target} is missing or changed since it was saved (sha256 mismatch); refusing it")
     backbone = manifest["backbone"]
-    embedder = Embedder(backbone["digest"], store=store, **manifest.get("embedder", {}))
-    try:
-        embedder.fit()
-    except EmbedkitError:
-        embedder = Embedder(backbone["spec"], store=store, **manifest.get("embedder", {})).fit()
-    if embedder.digest_ != backbone["digest"]:
-        raise ArtifactError(
-            f"this model's head was trained on {backbone['name']} {backbone['digest'][:12]}, but "
-            f"{backbone['spec']!r} now resolves to {embedder.backbone_name_} {embedder.digest_[:12]}; "
-            "features differ, so the head is refused (re-export the original or retrain the head)"
-        )
+    artifact = backbone_artifact(backbone, store, needed_by=str(folder))
+    embedder = Embedder(artifact.digest, store=str(ModelStore.holding(artifact).root),
+                        **manifest.get("embedder", {})).fit()
     kind = head_info["kind"]
     if kind == "skops":
         import skops.io as sio
@@ -162,6 +155,40 @@ def load(path: str | os.PathLike[str], store: str | None = None, trust_pickle: b
     else:
         raise ArtifactError(f"unknown head kind {kind!r} in {folder}")
     return Pipeline([("embed", embedder), ("head", head)])
+
+
+def backbone_artifact(record: dict[str, Any], store: str | os.PathLike[str] | None = None,
+                      needed_by: str = "") -> Any:
+    """The artifact a saved model or index was made with, found from any working directory.
+
+    ``record`` is ``{"digest", "name", "spec"}``. In order: the artifact with that digest in the
+    model store (``store``, default ``$EMBEDKIT_HOME`` or the user cache folder); else the recorded
+    backbone exported again, kept only if it gives that very digest (exports are deterministic).
+    Nothing else is exported or left behind.
+
+    Raises:
+        BackboneNotAvailableError: neither works; the message says what is missing and how to get it.
+    """
+    from .artifacts import ModelStore
+    from .errors import BackboneNotAvailableError, UnknownBackboneError
+    from .exporter import export
+
+    models = ModelStore(store)
+    digest, name = record["digest"], record.get("name")
+    found = models.by_digest(digest)
+    if found is not None:
+        return found  # verified when the embedder opens it
+    reasons = []
+    for spec in dict.fromkeys(s for s in (record.get("spec"), name) if s):
+        if spec == digest or (Path(spec) / "manifest.json").is_file():
+            continue  # an artifact reference, not something to export again
+        try:
+            return export(spec, models, expect=digest)
+        except UnknownBackboneError:
+            reasons.append(f"{spec!r} is not a backbone here (is its plugin installed?)")
+        except EmbedkitError as exc:
+            reasons.append(f"re-exporting {spec!r} failed: {exc}")
+    raise BackboneNotAvailableError(digest, name, models.root, " ".join(reasons), needed_by)
 
 
 def _load_faiss(folder: Path) -> Any:

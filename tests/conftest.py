@@ -7,10 +7,18 @@ from pathlib import Path
 import pytest
 
 
+# The test run's model store: inside the checkout's ignored models/ folder (never the user's
+# real cache), kept between runs so the real MiniLM export is paid once per checkout. It is laid
+# out as a user cache folder (<XDG_CACHE_HOME>/embedkit) so tests can also reach it the way a
+# process without EMBEDKIT_HOME does.
+TEST_CACHE = Path(__file__).resolve().parents[1] / "models" / ".test-cache"
+
+
 @pytest.fixture(scope="session", autouse=True)
-def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_store() -> Path:
     """A session-wide EMBEDKIT_HOME, also seen by the subprocesses the tests start."""
-    root = tmp_path_factory.mktemp("models")
+    root = TEST_CACHE / "embedkit"
+    root.mkdir(parents=True, exist_ok=True)
     os.environ["EMBEDKIT_HOME"] = str(root)
     return root
 

@@ -22,7 +22,12 @@ COMMANDS = {name: fn for group in GROUPS for name, fn in group.COMMANDS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="embedkit", description="Frozen backbones -> ONNX -> fast embeddings.")
+    from ..artifacts import describe_root
+
+    parser = argparse.ArgumentParser(
+        prog="embedkit", description="Frozen backbones -> ONNX -> fast embeddings.",
+        epilog=f"model store: {describe_root()}; --models DIR on a command uses another.",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:

@@ -1,9 +1,19 @@
 """Tiny random-weight models of each family, built from configs (no hub), with a real tokenizer."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def text_store() -> Path:
+    """The test run's model store (the checkout's ignored models/.test-cache), never the user's cache."""
+    root = Path(__file__).resolve().parents[3] / "models" / ".test-cache" / "embedkit"
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("EMBEDKIT_HOME", str(root))
+    return Path(os.environ["EMBEDKIT_HOME"])
 
 WORDS = (
     "the a an of to and in is it that for on with as was at by be this from or have not are but "

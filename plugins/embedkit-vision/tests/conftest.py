@@ -10,8 +10,10 @@ HYMENOPTERA = Path(__file__).resolve().parents[4] / "shared" / "data" / "images"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def vision_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("vision-models")
+def vision_store() -> Path:
+    """The test run's model store (the checkout's ignored models/.test-cache), never the user's cache."""
+    root = Path(__file__).resolve().parents[3] / "models" / ".test-cache" / "embedkit"
+    root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("EMBEDKIT_HOME", str(root))
     return Path(os.environ["EMBEDKIT_HOME"])
 
