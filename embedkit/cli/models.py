@@ -13,8 +13,9 @@ from .common import store_arg
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("backbones", help="list registered backbones")
+    p = sub.add_parser("backbones", help="list registered backbones, their exports and variants, and where the model store is")
     p.add_argument("--json", action="store_true")
+    store_arg(p)
 
     p = sub.add_parser("plugins", help="list plugins with their version, status and errors")
     p.add_argument("--json", action="store_true")
@@ -59,14 +60,37 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
+    from ..artifacts import ModelStore, describe_root
     from ..plugins import list_backbones, registry
 
+    store = ModelStore(args.store)
+    inventory = store.inventory()
     rows = [dict(b.spec(), plugin=registry().owner.get(b.name)) for b in list_backbones()]
+    registered = {r["name"] for r in rows}
+    for r in rows:  # exports of this backbone, and the variants made from them
+        r["exported"] = [a for a in inventory if a["kind"] == "export" and a["name"] == r["name"]]
+        own = {a["digest"] for a in r["exported"]}
+        r["variants"] = [a for a in inventory if a["kind"] != "export" and a["parent"] in own]
+    listed = {a["digest"] for r in rows for a in r["exported"] + r["variants"]}
+    others = [a for a in inventory if a["digest"] not in listed]  # from folders, or whose parent is gone
     if args.json:
-        print(json.dumps(rows, indent=2))
+        # One row per registered backbone (as before), then one per artifact of no registered backbone.
+        print(json.dumps(rows + [dict(a, registered=False) for a in others], indent=2))
         return 0
+    print(f"model store: {describe_root(args.store)}")
     for r in rows:
-        print(f"{r['name']:<24} {r['modality']:<6} dim={r['dim']:<5} plugin={r['plugin']:<10} {r['license']:<12} {r['description']}")
+        print(f"{r['name']:<24} {r['modality']:<6} dim={r['dim']:<5} plugin={r['plugin'] or '-':<16} {r['license']:<12} {r['description']}")
+        for a in r["exported"]:
+            print(f"    exported  {a['digest'][:12]}  {a['path']}")
+        for a in r["variants"]:
+            print(f"    variant   {a['name']:<30} {a['kind']:<20} {a['digest'][:12]}  parent {a['parent'][:12]}")
+    if others:
+        print("other artifacts in the store (exported from a folder or spec, or whose parent is gone):")
+        for a in others:
+            parent = f"parent {a['parent_name'] or '?'} {a['parent'][:12]}" if a["parent"] else ""
+            print(f"    {a['name']:<30} {a['kind']:<20} {a['digest'][:12]}  {parent}".rstrip())
+    if not registered:
+        print("no backbones registered: is a plugin such as embedkit-text installed?")
     return 0
 
 
@@ -109,9 +133,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     report = check_backbone(args.backbone)
     for rule in report["rules"]:
         print(f"ok  {rule}")
+    for rule, why in report["skipped"].items():
+        print(f"skipped  {rule}: {why}")
     parity = report["parity"]
-    print(f"{report['backbone']}: all rules pass (parity max|diff| {parity['max_abs_diff']:.3g}, "
-          f"min cosine {parity['min_cosine']:.8f}; batch invariance {report['batch_invariance_max_abs_diff']:.3g})")
+    against = "vs the source ONNX file" if parity.get("exporter") == "onnx-import" else "vs torch"
+    print(f"{report['backbone']}: all rules pass ({len(report['rules'])} applied, {len(report['skipped'])} skipped; "
+          f"parity {against} max|diff| "
+          f"{parity['max_abs_diff']:.3g}, min cosine {parity['min_cosine']:.8f}; batch invariance "
+          f"{report['batch_invariance_max_abs_diff']:.3g})")
     return 0
 
 

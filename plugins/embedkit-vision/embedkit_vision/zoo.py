@@ -52,7 +52,9 @@ def _import(library: str) -> Any:
 
         return torchvision
     except ImportError as exc:
-        raise MissingDependencyError(library, "zoo", f"building {library} architectures") from exc
+        # The extra belongs to this plugin's distribution, not to embedkit (which has no "zoo").
+        raise MissingDependencyError(library, "zoo", f"building {library} architectures",
+                                     install="pip install 'embedkit-vision[zoo]'") from exc
 
 
 def _state_dict(path: str) -> dict[str, Any]:

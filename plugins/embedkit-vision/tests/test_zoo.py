@@ -23,7 +23,9 @@ zoo = pytest.mark.skipif(not HAVE_ZOO, reason="timm/torchvision are installed in
 def test_missing_library_names_the_extra():
     with pytest.raises(MissingDependencyError) as info:
         embedkit.get_backbone("timm:resnet18@random")
-    assert "zoo" in str(info.value)
+    message = str(info.value)
+    assert "pip install 'embedkit-vision[zoo]'" in message and "embedkit[zoo]" not in message
+    assert info.value.install == "pip install 'embedkit-vision[zoo]'"
 
 
 def test_a_spec_without_weights_is_refused():
