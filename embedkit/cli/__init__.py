@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="embedkit", description="Frozen backbones -> ONNX -> fast embeddings.",
-        epilog=f"model store: {describe_root()}; --models DIR on a command uses another.",
+        # Raw: a long store path must print whole (copyable), not wrapped at its hyphens.
+        epilog=f"model store: {describe_root()}\n(--models DIR on a command uses another)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", required=True)
