@@ -29,7 +29,7 @@ class Embedder(TransformerMixin, BaseEstimator):
         workers: images only: decoding threads (default: the cores this process may use).
         max_pixels: images only: larger images are refused (decompression-bomb guard).
         reject_blank: images only: refuse blank / placeholder graphics.
-        store: model store folder (default ``$EMBEDKIT_HOME`` or ``./models``).
+        store: model store folder (default ``$EMBEDKIT_HOME``, else the user cache folder).
         runtime: ``auto`` (the one :func:`embedkit.tune` measured faster here; ONNX Runtime
             when nothing was measured on a CPU), ``onnxruntime``, ``torch`` or ``torch-compile``.
 

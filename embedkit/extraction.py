@@ -90,7 +90,7 @@ def extract(
             between a run and its reruns for bit-identical results.
         verify: check every committed shard's checksum first; damaged ones are set aside
             and their items recomputed.
-        models: the model store (default ``$EMBEDKIT_HOME`` or ``./models``).
+        models: the model store (default ``$EMBEDKIT_HOME``, else the user cache folder).
         options: encoder options (device, threads, batch_tokens, batch_size, workers, ...).
     """
     from .encoder import encoder_for

@@ -104,3 +104,10 @@ def test_gpu_section_example_prints_what_it_says(minilm, model_store):
         for path in (model_store / "tuning").glob("*.json"):
             path.unlink()  # other tests expect no recorded choice
     assert out.getvalue().splitlines() == expected
+
+
+def test_readme_shows_the_onnx_only_plugin_as_it_ships():
+    blocks = re.findall(r"<!-- readme-onnx-plugin: (\S+) -->\n```python\n(.*?)```", README, re.S)
+    assert len(blocks) == 1
+    rel, code = blocks[0]
+    assert (ROOT / rel).read_text() == code
