@@ -165,3 +165,43 @@ def test_a_missing_backbone_is_named_and_no_other_backbone_is_kept(saved, tmp_pa
     assert cli.returncode == 1
     assert digest in cli.stderr and "is not a backbone here" in cli.stderr and "embedkit export portable" in cli.stderr
     assert artifacts(store) == []
+
+
+# -- embedkit backbones: exports and variants, with their parent --------------------------------
+def test_backbones_lists_exports_and_variants_with_their_parent(minilm, tmp_path):
+    import json
+
+    from embedkit.precision import half
+    from embedkit.quantization import quantize
+
+    store = tmp_path / "store"
+    shutil.copytree(minilm.path, store / "minilm-l6" / minilm.digest)
+    base = embedkit_open(store / "minilm-l6" / minilm.digest)
+    int8 = quantize(base, "dynamic", store=str(store))
+    fp16 = half(base, str(store))
+    done = subprocess.run([sys.executable, "-m", "embedkit.cli", "backbones", "--models", str(store)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"model store: {store} (--models)"
+    at = next(i for i, l in enumerate(lines) if l.startswith("minilm-l6 "))
+    block = lines[at + 1:at + 4]
+    assert block[0].split()[:2] == ["exported", minilm.digest[:12]]
+    variants = {l.split()[1]: l.split() for l in block[1:]}
+    assert variants[int8.name][2:] == ["int8-dynamic", int8.digest[:12], "parent", minilm.digest[:12]]
+    assert variants[fp16.name][2:] == ["fp16", fp16.digest[:12], "parent", minilm.digest[:12]]
+    rows = {r["name"]: r for r in json.loads(subprocess.run(
+        [sys.executable, "-m", "embedkit.cli", "backbones", "--json", "--store", str(store)],
+        capture_output=True, text=True, timeout=300).stdout)}
+    row = rows["minilm-l6"]
+    assert [a["digest"] for a in row["exported"]] == [minilm.digest]
+    assert {(v["name"], v["kind"], v["digest"], v["parent"], v["parent_name"]) for v in row["variants"]} == {
+        (int8.name, "int8-dynamic", int8.digest, minilm.digest, "minilm-l6"),
+        (fp16.name, "fp16", fp16.digest, minilm.digest, "minilm-l6"),
+    }
+
+
+def embedkit_open(path: Path):
+    import embedkit
+
+    return embedkit.Artifact.open(path)
