@@ -35,7 +35,19 @@ RULES = (
     "batch-invariance",
     "export-determinism",
     "preprocess-roundtrip",
+)
+# An ONNX-only backbone's rules, in order; ``reference`` applies when the plugin ships reference outputs.
+ONNX_RULES = (
+    "spec",
+    "export",
+    "dynamic-axes",
+    "output",
+    "parity",
+    "determinism",
     "reference",
+    "batch-invariance",
+    "export-determinism",
+    "preprocess-roundtrip",
 )
 
 
