@@ -211,6 +211,15 @@ class ModelStore:
         folder.mkdir(parents=True)
         return folder
 
+    def discard(self, staging: Path) -> None:
+        """Remove a staging folder, and its ``<name>`` folder when nothing else is in it (a failed
+        first export of a backbone leaves no trace in the store)."""
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.parent.rmdir()  # only succeeds when empty: another export's files are never touched
+        except OSError:
+            pass
+
     def variants(self, name: str, section: str, key: str) -> Artifact | None:
         """A variant already made (int8, fp16): the artifact named ``name`` whose ``section`` has ``key``."""
         for found in self.artifacts(name):

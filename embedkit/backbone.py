@@ -25,7 +25,9 @@ class TextPreprocess:
             is part of the artifact's identity).
         max_length: tokens kept per text (special tokens included); longer texts are truncated.
         pooling: ``mean`` | ``cls`` | ``max`` | ``last`` (last real token, for decoders).
-        normalize: L2-normalise the pooled embedding.
+        normalize: the embedding is L2-normalised. For a torch backbone (``builder``) this
+            *declares* what the module does: embedkit does not normalise for you. For an
+            ONNX-only backbone (``onnx``) embedkit appends the normalisation to the graph.
     """
 
     tokenizer: str

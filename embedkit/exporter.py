@@ -161,7 +161,7 @@ def export(
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         artifact = store.commit(staging, backbone.name, digest)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        store.discard(staging)
     logger.info(
         "exported %s -> %s (%s, max|diff| %.2e, min cos %.8f)", backbone.name, artifact.digest[:12],
         parity["exporter"], parity["max_abs_diff"], parity["min_cosine"],

@@ -12,6 +12,7 @@ export does. The gate measures what can be measured without torch:
 - ``parity``: equal to the source file's own output (ONNX Runtime) with the appended steps
   done in numpy, so the graph surgery cannot change a number;
 - ``determinism``: two runs of the stored graph agree bit for bit;
+- ``batch-invariance``: a text alone and inside padded batches of 7 gives the same vector;
 - ``reference``: equal to the plugin's reference outputs, when it ships them.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 EXPORTER = "onnx-import"
 ROLES = ("input_ids", "attention_mask", "token_type_ids")
 FOLDER_CONFIG = "embedkit.json"
+INVARIANCE_LIMIT = 1e-5  # as check_backbone's batch-invariance rule
 
 
 def gate_error(rule: str, message: str) -> ExportError:
@@ -239,6 +241,14 @@ def gate(backbone: Backbone, path: Path, probes: TextProbes) -> dict[str, Any]:
         feeds = probes.feeds(batch)
         if not np.array_equal(stored(feeds), stored(feeds)):
             raise gate_error("determinism", "two runs of the stored graph on the same batch differ")
+    rows = probes.rows()
+    alone = np.concatenate([stored(probes.feeds([r])) for r in rows])
+    worst = max(float(np.abs(stored(probes.feeds(rows[:7])) - alone[:7]).max()),
+                float(np.abs(stored(probes.feeds(rows[-7:][::-1])) - alone[-7:][::-1]).max()))
+    parity["batch_invariance_max_abs_diff"] = worst
+    if not worst <= INVARIANCE_LIMIT:
+        raise gate_error("batch-invariance", f"a text alone and inside a padded batch of 7 differs by {worst:.3g} "
+                         f"(limit {INVARIANCE_LIMIT:g}): does the graph ignore attention_mask, or mix the batch's rows?")
     parity["reference"] = reference_check(backbone, stored) if spec.reference else None
     return parity
 
@@ -297,7 +307,7 @@ def import_onnx(backbone: Backbone, store: ModelStore, key: str, expect: str | N
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         artifact = store.commit(staging, backbone.name, digest)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        store.discard(staging)
     logger.info("imported ONNX-only %s -> %s (vs source max|diff| %.2e)", backbone.name, artifact.digest[:12],
                 parity["max_abs_diff"])
     return artifact

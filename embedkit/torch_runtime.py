@@ -37,6 +37,8 @@ def backbone_of(artifact: Artifact, store: ModelStore | str | None = None, backb
     if parent:
         store = store if isinstance(store, ModelStore) else (ModelStore(store) if store else ModelStore.holding(artifact))
         base = store.get(parent)
+    if base.manifest.get("exporter") == "onnx-import":
+        raise ArtifactError(f"{base.name} is an ONNX-only backbone: there is no torch module to run; use runtime='onnxruntime'")
     if backbone is None:
         try:
             backbone = get_backbone(base.name)

@@ -157,7 +157,7 @@ def test_a_missing_backbone_is_named_and_no_other_backbone_is_kept(saved, tmp_pa
     message = done.stderr.strip().splitlines()[-1]
     assert digest in message and str(store) in message and "copy the folder" in message
     assert "now gives artifact" in message  # why the re-export was refused
-    assert artifacts(store) == [] and not list(store.rglob("*.onnx"))  # no foreign artifact left behind
+    assert artifacts(store) == [] and not list(store.rglob("*"))  # no foreign artifact, nor any trace, left behind
     # The CLI says the same, exit 1; and with the backbone gone entirely, says that.
     shutil.rmtree(backbone)
     cli = subprocess.run([sys.executable, "-m", "embedkit.cli", "predict", str(model), "where is my card?"],

@@ -26,7 +26,7 @@ TABLE = np.random.default_rng(0).standard_normal((30522, DIM)).astype(np.float32
 
 
 def write_graph(path: Path, static: bool = False, nan: bool = False, token_types: bool = False,
-                dynamic_dim: bool = False) -> Path:
+                dynamic_dim: bool = False, batch_mix: bool = False) -> Path:
     """``states`` = E[input_ids] (+ token_type_ids) (N, L, DIM), then ``pooled`` = masked mean (N, DIM)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -48,8 +48,13 @@ def write_graph(path: Path, static: bool = False, nan: bool = False, token_types
         helper.make_node("ReduceSum", ["masked", "one"], ["total"], keepdims=0),
         helper.make_node("ReduceSum", ["mf", "one"], ["count"], keepdims=0),
         helper.make_node("Div", ["total", "count"], ["mean"]),
-        helper.make_node("Add" if nan else "Identity", ["mean", "nan"] if nan else ["mean"], ["pooled"]),
+        helper.make_node("Add" if nan else "Identity", ["mean", "nan"] if nan else ["mean"], ["pooled0"]),
     ]
+    if batch_mix:  # each row gets the batch's mean: a row's vector depends on its neighbours
+        nodes += [helper.make_node("ReduceMean", ["pooled0"], ["batch_mean"], axes=[0], keepdims=1),
+                  helper.make_node("Add", ["pooled0", "batch_mean"], ["pooled"])]
+    else:
+        nodes.append(helper.make_node("Identity", ["pooled0"], ["pooled"]))
     inits = [numpy_helper.from_array(TABLE, "table"), numpy_helper.from_array(np.array([2], np.int64), "last"),
              numpy_helper.from_array(np.array([1], np.int64), "one"),
              numpy_helper.from_array(np.array(np.nan, np.float32), "nan")]
@@ -138,7 +143,8 @@ def test_reference_outputs_are_checked_when_shipped(tmp_path):
     assert info.value.rule == "reference"
 
 
-@pytest.mark.parametrize("graph, rule", [({"static": True}, "dynamic-axes"), ({"nan": True}, "output")])
+@pytest.mark.parametrize("graph, rule", [({"static": True}, "dynamic-axes"), ({"nan": True}, "output"),
+                                         ({"batch_mix": True}, "batch-invariance")])
 def test_broken_graphs_name_the_rule(tmp_path, graph, rule):
     with pytest.raises(BackboneCheckError) as info:
         check_backbone(onnx_backbone(tmp_path, **graph), store=tmp_path / "check")
@@ -196,3 +202,10 @@ def test_mean_pooling_of_paraphrase_token_states_equals_its_own_pooled_output(tm
     states = embedkit.embed(TEXTS, backbone=backbone("onnx::Shape_422", False), store=str(tmp_path))
     pooled = embedkit.embed(TEXTS, backbone=backbone("461", True), store=str(tmp_path))
     assert np.abs(states.vectors - pooled.vectors).max() <= 1e-5
+
+
+def test_the_torch_runtime_refuses_an_onnx_only_backbone_by_name(tmp_path):
+    backbone = onnx_backbone(tmp_path)
+    with pytest.raises(embedkit.ArtifactError, match="ONNX-only backbone.*runtime='onnxruntime'"):
+        embedkit.embed(TEXTS, backbone=backbone, store=str(tmp_path / "models"), runtime="torch")
+    assert embedkit.embed(TEXTS, backbone=backbone, store=str(tmp_path / "models"), runtime="auto").ok.all()
