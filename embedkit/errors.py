@@ -141,9 +141,15 @@ class BackboneNotAvailableError(ArtifactError, LookupError):
         what = f"backbone {name!r} artifact {digest}" if name else f"backbone artifact {digest}"
         by = f" needed by {needed_by}" if needed_by else ""
         why = f" {reason}." if reason else ""
+        # A variant is made from its parent's export; the others are exported from the backbone.
+        variant = next((f"`embedkit {cmd} {name[:-len(suffix)]}{flag}`" for suffix, cmd, flag in (
+            ("-fp16", "export", " --fp16"), ("-int8-dynamic-per-tensor", "quantize", " --variant dynamic-per-tensor"),
+            ("-int8-dynamic", "quantize", " --variant dynamic"), ("-int8-static", "quantize", " --variant static --data ...")
+        ) if name and name.endswith(suffix)), None)
+        remake = variant or f"`embedkit export {name or '<backbone>'}`"
         super().__init__(
             f"{what}{by} is not in the model store {store}.{why} To get it: copy the folder "
             f"<store>/{name or '<name>'}/{digest} from the machine that made it into {store} "
-            f"(or point --models / $EMBEDKIT_HOME at a store holding it), or export it again with "
-            f"the same backbone, weights and tool versions (`embedkit export {name or '<backbone>'}`)"
+            f"(or point --models / $EMBEDKIT_HOME at a store holding it), or make it again with "
+            f"the same backbone, weights and tool versions ({remake})"
         )
