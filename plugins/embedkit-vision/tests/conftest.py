@@ -14,7 +14,7 @@ def vision_store() -> Path:
     """The test run's model store (the checkout's ignored models/.test-cache), never the user's cache."""
     root = Path(__file__).resolve().parents[3] / "models" / ".test-cache" / "embedkit"
     root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("EMBEDKIT_HOME", str(root))
+    os.environ["EMBEDKIT_HOME"] = str(root)  # even when the user has set one: tests never write there
     return Path(os.environ["EMBEDKIT_HOME"])
 
 
