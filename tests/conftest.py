@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ def model_store() -> Path:
     """A session-wide EMBEDKIT_HOME, also seen by the subprocesses the tests start."""
     root = TEST_CACHE / "embedkit"
     root.mkdir(parents=True, exist_ok=True)
+    # Exports are kept between runs (deterministic, keyed by their inputs); runtime choices that an
+    # interrupted run may have recorded are not: every session starts with none.
+    shutil.rmtree(root / "tuning", ignore_errors=True)
     os.environ["EMBEDKIT_HOME"] = str(root)
     return root
 
