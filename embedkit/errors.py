@@ -120,3 +120,26 @@ class BackboneCheckError(EmbedkitError, AssertionError):
         self.backbone = backbone
         self.rule = rule
         super().__init__(f"backbone {backbone!r} breaks rule '{rule}': {message}")
+
+
+class StoreWriteError(StoreError, OSError):
+    """The feature store could not be written (read-only, disk full, no permission).
+
+    ``path`` names what could not be written; nothing half-written is left behind.
+    """
+
+    def __init__(self, path: object, cause: OSError):
+        import errno as _errno
+
+        self.path = str(path)
+        self.errno = cause.errno
+        self.strerror = cause.strerror
+        self.filename = self.path
+        code = _errno.errorcode.get(cause.errno or 0, "")
+        RuntimeError.__init__(
+            self,
+            f"cannot write {self.path}: {cause.strerror or cause}{f' ({code})' if code else ''}; "
+            "nothing was committed: free disk space or make the store writable, then run again")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
