@@ -113,6 +113,7 @@ def extract(
     artifact = resolve(backbone, models)
     encoder = encoder_for(artifact, **options)
     namespace = FeatureStore(store).namespace(artifact)
+    namespace.check_writable()  # a read-only or full store fails before any compute
     report = ExtractReport(backbone=artifact.name, digest=artifact.digest, namespace=str(namespace.path))
     if verify:
         problems = namespace.verify(deep=True)

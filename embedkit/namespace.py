@@ -366,16 +366,25 @@ class Namespace:
                 target = commits / f"{shard}.json"
                 write_atomic(target, json.dumps(record).encode())  # the commit point
             except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                final.unlink(missing_ok=True)  # never committed: ours to remove
-                for left in (self.path / "commits").glob(f".{shard}.json.*.tmp"):
-                    left.unlink(missing_ok=True)
+                leftovers = [tmp, final, *(self.path / "commits").glob(f".{shard}.json.*.tmp")]
+                for left in leftovers:  # never committed: ours to remove
+                    _discard(left)
                 raise StoreWriteError(target, exc) from exc
             try:
                 self.write_manifest()
             except OSError as exc:  # committed already; the manifest is a view rebuilt by the next commit
                 logger.warning("could not update %s: %s", self.path / "manifest.json", exc)
         return shard
+
+    def check_writable(self) -> None:
+        """Raise StoreWriteError now when the namespace cannot be written (before any compute)."""
+        probe = self.path / f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            probe.write_bytes(b"")
+        except OSError as exc:
+            raise StoreWriteError(self.path, exc) from exc
+        finally:
+            _discard(probe)
 
     def write_manifest(self) -> None:
         records = self.commits()
@@ -427,3 +436,11 @@ class Namespace:
 
 def _strings(values: list[str]) -> np.ndarray:
     return np.asarray(values, dtype=str) if values else np.empty(0, dtype="<U1")
+
+
+def _discard(path: Path) -> None:
+    """Remove a file of ours if it is there and can be removed (a read-only store keeps none)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
