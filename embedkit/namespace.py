@@ -150,7 +150,7 @@ class Namespace:
                     records.append(record)
             key = cache.cache_key(records)
             folder = self.path / "cache"
-            if (folder / f"{key}.json").exists() or any(folder.glob(f"{key}.*.npy")):
+            if (folder / f"{key}.json").exists():  # a cache without its record is unfinished, never served
                 why = cache.problem(folder, key, self.digest)
                 if why:
                     problems.append(Problem("cache", f"{why} (derived data: the next load rebuilds it)"))
