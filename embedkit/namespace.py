@@ -177,14 +177,28 @@ class Namespace:
             self.write_manifest()
 
     # -- the served view ----------------------------------------------------------------------
-    def _events(self, records: Sequence[dict[str, Any]]) -> tuple[dict[str, tuple[int, int, str]], dict[str, dict]]:
+    def _events(self, records: Sequence[dict[str, Any]], skip_bad: list[str] | None = None,
+                ) -> tuple[dict[str, tuple[int, int, str]], dict[str, dict]]:
         """``(served, failed)``: id -> (record index, row, fingerprint) of its latest row, and
-        id -> failure record for ids whose latest event is a failure."""
+        id -> failure record for ids whose latest event is a failure. A shard that does not
+        open or belongs elsewhere raises StoreError, or with ``skip_bad`` is left out and named there."""
         served: dict[str, tuple[int, int, str]] = {}
         failed: dict[str, dict[str, Any]] = {}
         for n, record in enumerate(records):
             if record.get("rows"):
-                table = self._shard_table(record["shard"])
+                try:
+                    table = self._shard_table(record["shard"])  # memory-mapped: only what is read is paged in
+                except StoreError:
+                    if skip_bad is None:
+                        raise
+                    skip_bad.append(record["shard"])
+                    continue
+                except Exception as exc:  # pyarrow raises several kinds on a damaged file
+                    if skip_bad is None:
+                        raise StoreError(f"shard {record['shard']} of {self.path} does not open: {exc}; "
+                                         "a rerun of extract sets it aside and recomputes its items") from exc
+                    skip_bad.append(record["shard"])
+                    continue
                 ids = table.column("id").to_pylist()
                 fps = table.column("content").to_pylist() if "content" in table.column_names else [None] * len(ids)
                 for row, (item, fp) in enumerate(zip(ids, fps)):
@@ -194,6 +208,14 @@ class Namespace:
                 served.pop(failure["id"], None)
                 failed[failure["id"]] = failure
         return served, failed
+
+    def served_view(self) -> tuple[dict[str, str], list[dict[str, Any]], int]:
+        """``(served ids -> fingerprint, failure records, damaged shards)``, leaving damaged
+        shards out instead of raising (for ``store info``)."""
+        bad: list[str] = []
+        with self._lock():
+            served, failed = self._events(self.commits(), skip_bad=bad)
+        return {item: fp for item, (_, _, fp) in served.items()}, list(failed.values()), len(bad)
 
     def stored(self) -> dict[str, str]:
         """Served ids -> content fingerprint ("" when unknown: content ids, schema-1 shards)."""
@@ -406,7 +428,8 @@ class Namespace:
 
         Runs only while no other process reads or writes this namespace (the lock held
         exclusive, waiting up to ``wait`` seconds); otherwise removes nothing and reports
-        ``busy: 1`` (run it again later).
+        ``busy: 1`` (run it again later). Raises StoreWriteError when something to remove
+        cannot be removed (read-only store).
         """
         removed = {"orphan_shards": 0, "temp_files": 0, "quarantined": 0, "cache_files": 0, "busy": 0}
         with self._lock(exclusive=True, wait=wait) as got:
@@ -414,23 +437,26 @@ class Namespace:
                 removed["busy"] = 1
                 logger.warning("gc skipped %s: in use by another process", self.path)
                 return removed
-            committed = {p.stem for p in (self.path / "commits").glob("*.json")}
-            for path in (self.path / "shards").glob("*") if (self.path / "shards").is_dir() else []:
-                if path.name.startswith("."):
+            try:
+                committed = {p.stem for p in (self.path / "commits").glob("*.json")}
+                for path in (self.path / "shards").glob("*") if (self.path / "shards").is_dir() else []:
+                    if path.name.startswith("."):
+                        path.unlink(missing_ok=True)
+                        removed["temp_files"] += 1
+                    elif path.stem not in committed:
+                        path.unlink(missing_ok=True)
+                        removed["orphan_shards"] += 1
+                for path in [*self.path.glob("*/.*.tmp"), *self.path.glob(".*.tmp")]:
                     path.unlink(missing_ok=True)
                     removed["temp_files"] += 1
-                elif path.stem not in committed:
-                    path.unlink(missing_ok=True)
-                    removed["orphan_shards"] += 1
-            for path in [*self.path.glob("*/.*.tmp"), *self.path.glob(".*.tmp")]:
-                path.unlink(missing_ok=True)
-                removed["temp_files"] += 1
-            if (self.path / "quarantine").is_dir():
-                removed["quarantined"] = len(list((self.path / "quarantine").iterdir()))
-                shutil.rmtree(self.path / "quarantine")
-            if (self.path / "cache").is_dir():
-                records = [r for _, r, why in self._scan() if why is None]
-                removed["cache_files"] = cache.remove_others(self.path / "cache", cache.cache_key(records))
+                if (self.path / "quarantine").is_dir():
+                    removed["quarantined"] = len(list((self.path / "quarantine").iterdir()))
+                    shutil.rmtree(self.path / "quarantine")
+                if (self.path / "cache").is_dir():
+                    records = [r for _, r, why in self._scan() if why is None]
+                    removed["cache_files"] = cache.remove_others(self.path / "cache", cache.cache_key(records))
+            except OSError as exc:  # a read-only store: what gc would remove stays, said so
+                raise StoreWriteError(exc.filename or self.path, exc) from exc
         return removed
 
 

@@ -36,7 +36,8 @@ import numpy as np
 
 from .atomic import write_atomic
 from .errors import StoreError, StoreWriteError
-from .namespace import NAMESPACE, READABLE_SCHEMAS, SCHEMA_VERSION, Namespace, Problem
+from .locks import held
+from .namespace import LOCK, NAMESPACE, READABLE_SCHEMAS, SCHEMA_VERSION, Namespace, Problem
 
 __all__ = ["FeatureStore", "Namespace", "Problem", "SCHEMA_VERSION"]
 
@@ -86,7 +87,8 @@ class FeatureStore:
                 logger.warning("%s was damaged (%s): rebuilt from the artifact", path, why)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, json.dumps(info, indent=2).encode())
+            with held(folder / LOCK):  # gc never removes the record's temp file mid-write
+                write_atomic(path, json.dumps(info, indent=2).encode())
         except OSError as exc:
             raise StoreWriteError(path, exc) from exc
         return Namespace(folder, info)
@@ -108,7 +110,8 @@ class FeatureStore:
                     logger.warning("%s: %s; rebuilt from manifest.json", folder / NAMESPACE, why)
                     info, why = {k: rebuilt[k] for k in _INFO_KEYS if k in rebuilt}, None
                     try:
-                        write_atomic(folder / NAMESPACE, json.dumps(info, indent=2).encode())
+                        with held(folder / LOCK):
+                            write_atomic(folder / NAMESPACE, json.dumps(info, indent=2).encode())
                     except OSError:
                         pass  # read-only: the rebuilt record serves this process
             if why is None:
@@ -149,19 +152,20 @@ class FeatureStore:
 
     def info(self) -> list[dict[str, Any]]:
         """One row per namespace: ``rows`` (what ``load`` returns), ``shard_rows`` (rows in
-        shards, items written by two writers counted twice), ``bytes`` (everything but the
-        cache) and ``cache_bytes`` (the derived cache, deletable)."""
+        shards, items written by two writers counted twice), ``damaged`` (shards that do not
+        open or belong elsewhere, left out of the counts; ``verify`` names them), ``bytes``
+        (everything but the cache) and ``cache_bytes`` (the derived cache, deletable)."""
         out = []
         for ns in self.namespaces():
             records = ns.commits()
-            stored = ns.stored()
+            stored, failed, damaged = ns.served_view()
             cache_bytes = ns.cache_bytes()
             size = sum(p.stat().st_size for p in ns.path.rglob("*") if p.is_file())
             out.append({
                 "backbone": ns.name, "digest": ns.digest, "dim": ns.dim, "path": str(ns.path),
                 "shards": sum(1 for r in records if r.get("rows")), "rows": len(stored),
                 "shard_rows": sum(r["rows"] for r in records),
-                "failures": len(ns.failures()), "bytes": size - cache_bytes, "cache_bytes": cache_bytes,
+                "failures": len(failed), "damaged": damaged, "bytes": size - cache_bytes, "cache_bytes": cache_bytes,
             })
         return out
 

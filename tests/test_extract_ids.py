@@ -46,6 +46,17 @@ def test_an_edited_text_under_the_same_id_is_recomputed(tiny, tmp_path: Path):
     assert len(served(tmp_path / "fs", tiny.name)) == 6
 
 
+def test_an_id_whose_new_content_fails_serves_no_stale_vector(tiny, tmp_path: Path):
+    rows = rows_of(4)
+    source = write_rows(tmp_path / "items.jsonl", rows)
+    embedkit.extract(str(source), str(tiny.path), str(tmp_path / "fs"), id_column="key")
+    rows[1]["text"] = None  # the row lost its text
+    report = embedkit.extract(str(write_rows(source, rows)), str(tiny.path), str(tmp_path / "fs"), id_column="key")
+    assert (report.ok, report.failed, report.changed) == (3, 1, 1)
+    assert sorted(served(tmp_path / "fs", tiny.name)) == ["k0", "k2", "k3"]  # not the old text's vector
+    assert [f["id"] for f in FeatureStore(tmp_path / "fs").failures(tiny.name)] == ["k1"]
+
+
 @pytest.mark.parametrize("shard_size", [100, 2])  # the first row in the same shard, or already committed
 def test_two_contents_under_one_id_in_one_run_are_a_recorded_conflict(tiny, tmp_path: Path, shard_size: int):
     rows = rows_of(6) + [{"key": "k1", "text": "an entirely different second text", "label": "b"}]

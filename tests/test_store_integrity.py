@@ -161,3 +161,14 @@ def test_schema_versions(tmp_path: Path):
     with pytest.raises(embedkit.StoreError, match="upgrade embedkit"):
         FeatureStore(tmp_path).namespace(FakeArtifact("toy", "ab" * 32))
     assert [p.reason for p in FeatureStore(tmp_path).verify()["toy/abababababab"]][0].startswith("schema 99")
+
+
+def test_info_on_a_damaged_store_answers_and_counts_the_damage(tmp_path: Path):
+    a, _ = two_namespaces(tmp_path)
+    a.commit(["c"], vectors(1, seed=3))
+    shard = sorted((a.path / "shards").glob("*.arrow"))[0]
+    shard.write_bytes(shard.read_bytes()[:50])
+    [row] = [r for r in FeatureStore(tmp_path).info() if r["backbone"] == "toy"]
+    assert (row["rows"], row["damaged"]) == (1, 1)
+    a.quarantine(a.verify())
+    assert list(a.load()[0]) == ["c"]
