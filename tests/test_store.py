@@ -137,5 +137,7 @@ def test_two_processes_writing_one_namespace_stay_correct(tmp_path: Path):
     ids, X = ns.load()
     assert len(ids) == len(set(ids)) == 2 * 20 * 5 + 20  # every id once, shared ones included
     assert len(ns.commits()) == 40  # the commit records are the truth; manifest.json is a view of them
+    [info] = FeatureStore(tmp_path / "fs").info()
+    assert (info["rows"], info["shard_rows"]) == (len(ids), 240)  # store info counts what load returns
     ns.write_manifest()
     assert json.loads((ns.path / "manifest.json").read_text())["rows"] == 40 * 6
