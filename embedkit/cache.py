@@ -15,6 +15,8 @@ import io
 import json
 import logging
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -23,6 +25,7 @@ import numpy as np
 
 from .artifacts import sha256_file
 from .atomic import write_atomic
+from .errors import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,61 @@ def build(folder: Path, key: str, digest: str, dim: int, total: int,
     write_atomic(folder / f"{key}.json", json.dumps(meta, indent=2).encode())  # last: the cache is whole
 
 
+def load(ns: Any, records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, X, sources, fingerprints)`` of namespace ``ns`` at commit records ``records``.
+
+    Serves the cache ``key`` when :func:`problem` accepts it; otherwise checks every shard
+    (size, sha256, identity: StoreError when one is damaged or foreign) and rebuilds it in
+    ``cache/``, or in a temporary folder when that cannot be written (read-only, full), or in
+    memory when neither can. The caller holds the namespace lock shared.
+    """
+    folder = ns.path / "cache"
+    why = problem(folder, key, ns.digest)
+    if why is None:
+        return read(folder, key)
+    if why != "no complete cache":
+        logger.warning("cache of %s (%s): %s; rebuilding it from the shards", ns.name, folder, why)
+    bad = [f"{r['shard']}: {why}" for r in records if (why := ns._check(r["shard"], r, deep=True))]
+    if bad:
+        raise StoreError(f"{len(bad)} damaged or foreign shard(s) in {ns.path}: {'; '.join(bad[:3])}; "
+                         "a rerun of extract sets them aside and recomputes their items")
+    served, _ = ns._events(records)
+    try:
+        build(folder, key, ns.digest, ns.dim, len(served), _chunks(ns, records, served))
+        return read(folder, key)
+    except OSError as exc:
+        logger.info("cannot write the cache %s (%s); caching in a temporary folder", folder, exc.strerror or exc)
+    tmp = Path(tempfile.mkdtemp(prefix="embedkit-cache-"))
+    try:
+        build(tmp, key, ns.digest, ns.dim, len(served), _chunks(ns, records, served))
+        return read(tmp, key)  # memory-mapped: the mapping outlives the deleted file
+    except OSError as exc:
+        logger.info("cannot write a temporary cache (%s); loading into memory", exc.strerror or exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    parts = list(_chunks(ns, records, served))
+    X = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, ns.dim), np.float32)
+    ids, sources, fps = ([v for p in parts for v in p[i]] for i in (1, 2, 3))
+    return _strings(ids), X, _strings(sources), _strings(fps)
+
+
+def _chunks(ns: Any, records: list[dict[str, Any]], served: dict[str, tuple[int, int, str]]) -> Iterator[Any]:
+    """(vectors, ids, sources, fingerprints) of the served rows, one shard at a time (bounded memory)."""
+    rows_of: dict[int, list[int]] = {}
+    for n, row, _ in served.values():
+        rows_of.setdefault(n, []).append(row)
+    for n, record in enumerate(records):
+        if n not in rows_of:
+            continue
+        rows = np.asarray(sorted(rows_of[n]))
+        table = ns._shard_table(record["shard"])
+        vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, ns.dim)[rows]
+        ids = table.column("id").to_pylist()
+        sources = table.column("source").to_pylist() if "source" in table.column_names else [""] * len(ids)
+        fps = table.column("content").to_pylist() if "content" in table.column_names else [None] * len(ids)
+        yield vectors, [ids[r] for r in rows], [sources[r] or "" for r in rows], [fps[r] or "" for r in rows]
+
+
 def remove_others(folder: Path, key: str) -> int:
     """Delete caches of other keys (and temp files); returns how many files went."""
     removed = 0
@@ -124,8 +182,11 @@ def size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
+def _strings(values: list[str]) -> np.ndarray:
+    return np.asarray(values, dtype=str) if values else np.empty(0, dtype="<U1")
+
+
 def _npy_bytes(values: list[str]) -> bytes:
-    array = np.asarray(values, dtype=str) if values else np.empty(0, dtype="<U1")
     buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
+    np.save(buf, _strings(values), allow_pickle=False)
     return buf.getvalue()

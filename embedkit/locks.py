@@ -34,35 +34,51 @@ def _open(path: Path) -> int | None:
             return None  # read-only store without a lock file: nothing can write it
 
 
+def _acquire(fd: int, mode: int, deadline: float | None) -> bool:
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        except OSError as exc:  # a file system without flock support
+            logger.debug("no lock: %s", exc)
+            return mode == fcntl.LOCK_SH
+
+
 @contextmanager
 def held(path: Path, exclusive: bool = False, wait: float | None = None) -> Iterator[bool]:
     """Hold the lock at ``path`` for the block; yields whether it is held.
 
-    ``wait`` (seconds; None waits forever) bounds the wait: when it runs out the block runs
-    with ``False`` and the caller does only what is safe without the lock (``gc`` skips).
-    A lock that cannot be created (read-only store) yields ``True`` for shared requests.
+    ``wait`` (seconds; None waits forever) bounds the wait of an exclusive request: when it
+    runs out the block runs with ``False`` and the caller does only what is safe without the
+    lock (``gc`` skips). Shared requests always wait. A lock that cannot be created
+    (read-only store) yields ``True`` for shared requests.
+
+    Exclusive requests do not starve behind a stream of readers: they first take the gate
+    (``<path>.gate``) that every shared request passes, so new readers wait while the
+    current ones finish.
     """
     fd = _open(path) if fcntl is not None else None
     if fd is None:
         yield not exclusive or fcntl is None
         return
-    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    gate = _open(path.with_name(path.name + ".gate"))
     deadline = None if wait is None else time.monotonic() + wait
-    got = False
     try:
-        while True:
-            try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                got = True
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
-                time.sleep(0.02)
-            except OSError as exc:  # a file system without flock support
-                logger.debug("no lock on %s: %s", path, exc)
-                got = not exclusive
-                break
+        if exclusive:
+            got = (gate is None or _acquire(gate, fcntl.LOCK_EX, deadline)) and _acquire(fd, fcntl.LOCK_EX, deadline)
+        else:
+            if gate is not None:
+                _acquire(gate, fcntl.LOCK_SH, None)
+            got = _acquire(fd, fcntl.LOCK_SH, None)
+            if gate is not None:
+                os.close(gate)  # through the gate: let a waiting gc close it behind us
+                gate = None
         yield got
     finally:
+        if gate is not None:
+            os.close(gate)
         os.close(fd)  # closing the descriptor releases the lock

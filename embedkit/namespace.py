@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -251,17 +250,10 @@ class Namespace:
         Raises StoreError when a committed shard is damaged or foreign (``extract`` sets such
         shards aside and recomputes their items).
         """
-        folder = self.path / "cache"
         with self._lock():
             records = self._records_or_raise()
             key = cache.cache_key(records)
-            why = cache.problem(folder, key, self.digest)
-            if why is None:
-                arrays = cache.read(folder, key)
-            else:
-                if why != "no complete cache":
-                    logger.warning("cache of %s (%s): %s; rebuilding it from the shards", self.name, folder, why)
-                arrays = self._build(records, key, folder)
+            arrays = cache.load(self, records, key)
         self._prune(key)
         return arrays
 
@@ -276,45 +268,6 @@ class Namespace:
             raise StoreError(f"{len(bad)} damaged or foreign commit record(s) in {self.path}: {'; '.join(bad[:3])}; "
                              "a rerun of extract sets them aside and recomputes their items")
         return records
-
-    def _build(self, records: list[dict[str, Any]], key: str, folder: Path) -> tuple[np.ndarray, ...]:
-        bad = [f"{r['shard']}: {why}" for r in records if (why := self._check(r["shard"], r, deep=True))]
-        if bad:
-            raise StoreError(f"{len(bad)} damaged or foreign shard(s) in {self.path}: {'; '.join(bad[:3])}; "
-                             "a rerun of extract sets them aside and recomputes their items")
-        served, _ = self._events(records)
-        try:
-            cache.build(folder, key, self.digest, self.dim, len(served), self._chunks(records, served))
-            return cache.read(folder, key)
-        except OSError as exc:
-            logger.info("cannot write the cache %s (%s); caching in a temporary folder", folder, exc.strerror or exc)
-        tmp = Path(tempfile.mkdtemp(prefix="embedkit-cache-"))
-        try:
-            cache.build(tmp, key, self.digest, self.dim, len(served), self._chunks(records, served))
-            return cache.read(tmp, key)  # memory-mapped: the mapping outlives the deleted file
-        except OSError as exc:
-            logger.info("cannot write a temporary cache (%s); loading into memory", exc.strerror or exc)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        parts = list(self._chunks(records, served))
-        X = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, self.dim), np.float32)
-        ids, sources, fps = ([v for p in parts for v in p[i]] for i in (1, 2, 3))
-        return _strings(ids), X, _strings(sources), _strings(fps)
-
-    def _chunks(self, records: list[dict[str, Any]], served: dict[str, tuple[int, int, str]]) -> Iterator[Any]:
-        rows_of: dict[int, list[int]] = {}
-        for n, row, _ in served.values():
-            rows_of.setdefault(n, []).append(row)
-        for n, record in enumerate(records):  # one shard at a time (bounded memory)
-            if n not in rows_of:
-                continue
-            rows = np.asarray(sorted(rows_of[n]))
-            table = self._shard_table(record["shard"])
-            vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, self.dim)[rows]
-            ids = table.column("id").to_pylist()
-            sources = table.column("source").to_pylist() if "source" in table.column_names else [""] * len(ids)
-            fps = table.column("content").to_pylist() if "content" in table.column_names else [None] * len(ids)
-            yield (vectors, [ids[r] for r in rows], [sources[r] or "" for r in rows], [fps[r] or "" for r in rows])
 
     def _prune(self, key: str) -> None:
         """Remove caches of older commits when no other process reads or writes (never waits)."""
@@ -458,10 +411,6 @@ class Namespace:
             except OSError as exc:  # a read-only store: what gc would remove stays, said so
                 raise StoreWriteError(exc.filename or self.path, exc) from exc
         return removed
-
-
-def _strings(values: list[str]) -> np.ndarray:
-    return np.asarray(values, dtype=str) if values else np.empty(0, dtype="<U1")
 
 
 def _discard(path: Path) -> None:

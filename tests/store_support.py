@@ -11,8 +11,8 @@ import pytest
 import embedkit
 
 
-@pytest.fixture(scope="session")
-def tiny(model_store: Path) -> embedkit.Artifact:
+@pytest.fixture(scope="session", name="tiny")
+def tiny_fixture(model_store: Path) -> embedkit.Artifact:
     """A tiny honest text encoder (real tokenizer, 8-d mean of token embeddings), exported once."""
     from tiny import Pooled, text_backbone
 

@@ -12,7 +12,7 @@ import pytest
 import embedkit
 from embedkit.store import FeatureStore
 from embedkit.training import labels_for
-from store_support import tiny  # noqa: F401 (fixture)
+from store_support import tiny_fixture  # noqa: F401 (the tiny fixture)
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:

@@ -10,7 +10,7 @@ import numpy as np
 
 import embedkit
 from embedkit.store import FeatureStore
-from store_support import confined, python, tiny  # noqa: F401 (fixture)
+from store_support import confined, python, tiny_fixture  # noqa: F401 (the tiny fixture)
 
 TESTS = str(Path(__file__).parent)
 
