@@ -362,16 +362,21 @@ class Namespace:
             _discard(probe)
 
     def write_manifest(self) -> None:
-        records = self.commits()
-        manifest = dict(self.info)
-        manifest["shards"] = [
-            {"shard": r["shard"], "rows": r["rows"], "bytes": r["bytes"], "sha256": r["sha256"],
-             "failures": len(r.get("failures", []))}
-            for r in records
-        ]
-        manifest["rows"] = sum(r["rows"] for r in records)
-        manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        write_atomic(self.path / "manifest.json", json.dumps(manifest, indent=2).encode())
+        """Rewrite ``manifest.json`` from the commit records (again if another writer committed meanwhile)."""
+        for _ in range(5):
+            names = sorted((self.path / "commits").glob("*.json"))
+            records = self.commits()
+            manifest = dict(self.info)
+            manifest["shards"] = [
+                {"shard": r["shard"], "rows": r["rows"], "bytes": r["bytes"], "sha256": r["sha256"],
+                 "failures": len(r.get("failures", []))}
+                for r in records
+            ]
+            manifest["rows"] = sum(r["rows"] for r in records)
+            manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            write_atomic(self.path / "manifest.json", json.dumps(manifest, indent=2).encode())
+            if sorted((self.path / "commits").glob("*.json")) == names:
+                return  # no commit landed meanwhile: the view is current
 
     def cache_bytes(self) -> int:
         return cache.size(self.path / "cache")

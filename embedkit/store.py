@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ __all__ = ["FeatureStore", "Namespace", "Problem", "SCHEMA_VERSION"]
 
 logger = logging.getLogger(__name__)
 
-_INFO_KEYS = ("schema", "backbone", "digest", "dim", "modality", "preprocess")
+_INFO_KEYS = ("schema", "backbone", "digest", "dim", "modality", "preprocess", "created")
 
 
 class FeatureStore:
@@ -70,6 +71,7 @@ class FeatureStore:
             "dim": artifact.dim,
             "modality": artifact.modality,
             "preprocess": artifact.manifest.get("preprocess"),
+            "created": time.time(),
         }
         path = folder / NAMESPACE
         if path.is_file():
@@ -131,7 +133,8 @@ class FeatureStore:
         spaces, bad = self._scan()
         by_name = [n for n in spaces if n.name == backbone]
         if by_name:
-            return max(by_name, key=lambda n: (n.path / NAMESPACE).stat().st_mtime)
+            # the newest namespace; a rebuilt or upgraded namespace.json keeps its creation time
+            return max(by_name, key=lambda n: n.info.get("created") or (n.path / NAMESPACE).stat().st_mtime)
         by_digest = [n for n in spaces if len(backbone) >= 8 and n.digest.startswith(backbone)]
         if len(by_digest) == 1:
             return by_digest[0]

@@ -172,3 +172,15 @@ def test_info_on_a_damaged_store_answers_and_counts_the_damage(tmp_path: Path):
     assert (row["rows"], row["damaged"]) == (1, 1)
     a.quarantine(a.verify())
     assert list(a.load()[0]) == ["c"]
+
+
+def test_a_rebuilt_namespace_json_does_not_make_an_old_digest_the_newest(tmp_path: Path):
+    store = FeatureStore(tmp_path)
+    old = store.namespace(FakeArtifact("toy", "01" * 32))
+    old.commit(["a"], vectors(1))
+    new = store.namespace(FakeArtifact("toy", "02" * 32))
+    new.commit(["b"], vectors(1, seed=1))
+    (old.path / "namespace.json").write_text("{damaged")
+    assert FeatureStore(tmp_path).find("toy").digest == "02" * 32  # rebuilt, with its creation time kept
+    assert json.loads((old.path / "namespace.json").read_text())["digest"] == "01" * 32
+    assert FeatureStore(tmp_path).find("toy").digest == "02" * 32
