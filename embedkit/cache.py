@@ -3,7 +3,8 @@
 ``load`` copies the served rows of every shard into one ``.npy`` per array
 (``<key>.x.npy`` float32 ``(N, D)``, ``<key>.ids.npy``, ``<key>.src.npy``, ``<key>.fp.npy``)
 so later loads memory-map them. ``<key>.json`` is written last: it records the namespace
-digest, the shape and each file's size and sha256, and every load checks them, so a flipped
+digest, the shape and each file's size and CRC-32, and every load checks them (reading the
+cache once, about 1.5 GB/s), so a flipped
 or truncated cache is rebuilt from the shards, never served. The key hashes the commit records,
 so any new commit makes a new cache. The cache roughly doubles the store's size on disk;
 ``embedkit store gc`` removes caches of older commits, and deleting ``cache/`` loses nothing.
@@ -18,12 +19,12 @@ import os
 import shutil
 import tempfile
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .artifacts import sha256_file
 from .atomic import write_atomic
 from .errors import StoreError
 
@@ -59,7 +60,7 @@ def problem(folder: Path, key: str, digest: str) -> str | None:
                 return f"{path.name} missing"
             if path.stat().st_size != want["bytes"]:
                 return f"{path.name} is {path.stat().st_size} bytes, recorded {want['bytes']} (truncated?)"
-            if sha256_file(path) != want["sha256"]:
+            if _crc32(path) != want["crc32"]:
                 return f"{path.name} checksum mismatch (corrupted)"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"unreadable cache record: {exc}"
@@ -106,7 +107,7 @@ def build(folder: Path, key: str, digest: str, dim: int, total: int,
     for part, values in (("ids", ids), ("src", sources), ("fp", fps)):
         write_atomic(f[part], _npy_bytes(values))
     for part, path in f.items():
-        meta["files"][part] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        meta["files"][part] = {"bytes": path.stat().st_size, "crc32": _crc32(path)}
     write_atomic(folder / f"{key}.json", json.dumps(meta, indent=2).encode())  # last: the cache is whole
 
 
@@ -180,6 +181,15 @@ def remove_others(folder: Path, key: str) -> int:
 def size(folder: Path) -> int:
     """Bytes of every file under ``folder`` (0 when absent)."""
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def _crc32(path: Path) -> int:
+    """CRC-32 of a file: catches any flipped byte of a derived file at a third of sha256's cost."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def _strings(values: list[str]) -> np.ndarray:
