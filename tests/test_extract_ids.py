@@ -114,3 +114,15 @@ def test_vectors_stored_without_fingerprints_are_recomputed_under_user_ids(tiny,
     want = embedkit.embed([r["text"] for r in rows], backbone=str(tiny.path)).vectors
     got = served(tmp_path / "fs", tiny.name)
     np.testing.assert_allclose(np.stack([got[f"k{i}"] for i in range(3)]), want, atol=1e-5)
+
+
+def test_extract_after_namespace_json_and_manifest_were_damaged(tiny, tmp_path: Path):
+    texts = [f"text number {i}" for i in range(5)]
+    embedkit.extract(texts, str(tiny.path), str(tmp_path / "fs"))
+    [ns] = FeatureStore(tmp_path / "fs").namespaces()
+    (ns.path / "namespace.json").write_text('{"schema": 2, "dig')
+    (ns.path / "manifest.json").write_text("")
+    report = embedkit.extract(texts, str(tiny.path), str(tmp_path / "fs"))  # before: raw JSONDecodeError
+    assert (report.cached, report.computed) == (5, 0)
+    assert json.loads((ns.path / "namespace.json").read_text())["digest"] == tiny.digest
+    assert len(served(tmp_path / "fs", tiny.name)) == 5
