@@ -52,8 +52,8 @@ def test_an_id_whose_new_content_fails_serves_no_stale_vector(tiny, tmp_path: Pa
     embedkit.extract(str(source), str(tiny.path), str(tmp_path / "fs"), id_column="key")
     rows[1]["text"] = None  # the row lost its text
     report = embedkit.extract(str(write_rows(source, rows)), str(tiny.path), str(tmp_path / "fs"), id_column="key")
-    assert (report.ok, report.failed, report.changed) == (3, 1, 1)
     assert sorted(served(tmp_path / "fs", tiny.name)) == ["k0", "k2", "k3"]  # not the old text's vector
+    assert (report.ok, report.failed, report.changed) == (3, 1, 1)
     assert [f["id"] for f in FeatureStore(tmp_path / "fs").failures(tiny.name)] == ["k1"]
 
 
