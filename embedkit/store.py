@@ -4,9 +4,11 @@ Layout::
 
     STORE/<backbone name>/<artifact digest>/
         namespace.json             digest, backbone, dim, preprocessing, schema version
-        shards/<shard>.arrow       Arrow IPC file: id, source (strings), embedding (fixed_size_list<float32>)
+        shards/<shard>.arrow       Arrow IPC file: id, source, content (strings; content: the fingerprint
+                                   beside user ids, schema 2), embedding (fixed_size_list<float32>)
         commits/<shard>.json       the commit record: rows, bytes, sha256, failures; written LAST
         manifest.json              summary of all commits (rebuilt after each commit)
+        .lock, .lock.gate          advisory locks shared by readers, writers and gc (embedkit.locks)
         cache/                     consolidated .npy for memory-mapped loading (derived, disposable,
                                    checksummed; about the size of the shards again)
 
