@@ -52,6 +52,7 @@ _EXPORTS = {
     "extract": "extraction",
     "ExtractReport": "extraction",
     "StoreError": "errors",
+    "StoreWriteError": "errors",
     "Embedder": "embedder",
     "check_backbone": "testing",
     "EmbedkitError": "errors",

@@ -153,3 +153,26 @@ class BackboneNotAvailableError(ArtifactError, LookupError):
             f"(or point --models / $EMBEDKIT_HOME at a store holding it), or make it again with "
             f"the same backbone, weights and tool versions ({remake})"
         )
+
+
+class StoreWriteError(StoreError, OSError):
+    """The feature store could not be written (read-only, disk full, no permission).
+
+    ``path`` names what could not be written; nothing half-written is left behind.
+    """
+
+    def __init__(self, path: object, cause: OSError):
+        import errno as _errno
+
+        self.path = str(path)
+        self.errno = cause.errno
+        self.strerror = cause.strerror
+        self.filename = self.path
+        code = _errno.errorcode.get(cause.errno or 0, "")
+        RuntimeError.__init__(
+            self,
+            f"cannot write {self.path}: {cause.strerror or cause}{f' ({code})' if code else ''}; "
+            "nothing was committed: free disk space or make the store writable, then run again")
+
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -36,18 +36,18 @@ def test_commit_load_roundtrip_is_memory_mapped(tmp_path: Path):
     np.testing.assert_array_equal(X[:2], vectors(2))
     assert [f["id"] for f in FeatureStore(tmp_path).failures("toy")] == ["d"]
     manifest = json.loads((ns.path / "manifest.json").read_text())
-    assert manifest["schema"] == 1 and manifest["digest"] == "ab" * 32 and manifest["rows"] == 3
+    assert manifest["schema"] == 2 and manifest["digest"] == "ab" * 32 and manifest["rows"] == 3
     assert [s["rows"] for s in manifest["shards"]] == [2, 1] and all(s["sha256"] for s in manifest["shards"])
 
 
-def test_first_commit_wins_for_an_id_written_twice(tmp_path: Path):
+def test_latest_commit_wins_for_an_id_written_twice(tmp_path: Path):
     ns = FeatureStore(tmp_path).namespace(FakeArtifact())
     first, second = vectors(1, seed=1), vectors(1, seed=2)
     ns.commit(["x"], first)
     ns.commit(["x", "y"], np.concatenate([second, second]))
     ids, X = ns.load()
-    assert list(ids) == ["x", "y"]
-    np.testing.assert_array_equal(X[0], first[0])
+    assert list(ids) == ["x", "y"]  # every id once
+    np.testing.assert_array_equal(X[0], second[0])  # an id recomputed (its content changed) serves the new vector
 
 
 def test_shards_open_without_embedkit(tmp_path: Path):
@@ -137,5 +137,7 @@ def test_two_processes_writing_one_namespace_stay_correct(tmp_path: Path):
     ids, X = ns.load()
     assert len(ids) == len(set(ids)) == 2 * 20 * 5 + 20  # every id once, shared ones included
     assert len(ns.commits()) == 40  # the commit records are the truth; manifest.json is a view of them
+    [info] = FeatureStore(tmp_path / "fs").info()
+    assert (info["rows"], info["shard_rows"]) == (len(ids), 240)  # store info counts what load returns
     ns.write_manifest()
     assert json.loads((ns.path / "manifest.json").read_text())["rows"] == 40 * 6

@@ -180,7 +180,8 @@ def cmd_store(args: argparse.Namespace) -> int:
         for r in rows:
             if not args.json:
                 print(f"{r['backbone']:<22} {r['digest'][:12]}  dim={r['dim']:<5} rows={r['rows']:<9} "
-                      f"shards={r['shards']:<5} failures={r['failures']:<6} {r['bytes'] / 1e6:.1f} MB")
+                      f"shards={r['shards']:<5} failures={r['failures']:<6} {r['bytes'] / 1e6:.1f} MB "
+                      f"(+ cache {r['cache_bytes'] / 1e6:.1f} MB, derived: deletable)")
         return 0
     if args.action == "verify":
         found = store.verify(deep=True)
