@@ -64,3 +64,92 @@ def test_truncated_text_embeds_like_its_first_tokens(minilm):
 def test_huge_string_is_handled(encoder):
     result = encoder.encode(["word " * 1_000_000, "ok"])  # 5 MB of text
     assert result.stats.truncated == 1 and result.ok.all()
+
+
+INVISIBLE_ONLY = ["\u200b", "\u2060", "\u00ad", "\ufeff", "\x00", "\u200b \u2060\t\ufeff", "\u3164", "\u202e\u200d"]
+
+
+def test_texts_of_only_invisible_characters_count_as_empty(minilm):
+    items = INVISIBLE_ONLY + ["visible\u200b", "\x00a"]
+    strict = embedkit.TextEncoder(minilm, threads=1, empty="error").encode(items)
+    assert [(e.index, e.code) for e in strict.errors] == [(i, "empty_text") for i in range(len(INVISIBLE_ONLY))]
+    assert strict.ok.tolist() == [False] * len(INVISIBLE_ONLY) + [True, True]
+    lenient = embedkit.TextEncoder(minilm, threads=1).encode(items)
+    assert lenient.stats.empty == len(INVISIBLE_ONLY) and lenient.ok.all()
+    # the same rule for bytes (a .txt line) as for str
+    assert embedkit.TextEncoder(minilm, threads=1, empty="error").encode([b"\xe2\x80\x8b"]).errors[0].code == "empty_text"
+
+
+def test_the_invisible_class_matches_unicode_categories():
+    import sys
+    import unicodedata
+
+    from embedkit.text import is_blank
+
+    fillers = {0x115F, 0x1160, 0x3164, 0xFFA0}
+    wrong = [cp for cp in range(sys.maxunicode + 1)
+             if is_blank(chr(cp)) != (unicodedata.category(chr(cp)) in ("Cc", "Cf", "Zs", "Zl", "Zp")
+                                      or chr(cp).isspace() or cp in fillers)]
+    assert wrong == []
+
+
+BIG_LINE = r"""
+import json, resource, sys, time
+import numpy as np
+import embedkit
+from embedkit.sources import iter_items
+enc = embedkit.TextEncoder(embedkit.export("minilm-l6"), threads=1)
+words = [f"w{i % 997} " for i in range(1000)]
+line = "".join(words) * (50_000_000 // len("".join(words)))  # 50 MB, one line
+enc.encode(["warm up"])
+with open(sys.argv[1], "w") as f:
+    f.write(line)
+    f.write("\nshort\n")
+head = line[:20_000]  # ~ 4,000 tokens: its first 256 are the line's
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB, the peak so far
+with open("/proc/self/statm") as f:
+    now = int(f.read().split()[1]) * resource.getpagesize() / 2**20  # MB resident now
+assert peak() - now < 200  # the peak before is not hiding the growth
+base, start = now, time.perf_counter()
+in_memory = enc.encode([line])
+from_file = enc.encode([item.payload for item in iter_items(sys.argv[1], "text")])
+seconds, grown = time.perf_counter() - start, peak() - base
+expected = enc.encode([head]).vectors[0]
+print(json.dumps({"grown_mb": grown, "seconds": seconds,
+                  "truncated": [in_memory.stats.truncated, from_file.stats.truncated],
+                  "diff": [float(np.abs(in_memory.vectors[0] - expected).max()),
+                           float(np.abs(from_file.vectors[0] - expected).max())]}))
+"""
+
+
+def test_a_fifty_megabyte_line_costs_what_its_kept_tokens_cost(minilm, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", BIG_LINE, str(tmp_path / "big.txt")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["truncated"] == [1, 1]
+    assert max(got["diff"]) < 1e-5  # the same vector as the full text's first tokens
+    assert got["grown_mb"] < 300, got  # was ~7 GB
+    assert got["seconds"] < 30, got  # was ~2 minutes
+
+
+def test_a_text_made_of_one_huge_word_is_bounded_and_truncated(encoder):
+    result = encoder.encode(["x" * 10_000_000, "a sentence " * 100_000 + "end"])
+    assert result.ok.all() and result.stats.truncated == 2
+
+
+def test_bounded_cut_keeps_the_first_tokens(minilm):
+    tok = embedkit.TextEncoder(minilm, threads=1).tokenizer
+    text = " ".join(f"token{i}" for i in range(20_000))
+    head = tok.bounded(text)
+    assert len(head) < len(text) and text.startswith(head)
+    full, cut = tok.tokenizer.encode(text), tok.tokenizer.encode(head)
+    assert full.ids == cut.ids  # truncation at max_length: the same 256 tokens
+    assert tok.bounded("short text") == "short text"
+    # a text without spaces (CJK) is cut later, but still cut and still exact
+    cjk = "漢字" * 200_000
+    assert tok.tokenizer.encode(tok.bounded(cjk)).ids == tok.tokenizer.encode(cjk).ids
