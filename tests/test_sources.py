@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 
 import embedkit
-from embedkit.sources import MAX_TEXT_BYTES, content_id, count_items, file_list, image_id, iter_items, read_regular, read_texts
-from embedkit.text import Clipped, ItemFailure
+from embedkit.sources import content_id, count_items, file_list, iter_items, read_texts
 
 
 def payloads(source, modality="text", column=None):
@@ -37,6 +36,8 @@ def test_image_folder_refuses_a_file(tmp_path: Path):
 
 
 def test_every_line_of_a_file_list_is_an_item(tmp_path: Path):
+    from embedkit.text import ItemFailure
+
     # A photo named "#2.jpg" is a file, not a comment; a blank line keeps its row (a not_found record).
     listing = tmp_path / "list.txt"
     listing.write_text("#2.jpg\nimgs/a.jpg\n\n/abs/b.jpg\n")
@@ -88,10 +89,12 @@ def test_count_items_counts_rows_not_lines(tmp_path: Path):
 
 
 def test_a_bad_jsonl_line_is_that_items_failure(tmp_path: Path):
+    from embedkit.text import ItemFailure
+
     lines = tmp_path / "t.jsonl"
     lines.write_text('{"text": "a"}\n{"text": \n[1, 2]\n{"text": "b"}\n')
     got = list(iter_items(lines, "text"))
-    assert [i.payload if isinstance(i.payload, str) else i.payload.code for i in got] == [
+    assert [i.payload.code if isinstance(i.payload, ItemFailure) else i.payload for i in got] == [
         "a", "invalid_json", "invalid_json", "b"]
     assert got[1].source == "t.jsonl:line 2"
     with pytest.raises(embedkit.UnsupportedInputError, match="line 2 is not JSON"):
@@ -99,6 +102,8 @@ def test_a_bad_jsonl_line_is_that_items_failure(tmp_path: Path):
 
 
 def test_a_file_name_that_is_not_utf8(tmp_path: Path):
+    from embedkit.sources import read_regular
+
     name = os.fsdecode(b"caf\xe9.png")
     (tmp_path / name).write_bytes(b"data")
     listing = tmp_path / "list.txt"
@@ -111,6 +116,9 @@ def test_a_file_name_that_is_not_utf8(tmp_path: Path):
 
 
 def test_a_long_txt_line_is_clipped_while_read_and_hashed_whole(tmp_path: Path):
+    from embedkit.sources import MAX_TEXT_BYTES
+    from embedkit.text import Clipped
+
     line = ("é" * 10 + " ") * (MAX_TEXT_BYTES // 10)  # 2 bytes per é: clipped at a character boundary
     text = tmp_path / "t.txt"
     text.write_bytes(line.encode() + b"\r\nnext\n")
@@ -154,6 +162,8 @@ def test_fifos_and_devices_are_refused_before_any_read(tmp_path: Path):
 
 
 def test_in_memory_image_ids_cover_what_defines_the_image():
+    from embedkit.sources import image_id
+
     indices = np.arange(64, dtype=np.uint8).reshape(8, 8)
     a, b = Image.fromarray(indices, "P"), Image.fromarray(indices, "P")
     a.putpalette([v for i in range(256) for v in (i, 0, 0)])
