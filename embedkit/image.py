@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .backbone import ImagePreprocess
-from .sources import read_regular
+from .files import read_regular
 from .text import ItemError, ItemFailure
 
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # JPEG covers MPO (camera JPEGs)

@@ -116,7 +116,7 @@ def test_a_file_name_that_is_not_utf8(tmp_path: Path):
 
 
 def test_a_long_txt_line_is_clipped_while_read_and_hashed_whole(tmp_path: Path):
-    from embedkit.sources import MAX_TEXT_BYTES
+    from embedkit.text import MAX_TEXT_BYTES
     from embedkit.text import Clipped
 
     line = ("é" * 10 + " ") * (MAX_TEXT_BYTES // 10)  # 2 bytes per é: clipped at a character boundary
