@@ -14,13 +14,18 @@ source                      how it is read
                             an item: no comments (``#2.jpg`` is a file name), a blank line is
                             a ``not_found`` record, so output row i is always line i
 ``.csv``                    RFC 4180 (quoted cells may hold commas, quotes, newlines); UTF-8
-                            with or without a byte-order mark; cells of any length
+                            with or without a byte-order mark; cells up to ``MAX_RECORD_CHARS``
+                            (64 Mi) characters. Broken quoting (a quote that never closes,
+                            text after a closing quote) or a longer line is a typed
+                            :class:`UnsupportedInputError` naming the line: rows are never
+                            guessed
 ``.tsv``                    IANA text/tab-separated-values: one row per line, fields split at
                             tabs, **no quote processing** (a text starting with ``"`` is
                             that text, and never swallows the next rows); UTF-8, BOM allowed
 ``.jsonl``                  one JSON object per line, BOM allowed; a line that is not JSON is
-                            that item's ``invalid_json`` record (row kept); blank lines hold no
-                            record and are skipped (locators keep the file's line numbers)
+                            that item's ``invalid_json`` record (row kept), one over 64 MiB a
+                            ``too_large`` record (skipped unread); blank lines hold no record
+                            and are skipped (locators keep the file's line numbers)
 ``.parquet``                the column, row by row
 folder / glob (images)      every non-hidden entry that is not a folder, sorted; a FIFO,
                             device or symlink to one is listed and becomes ``not_a_file``
@@ -46,7 +51,7 @@ from .errors import UnsupportedInputError
 from .files import bounded_lines, content_id, display, open_regular, read_regular  # noqa: F401 (re-exported)
 from .text import ItemFailure
 
-CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (131,072 characters) aborts on long texts
+MAX_RECORD_CHARS = 64 << 20  # a CSV/TSV line or JSONL record longer than this is refused, unread
 MAX_HASH_BYTES = 8 << 30  # larger files get a locator id (they fail as too_large when decoded)
 
 
@@ -216,20 +221,31 @@ def _rows(path: Path, column: str | None, id_column: str | None) -> Iterator[tup
     """
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        if csv.field_size_limit() < CSV_FIELD_LIMIT:
-            csv.field_size_limit(CSV_FIELD_LIMIT)
-        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
+        if csv.field_size_limit() < MAX_RECORD_CHARS:  # the default, 131,072 characters, aborts on long texts
+            csv.field_size_limit(MAX_RECORD_CHARS)
+        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {"strict": True}
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            reader = csv.DictReader(f, **dialect)
+            reader = csv.DictReader(_limited(f, path), **dialect)
             try:
                 _check_columns(path, reader.fieldnames or [], column, id_column)
                 for n, row in enumerate(reader, start=1):
                     yield n, row[column] if column else None, row[id_column] if id_column else None
             except csv.Error as exc:
-                raise UnsupportedInputError(f"{display(path.name)} line {reader.line_num}: {exc}") from exc
+                why = (f"a cell over {MAX_RECORD_CHARS} characters" if "field limit" in str(exc) else
+                       f"{exc} (a quote that opens a cell must close it, and a closing quote must end the cell)")
+                raise UnsupportedInputError(
+                    f"{display(path.name)} is not valid CSV in the row starting at line {reader.line_num + 1}: {why}; "
+                    "no row was guessed") from exc
     elif suffix == ".jsonl":
         with open(path, "rb") as f:
-            for n, raw in enumerate(f, start=1):
+            n = 0
+            while raw := f.readline(MAX_RECORD_CHARS + 1):
+                n += 1
+                if len(raw) > MAX_RECORD_CHARS and not raw.endswith(b"\n"):
+                    while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                        pass  # skipped unread: bounded memory
+                    yield n, ItemFailure("too_large", "read", f"line {n} is over {MAX_RECORD_CHARS} bytes"), None
+                    continue
                 line = raw.decode("utf-8", "surrogateescape")
                 if n == 1:
                     line = line.removeprefix("\ufeff")
@@ -261,6 +277,18 @@ def _rows(path: Path, column: str | None, id_column: str | None) -> Iterator[tup
                 yield n, value, key
     else:
         raise UnsupportedInputError(f"unsupported table {display(path.name)}: use {', '.join(TABLES)}")
+
+
+def _limited(f: Any, path: Path) -> Iterator[str]:
+    """The lines of a text file, refusing (before reading it whole) one over ``MAX_RECORD_CHARS``."""
+    n = 0
+    while line := f.readline(MAX_RECORD_CHARS + 1):
+        n += 1
+        if len(line) > MAX_RECORD_CHARS:
+            raise UnsupportedInputError(
+                f"{display(path.name)} line {n} is over {MAX_RECORD_CHARS} characters; split it, or use a .txt "
+                "(one text per line, read in bounded memory)")
+        yield line
 
 
 def _check_columns(path: Path, names: Sequence[str], column: str, id_column: str | None) -> None:

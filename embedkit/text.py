@@ -41,7 +41,7 @@ from .backbone import TextPreprocess
 EMPTY_POLICIES = ("embed", "error")
 CHARS_PER_TOKEN = 16  # the first cut, in characters per kept token (English averages ~4.5)
 MAX_CHARS_PER_TOKEN = 1024  # the last cut: a text is never tokenised past this many per token
-MAX_TEXT_BYTES = 4 << 20  # readers clip longer lines (counted as truncated)
+MAX_TEXT_BYTES = 1 << 20  # readers clip longer lines (counted as truncated)
 
 # Characters that render as nothing: Unicode Cc, Cf, Zs, Zl, Zp, other whitespace, and the Hangul
 # fillers (generated from unicodedata 14.0; tests/test_text.py checks it against the running Python).

@@ -76,6 +76,31 @@ def test_a_csv_cell_longer_than_the_csv_module_default(tmp_path: Path):
     assert payloads(table) == [long, "short"]
 
 
+def test_broken_csv_quoting_is_refused_not_guessed(tmp_path: Path):
+    table = tmp_path / "t.csv"
+    table.write_text('text\nfirst\n"an unclosed quote\nrow 3\nrow 4\n')  # would swallow rows 3 and 4
+    with pytest.raises(embedkit.UnsupportedInputError, match="t.csv is not valid CSV in the row starting at line 3"):
+        payloads(table)
+    table.write_text('text\n"closed" then more\nrow 2\n')
+    with pytest.raises(embedkit.UnsupportedInputError, match="starting at line 2"):
+        payloads(table)
+
+
+def test_records_over_the_limit_are_refused_unread(tmp_path: Path, monkeypatch):
+    from embedkit import sources
+    from embedkit.text import ItemFailure
+
+    monkeypatch.setattr(sources, "MAX_RECORD_CHARS", 1000)  # the bound, small for the test
+    lines = tmp_path / "t.jsonl"
+    lines.write_text('{"text": "a"}\n{"text": "' + "x" * 5000 + '"}\n{"text": "b"}\n')
+    got = payloads(lines)
+    assert got[0] == "a" and got[2] == "b" and isinstance(got[1], ItemFailure) and got[1].code == "too_large"
+    table = tmp_path / "t.csv"
+    table.write_text("text\nshort\n" + "y" * 5000 + "\n")
+    with pytest.raises(embedkit.UnsupportedInputError, match="line 3 is over 1000 characters"):
+        payloads(table)
+
+
 def test_count_items_counts_rows_not_lines(tmp_path: Path):
     table = tmp_path / "t.csv"
     table.write_text('text\n"one\nspread over\nthree lines"\ntwo\n"three, with a comma"\n')
