@@ -350,7 +350,7 @@ def iter_items(
                     yield Item(line_id, line, where)
         return
     for n, value, key in _rows(path, column, id_column):
-        where = f"{name}:{'line' if suffix == '.jsonl' else 'row'} {n}"
+        where = f"{name}:row {n}"  # JSONL: n is the line number (blank lines hold no row but keep numbering)
         if modality == "image" and isinstance(value, str):
             item = _file_item(value, path.parent)
         else:

@@ -94,7 +94,7 @@ def test_a_bad_jsonl_line_is_one_failed_row_in_embed_and_extract(minilm, tmp_pat
     report = json.loads(done.stdout)
     assert (report["total"], report["ok"], report["failed"]) == (3, 2, 1)
     [failure] = FeatureStore(tmp_path / "fs").failures("minilm-l6")
-    assert (failure["code"], failure["source"]) == ("invalid_json", "t.jsonl:line 2")
+    assert (failure["code"], failure["source"]) == ("invalid_json", "t.jsonl:row 2")
 
 
 def test_a_csv_with_a_bom_and_a_long_cell_embeds(minilm, tmp_path: Path):

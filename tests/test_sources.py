@@ -121,7 +121,7 @@ def test_a_bad_jsonl_line_is_that_items_failure(tmp_path: Path):
     got = list(iter_items(lines, "text"))
     assert [i.payload.code if isinstance(i.payload, ItemFailure) else i.payload for i in got] == [
         "a", "invalid_json", "invalid_json", "b"]
-    assert got[1].source == "t.jsonl:line 2"
+    assert got[1].source == "t.jsonl:row 2"
     with pytest.raises(embedkit.UnsupportedInputError, match="line 2 is not JSON"):
         read_texts(lines, "text")  # labels and ids stay strict
 
