@@ -165,3 +165,19 @@ def test_fifos_and_dev_zero_in_lists_and_globs_never_hang(tiny_image, tmp_path: 
     done = run_cli("embed", str(tiny_image.path), str(tmp_path / "list.txt"), "--out", str(tmp_path / "v.npy"),
                    "--no-progress")
     assert done.returncode == 2 and np.isnan(np.load(tmp_path / "v.npy")[1:]).all()
+
+
+def test_in_memory_twins_are_extracted_as_different_items(tiny_image, tmp_path: Path):
+    indices = np.random.default_rng(0).integers(0, 256, (40, 48), dtype=np.uint8)
+    red, green = Image.fromarray(indices, "P"), Image.fromarray(indices, "P")
+    red.putpalette([v for i in range(256) for v in (i, 0, 0)])
+    green.putpalette([v for i in range(256) for v in (0, i, 0)])
+    array = np.asarray(photo(4))  # (40, 48, 3)
+    twin = array.reshape(48, 40, 3)  # the same bytes, another image
+    report = embedkit.extract([red, green, array, twin], tiny_image, str(tmp_path / "fs"))
+    assert (report.computed, report.duplicates, report.cached) == (4, 0, 0)  # was 2 computed, 2 "duplicates"
+    ids, X = FeatureStore(tmp_path / "fs").load("tiny-image")
+    expected = embedkit.ImageEncoder(tiny_image, threads=1).encode([red, green, array, twin]).vectors
+    assert len(ids) == 4 and len({tuple(np.round(v, 5)) for v in expected}) == 4
+    stored = {tuple(np.round(v, 5)) for v in np.asarray(X)}
+    assert stored == {tuple(np.round(v, 5)) for v in expected}
