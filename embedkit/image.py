@@ -7,7 +7,11 @@ input                           what happens
 ==============================  ===============================================================
 path, bytes, PIL image,         decoded; paths and bytes must be JPEG, PNG, GIF, BMP, TIFF,
 numpy array (H, W[, 3|4])       WebP or PPM (decoders that run no external program)
-missing path                    error ``not_found``
+missing path, empty path        error ``not_found``
+FIFO, device, socket, folder    error ``not_a_file`` (checked with fstat before a byte is read,
+(or a symlink to one)           so ``/dev/zero`` or a FIFO never hangs a run)
+file over ``8 * max_pixels``    error ``too_large`` (no image format needs more bytes per pixel);
+bytes (+ 16 MiB)                at most that many bytes are ever read
 zero bytes                      error ``empty_file``
 random bytes                    error ``not_an_image``
 PDF, SVG, EPS, PSD, HEIC...     error ``unsupported_format`` (names the format)
@@ -21,10 +25,14 @@ blank / placeholder graphic     error ``blank_image`` when ``reject_blank``: at 
 EXIF orientation                applied
 CMYK, YCbCr, palette, 1-bit     converted to RGB
 LA / RGBA / PA / transparency   alpha composited on the preprocessing's fixed ``background``
-16-bit greyscale                scaled to 0..255 (value / 257) in float, not clipped to white
+16-bit greyscale                scaled to 0..255 (value / 257) in float, not clipped to white;
+                                32-bit integer ('I') images outside 0..65535: ``invalid_range``
+32-bit float ('F') images       (float TIFFs, PIL 'F' images) read as 0..1, like float arrays;
+                                values outside 0..1 or not finite: error ``invalid_range``
 animated GIF / WebP / TIFF      first frame
-numpy uint8 / uint16 / float    0..255, 0..65535 (scaled), 0..1; other dtypes or ranges ->
-                                error ``invalid_array``
+numpy uint8 / uint16 / float    0..255, 0..65535 (scaled), 0..1; other dtypes or shapes ->
+                                error ``invalid_array``; floats outside 0..1 or not finite ->
+                                error ``invalid_range`` (never guessed to mean 0..255)
 anything else                   error ``not_an_image_input``
 ==============================  ===============================================================
 """
@@ -40,7 +48,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .backbone import ImagePreprocess
-from .text import ItemError
+from .files import read_regular
+from .text import ItemError, ItemFailure
 
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # JPEG covers MPO (camera JPEGs)
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own warning threshold (about 0.25 GB of RGB)
@@ -60,17 +69,6 @@ _SIGNATURES = (
 )
 _FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF", b"qt  ": "QuickTime", b"isom": "MP4"}
 _RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
-
-
-class ItemFailure(Exception):
-    """One item cannot be embedded; becomes an :class:`ItemError` record."""
-
-    def __init__(self, code: str, stage: str, message: str):
-        super().__init__(message)
-        self.code, self.stage, self.message = code, stage, message
-
-    def record(self, index: int) -> ItemError:
-        return ItemError(index, self.code, self.stage, self.message)
 
 
 @dataclass
@@ -124,6 +122,7 @@ class ImageProcessor:
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.reject_blank = reject_blank
+        self.max_bytes = 8 * max_pixels + (16 << 20)  # 16-bit RGBA, uncompressed, plus metadata
         p = preprocess
         self._scale = np.asarray([1.0 / (255.0 * s) for s in p.std], dtype=np.float32)
         self._offset = np.asarray([-m / s for m, s in zip(p.mean, p.std)], dtype=np.float32)
@@ -133,16 +132,15 @@ class ImageProcessor:
         """The item as a loaded PIL image (first frame, EXIF orientation applied)."""
         from PIL import Image, ImageOps
 
+        if isinstance(item, ItemFailure):  # a row its reader could not read
+            raise ItemFailure(item.code, item.stage, item.message)
         if isinstance(item, Image.Image):
             image = item
             self._check_size(image.size)
         elif isinstance(item, np.ndarray):
             return self._from_array(item)
         elif isinstance(item, (str, os.PathLike)):
-            path = Path(item)
-            if not path.is_file():
-                raise ItemFailure("not_found", "read", f"{_describe(item)}: no such file")
-            image = self._open_bytes(path.read_bytes(), _describe(item))
+            image = self._open_bytes(read_regular(item, self.max_bytes), _describe(item))
         elif isinstance(item, (bytes, bytearray, memoryview)):
             image = self._open_bytes(bytes(item), "bytes")
         else:
@@ -211,9 +209,7 @@ class ImageProcessor:
         if array.dtype == np.uint16:
             pixels = array.astype(np.float32) / 257.0
         elif array.dtype.kind == "f":
-            if not np.isfinite(array).all() or array.min(initial=0) < 0 or array.max(initial=0) > 1:
-                raise ItemFailure("invalid_array", "decode", "float arrays must hold finite values in 0..1")
-            pixels = array.astype(np.float32) * 255.0
+            pixels = unit_floats(array, "float array")
         else:
             raise ItemFailure("invalid_array", "decode", f"unsupported dtype {array.dtype} (use uint8, uint16 or float)")
         if pixels.ndim == 2:
@@ -242,12 +238,14 @@ class ImageProcessor:
             image = image.convert("RGBA")
         mode = image.mode
         if mode.startswith("I;16") or mode == "I":
-            grey = np.asarray(image).astype(np.float32)
-            if mode == "I":  # 32-bit container; 16-bit data by convention (PNG, TIFF)
-                grey = np.clip(grey, 0, 65535)
-            return [_float_image(grey / 257.0)]
+            grey = np.asarray(image)
+            if mode == "I" and grey.size and (grey.min() < 0 or grey.max() > 65535):
+                # a 32-bit container holds 16-bit data by convention (PNG, TIFF); anything else is a guess
+                raise ItemFailure("invalid_range", "decode",
+                                  f"32-bit integer image with values {grey.min()}..{grey.max()}, outside 0..65535")
+            return [_float_image(grey.astype(np.float32) / 257.0)]
         if mode == "F":
-            return [image]
+            return [_float_image(unit_floats(np.asarray(image), "32-bit float image"))]
         if mode in ("L", "RGB"):
             return [band.convert("F") for band in image.split()]
         if mode in ("LA", "RGBA"):
@@ -325,6 +323,21 @@ class ImageProcessor:
         out *= self._scale[:, None, None]
         out += self._offset[:, None, None]
         return out, width * height
+
+
+def unit_floats(values: np.ndarray, what: str) -> np.ndarray:
+    """Float pixels in 0..1 as float32 0..255; anything else is ``invalid_range``, never a guess.
+
+    The one rule for floats on every route (numpy arrays, PIL 'F' images, float TIFF files).
+    """
+    if values.size and not np.isfinite(values).all():
+        raise ItemFailure("invalid_range", "decode", f"{what} holds NaN or inf")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if low < 0 or high > 1:
+        raise ItemFailure("invalid_range", "decode",
+                          f"{what} with values {low:g}..{high:g}: float pixels must be in 0..1 "
+                          "(scale it yourself, e.g. to uint8 0..255, if it means something else)")
+    return values.astype(np.float32) * np.float32(255.0)
 
 
 def _float_image(array: np.ndarray) -> Any:

@@ -7,17 +7,30 @@ input                       what happens
 ==========================  =================================================================
 ``str``                     tokenised as is
 ``bytes``                   decoded as strict UTF-8; invalid bytes -> error ``invalid_utf8``
-empty / whitespace only     ``empty="embed"`` (default): embedded like any text (as
-                            sentence-transformers does) and counted in ``stats.empty``;
-                            ``empty="error"``: error ``empty_text``
+empty, or only invisible     ``empty="embed"`` (default): embedded like any text (as
+characters (whitespace,     sentence-transformers does) and counted in ``stats.empty``;
+zero-width space, word      ``empty="error"``: error ``empty_text``. Invisible means Unicode
+joiner, soft hyphen, BOM,   categories Cc, Cf, Zs, Zl, Zp, other whitespace, and the Hangul
+NUL...)                     fillers (:data:`INVISIBLE`)
 anything else (None, NaN,   error ``not_text``
 numbers, lists...)
+an unreadable row           the reader's error (``invalid_json``, ``not_a_file``...), passed on
+(:class:`ItemFailure`)      as that item's record
 longer than ``max_length``  ``truncate=True`` (default): truncated and counted in
 tokens                      ``stats.truncated``; ``truncate=False``: error ``too_long``
 ==========================  =================================================================
+
+Bounded work per item: a text longer than ``CHARS_PER_TOKEN * max_length`` characters is cut
+before tokenising (tokenizers needs ~140 bytes per character of input), at a point past which
+the kept ``max_length`` tokens provably do not depend on the rest (they end before a whitespace
+that precedes the cut); the cut doubles until that holds, up to ``MAX_CHARS_PER_TOKEN *
+max_length`` characters. Such a text counts as truncated, and its vector equals the full
+text's. A line a reader clipped (:class:`Clipped`, over ``MAX_TEXT_BYTES``) counts as truncated
+too.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -26,6 +39,25 @@ import numpy as np
 from .backbone import TextPreprocess
 
 EMPTY_POLICIES = ("embed", "error")
+CHARS_PER_TOKEN = 16  # the first cut, in characters per kept token (English averages ~4.5)
+MAX_CHARS_PER_TOKEN = 1024  # the last cut: a text is never tokenised past this many per token
+MAX_TEXT_BYTES = 1 << 20  # readers clip longer lines (counted as truncated)
+
+# Characters that render as nothing: Unicode Cc, Cf, Zs, Zl, Zp, other whitespace, and the Hangul
+# fillers (generated from unicodedata 14.0; tests/test_text.py checks it against the running Python).
+INVISIBLE = (
+    "\x00-\x20\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u115f-\u1160\u1680"
+    "\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\u3164\ufeff\uffa0\ufff9-\ufffb"
+    "\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001"
+    "\U000e0020-\U000e007f"
+)
+_INVISIBLE = re.compile(f"[{INVISIBLE}]*")
+_WHITESPACE = re.compile("[\t\n\r \xa0\u1680\u2000-\u200a\u202f\u205f\u3000]")  # what tokenizers split on
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` holds no visible character (empty, whitespace, zero-width, NUL...)."""
+    return _INVISIBLE.fullmatch(text) is not None
 
 
 @dataclass(frozen=True)
@@ -39,6 +71,25 @@ class ItemError:
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "code": self.code, "stage": self.stage, "message": self.message}
+
+
+class ItemFailure(Exception):
+    """One item cannot be embedded; becomes an :class:`ItemError` record.
+
+    Readers also hand an instance over as the payload of a row they could not read (a JSONL
+    line that is not JSON, a FIFO in a file list): every encoder records it as that item's error.
+    """
+
+    def __init__(self, code: str, stage: str, message: str):
+        super().__init__(message)
+        self.code, self.stage, self.message = code, stage, message
+
+    def record(self, index: int) -> ItemError:
+        return ItemError(index, self.code, self.stage, self.message)
+
+
+class Clipped(bytes):
+    """The first bytes (at most ``MAX_TEXT_BYTES``, cut at a UTF-8 boundary) of a longer line."""
 
 
 @dataclass
@@ -99,6 +150,9 @@ class TextTokenizer:
         errors: list[ItemError] = []
         empty = 0
         for i, item in enumerate(items, start=offset):
+            if isinstance(item, ItemFailure):
+                errors.append(item.record(i))
+                continue
             if isinstance(item, (bytes, bytearray, memoryview)):
                 try:
                     item = bytes(item).decode("utf-8")
@@ -113,14 +167,34 @@ class TextTokenizer:
             except UnicodeEncodeError as exc:  # lone surrogates, e.g. from errors="surrogateescape"
                 errors.append(ItemError(i, "invalid_utf8", "decode", f"text holds an unpaired surrogate at {exc.start}"))
                 continue
-            if not item.strip():
+            if is_blank(item):
                 if self.empty == "error":
-                    errors.append(ItemError(i, "empty_text", "decode", "empty or whitespace-only text"))
+                    errors.append(ItemError(i, "empty_text", "decode",
+                                            "empty text, or only whitespace / invisible characters"))
                     continue
                 empty += 1
             indices.append(i)
             texts.append(item)
         return indices, texts, errors, empty
+
+    def bounded(self, text: str) -> str:
+        """``text``, or the prefix of it whose first ``max_length`` tokens are the text's own.
+
+        Returns ``text`` itself when it is short enough to tokenise whole (see the module).
+        """
+        length = self.preprocess.max_length
+        limit = CHARS_PER_TOKEN * length
+        if len(text) <= limit:
+            return text
+        while limit < MAX_CHARS_PER_TOKEN * length:
+            head = text[:limit]
+            enc = self.tokenizer.encode(head)
+            if enc.overflowing:
+                end = max((e for _, e in enc.offsets), default=0)
+                if _WHITESPACE.search(head, end) is not None:
+                    return head  # the kept tokens end before a word boundary that precedes the cut
+            limit *= 2
+        return text[: MAX_CHARS_PER_TOKEN * length]
 
     def encode(self, items: Sequence[Any], offset: int = 0) -> Tokenized:
         """Validate and tokenise a chunk of items; indices are ``offset``-based."""
@@ -128,9 +202,15 @@ class TextTokenizer:
         out = Tokenized(errors=errors)
         out.stats.total = len(items)
         out.stats.empty = empty
+        cut = set()
+        for k, (i, text) in enumerate(zip(indices, texts)):
+            head = self.bounded(text)
+            if head is not text or isinstance(items[i - offset], Clipped):
+                texts[k] = head
+                cut.add(i)
         encodings = self.tokenizer.encode_batch(texts) if texts else []
         for i, enc in zip(indices, encodings):
-            truncated = bool(enc.overflowing)
+            truncated = bool(enc.overflowing) or i in cut
             if truncated and not self.truncate:
                 out.errors.append(
                     ItemError(i, "too_long", "tokenize", f"longer than max_length={self.preprocess.max_length} tokens")

@@ -89,8 +89,10 @@ def test_embed_jsonl_and_a_broken_line(minilm, tmp_path):
     errors = [json.loads(l) for l in (tmp_path / "o.npy.errors.jsonl").read_text().splitlines()]
     assert [(e["index"], e["code"]) for e in errors] == [(1, "not_text"), (2, "not_text")]
     src.write_text('{"text": "hello"}\n{"text": \n')
-    done = run_cli("embed", "minilm-l6", str(src), "--out", str(out))
-    assert done.returncode == 1 and "line 2 is not JSON" in done.stderr
+    done = run_cli("embed", "minilm-l6", str(src), "--out", str(out), "--no-progress")
+    assert done.returncode == 2  # a bad line is that row's failure, as in extract (one reader)
+    [error] = [json.loads(l) for l in (tmp_path / "o.npy.errors.jsonl").read_text().splitlines()]
+    assert (error["index"], error["code"]) == (1, "invalid_json") and "line 2 is not JSON" in error["message"]
 
 
 def test_embed_refuses_an_unknown_output_format_before_working(tmp_path):

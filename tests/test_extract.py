@@ -64,7 +64,7 @@ def test_table_with_ids_and_bad_rows_accounts_for_every_item(minilm, tmp_path: P
     report = json.loads(run.stdout)
     assert (report["total"], report["ok"], report["failed"]) == (10, 8, 2)
     failures = FeatureStore(out).failures("minilm-l6")
-    assert sorted((f["source"], f["code"]) for f in failures) == [("items.jsonl:row 4", "not_text"), ("items.jsonl:row 6", "not_text")]
+    assert sorted((f["source"], f["code"]) for f in failures) == [("items.jsonl:row 4", "invalid_json"), ("items.jsonl:row 6", "not_text")]
     assert all("sentence" not in json.dumps(f) for f in failures)  # records never carry the content
     ids, _ = sorted_store(out)
     assert ids == sorted(f"k{i}" for i in range(10) if i not in (3, 5))

@@ -218,8 +218,8 @@ def test_blank_placeholder_graphic_is_an_error_unless_allowed():
     (42, "not_an_image_input"),
     (np.zeros((4, 4, 5), np.uint8), "invalid_array"),
     (np.zeros((4,), np.uint8), "invalid_array"),
-    (np.full((8, 8, 3), 2.0, np.float32), "invalid_array"),
-    (np.full((8, 8, 3), np.nan, np.float32), "invalid_array"),
+    (np.full((8, 8, 3), 2.0, np.float32), "invalid_range"),
+    (np.full((8, 8, 3), np.nan, np.float32), "invalid_range"),
     (np.zeros((8, 8, 3), np.int32), "invalid_array"),
 ])
 def test_wrong_python_inputs_are_typed_errors(item, code):
@@ -240,3 +240,50 @@ def test_resize_and_crop_match_a_torch_reference_on_varied_shapes():
         array = photo(h, w, seed=h)
         ref = torch_preprocess(array, p).numpy()
         assert np.abs(pixels(array, p) - ref).max() <= 1e-3, (h, w, interpolation)
+
+
+def float_tiff(values: np.ndarray) -> bytes:
+    image = Image.fromarray(values.astype(np.float32), "F")
+    assert image.mode == "F"
+    return encoded(image, "TIFF")
+
+
+def test_a_float_tiff_in_zero_to_one_is_read_as_zero_to_one(tmp_path: Path):
+    grey = photo()[:, :, 0]
+    path = tmp_path / "photo.tif"
+    path.write_bytes(float_tiff(grey / 255.0))
+    assert Image.open(path).mode == "F"
+    expected = pixels(grey)  # the uint8 photo
+    for item in (path, path.read_bytes(), Image.open(path), Image.fromarray((grey / 255.0).astype(np.float32), "F")):
+        np.testing.assert_allclose(pixels(item), expected, atol=1e-3)  # was 255 times darker
+
+
+@pytest.mark.parametrize("values", [photo()[:, :, 0] * 5000.0 / 255, np.full((48, 64), np.nan), photo()[:, :, 0] / -255.0])
+def test_a_float_image_outside_zero_to_one_is_an_error_on_every_route(values):
+    # A float TIFF file, a PIL 'F' image and a float array: one rule, never a guess at 0..255 or 0..65535.
+    for item in (float_tiff(values), Image.fromarray(values.astype(np.float32), "F"), values.astype(np.float32)):
+        assert failure(item).code == "invalid_range"
+
+
+def test_a_32_bit_integer_image_outside_sixteen_bits_is_an_error():
+    values = np.arange(64 * 48, dtype=np.int32).reshape(48, 64) * 100  # up to 307,100
+    image = Image.fromarray(values, "I")
+    assert failure(image).code == "invalid_range"
+    assert failure(encoded(image, "TIFF")).code == "invalid_range"
+    small = Image.fromarray((values // 100).astype(np.int32), "I")  # 0..3071: 16-bit data in a 32-bit container
+    np.testing.assert_allclose(pixels(small)[0], pixels((values // 100).astype(np.uint16))[0], atol=1e-3)
+
+
+def test_fifos_devices_and_huge_files_are_refused_before_reading(tmp_path: Path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.jpg")
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    with open(tmp_path / "huge.jpg", "wb") as f:
+        f.truncate(40 << 20)  # sparse: 40 MiB of zeros
+    assert failure(tmp_path / "fifo.jpg").code == "not_a_file"
+    assert failure(tmp_path / "zero.jpg").code == "not_a_file"
+    assert failure(tmp_path).code == "not_a_file"
+    assert failure(tmp_path / "huge.jpg", max_pixels=1000).code == "too_large"  # over 8 B/pixel + 16 MiB
+    assert failure(tmp_path / "huge.jpg").code == "not_an_image"
+    assert failure("").code == "not_found"

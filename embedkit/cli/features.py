@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UnsupportedInputError
-from ..sources import read_texts
 from .common import EXIT_FAILED_ITEMS, OUTPUT_SUFFIXES, store_arg
 
 
@@ -61,80 +60,114 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def read_images(path: Path, column: str) -> tuple[list[Any], dict[str, list[Any]]]:
-    """Image items (paths) and extra output columns from a folder, a file list or a table."""
-    from .sources import file_list, image_folder
+def read_items(path: Path, modality: str, column: str | None) -> tuple[list[Any], dict[str, list[Any]]]:
+    """Payloads, one per input row, and extra output columns, through the one reader of ``extract``.
 
+    Images get a ``path`` column (valid UTF-8, see :func:`embedkit.sources.display`) and, from a
+    folder, a ``label`` column (the class subfolder).
+    """
+    from ..sources import display, folder_label, iter_items
+
+    items = list(iter_items(path, modality, column))
+    payloads = [item.payload for item in items]
+    if modality != "image":
+        return payloads, {}
+    extra: dict[str, list[Any]] = {"path": [item.source for item in items]}
     if path.is_dir():
-        folder = image_folder(path)
-        return list(folder.paths), {"path": folder.paths, "label": folder.labels}
-    if path.suffix.lower() == ".txt":
-        items = file_list(path)
-        return list(items), {"path": items}
+        extra["label"] = [display(folder_label(path, p)) if isinstance(p, str) else "" for p in payloads]
+    return payloads, extra
+
+
+ERROR_KEYS = {"index", "code", "stage", "message"}
+
+
+def _errors_file_is_ours(path: Path) -> bool:
+    """True when ``path`` is absent or an earlier ``embed`` errors file (JSON records of ERROR_KEYS)."""
+    if not path.exists():
+        return True
     if not path.is_file():
-        raise UnsupportedInputError(f"{path} is neither a folder nor a file")
-    values = read_texts(path, column)
-    # Paths in a table are relative to the table's folder, as in a file list.
-    items = [str(path.parent / v) if isinstance(v, str) and v and not Path(v).is_absolute() else v for v in values]
-    return items, {column: values}
+        return False
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    lines = head.splitlines()[:100] if len(head) < (1 << 20) else head.splitlines()[:-1][:100]
+    try:
+        return all(isinstance(r := json.loads(line), dict) and ERROR_KEYS <= set(r) for line in lines if line.strip())
+    except ValueError:
+        return False
+
+
+def _parquet_table(result: Any, extra: dict[str, list[Any]], artifact: Any) -> Any:
+    """One schema for every run: ``error_code``/``error_message`` are nullable strings even when nothing failed."""
+    import numpy as np
+    import pyarrow as pa
+
+    n = len(result.ok)
+    by_row = {e.index: e for e in result.errors}
+    fields = [pa.field("row", pa.int64())] + [pa.field(k, pa.string()) for k in extra] + [
+        pa.field("ok", pa.bool_()), pa.field("embedding", pa.list_(pa.float32(), artifact.dim)),
+        pa.field("error_code", pa.string()), pa.field("error_message", pa.string())]
+    columns = [pa.array(np.arange(n, dtype=np.int64))]
+    columns += [pa.array([v if isinstance(v, str) else None for v in vs], pa.string()) for vs in extra.values()]
+    columns += [
+        pa.array(np.asarray(result.ok, dtype=bool)),
+        pa.FixedSizeListArray.from_arrays(pa.array(result.vectors.reshape(-1).astype(np.float32)), artifact.dim),
+        pa.array([by_row[i].code if i in by_row else None for i in range(n)], pa.string()),
+        pa.array([by_row[i].message if i in by_row else None for i in range(n)], pa.string()),
+    ]
+    table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
+    return table.replace_schema_metadata({"embedkit.digest": artifact.digest, "embedkit.backbone": artifact.name})
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from ..atomic import write_atomic
     from ..encoder import encoder_for
     from ..exporter import resolve
 
     out = Path(args.out)
     if out.suffix not in OUTPUT_SUFFIXES:  # checked before any work; np.save would append .npy
         raise UnsupportedInputError(f"--out {out.name}: the output must end in {' or '.join(OUTPUT_SUFFIXES)}")
+    errors_path = out.with_name(out.name + ".errors.jsonl")
+    if not _errors_file_is_ours(errors_path):  # it is replaced or removed after the run
+        raise UnsupportedInputError(f"{errors_path} exists and is not an embedkit errors file; move it or pick another --out")
     artifact = resolve(args.backbone, args.store)
-    extra: dict[str, list[Any]] = {}
+    items, extra = read_items(Path(args.input), artifact.modality, args.column)
     if artifact.modality == "image":
-        items, extra = read_images(Path(args.input), args.column or "path")
         encoder = encoder_for(
             artifact, device=args.device, threads=args.threads, runtime=args.runtime, batch_size=args.batch_size,
             workers=args.workers, max_pixels=args.max_pixels, reject_blank=not args.keep_blank,
         )
         unit = "image"
     else:
-        items = read_texts(Path(args.input), args.column or "text")
         encoder = encoder_for(artifact, device=args.device, threads=args.threads, runtime=args.runtime,
                               truncate=not args.no_truncate, empty=args.empty)
         unit = "text"
     from tqdm import tqdm
 
-    with tqdm(total=len(items), unit=unit, disable=args.no_progress, file=sys.stderr) as bar:
+    with tqdm(total=len(items), unit=unit, disable=args.no_progress, file=sys.stderr) as bar:  # rows, not lines
         result = encoder.encode(items, progress=bar.update)
-    errors_path = out.with_name(out.name + ".errors.jsonl")
     if out.suffix == ".parquet":
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        by_row = {e.index: e for e in result.errors}
-        columns = {"row": np.arange(len(items))}
-        columns.update({k: [v if isinstance(v, (str, type(None))) else repr(type(v)) for v in vs] for k, vs in extra.items()})
-        table = pa.table({
-            **columns,
-            "ok": result.ok,
-            "embedding": pa.FixedSizeListArray.from_arrays(result.vectors.reshape(-1), artifact.dim),
-            "error_code": [by_row[i].code if i in by_row else None for i in range(len(items))],
-            "error_message": [by_row[i].message if i in by_row else None for i in range(len(items))],
-        })
-        table = table.replace_schema_metadata({"embedkit.digest": artifact.digest, "embedkit.backbone": artifact.name})
-        pq.write_table(table, out)
+        pq.write_table(_parquet_table(result, extra, artifact), out)
     else:
         np.save(out, result.vectors)
-    with open(errors_path, "w") as f:
+    if result.errors:
+        lines = []
         for e in result.errors:
             record = e.to_json()
             if "path" in extra:  # images: the file is the item's id
                 record["path"] = extra["path"][e.index]
-            f.write(json.dumps(record) + "\n")
+            lines.append(json.dumps(record) + "\n")
+        write_atomic(errors_path, "".join(lines).encode())
+    elif errors_path.exists():  # an earlier run's records (checked above) would claim failures of this one
+        errors_path.unlink()
     s = result.stats
     detail = f", {s.truncated} truncated, {s.empty} empty" if unit == "text" else ""
+    where = f" (errors: {errors_path.name})" if result.errors else ""
     print(f"{s.total} {unit}s: {s.ok} ok, {s.failed} failed{detail}; "
-          f"{s.total / max(result.seconds, 1e-9):.0f} {unit}s/s -> {out} (errors: {errors_path.name})", file=sys.stderr)
+          f"{s.total / max(result.seconds, 1e-9):.0f} {unit}s/s -> {out}{where}", file=sys.stderr)
     return EXIT_FAILED_ITEMS if s.failed else 0
 
 
