@@ -49,7 +49,7 @@ import numpy as np
 
 from .backbone import ImagePreprocess
 from .files import read_regular
-from .text import ItemError, ItemFailure
+from .text import ItemFailure
 
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # JPEG covers MPO (camera JPEGs)
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own warning threshold (about 0.25 GB of RGB)

@@ -23,7 +23,7 @@ def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 def test_check_passes_without_torch(plugin_env, tmp_path):
     done = run_python(
         "import embedkit.cli\n"
-        f"code = embedkit.cli.main(['check', 'paraphrase-minilm-l3'])\nprint('EXIT', code)\n",
+        "code = embedkit.cli.main(['check', 'paraphrase-minilm-l3'])\nprint('EXIT', code)\n",
         {**plugin_env, "EMBEDKIT_HOME": str(tmp_path)},
     )
     out = done.stdout
