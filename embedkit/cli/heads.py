@@ -101,7 +101,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                       memory_budget_mb=args.memory_budget_mb)
     meta = json.loads((path / "index.json").read_text())
     print(f"{meta['rows']} items of {meta['backbone']['name']} ({meta['backbone']['digest'][:12]}), "
-          f"{meta['kind']} index, {meta['metric']} -> {path}")
+          f"{meta['index_kind']} index, {meta['metric']} -> {path}")
     return 0
 
 
