@@ -85,9 +85,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from ..encoder import encoder_for
     from ..exporter import resolve
 
+    from ..atomic import staged_file
+    from ..outputs import check_output, errors_path
+
     out = Path(args.out)
     if out.suffix not in OUTPUT_SUFFIXES:  # checked before any work; np.save would append .npy
         raise UnsupportedInputError(f"--out {out.name}: the output must end in {' or '.join(OUTPUT_SUFFIXES)}")
+    check_output(out, "embeddings", inputs=[args.input])  # before any work: never the input, never a foreign file
     artifact = resolve(args.backbone, args.store)
     extra: dict[str, list[Any]] = {}
     if artifact.modality == "image":
@@ -106,7 +110,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     with tqdm(total=len(items), unit=unit, disable=args.no_progress, file=sys.stderr) as bar:
         result = encoder.encode(items, progress=bar.update)
-    errors_path = out.with_name(out.name + ".errors.jsonl")
+    errors_file = errors_path(out)
+    # Each file is written beside its target and renamed over it: an interrupted run leaves the
+    # earlier output whole. The vectors go first, their error records after them.
     if out.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -122,10 +128,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
             "error_message": [by_row[i].message if i in by_row else None for i in range(len(items))],
         })
         table = table.replace_schema_metadata({"embedkit.digest": artifact.digest, "embedkit.backbone": artifact.name})
-        pq.write_table(table, out)
+        with staged_file(out) as tmp:
+            pq.write_table(table, tmp)
     else:
-        np.save(out, result.vectors)
-    with open(errors_path, "w") as f:
+        with staged_file(out) as tmp, open(tmp, "wb") as f:
+            np.save(f, result.vectors)
+    with staged_file(errors_file) as tmp, open(tmp, "w") as f:
         for e in result.errors:
             record = e.to_json()
             if "path" in extra:  # images: the file is the item's id
@@ -134,15 +142,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
     s = result.stats
     detail = f", {s.truncated} truncated, {s.empty} empty" if unit == "text" else ""
     print(f"{s.total} {unit}s: {s.ok} ok, {s.failed} failed{detail}; "
-          f"{s.total / max(result.seconds, 1e-9):.0f} {unit}s/s -> {out} (errors: {errors_path.name})", file=sys.stderr)
+          f"{s.total / max(result.seconds, 1e-9):.0f} {unit}s/s -> {out} (errors: {errors_file.name})", file=sys.stderr)
     return EXIT_FAILED_ITEMS if s.failed else 0
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from ..exporter import resolve
     from ..extraction import extract
+    from ..outputs import check_output
     from ..sources import count_items
 
+    check_output(args.out, "feature-store", inputs=[args.source])  # before the backbone is resolved (or exported)
     artifact = resolve(args.backbone, args.store)
     options: dict[str, Any] = {"device": args.device, "threads": args.threads, "runtime": args.runtime}
     if artifact.modality == "image":
