@@ -159,14 +159,12 @@ def _checked_files(folder: Path, recorded: Any, expected: tuple[str, ...] | None
     """
     if not isinstance(recorded, dict) or not recorded:
         raise UnsafeModelError(f"{folder}: the {what} metadata lists no files")
+    files = {name: member(folder, name) for name in recorded}  # before any byte is read
     if expected is not None and set(recorded) != set(expected):
         raise UnsafeModelError(f"{folder}: the {what} metadata names {sorted(recorded)}, expected {sorted(expected)}; refusing it")
-    files = {}
     for name, digest in recorded.items():
-        target = member(folder, name)
-        if sha256_file(target) != digest:
-            raise UnsafeModelError(f"{target} changed since it was saved (sha256 mismatch); refusing it")
-        files[name] = target
+        if sha256_file(files[name]) != digest:
+            raise UnsafeModelError(f"{files[name]} changed since it was saved (sha256 mismatch); refusing it")
     return files
 
 
