@@ -90,7 +90,9 @@ class Namespace:
     def _shard_table(self, shard: str) -> Any:
         import pyarrow as pa
 
-        source = pa.memory_map(str(self.path / "shards" / f"{shard}.arrow"), "r")
+        from .paths import member  # the shard name comes from a commit record: keep it inside shards/
+
+        source = pa.memory_map(str(member(self.path / "shards", f"{shard}.arrow", error=StoreError)), "r")
         return pa.ipc.open_file(source).read_all()
 
     def verify(self, deep: bool = True) -> list[Problem]:

@@ -112,7 +112,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
         result = encoder.encode(items, progress=bar.update)
     errors_file = errors_path(out)
     # Each file is written beside its target and renamed over it: an interrupted run leaves the
-    # earlier output whole. The vectors go first, their error records after them.
+    # earlier output whole. The error records go first: a .npy is recognised as embed's own by
+    # the records beside it, so a crash between the two never leaves vectors a rerun refuses.
+    with staged_file(errors_file) as tmp, open(tmp, "w") as f:
+        for e in result.errors:
+            record = e.to_json()
+            if "path" in extra:  # images: the file is the item's id
+                record["path"] = extra["path"][e.index]
+            f.write(json.dumps(record) + "\n")
     if out.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -133,12 +140,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
     else:
         with staged_file(out) as tmp, open(tmp, "wb") as f:
             np.save(f, result.vectors)
-    with staged_file(errors_file) as tmp, open(tmp, "w") as f:
-        for e in result.errors:
-            record = e.to_json()
-            if "path" in extra:  # images: the file is the item's id
-                record["path"] = extra["path"][e.index]
-            f.write(json.dumps(record) + "\n")
     s = result.stats
     detail = f", {s.truncated} truncated, {s.empty} empty" if unit == "text" else ""
     print(f"{s.total} {unit}s: {s.ok} ok, {s.failed} failed{detail}; "
