@@ -133,7 +133,7 @@ def is_output(path: str | os.PathLike[str], kind: str) -> bool:
     path = Path(path)
     if kind == "embeddings":
         return path.is_file() and not path.is_symlink() and _embeddings_file(path)
-    if not path.is_dir() or path.is_symlink():
+    if not path.is_dir() or (path.is_symlink() and kind != "feature-store"):
         return False
     return foreign_entries(path, kind) == []
 
@@ -199,7 +199,7 @@ def check_output(target: str | os.PathLike[str], kind: str, inputs: Iterable[Any
             raise OutputExistsError(f"{errors_path(out)} exists and is not embedkit's error records; "
                                     "move it or choose another output path")
         return out
-    if out.is_symlink():
+    if out.is_symlink() and kind != "feature-store":  # a store is added to, never replaced: its link may stay
         raise OutputExistsError(f"{out} is a symbolic link; embedkit replaces only outputs it wrote: choose another path")
     if kind == "embeddings":
         if not _embeddings_file(out):

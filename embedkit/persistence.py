@@ -246,6 +246,9 @@ def _load_faiss(folder: Path, files: dict[str, Path]) -> Any:
 
     params = json.loads(files["head.json"].read_text())
     arrays = np.load(files["head.npz"], allow_pickle=False)
+    known = set(FaissKNNClassifier().get_params())
+    if not isinstance(params, dict) or not set(params) <= known or callable(params.get("weights")):
+        raise ArtifactError(f"{files['head.json']}: not the parameters of a FaissKNNClassifier ({sorted(known)})")
     head = FaissKNNClassifier(**params)
     head.classes_ = arrays["classes"]
     head._y = arrays["y"]

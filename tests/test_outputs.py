@@ -228,3 +228,42 @@ def test_a_model_left_aside_by_a_crash_between_the_two_renames_is_put_back_by_lo
     assert (model / "model.json").is_file() and not aside.exists()
     embedkit.save(pipe, model)  # the next save sweeps the dead writer's staging folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_check_output_rules_without_a_model(tmp_path):
+    from embedkit.outputs import check_output
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    with pytest.raises(OutputIsInputError, match="lies inside"):  # a glob's folder is an input too
+        check_output(photos / "fs", "feature-store", inputs=[str(photos / "*.jpg")])
+    with pytest.raises(OutputIsInputError, match="holds"):
+        check_output(tmp_path, "feature-store", inputs=[str(photos / "a.jpg")])
+    assert check_output(tmp_path / "fs", "feature-store", inputs=[str(photos / "**" / "*.jpg"), iter([])]) == tmp_path / "fs"
+    # a feature store reached through a symlink is added to in place: allowed
+    store = tmp_path / "big-disk-store"
+    (store / "minilm-l6" / "abc").mkdir(parents=True)
+    (store / "minilm-l6" / "abc" / "namespace.json").write_text("{}")
+    (tmp_path / "features").symlink_to(store)
+    assert check_output(tmp_path / "features", "feature-store") == tmp_path / "features"
+    # embed's .npy is recognised by the error records beside it, a stray file of that name is not overwritten
+    vectors = tmp_path / "v.npy"
+    np.save(vectors, np.zeros((2, 3), np.float32))
+    with pytest.raises(OutputExistsError):
+        check_output(vectors, "embeddings")
+    (tmp_path / "v.npy.errors.jsonl").write_text("")
+    assert check_output(vectors, "embeddings") == vectors
+    (tmp_path / "w.npy.errors.jsonl").write_text("my own notes\n")
+    with pytest.raises(OutputExistsError, match="error records"):
+        check_output(tmp_path / "w.npy", "embeddings")
+    # outputs written before markers had a kind field are still recognised as embedkit's own
+    old_index = tmp_path / "idx"
+    old_index.mkdir()
+    (old_index / "index.json").write_text(json.dumps({"format": 1, "files": {"ids.npy": "x"}, "metric": "cosine",
+                                                      "kind": "flat"}))
+    (old_index / "ids.npy").write_bytes(b"")
+    assert check_output(old_index, "index") == old_index
+    with pytest.raises(OutputExistsError):  # ... but only as what they are
+        check_output(old_index, "model")
+    with pytest.raises(OutputFolderMissingError):
+        check_output(tmp_path / "a" / "b", "report")
