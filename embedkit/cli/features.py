@@ -82,10 +82,9 @@ def read_images(path: Path, column: str) -> tuple[list[Any], dict[str, list[Any]
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from ..atomic import staged_file
     from ..encoder import encoder_for
     from ..exporter import resolve
-
-    from ..atomic import staged_file
     from ..outputs import check_output, errors_path
 
     out = Path(args.out)
