@@ -70,6 +70,11 @@ _EXPORTS = {
     "InvalidInputError": "errors",
     "BackboneCheckError": "errors",
     "UnsupportedInputError": "errors",
+    "OutputError": "errors",
+    "OutputExistsError": "errors",
+    "OutputFolderMissingError": "errors",
+    "OutputIsInputError": "errors",
+    "UnsavableHeadError": "errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

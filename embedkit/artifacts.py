@@ -121,11 +121,11 @@ class Artifact:
                 f"{self.onnx_path} is corrupted: sha256 {actual[:12]}... but the manifest says "
                 f"{self.digest[:12]}...; delete the folder and export again"
             )
+        from .paths import member
+
         for rel, expected in self.manifest.get("files", {}).items():
-            target = (self.path / rel).resolve()
-            if self.path not in target.parents:
-                raise ArtifactError(f"artifact file {rel!r} points outside {self.path}")
-            if not target.is_file() or sha256_file(target) != expected:
+            target = member(self.path, rel, error=ArtifactError)  # inside the folder, a regular file
+            if sha256_file(target) != expected:
                 raise ArtifactError(f"artifact file {target} is missing or corrupted")
 
 

@@ -176,3 +176,22 @@ class StoreWriteError(StoreError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+class OutputError(EmbedkitError, OSError):
+    """An output target embedkit refuses to write; checked before any work starts."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """The target exists and is not an earlier embedkit output of the same kind."""
+
+
+class OutputFolderMissingError(OutputError, FileNotFoundError):
+    """The folder that should hold the output does not exist."""
+
+
+class OutputIsInputError(OutputError, ValueError):
+    """The output is, holds or lies inside one of the command's inputs."""
+
+
+class UnsavableHeadError(EmbedkitError, TypeError):
+    """A head :func:`embedkit.save` refuses because :func:`embedkit.load` could not read it back safely."""

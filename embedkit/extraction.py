@@ -105,10 +105,16 @@ def extract(
             and their items recomputed.
         models: the model store (default ``$EMBEDKIT_HOME``, else the user cache folder).
         options: encoder options (device, threads, batch_tokens, batch_size, workers, ...).
+
+    Raises:
+        OutputError: ``store`` is refused before any work: its folder is missing, it is, holds
+            or lies inside ``source``, or it exists and is not a feature store (nor empty).
     """
     from .encoder import encoder_for
     from .exporter import resolve
+    from .outputs import check_output
 
+    check_output(store, "feature-store", inputs=[source])  # before any work: not an input, not a foreign folder
     start = time.perf_counter()
     artifact = resolve(backbone, models)
     encoder = encoder_for(artifact, **options)

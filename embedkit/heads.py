@@ -65,12 +65,13 @@ class FaissNearestNeighbors(BaseEstimator):
         self.random_state = random_state
 
     # -- fitting ------------------------------------------------------------------------------
-    def _prepare(self, X: np.ndarray) -> np.ndarray:
-        X = np.ascontiguousarray(X, dtype=np.float32)
+    def _prepare(self, X: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+        """``X`` as the index sees it (unit rows for cosine; zero rows stay zero, as in scikit-learn)."""
+        X = np.asarray(X, dtype=dtype)
         if self.metric == "cosine":
             norms = np.linalg.norm(X, axis=1, keepdims=True)
             X = X / np.where(norms > 0, norms, 1.0)
-        return np.ascontiguousarray(X, dtype=np.float32)
+        return np.ascontiguousarray(X, dtype=dtype)
 
     def _choose(self, n: int, d: int) -> str:
         if self.index != "auto":
@@ -123,44 +124,75 @@ class FaissNearestNeighbors(BaseEstimator):
     def kneighbors(self, X: Any = None, n_neighbors: int | None = None, return_distance: bool = True) -> Any:
         """Indices (and distances) of the nearest fitted rows, nearest first.
 
-        With ``X=None`` the fitted rows query themselves, each excluded from its own result,
-        as in scikit-learn.
+        Returns ``(distances, indices)``, both (n_queries, k): float64 distances as
+        scikit-learn's ``NearestNeighbors(metric=...)`` gives them (euclidean and cosine never
+        below 0, cosine at most 2) and int64 row indices. FAISS finds candidates in float32;
+        on indexes that keep the vectors (flat, hnsw) the candidates' distances are computed
+        again in float64 and ranked on those, so an item scores exactly 0 against itself and
+        near ties are ordered as scikit-learn orders them. With ``X=None`` the fitted rows
+        query themselves, each excluded from its own result, as in scikit-learn.
         """
         check_is_fitted(self, "n_samples_fit_")
         k = self.n_neighbors if n_neighbors is None else n_neighbors
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"n_neighbors must be a positive int, got {k!r}")
         query_is_train = X is None
+        keeps_vectors = self.index_kind_ != "ivfpq"
         if query_is_train:
-            X = self._index.reconstruct_n(0, self.n_samples_fit_) if self.index_kind_ != "ivfpq" else None
-            if X is None:
+            if not keeps_vectors:
                 raise ValueError("kneighbors(X=None) needs an index that keeps the vectors (flat or hnsw)")
-            k_search = k + 1
-            queries = X
+            queries = self._prepare(self._index.reconstruct_n(0, self.n_samples_fit_), np.float64)
+            wanted = k + 1
         else:
             X = validate_data(self, X, dtype=[np.float32, np.float64], reset=False)
-            queries = self._prepare(X)
-            k_search = k
-        if k_search > self.n_samples_fit_:
+            queries = self._prepare(X, np.float64)
+            wanted = k
+        if wanted > self.n_samples_fit_:
             raise ValueError(f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {k}, "
                              f"n_samples_fit = {self.n_samples_fit_}, n_samples = {len(queries)}")
-        scores, indices = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k_search)
-        if query_is_train:
-            keep = indices != np.arange(len(indices))[:, None]
-            keep[keep.sum(1) > k, -1] = False  # the row itself was not among its own results
-            indices = indices[keep].reshape(len(indices), k)
-            scores = scores[keep].reshape(len(scores), k)
+        # Extra candidates let the float64 distances reorder what float32 ranked as near ties.
+        m = min(self.n_samples_fit_, wanted + k) if keeps_vectors else wanted
+        scores, indices = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), m)
         if (indices < 0).any():
             raise RuntimeError("the index returned fewer neighbours than asked; raise nprobe or ef_search")
+        distances = self._exact(queries, indices) if keeps_vectors else self._from_scores(scores)
+        order = np.argsort(distances, axis=1, kind="stable")
+        indices, distances = np.take_along_axis(indices, order, 1), np.take_along_axis(distances, order, 1)
+        if query_is_train:
+            keep = indices != np.arange(len(indices))[:, None]
+            keep &= np.cumsum(keep, axis=1) <= k  # the first k that are not the row itself
+        else:
+            keep = np.arange(indices.shape[1])[None, :] < k
+            keep = np.broadcast_to(keep, indices.shape)
+        indices = indices[keep].reshape(len(indices), k).astype(np.int64)
         if not return_distance:
             return indices
+        return distances[keep].reshape(len(indices), k), indices
+
+    def _from_scores(self, scores: np.ndarray) -> np.ndarray:
+        """Distances from FAISS scores (squared L2 or inner products), clipped to their range."""
+        scores = scores.astype(np.float64)
         if self.metric == "euclidean":
-            distances = np.sqrt(np.maximum(scores, 0))
-        elif self.metric == "cosine":
-            distances = 1.0 - scores
-        else:
-            distances = -scores
-        return distances.astype(np.float64), indices
+            return np.sqrt(np.maximum(scores, 0.0))
+        if self.metric == "cosine":
+            return np.clip(1.0 - scores, 0.0, 2.0)
+        return -scores
+
+    def _exact(self, queries: np.ndarray, indices: np.ndarray, chunk: int = 1024) -> np.ndarray:
+        """float64 distances between each query and its candidate rows (rows read back from the index)."""
+        out = np.empty(indices.shape, dtype=np.float64)
+        for start in range(0, len(indices), chunk):
+            cand = indices[start:start + chunk]
+            rows = self._index.reconstruct_batch(cand.ravel()).reshape(*cand.shape, -1)
+            rows = self._prepare(rows.reshape(-1, rows.shape[-1]), np.float64).reshape(rows.shape)
+            q = queries[start:start + chunk, None, :]
+            if self.metric == "euclidean":
+                out[start:start + chunk] = np.sqrt(((q - rows) ** 2).sum(-1))
+            elif self.metric == "cosine":
+                out[start:start + chunk] = np.clip(1.0 - (q * rows).sum(-1), 0.0, 2.0)
+            else:
+                out[start:start + chunk] = -(q * rows).sum(-1)
+        return out
 
     # -- persistence --------------------------------------------------------------------------
     @classmethod
@@ -193,8 +225,13 @@ class FaissNearestNeighbors(BaseEstimator):
 class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
     """k-nearest-neighbour classification over :class:`FaissNearestNeighbors`.
 
-    ``weights``: ``uniform`` (majority vote; ties go to the first class in ``classes_``, as in
-    scikit-learn) or ``distance`` (votes weighted by 1 / distance; an exact match wins).
+    ``weights`` as in scikit-learn's ``KNeighborsClassifier``: ``uniform`` (majority vote; ties
+    go to the first class in ``classes_``), ``distance`` (votes weighted by 1 / distance; when
+    a query is at distance exactly 0 from some rows, those rows alone vote, equally) or a
+    callable mapping the (n_queries, k) distance array to weights of the same shape. On an
+    exact index it predicts as ``KNeighborsClassifier(algorithm="brute")`` with the same
+    metric and weights. ``metric="inner_product"`` distances (-<x, y>) can be negative, so it
+    takes ``uniform`` or callable weights only (``ValueError`` in ``fit`` otherwise).
     """
 
     def __init__(self, n_neighbors: int = 5, weights: str = "uniform", metric: str = "euclidean",
@@ -211,8 +248,11 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     def fit(self, X: Any, y: Any) -> "FaissKNNClassifier":
-        if self.weights not in ("uniform", "distance"):
-            raise ValueError(f"weights must be 'uniform' or 'distance', got {self.weights!r}")
+        if not callable(self.weights) and self.weights not in ("uniform", "distance"):
+            raise ValueError(f"weights must be 'uniform', 'distance' or a callable, got {self.weights!r}")
+        if self.weights == "distance" and self.metric == "inner_product":
+            raise ValueError("weights='distance' needs distances >= 0, and inner_product distances (-<x, y>) "
+                             "can be negative: use metric='cosine' (normalised inner product) or weights='uniform'")
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         check_classification_targets(y)
         self.classes_, self._y = np.unique(y, return_inverse=True)
@@ -228,12 +268,16 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
         X = validate_data(self, X, dtype=[np.float32, np.float64], reset=False)
         distances, indices = self.nn_.kneighbors(X)
         labels = self._y[indices]
-        if self.weights == "uniform":
+        if callable(self.weights):
+            w = np.asarray(self.weights(distances), dtype=np.float64)
+            if (~w.any(axis=1)).any():
+                raise ValueError("every neighbour of some query got weight 0 from the weights callable")
+        elif self.weights == "uniform":
             w = np.ones_like(distances)
         else:
             with np.errstate(divide="ignore"):
                 w = 1.0 / distances
-            exact = ~np.isfinite(w)
+            exact = np.isinf(w)
             rows = exact.any(axis=1)
             w[rows] = exact[rows].astype(float)  # exact matches take the vote, as in scikit-learn
         proba = np.zeros((len(X), len(self.classes_)))

@@ -100,7 +100,9 @@ class Namespace:
         """The Arrow table of a shard, refused unless its metadata names this digest and dim."""
         import pyarrow as pa
 
-        source = pa.memory_map(str(self.path / "shards" / f"{shard}.arrow"), "r")
+        from .paths import member  # the shard name comes from a commit record: keep it inside shards/
+
+        source = pa.memory_map(str(member(self.path / "shards", f"{shard}.arrow", error=StoreError)), "r")
         reader = pa.ipc.open_file(source)
         meta = reader.schema.metadata or {}
         digest = meta.get(b"embedkit.digest", b"").decode()

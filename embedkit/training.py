@@ -202,13 +202,26 @@ def train_head(
     """Train a head on a feature store's cached (memory-mapped) features.
 
     Measures holdout accuracy, macro-F1 and a per-class report (plus k-fold accuracy with
-    ``cv``), then fits on every labelled item. With ``out``: writes ``report.json``,
-    ``confusion.png`` and the deployable model (``out/model``, see :func:`embedkit.load`).
+    ``cv``), then fits on every labelled item. With ``out``: writes the folder ``out`` with
+    ``report.json`` (its marker, ``"kind": "train-head"``), ``confusion.png`` and the deployable
+    model (``out/model``, see :func:`embedkit.load`), all at once: an earlier run's folder is
+    replaced only when the new one is complete.
+
+    Raises:
+        OutputError: ``out`` is refused before any work (its folder is missing; it is, holds
+            or lies inside ``features`` or ``labels``; it exists and is not an earlier
+            train-head output, nor empty).
+        UnsupportedInputError: fewer than two stored items have a label.
     """
+    from .atomic import staged_folder
     from .embedder import Embedder
+    from .outputs import check_output, replaceable, stamp
     from .persistence import save
     from .store import FeatureStore
 
+    folder = None
+    if out is not None:
+        folder = check_output(out, "train-head", inputs=[features] + ([] if labels == "folder" else [labels]))
     namespace = FeatureStore(features).find(backbone)
     ids, X, sources, contents = namespace.load_all()
     y = labels_for(ids, sources, labels, namespace.info.get("modality", "text"), label_column, id_column, column,
@@ -217,19 +230,19 @@ def train_head(
     if known.sum() < 2:
         raise UnsupportedInputError(f"only {int(known.sum())} of {len(ids)} stored items have a label in {labels}")
     X_known, y_known = np.asarray(X)[known], np.asarray(y[known]).astype(str)
-    folder = Path(out) if out is not None else None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-    report = evaluate(X_known, y_known, head, params or {}, cv=cv, test_size=test_size,
-                      confusion_png=folder / "confusion.png" if folder else None)
-    report.unlabelled = int((~known).sum())
-    model = None
-    if folder is not None:
+    if folder is None:
+        report = evaluate(X_known, y_known, head, params or {}, cv=cv, test_size=test_size)
+        report.unlabelled = int((~known).sum())
+        return report, None
+    with staged_folder(folder, replaceable("train-head")) as staging:
+        report = evaluate(X_known, y_known, head, params or {}, cv=cv, test_size=test_size,
+                          confusion_png=staging / "confusion.png")
+        report.unlabelled = int((~known).sum())
         fitted = make_head(head, params).fit(X_known, y_known)
         embedder = Embedder(namespace.digest, store=store).fit()
-        model = save((embedder, fitted), folder / "model")
-        (folder / "report.json").write_text(json.dumps(report.to_json(), indent=2))
-    return report, model
+        save((embedder, fitted), staging / "model")
+        (staging / "report.json").write_text(json.dumps({**stamp("train-head"), **report.to_json()}, indent=2))
+    return report, folder / "model"
 
 
 def _baseline_features(modality: str, payloads: list[Any]) -> Any:

@@ -77,3 +77,62 @@ def test_pickles_with_its_index():
     model = FaissKNNClassifier(index="hnsw").fit(X, y)
     again = pickle.loads(pickle.dumps(model))
     np.testing.assert_array_equal(again.predict(X[:50]), model.predict(X[:50]))
+
+
+def _inner_product(a, b):
+    return -float(np.dot(a, b))
+
+
+def _inverse_square(distances):
+    return 1.0 / (1.0 + distances) ** 2
+
+
+def random_vectors(n_train=600, n_fresh=150, d=384, classes=5, seed=0):
+    """Random 384-d vectors with random labels; the 300 queries are 150 fitted rows and 150 fresh
+    ones, so items are also scored against themselves (distance 0: the case that failed)."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n_train, d)).astype(np.float32)
+    y = rng.integers(0, classes, n_train)
+    queries = np.concatenate([X[:300 - n_fresh], rng.normal(size=(n_fresh, d)).astype(np.float32)])
+    return X, y, queries
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine", "inner_product"])
+@pytest.mark.parametrize("weights", ["uniform", "distance", _inverse_square])
+def test_equal_to_sklearn_on_random_384d_vectors_for_every_metric_and_weighting(metric, weights):
+    X, y, Q = random_vectors()
+    if metric == "inner_product" and weights == "distance":
+        with pytest.raises(ValueError, match="inner_product"):  # 1 / negative distance is no weight
+            FaissKNNClassifier(metric=metric, weights=weights).fit(X, y)
+        return
+    sk_metric = _inner_product if metric == "inner_product" else metric
+    ours = FaissKNNClassifier(n_neighbors=5, metric=metric, weights=weights, index="flat").fit(X, y)
+    ref = KNeighborsClassifier(n_neighbors=5, metric=sk_metric, weights=weights, algorithm="brute").fit(X, y)
+    proba = ours.predict_proba(Q)
+    assert proba.min() >= 0.0 and proba.max() <= 1.0 + 1e-12
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(ours.predict(Q), ref.predict(Q))  # was 48 of 300 different (cosine, distance)
+    np.testing.assert_allclose(proba, ref.predict_proba(Q), atol=1e-5)
+    d1, i1 = ours.kneighbors(Q)
+    d2, i2 = ref.kneighbors(Q)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(d1, d2, rtol=1e-6, atol=2e-6)  # scikit-learn computes in float32 here
+    if metric != "inner_product":
+        assert d1.min() >= 0.0  # was -6e-8 for cosine: an item scored above 1 against itself
+        assert d1[:150, 0].max() < 1e-6 and (i1[:150, 0] == np.arange(150)).all()
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_query_by_the_fitted_rows_themselves_matches_sklearn(metric):
+    X, _, _ = random_vectors(n_train=400)
+    d1, i1 = FaissNearestNeighbors(n_neighbors=4, metric=metric, index="flat").fit(X).kneighbors()
+    d2, i2 = NearestNeighbors(n_neighbors=4, metric=metric, algorithm="brute").fit(X).kneighbors()
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(d1, d2, atol=2e-6)
+
+
+def test_cosine_distances_stay_in_their_range_on_approximate_indexes():
+    X, _, Q = random_vectors(n_train=2000, d=64)
+    for index in ("hnsw", "ivfpq"):
+        d, _ = FaissNearestNeighbors(n_neighbors=5, metric="cosine", index=index).fit(X).kneighbors(Q)
+        assert 0.0 <= d.min() and d.max() <= 2.0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from support import read_banking, run_cli
@@ -25,3 +26,46 @@ def test_index_and_search(minilm, tmp_path: Path):
         f.write(b"x")
     refused = run_cli("search", str(idx), "a query")
     assert refused.returncode == 1 and "sha256" in refused.stderr
+
+
+def _index(tmp_path: Path) -> Path:
+    import embedkit
+
+    embedkit.extract(["my card is lost", "top up failed", "where is my money"], "minilm-l6", str(tmp_path / "fs"))
+    return embedkit.save_index(str(tmp_path / "fs"), "minilm-l6", tmp_path / "idx")
+
+
+def _name_in_index_json(idx: Path, name: str, digest: str) -> None:
+    meta = json.loads((idx / "index.json").read_text())
+    meta["files"] = {**meta["files"], name: digest}
+    (idx / "index.json").write_text(json.dumps(meta))
+
+
+def test_search_reads_no_file_outside_its_index_folder(minilm, tmp_path: Path):
+    import subprocess
+    import sys
+
+    from embedkit.artifacts import sha256_file
+
+    idx = _index(tmp_path)
+    secret = Path("/etc/hostname") if Path("/etc/hostname").is_file() else Path(__file__)
+    _name_in_index_json(idx, "../../../../../../../../.." + str(secret), sha256_file(secret))
+    refused = run_cli("search", str(idx), "a query")
+    assert refused.returncode == 1 and "outside" in refused.stderr, refused.stderr  # was read and searched
+    (idx / "index.json").write_text(json.dumps({**json.loads((idx / "index.json").read_text()),
+                                                "files": {str(secret): sha256_file(secret)}}))
+    assert run_cli("search", str(idx), "a query").returncode == 1
+    # /dev/zero hung the hash forever; it is refused at once
+    meta = json.loads((idx / "index.json").read_text())
+    meta["files"] = {"index.faiss": "0" * 64, "ids.npy": "0" * 64, "sources.npy": "0" * 64}
+    (idx / "index.json").write_text(json.dumps(meta))
+    (idx / "ids.npy").unlink()
+    (idx / "ids.npy").symlink_to("/dev/zero")
+    hang = subprocess.run([sys.executable, "-m", "embedkit.cli", "search", str(idx), "a query"],
+                          capture_output=True, text=True, timeout=120)
+    assert hang.returncode == 1 and "outside" in hang.stderr, hang.stderr
+    (idx / "ids.npy").unlink()
+    os.mkfifo(idx / "ids.npy")
+    fifo = subprocess.run([sys.executable, "-m", "embedkit.cli", "search", str(idx), "a query"],
+                          capture_output=True, text=True, timeout=120)
+    assert fifo.returncode == 1 and "not a regular file" in fifo.stderr, fifo.stderr

@@ -78,24 +78,6 @@ def read_items(path: Path, modality: str, column: str | None) -> tuple[list[Any]
     return payloads, extra
 
 
-ERROR_KEYS = {"index", "code", "stage", "message"}
-
-
-def _errors_file_is_ours(path: Path) -> bool:
-    """True when ``path`` is absent or an earlier ``embed`` errors file (JSON records of ERROR_KEYS)."""
-    if not path.exists():
-        return True
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        head = f.read(1 << 20)
-    lines = head.splitlines()[:100] if len(head) < (1 << 20) else head.splitlines()[:-1][:100]
-    try:
-        return all(isinstance(r := json.loads(line), dict) and ERROR_KEYS <= set(r) for line in lines if line.strip())
-    except ValueError:
-        return False
-
-
 def _parquet_table(result: Any, extra: dict[str, list[Any]], artifact: Any) -> Any:
     """One schema for every run: ``error_code``/``error_message`` are nullable strings even when nothing failed."""
     import numpy as np
@@ -121,16 +103,15 @@ def _parquet_table(result: Any, extra: dict[str, list[Any]], artifact: Any) -> A
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..atomic import write_atomic
+    from ..atomic import staged_file
     from ..encoder import encoder_for
     from ..exporter import resolve
+    from ..outputs import check_output, errors_path, remember
 
     out = Path(args.out)
     if out.suffix not in OUTPUT_SUFFIXES:  # checked before any work; np.save would append .npy
         raise UnsupportedInputError(f"--out {out.name}: the output must end in {' or '.join(OUTPUT_SUFFIXES)}")
-    errors_path = out.with_name(out.name + ".errors.jsonl")
-    if not _errors_file_is_ours(errors_path):  # it is replaced or removed after the run
-        raise UnsupportedInputError(f"{errors_path} exists and is not an embedkit errors file; move it or pick another --out")
+    check_output(out, "embeddings", inputs=[args.input])  # before any work: never the input, never a foreign file
     artifact = resolve(args.backbone, args.store)
     items, extra = read_items(Path(args.input), artifact.modality, args.column)
     if artifact.modality == "image":
@@ -150,22 +131,28 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if out.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        pq.write_table(_parquet_table(result, extra, artifact), out)
+        with staged_file(out) as tmp:
+            pq.write_table(_parquet_table(result, extra, artifact), tmp)
     else:
-        np.save(out, result.vectors)
+        # Written beside the target and renamed over it: an interrupted run leaves the earlier
+        # output whole. The journal records the new file as embed's own before the rename.
+        with staged_file(out) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, result.vectors)
+            remember(tmp, out)
+    errors_file = errors_path(out)
     if result.errors:
-        lines = []
-        for e in result.errors:
-            record = e.to_json()
-            if "path" in extra:  # images: the file is the item's id
-                record["path"] = extra["path"][e.index]
-            lines.append(json.dumps(record) + "\n")
-        write_atomic(errors_path, "".join(lines).encode())
-    elif errors_path.exists():  # an earlier run's records (checked above) would claim failures of this one
-        errors_path.unlink()
+        with staged_file(errors_file) as tmp, open(tmp, "w") as f:
+            for e in result.errors:
+                record = e.to_json()
+                if "path" in extra:  # images: the file is the item's id
+                    record["path"] = extra["path"][e.index]
+                f.write(json.dumps(record) + "\n")
+    elif errors_file.exists():  # an earlier run's records (checked by check_output) would claim failures of this one
+        errors_file.unlink()
     s = result.stats
     detail = f", {s.truncated} truncated, {s.empty} empty" if unit == "text" else ""
-    where = f" (errors: {errors_path.name})" if result.errors else ""
+    where = f" (errors: {errors_path(out).name})" if result.errors else ""
     print(f"{s.total} {unit}s: {s.ok} ok, {s.failed} failed{detail}; "
           f"{s.total / max(result.seconds, 1e-9):.0f} {unit}s/s -> {out}{where}", file=sys.stderr)
     return EXIT_FAILED_ITEMS if s.failed else 0
@@ -174,8 +161,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from ..exporter import resolve
     from ..extraction import extract
+    from ..outputs import check_output
     from ..sources import count_items
 
+    check_output(args.out, "feature-store", inputs=[args.source])  # before the backbone is resolved (or exported)
     artifact = resolve(args.backbone, args.store)
     options: dict[str, Any] = {"device": args.device, "threads": args.threads, "runtime": args.runtime}
     if artifact.modality == "image":

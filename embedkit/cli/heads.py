@@ -101,7 +101,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                       memory_budget_mb=args.memory_budget_mb)
     meta = json.loads((path / "index.json").read_text())
     print(f"{meta['rows']} items of {meta['backbone']['name']} ({meta['backbone']['digest'][:12]}), "
-          f"{meta['kind']} index, {meta['metric']} -> {path}")
+          f"{meta['index_kind']} index, {meta['metric']} -> {path}")
     return 0
 
 
@@ -125,10 +125,13 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from ..atomic import staged_folder
+    from ..outputs import check_output, replaceable, stamp
     from ..sources import iter_items
     from ..store import FeatureStore
     from ..training import _baseline_features, labels_for, learning_curve, parse_params, plot_learning_curve
 
+    out = check_output(args.out, "report", inputs=[args.features] + ([] if args.labels == "folder" else [args.labels]))
     namespace = FeatureStore(args.features).find(args.backbone)
     modality = namespace.info.get("modality", "text")
     ids, X, sources = namespace.load_with_sources()
@@ -144,13 +147,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     raw = _baseline_features(modality, [p for p, k in zip(payloads, known) if k])
     rows = learning_curve(np.asarray(X)[known], raw, np.asarray(y[known]).astype(str), modality, args.head,
                           parse_params(args.param), repeats=args.repeats)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "learning_curve.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    plot_learning_curve(rows, out / "learning_curve.png", f"{namespace.name}: {args.head} vs from-scratch baseline")
+    with staged_folder(out, replaceable("report")) as staging:  # the earlier report stays until this one is whole
+        with open(staging / "learning_curve.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        plot_learning_curve(rows, staging / "learning_curve.png", f"{namespace.name}: {args.head} vs from-scratch baseline")
+        (staging / "learning_curve.json").write_text(json.dumps({
+            **stamp("report"), "backbone": namespace.name, "digest": namespace.digest, "head": args.head, "rows": rows,
+        }, indent=2))
     print(f"{'per class':>9} {'items':>6}  {'model':<28} {'accuracy':>8} {'train s':>8}")
     summary: dict[tuple[Any, str], list[dict[str, Any]]] = {}
     for r in rows:
