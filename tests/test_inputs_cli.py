@@ -76,7 +76,7 @@ def test_a_stale_errors_file_is_replaced_and_a_foreign_one_kept(minilm, tmp_path
     assert not errors.exists()  # an earlier run's records no longer claim failures of this one
     errors.write_text("my own notes\n")
     done = run_cli("embed", "minilm-l6", str(src), "--out", str(out), "--no-progress")
-    assert done.returncode == 1 and "not an embedkit errors file" in done.stderr
+    assert done.returncode == 1 and "not embedkit's error records" in done.stderr
     assert errors.read_text() == "my own notes\n"
 
 

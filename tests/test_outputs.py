@@ -93,8 +93,21 @@ def test_embed_onto_its_own_input_is_refused_and_the_input_is_unchanged(minilm, 
         again = run_cli("embed", "minilm-l6", str(data), "--column", "text", "--out", str(out), "--no-progress")
         assert again.returncode == 0, again.stderr
     assert pq.read_table(out).num_rows == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.parquet", "mine.npy", "vectors.parquet",
-                                                         "vectors.parquet.errors.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.parquet", "mine.npy", "vectors.parquet"]
+
+
+def test_an_npy_of_embed_with_no_failures_is_replaced_and_a_lookalike_is_refused(minilm, tmp_path):
+    src, out = tmp_path / "t.txt", tmp_path / "v.npy"
+    src.write_text("one\ntwo\n")
+    for _ in range(2):  # no failures, so no errors file: the journal of written files recognises it
+        done = run_cli("embed", "minilm-l6", str(src), "--out", str(out), "--no-progress")
+        assert done.returncode == 0, done.stderr
+    assert np.load(out).shape == (2, 384) and not (tmp_path / "v.npy.errors.jsonl").exists()
+    lookalike = tmp_path / "mine.npy"  # the same shape and dtype, but the user's own
+    np.save(lookalike, np.ones((2, 384), np.float32))
+    refused = run_cli("embed", "minilm-l6", str(src), "--out", str(lookalike), "--no-progress")
+    assert refused.returncode == 1 and "not an embeddings file" in refused.stderr
+    np.testing.assert_array_equal(np.load(lookalike), np.ones((2, 384), np.float32))
 
 
 def test_python_writers_check_their_target_before_any_work(corpus, tmp_path):
