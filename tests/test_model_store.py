@@ -107,7 +107,7 @@ def onnx_folder(root: Path) -> Path:
 def saved(tmp_path):
     """A model saved from folder A by a user whose cache is ``cache``; returns (model, backbone folder, digest)."""
     a = tmp_path / "a"
-    a.mkdir()
+    (a / "run").mkdir(parents=True)  # save refuses a missing parent folder (outputs are checked before any work)
     backbone = onnx_folder(tmp_path / "backbone")
     done = subprocess.run([sys.executable, "-c", SAVE, str(backbone), "run/model"], capture_output=True, text=True,
                           cwd=a, env=user_env(tmp_path / "cache"), timeout=600)
