@@ -120,3 +120,18 @@ class BackboneCheckError(EmbedkitError, AssertionError):
         self.backbone = backbone
         self.rule = rule
         super().__init__(f"backbone {backbone!r} breaks rule '{rule}': {message}")
+
+
+class UsageError(EmbedkitError, ValueError):
+    """A command line that cannot run: a bad option value, a missing argument, a path that does not exist.
+
+    ``usage`` is the command's usage line, printed before the message.
+    """
+
+    def __init__(self, message: str, usage: str = ""):
+        self.usage = usage
+        super().__init__(message)
+
+
+class DatasetError(EmbedkitError, ValueError):
+    """Labelled data too small or too degenerate for what was asked (one class, too few examples)."""

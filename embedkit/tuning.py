@@ -22,9 +22,9 @@ from typing import Any
 
 from .artifacts import Artifact, ModelStore
 from .atomic import write_atomic
-from .errors import EmbedkitError
+from .errors import DeviceUnavailableError, EmbedkitError
 from .probes import FP16_LIMITS, LIMITS, onnx_runner, passes, probes_for
-from .runtime import Runtime, cpu_count
+from .runtime import Runtime, cpu_count, cuda_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,11 @@ def make_runtime(artifact: Artifact, runtime: str = "auto", device: str = "cpu",
     if runtime not in ("auto",) + RUNTIMES:
         raise ValueError(f"runtime must be auto, {', '.join(RUNTIMES)}; got {runtime!r}")
     explicit = runtime != "auto"
+    if device == "cuda" and runtime in ("auto", "onnxruntime"):
+        # Refused before any tuning: one clear error, not a "could not tune" warning and then the error.
+        reason = cuda_unavailable(device)
+        if reason is not None:
+            raise DeviceUnavailableError(reason)
     actual = device  # the device a record or the torch runtime is for; Runtime keeps "auto"'s fallback
     if not explicit:
         import onnxruntime as ort

@@ -11,18 +11,18 @@ import logging
 import sys
 from typing import Sequence
 
-from ..errors import EmbedkitError  # light: no heavy imports behind it
+from ..errors import EmbedkitError, UsageError  # light: no heavy imports behind it
 from . import features, heads, models
-from .common import EXIT_FAILED_ITEMS, OUTPUT_SUFFIXES
+from .common import EXIT_FAILED_ITEMS, EXIT_USAGE, OUTPUT_SUFFIXES, Parser
 
-__all__ = ["COMMANDS", "EXIT_FAILED_ITEMS", "OUTPUT_SUFFIXES", "build_parser", "main"]
+__all__ = ["COMMANDS", "EXIT_FAILED_ITEMS", "EXIT_USAGE", "OUTPUT_SUFFIXES", "build_parser", "main"]
 
 GROUPS = (models, features, heads)
 COMMANDS = {name: fn for group in GROUPS for name, fn in group.COMMANDS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="embedkit", description="Frozen backbones -> ONNX -> fast embeddings.")
+    parser = Parser(prog="embedkit", description="Frozen backbones -> ONNX -> fast embeddings.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:
@@ -31,14 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit status (0 ok, 1 usage error or refused input, 2 items failed)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(exc.usage.rstrip(), file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(COMMANDS[args.command](args) or 0)
     except EmbedkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

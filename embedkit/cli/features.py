@@ -9,7 +9,8 @@ from typing import Any
 
 from ..errors import UnsupportedInputError
 from ..sources import read_texts
-from .common import EXIT_FAILED_ITEMS, OUTPUT_SUFFIXES, store_arg
+from .common import (EXIT_FAILED_ITEMS, OUTPUT_SUFFIXES, existing_dir, existing_or_glob, existing_path, non_negative_int,
+                     positive_int, store_arg)
 
 
 def add_parsers(sub: Any) -> None:
@@ -18,18 +19,18 @@ def add_parsers(sub: Any) -> None:
         "column, or (images) a folder",
     )
     p.add_argument("backbone")
-    p.add_argument("input", help=".txt, .csv, .tsv, .jsonl, .parquet, or an image folder (class subfolders = labels)")
+    p.add_argument("input", type=existing_path, help=".txt, .csv, .tsv, .jsonl, .parquet, or an image folder (class subfolders = labels)")
     p.add_argument("--out", required=True, help=".npy or .parquet")
     p.add_argument("--column", help="column holding the texts or image paths (tables; default text / path)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "torch-compile"],
                    help="auto: the faster one measured by `embedkit tune` on this device")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--no-truncate", action="store_true", help="text: texts over max length become errors")
     p.add_argument("--empty", default="embed", choices=["embed", "error"], help="text: empty texts")
-    p.add_argument("--batch-size", type=int, help="images per batch (default 16 on CPU)")
-    p.add_argument("--workers", type=int, help="image decoding threads (default: cores)")
-    p.add_argument("--max-pixels", type=int, help="refuse larger images (decompression-bomb guard)")
+    p.add_argument("--batch-size", type=positive_int, help="images per batch (default 16 on CPU)")
+    p.add_argument("--workers", type=positive_int, help="image decoding threads (default: cores)")
+    p.add_argument("--max-pixels", type=positive_int, help="refuse larger images (decompression-bomb guard)")
     p.add_argument("--keep-blank", action="store_true", help="embed blank / placeholder graphics instead of refusing them")
     p.add_argument("--no-progress", action="store_true")
     store_arg(p)
@@ -37,27 +38,28 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "extract", help="extract features of a source into a feature store, resumable and exactly once",
     )
-    p.add_argument("source", help="folder, glob, .txt, .csv, .tsv, .jsonl or .parquet")
-    p.add_argument("--backbone", default="minilm-l6")
+    p.add_argument("source", type=existing_or_glob, help="folder, glob, .txt, .csv, .tsv, .jsonl or .parquet")
+    p.add_argument("--backbone", default="minilm-l6",
+                   help="registered name, digest or local model folder to extract with (default: minilm-l6)")
     p.add_argument("--out", required=True, help="feature store folder")
     p.add_argument("--column", help="payload column of a table (default text / path)")
     p.add_argument("--id-column", help="column of item ids (default: a hash of the content)")
-    p.add_argument("--shard-size", type=int, help="source items per shard (default 4096 texts / 512 images)")
-    p.add_argument("--max-failures", type=int, default=0, help="exit 2 when more items fail (default 0)")
+    p.add_argument("--shard-size", type=positive_int, help="source items per shard (default 4096 texts / 512 images)")
+    p.add_argument("--max-failures", type=non_negative_int, default=0, help="exit 2 when more items fail (default 0)")
     p.add_argument("--no-verify", action="store_true", help="skip checksumming the committed shards first")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "torch-compile"],
                    help="auto: the faster one measured by `embedkit tune` on this device")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--batch-size", type=int, help="images per batch")
-    p.add_argument("--workers", type=int, help="image decoding threads")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
+    p.add_argument("--batch-size", type=positive_int, help="images per batch")
+    p.add_argument("--workers", type=positive_int, help="image decoding threads")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     store_arg(p)
 
     p = sub.add_parser("store", help="inspect a feature store: info | verify | gc")
     p.add_argument("action", choices=["info", "verify", "gc"])
-    p.add_argument("path", help="feature store folder")
+    p.add_argument("path", type=existing_dir, help="feature store folder")
     p.add_argument("--json", action="store_true")
 
 

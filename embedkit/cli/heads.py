@@ -8,14 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UnsupportedInputError
-from .common import store_arg
+from .common import (backbone_arg, existing_dir, existing_file, folds, fraction, input_or_stdin, labels_source,
+                     namespace_of, positive_float, positive_int, store_arg)
 
 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("train-head", help="train a head on cached features; metrics, confusion matrix, saved model")
-    p.add_argument("features", help="feature store folder")
-    p.add_argument("--backbone", default="minilm-l6")
-    p.add_argument("--labels", required=True,
+    p.add_argument("features", type=existing_dir, help="feature store folder")
+    backbone_arg(p)
+    p.add_argument("--labels", required=True, type=labels_source,
                    help="a table with id (or the extracted payload column) and label columns, or 'folder' "
                    "(images: the class subfolder)")
     p.add_argument("--label-column", default="label")
@@ -23,42 +24,42 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--column", help="payload column to recompute content ids from (default text / path)")
     p.add_argument("--head", default="logreg", choices=["logreg", "linear-svm", "ridge", "mlp", "knn", "faiss-knn"])
     p.add_argument("--param", action="append", default=[], help="head parameter key=value (repeatable)")
-    p.add_argument("--cv", type=int, default=0, help="also report k-fold accuracy")
-    p.add_argument("--test-size", type=float, default=0.2)
+    p.add_argument("--cv", type=folds, default=0, help="also report k-fold accuracy (folds >= 2; default 0: off)")
+    p.add_argument("--test-size", type=fraction, default=0.2, help="held-out fraction (default 0.2)")
     p.add_argument("--out", required=True, help="folder for the saved model, report.json and confusion.png")
     p.add_argument("--json", action="store_true")
     store_arg(p)
 
     p = sub.add_parser("predict", help="predict with a saved model from raw inputs")
-    p.add_argument("model")
+    p.add_argument("model", type=existing_dir, help="a model folder saved by train-head (its model/ folder)")
     p.add_argument("inputs", nargs="+", help="texts or image paths")
     p.add_argument("--trust-pickle", action="store_true", help="allow a pickle head you made yourself")
     store_arg(p)
 
     p = sub.add_parser("index", help="build a nearest-neighbour index over stored features")
-    p.add_argument("features", help="feature store folder")
-    p.add_argument("--backbone", default="minilm-l6")
+    p.add_argument("features", type=existing_dir, help="feature store folder")
+    backbone_arg(p)
     p.add_argument("--out", required=True, help="index folder")
     p.add_argument("--metric", default="cosine", choices=["cosine", "euclidean", "inner_product"])
     p.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
-    p.add_argument("--memory-budget-mb", type=float)
+    p.add_argument("--memory-budget-mb", type=positive_float, help="index memory budget in MB (auto kind)")
 
     p = sub.add_parser("search", help="nearest stored items for raw queries (texts or image paths)")
-    p.add_argument("index", help="index folder made by `embedkit index`")
+    p.add_argument("index", type=existing_dir, help="index folder made by `embedkit index`")
     p.add_argument("queries", nargs="+")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=positive_int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--json", action="store_true")
     store_arg(p)
 
     p = sub.add_parser("report", help="learning curves: frozen-backbone head vs a from-scratch baseline")
-    p.add_argument("features", help="feature store folder")
-    p.add_argument("--backbone", default="minilm-l6")
-    p.add_argument("--labels", required=True, help="the labelled table that was extracted, or 'folder' for images")
+    p.add_argument("features", type=existing_dir, help="feature store folder")
+    backbone_arg(p)
+    p.add_argument("--labels", required=True, type=labels_source, help="the labelled table that was extracted, or 'folder' for images")
     p.add_argument("--label-column", default="label")
     p.add_argument("--column", help="payload column (default text / path)")
     p.add_argument("--head", default="logreg", choices=["logreg", "linear-svm", "ridge", "mlp", "knn", "faiss-knn"])
     p.add_argument("--param", action="append", default=[])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3, help="random subsets per size (default 3)")
     p.add_argument("--out", required=True, help="folder for learning_curve.csv and learning_curve.png")
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import UnsupportedInputError
 from ..sources import read_texts
-from .common import store_arg
+from .common import existing_file, positive_float, positive_int, store_arg
 
 
 def add_parsers(sub: Any) -> None:
@@ -35,10 +35,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--runtime", action="append", choices=["onnxruntime", "torch", "torch-compile"],
                    help="repeatable (default: onnxruntime and torch; on CUDA also torch-compile)")
-    p.add_argument("--data", help="a sample of your items (.txt, .csv, .tsv, .jsonl, .parquet); default: shipped sentences / probe images")
+    p.add_argument("--data", type=existing_file, help="a sample of your items (.txt, .csv, .tsv, .jsonl, .parquet); default: shipped sentences / probe images")
     p.add_argument("--column", help="payload column (default text / path)")
-    p.add_argument("--limit", type=int, default=1000, help="items used from --data (default 1000)")
-    p.add_argument("--seconds", type=float, default=2.0, help="minimum timing per runtime")
+    p.add_argument("--limit", type=positive_int, default=1000, help="items used from --data (default 1000)")
+    p.add_argument("--seconds", type=positive_float, default=2.0, help="minimum timing per runtime (default 2.0)")
     p.add_argument("--json", action="store_true")
     store_arg(p)
 
@@ -47,10 +47,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--variant", action="append", choices=["dynamic", "dynamic-per-tensor", "static"],
                    help="repeatable (default: all three)")
     p.add_argument("--report", action="store_true", help="measure cosine to fp32, speed and head accuracy")
-    p.add_argument("--data", help="your items: .txt, .csv, .tsv, .jsonl or .parquet (needed by --report and static)")
+    p.add_argument("--data", type=existing_file, help="your items: .txt, .csv, .tsv, .jsonl or .parquet (needed by --report and static)")
     p.add_argument("--column", help="payload column (default text / path)")
     p.add_argument("--label-column", help="labels for the head-accuracy column of the report")
-    p.add_argument("--limit", type=int, default=2000, help="items used from --data (default 2000)")
+    p.add_argument("--limit", type=positive_int, default=2000, help="items used from --data (default 2000)")
     p.add_argument("--json", action="store_true")
     store_arg(p)
 
