@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from .errors import UnsupportedInputError
+from .errors import DatasetError, UnsupportedInputError
 
 logger = logging.getLogger(__name__)
 
@@ -88,73 +89,175 @@ class HeadReport:
     per_class: dict[str, Any] = field(default_factory=dict)
     cv_accuracy: list[float] = field(default_factory=list)
     unlabelled: int = 0
+    notes: list[str] = field(default_factory=list)  # how a small or lopsided dataset was handled
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def evaluate(X: np.ndarray, y: np.ndarray, kind: str, params: dict[str, Any], cv: int = 0,
-             test_size: float = 0.2, seed: int = 0, confusion_png: Path | None = None) -> HeadReport:
-    """Holdout metrics (and k-fold accuracy when ``cv``), and a confusion-matrix PNG."""
-    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
-    from sklearn.model_selection import cross_val_score, train_test_split
+Progress = Callable[[int, int], None]  # (steps done, steps in all), for a progress bar
 
-    counts = np.unique(y, return_counts=True)[1]
-    stratify = y if counts.min() >= 2 else None
-    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=stratify)
+
+def check_classes(y: np.ndarray, cv: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The classes of ``y`` and their counts, refusing what no classifier can learn or score.
+
+    Raises:
+        DatasetError: fewer than two classes, or ``cv`` folds with a class smaller than ``cv``.
+    """
+    classes, counts = np.unique(y, return_counts=True)
+    if len(y) == 0:
+        raise DatasetError("no labelled items: check --labels / --label-column (and the id join)")
+    if len(classes) < 2:
+        raise DatasetError(f"all {len(y)} labelled items have the label {classes[0]!r}; a classifier needs "
+                           "at least 2 classes")
+    if cv and counts.min() < cv:
+        small = classes[int(np.argmin(counts))]
+        raise DatasetError(f"{cv}-fold cross-validation needs at least {cv} items in every class, but class "
+                           f"{small!r} has {int(counts.min())}; use fewer folds (--cv {max(2, int(counts.min()))} "
+                           "if that class has 2 or more) or none")
+    return classes, counts
+
+
+def holdout_split(y: np.ndarray, test_size: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(train_idx, test_idx, notes)``: a stratified held-out split that copes with small data.
+
+    Classes with one example cannot be both learnt and scored: they go to training only.
+    The held-out part holds at least one item of every other class (raised from
+    ``test_size`` when needed) and leaves at least one of each for training.
+
+    Raises:
+        DatasetError: no class has two examples, so nothing can be held out.
+    """
+    from sklearn.model_selection import train_test_split
+
+    classes, counts = np.unique(y, return_counts=True)
+    notes: list[str] = []
+    single = set(classes[counts < 2].tolist())
+    pool = np.flatnonzero([v not in single for v in y])
+    if single:
+        shown = ", ".join(repr(c) for c in sorted(single)[:5]) + (" ..." if len(single) > 5 else "")
+        notes.append(f"{len(single)} class(es) have a single labelled example ({shown}): used for training only, "
+                     "not scored")
+    kept = len(classes) - len(single)
+    if kept == 0:
+        raise DatasetError(f"every one of the {len(classes)} classes has a single labelled example, so none can be "
+                           "held out to measure accuracy; label at least 2 items per class")
+    wanted = math.ceil(test_size * len(y))
+    n_test = min(max(wanted, kept), len(pool) - kept)
+    if n_test != wanted:
+        notes.append(f"held-out part set to {n_test} items (not {wanted}) so that each of the {kept} scored "
+                     "classes is both trained on and held out")
+    train, test = train_test_split(pool, test_size=n_test, random_state=seed, stratify=y[pool])
+    train = np.sort(np.concatenate([train, np.flatnonzero([v in single for v in y])])).astype(int)
+    return train, np.sort(test), notes
+
+
+def evaluate(X: np.ndarray, y: np.ndarray, kind: str, params: dict[str, Any], cv: int = 0,
+             test_size: float = 0.2, seed: int = 0, confusion_png: Path | None = None,
+             progress: Progress | None = None) -> HeadReport:
+    """Holdout metrics (and k-fold accuracy when ``cv``), and a confusion-matrix PNG.
+
+    ``progress(done, total)`` is called after each fit (the holdout fit, then each fold).
+
+    Raises:
+        DatasetError: fewer than 2 classes, no class with 2 examples, or ``cv`` larger than a class.
+    """
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+    from sklearn.model_selection import StratifiedKFold
+
+    check_classes(y, cv)
+    train_idx, test_idx, notes = holdout_split(y, test_size, seed)
+    total = 1 + cv
     head = make_head(kind, params)
     start = time.perf_counter()
-    head.fit(X_train, y_train)
+    head.fit(X[train_idx], y[train_idx])
     seconds = time.perf_counter() - start
-    pred = head.predict(X_test)
+    if progress is not None:
+        progress(1, total)
+    pred = head.predict(X[test_idx])
+    y_test = y[test_idx]
     report = HeadReport(
-        head=kind, n_train=len(y_train), n_test=len(y_test), classes=len(np.unique(y)),
-        accuracy=float(accuracy_score(y_test, pred)), macro_f1=float(f1_score(y_test, pred, average="macro")),
+        head=kind, n_train=len(train_idx), n_test=len(test_idx), classes=len(np.unique(y)),
+        accuracy=float(accuracy_score(y_test, pred)),
+        macro_f1=float(f1_score(y_test, pred, average="macro", zero_division=0)),
         fit_seconds=seconds, per_class=classification_report(y_test, pred, output_dict=True, zero_division=0),
+        notes=notes,
     )
-    if cv:
-        report.cv_accuracy = [float(s) for s in cross_val_score(make_head(kind, params), X, y, cv=cv)]
+    if cv:  # the folds of cross_val_score (StratifiedKFold, no shuffle), one at a time for the progress bar
+        for k, (a, b) in enumerate(StratifiedKFold(n_splits=cv).split(X, y), start=2):
+            fold = make_head(kind, params).fit(X[a], y[a])
+            report.cv_accuracy.append(float((fold.predict(X[b]) == y[b]).mean()))
+            if progress is not None:
+                progress(k, total)
     if confusion_png is not None:
         labels = np.unique(y)
-        _plot_confusion(confusion_matrix(y_test, pred, labels=labels), labels, confusion_png,
-                        f"{kind}: accuracy {report.accuracy:.3f}, macro-F1 {report.macro_f1:.3f}")
+        plot_confusion(confusion_matrix(y_test, pred, labels=labels), labels, confusion_png,
+                       f"{kind}: accuracy {report.accuracy:.3f}, macro-F1 {report.macro_f1:.3f}")
     return report
 
 
-def _plot_confusion(matrix: np.ndarray, labels: np.ndarray, path: Path, title: str) -> None:
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    size = max(4.0, min(24.0, 0.25 * len(labels) + 3))
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ticks = np.arange(len(labels))
-    ax.set_xticks(ticks, [str(v) for v in labels], rotation=90, fontsize=max(4, 10 - len(labels) // 10))
-    ax.set_yticks(ticks, [str(v) for v in labels], fontsize=max(4, 10 - len(labels) // 10))
-    if len(labels) <= 20:
-        for (i, j), v in np.ndenumerate(matrix):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
-                    color="white" if v > matrix.max() / 2 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return plt
+
+
+def plot_confusion(matrix: np.ndarray, labels: np.ndarray, path: Path | None, title: str) -> Any:
+    """A readable confusion matrix: rows normalised to the share of each true class, a colour bar,
+    label fonts and figure size scaled to the number of classes, the title inside the canvas.
+
+    Writes ``path`` (PNG) when given; returns the (closed) figure, for tests to inspect.
+    """
+    plt = _pyplot()
+    n = len(labels)
+    names = [str(v) for v in labels]
+    rows = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=float), where=rows > 0)
+    cell = 0.6 if n <= 10 else 0.3 if n <= 30 else 0.22  # inches per class
+    font = 11 if n <= 10 else 9 if n <= 30 else 7
+    label_in = max(len(t) for t in names) * font * 0.6 / 72 + 0.6  # room for the longest tick label
+    side = max(3.0, cell * n)
+    fig = plt.figure(figsize=(side + label_in + 1.6, side + label_in + 1.0), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046 if n > 10 else 0.08, pad=0.02)
+    bar.set_label("share of the true class", fontsize=font)
+    bar.ax.tick_params(labelsize=font)
+    ticks = np.arange(n)
+    ax.set_xticks(ticks, names, rotation=90, fontsize=font)
+    ax.set_yticks(ticks, names, fontsize=font)
+    if n <= 20:  # the numbers themselves, while the cells are big enough to hold them
+        for (i, j), v in np.ndenumerate(share):
+            ax.text(j, i, f"{v:.2f}\n({matrix[i, j]})", ha="center", va="center", fontsize=font - 2,
+                    color="white" if v > 0.5 else "black")
+    ax.set_xlabel("predicted", fontsize=font + 1)
+    ax.set_ylabel("true", fontsize=font + 1)
+    ax.set_title(f"{title}\nconfusion matrix, rows normalised ({n} classes)", fontsize=font + 1, wrap=True)
+    if path is not None:
+        fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig
 
 
 def train_head(
     features: str | Path, backbone: str, labels: str, head: str = "logreg", params: dict[str, Any] | None = None,
     out: str | Path | None = None, label_column: str = "label", id_column: str | None = None,
     column: str | None = None, cv: int = 0, test_size: float = 0.2, store: str | None = None,
+    progress: Progress | None = None,
 ) -> tuple[HeadReport, Path | None]:
     """Train a head on a feature store's cached (memory-mapped) features.
 
     Measures holdout accuracy, macro-F1 and a per-class report (plus k-fold accuracy with
     ``cv``), then fits on every labelled item. With ``out``: writes ``report.json``,
     ``confusion.png`` and the deployable model (``out/model``, see :func:`embedkit.load`).
+    ``progress(done, total)`` follows the fits (holdout, then each fold).
+
+    Raises:
+        DatasetError: fewer than 2 labelled items or classes, or too few items for ``cv``
+            (see :func:`holdout_split` for how classes with one example are handled).
     """
     from .embedder import Embedder
     from .persistence import save
@@ -163,15 +266,17 @@ def train_head(
     namespace = FeatureStore(features).find(backbone)
     ids, X, sources = namespace.load_with_sources()
     y = labels_for(ids, sources, labels, namespace.info.get("modality", "text"), label_column, id_column, column)
-    known = np.asarray([v is not None and v == v and v != "" for v in y])
+    known = np.asarray([v is not None and v == v and v != "" for v in y], dtype=bool)
     if known.sum() < 2:
-        raise UnsupportedInputError(f"only {int(known.sum())} of {len(ids)} stored items have a label in {labels}")
+        raise DatasetError(f"only {int(known.sum())} of {len(ids)} stored items have a label in {labels} "
+                           f"(column {label_column!r}); check the label column and that the table is the one extracted")
     X_known, y_known = np.asarray(X)[known], np.asarray(y[known]).astype(str)
+    check_classes(y_known, cv)  # before any output is written
     folder = Path(out) if out is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     report = evaluate(X_known, y_known, head, params or {}, cv=cv, test_size=test_size,
-                      confusion_png=folder / "confusion.png" if folder else None)
+                      confusion_png=folder / "confusion.png" if folder else None, progress=progress)
     report.unlabelled = int((~known).sum())
     model = None
     if folder is not None:
@@ -212,17 +317,31 @@ def _baseline(modality: str) -> Any:
 
 def learning_curve(X: np.ndarray, raw: Any, y: np.ndarray, modality: str, head: str = "logreg",
                    params: dict[str, Any] | None = None, repeats: int = 3, test_size: float = 0.3,
-                   seed: int = 0) -> list[dict[str, Any]]:
+                   seed: int = 0, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Accuracy and training time vs labelled examples per class, frozen-backbone head vs baseline.
 
     One stratified held-out split is fixed; for each size (1, 2, 4, ... per class, then all)
     ``repeats`` random subsets of the rest train both models. Training time is the head's fit on
     cached features (extraction is paid once, see ``embedkit extract``) vs the baseline's fit.
+    Classes with a single example are left out (logged); ``progress(done, total)`` follows the fits.
+
+    Raises:
+        DatasetError: fewer than 2 classes with 2 or more examples.
     """
     from sklearn.model_selection import train_test_split
 
+    classes, counts = check_classes(y)
+    rare = classes[counts < 2]
     index = np.arange(len(y))
-    train_idx, test_idx = train_test_split(index, test_size=test_size, random_state=seed, stratify=y)
+    if len(rare):  # one example cannot be both learnt and held out: left out of the curve, said so
+        logger.warning("learning curve: %d class(es) with a single labelled example left out (%s)", len(rare),
+                       ", ".join(repr(c) for c in rare[:5]) + (" ..." if len(rare) > 5 else ""))
+        index = index[~np.isin(y, rare)]
+        if len(np.unique(y[index])) < 2:
+            raise DatasetError("a learning curve needs at least 2 classes with 2 or more labelled examples each")
+    kept = len(np.unique(y[index]))
+    n_test = min(max(math.ceil(test_size * len(index)), kept), len(index) - kept)  # every class on both sides
+    train_idx, test_idx = train_test_split(index, test_size=n_test, random_state=seed, stratify=y[index])
     classes = np.unique(y[train_idx])
     # Sizes grow to the median class size; a smaller class gives all it has at the larger sizes.
     largest = int(np.median([int((y[train_idx] == c).sum()) for c in classes]))
@@ -230,7 +349,8 @@ def learning_curve(X: np.ndarray, raw: Any, y: np.ndarray, modality: str, head: 
     while sizes[-1] * 2 < largest:
         sizes.append(sizes[-1] * 2)
     sizes.append(0)  # 0 = all training items
-    rows = []
+    rows: list[dict[str, Any]] = []
+    total = 2 * (repeats * (len(sizes) - 1) + 1)
     for size in sizes:
         for r in range(repeats if size else 1):
             rng = np.random.default_rng(seed + 1000 * r + size)
@@ -253,16 +373,16 @@ def learning_curve(X: np.ndarray, raw: Any, y: np.ndarray, modality: str, head: 
                 accuracy = float((model.predict(features[test_idx]) == y[test_idx]).mean())
                 rows.append({"per_class": size or "all", "train_items": int(len(pick)), "repeat": r, "model": name,
                              "accuracy": accuracy, "train_seconds": seconds})
+                if progress is not None:
+                    progress(len(rows), total)
     return rows
 
 
-def plot_learning_curve(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+def plot_learning_curve(rows: list[dict[str, Any]], path: Path | None, title: str) -> Any:
+    """Held-out accuracy and training time vs labelled items, one line per model; the title
+    wrapped inside the canvas. Writes ``path`` (PNG) when given; returns the (closed) figure."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
     for model in dict.fromkeys(r["model"] for r in rows):
         points: dict[int, list[dict[str, Any]]] = {}
         for r in rows:
@@ -271,14 +391,16 @@ def plot_learning_curve(rows: list[dict[str, Any]], path: Path, title: str) -> N
         xs = sorted(points)
         left.plot(xs, [np.mean([p["accuracy"] for p in points[x]]) for x in xs], marker="o", label=model)
         right.plot(xs, [np.mean([p["train_seconds"] for p in points[x]]) for x in xs], marker="o", label=model)
-    for ax, label in ((left, "held-out accuracy"), (right, "training time (s)")):
+    for ax, label in ((left, "held-out accuracy"), (right, "training time (s, log scale)")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("labelled training items (1, 2, 4, ... per class, then all)")
-        ax.set_ylabel(label)
+        ax.set_xlabel("labelled training items\n(1, 2, 4, ... per class, then all)", fontsize=10)
+        ax.set_ylabel(label, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=9)
+    left.set_ylim(0, 1.02)
     right.set_yscale("log")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.suptitle(title, fontsize=12, wrap=True)
+    if path is not None:
+        fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
 from ..errors import EmbedkitError, UsageError  # light: no heavy imports behind it
-from . import features, heads, models
+from . import features, heads, models, search
 from .common import EXIT_FAILED_ITEMS, EXIT_USAGE, OUTPUT_SUFFIXES, Parser
 
 __all__ = ["COMMANDS", "EXIT_FAILED_ITEMS", "EXIT_USAGE", "OUTPUT_SUFFIXES", "build_parser", "main"]
 
-GROUPS = (models, features, heads)
+GROUPS = (models, features, heads, search)
 COMMANDS = {name: fn for group in GROUPS for name, fn in group.COMMANDS.items()}
 
 
@@ -38,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc.usage.rstrip(), file=sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    # Third-party progress bars (transformers' "Loading weights", huggingface_hub downloads) would
+    # interleave with embedkit's own; the user can still turn them on by setting the variable.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

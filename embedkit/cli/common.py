@@ -6,9 +6,11 @@ Usage errors (a bad value, a missing argument, a path that does not exist) exit 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 from ..errors import UsageError
 
@@ -123,3 +125,18 @@ def namespace_of(features: str | Path, backbone: str | None) -> Any:
         raise StoreError(f"{features} holds no features; run `embedkit extract SOURCE --out {features}` first")
     names = ", ".join(sorted(f"{n.name} ({n.digest[:12]})" for n in spaces))
     raise StoreError(f"{features} holds features of several backbones: {names}; choose one with --backbone NAME")
+
+
+@contextlib.contextmanager
+def progress_bar(what: str, total: int | None, unit: str, enabled: bool = True) -> Iterator[Any]:
+    """A tqdm bar on stderr (stdout may carry JSON); ``bar.update_to(done, total)`` is the library's
+    ``progress`` callback."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=what, unit=unit, file=sys.stderr, disable=not enabled, leave=False) as bar:
+        def update_to(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        bar.update_to = update_to
+        yield bar

@@ -57,15 +57,17 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     store_arg(p)
 
-    p = sub.add_parser("store", help="inspect a feature store: info | verify | gc")
-    p.add_argument("action", choices=["info", "verify", "gc"])
+    p = sub.add_parser("store", help="inspect a feature store: info | verify | gc | failures")
+    p.add_argument("action", choices=["info", "verify", "gc", "failures"],
+                   help="failures: the items that have no embedding, with id, source, stage, code and message")
     p.add_argument("path", type=existing_dir, help="feature store folder")
+    p.add_argument("--backbone", help="failures: only this backbone's (name or digest prefix; default: every backbone)")
     p.add_argument("--json", action="store_true")
 
 
 def read_images(path: Path, column: str) -> tuple[list[Any], dict[str, list[Any]]]:
     """Image items (paths) and extra output columns from a folder, a file list or a table."""
-    from .sources import file_list, image_folder
+    from ..sources import file_list, image_folder
 
     if path.is_dir():
         folder = image_folder(path)
@@ -135,8 +137,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
             f.write(json.dumps(record) + "\n")
     s = result.stats
     detail = f", {s.truncated} truncated, {s.empty} empty" if unit == "text" else ""
-    print(f"{s.total} {unit}s: {s.ok} ok, {s.failed} failed{detail}; "
-          f"{s.total / max(result.seconds, 1e-9):.0f} {unit}s/s -> {out} (errors: {errors_path.name})", file=sys.stderr)
+    rate = f"; {s.ok / max(result.seconds, 1e-9):.0f} {unit}s/s" if s.ok else ""  # no rate for nothing done
+    print(f"{s.total} {unit}s: {s.ok} ok, {s.failed} failed{detail}{rate} -> {out} (errors: {errors_path.name})",
+          file=sys.stderr)
+    if not s.ok:
+        hint = missing_files_hint([e.code for e in result.errors], Path(args.input))
+        if hint:
+            print(f"note: {hint}", file=sys.stderr)
     return EXIT_FAILED_ITEMS if s.failed else 0
 
 
@@ -161,20 +168,44 @@ def cmd_extract(args: argparse.Namespace) -> int:
         )
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
-    print(report.summary(), file=sys.stderr)
+    print(extract_summary(report), file=sys.stderr)
+    if report.total and not report.ok and Path(args.source).is_file():
+        from ..store import FeatureStore
+
+        codes = [f["code"] for f in FeatureStore(args.out).find(artifact.digest).failures()]
+        hint = missing_files_hint(codes, Path(args.source))
+        if hint:
+            print(f"note: {hint}", file=sys.stderr)
     if report.failed > args.max_failures:
         print(f"error: {report.failed} items failed (--max-failures {args.max_failures}); "
-              f"see `embedkit store info {args.out}` and the failure records", file=sys.stderr)
+              f"see `embedkit store failures {args.out}`", file=sys.stderr)
         return EXIT_FAILED_ITEMS
     return 0
+
+
+def extract_summary(report: Any) -> str:
+    """One line for people: counts, and a rate only when something was computed."""
+    rate = f"; {report.computed / report.seconds:.0f} items/s computed" if report.computed and report.seconds > 0 else ""
+    return (f"{report.total} items: {report.ok} ok ({report.computed} computed, {report.cached} already cached, "
+            f"{report.duplicates} duplicates), {report.failed} failed, {report.truncated} truncated{rate} "
+            f"-> {report.namespace}")
+
+
+def missing_files_hint(codes: list[str], source: Path) -> str | None:
+    """When every item of a file list or table failed as a missing file: where its paths were looked for."""
+    if not codes or any(c != "not_found" for c in codes) or source.is_dir():
+        return None
+    folder = source.resolve().parent
+    return (f"none of the {len(codes)} files named in {source} exists: relative paths in a file list or table are "
+            f"resolved from the folder of that file ({folder}), not from the current folder ({Path.cwd()})")
 
 
 def cmd_store(args: argparse.Namespace) -> int:
     from ..store import FeatureStore
 
     store = FeatureStore(args.path)
-    if not Path(args.path).is_dir():
-        raise UnsupportedInputError(f"{args.path} is not a feature store folder")
+    if args.action == "failures":
+        return store_failures(store, args)
     if args.action == "info":
         rows = store.info()
         if args.json:
@@ -202,6 +233,19 @@ def cmd_store(args: argparse.Namespace) -> int:
     else:
         for key, counts in removed.items():
             print(f"{key}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+    return 0
+
+
+def store_failures(store: Any, args: argparse.Namespace) -> int:
+    """``store failures``: one record per item without an embedding (a later success supersedes a failure)."""
+    spaces = [store.find(args.backbone)] if args.backbone else store.namespaces()
+    records = [dict(backbone=ns.name, digest=ns.digest, **f) for ns in spaces for f in ns.failures()]
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    for r in records:
+        print(f"{r['backbone']}  {r['id']}  {r['source']}  {r['stage']}  {r['code']}: {r['message']}")
+    print(f"{len(records)} failed item(s) in {len(spaces)} namespace(s)", file=sys.stderr)
     return 0
 
 
