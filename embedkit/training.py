@@ -108,13 +108,13 @@ def check_classes(y: np.ndarray, cv: int = 0) -> tuple[np.ndarray, np.ndarray]:
     if len(y) == 0:
         raise DatasetError("no labelled items: check --labels / --label-column (and the id join)")
     if len(classes) < 2:
-        raise DatasetError(f"all {len(y)} labelled items have the label {classes[0]!r}; a classifier needs "
+        raise DatasetError(f"all {len(y)} labelled items have the label {str(classes[0])!r}; a classifier needs "
                            "at least 2 classes")
     if cv and counts.min() < cv:
-        small = classes[int(np.argmin(counts))]
-        raise DatasetError(f"{cv}-fold cross-validation needs at least {cv} items in every class, but class "
-                           f"{small!r} has {int(counts.min())}; use fewer folds (--cv {max(2, int(counts.min()))} "
-                           "if that class has 2 or more) or none")
+        small, least = str(classes[int(np.argmin(counts))]), int(counts.min())
+        fix = f"use at most {least} folds or none" if least >= 2 else "label more items of that class, or use no cv"
+        raise DatasetError(f"{cv}-fold cross-validation needs at least {cv} labelled items in every class, but "
+                           f"class {small!r} has {least}; {fix}")
     return classes, counts
 
 
@@ -331,7 +331,7 @@ def learning_curve(X: np.ndarray, raw: Any, y: np.ndarray, modality: str, head: 
     from sklearn.model_selection import train_test_split
 
     classes, counts = check_classes(y)
-    rare = classes[counts < 2]
+    rare = classes[counts < 2].tolist()
     index = np.arange(len(y))
     if len(rare):  # one example cannot be both learnt and held out: left out of the curve, said so
         logger.warning("learning curve: %d class(es) with a single labelled example left out (%s)", len(rare),

@@ -46,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(COMMANDS[args.command](args) or 0)
+    except BrokenPipeError:  # `embedkit ... | head`: the reader left; not an error of ours
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except EmbedkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -133,7 +133,8 @@ def progress_bar(what: str, total: int | None, unit: str, enabled: bool = True) 
     ``progress`` callback."""
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=what, unit=unit, file=sys.stderr, disable=not enabled, leave=False) as bar:
+    # mininterval=0: these bars have few, slow steps; each one is drawn
+    with tqdm(total=total, desc=what, unit=unit, file=sys.stderr, disable=not enabled, mininterval=0) as bar:
         def update_to(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
