@@ -223,7 +223,7 @@ def plot_confusion(matrix: np.ndarray, labels: np.ndarray, path: Path | None, ti
     fig = plt.figure(figsize=(side + label_in + 1.6, side + label_in + 1.0), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-    bar = fig.colorbar(image, ax=ax, fraction=0.046 if n > 10 else 0.08, pad=0.02)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046 if n > 10 else 0.08, pad=0.02, shrink=0.8 if n > 10 else 1.0)
     bar.set_label("share of the true class", fontsize=font)
     bar.ax.tick_params(labelsize=font)
     ticks = np.arange(n)
@@ -233,9 +233,11 @@ def plot_confusion(matrix: np.ndarray, labels: np.ndarray, path: Path | None, ti
         for (i, j), v in np.ndenumerate(share):
             ax.text(j, i, f"{v:.2f}\n({matrix[i, j]})", ha="center", va="center", fontsize=font - 2,
                     color="white" if v > 0.5 else "black")
-    ax.set_xlabel("predicted", fontsize=font + 1)
-    ax.set_ylabel("true", fontsize=font + 1)
-    ax.set_title(f"{title}\nconfusion matrix, rows normalised ({n} classes)", fontsize=font + 1, wrap=True)
+    big = max(font + 1, 12 if n > 30 else 0)  # titles stay legible on a large figure
+    ax.set_xlabel("predicted", fontsize=big)
+    ax.set_ylabel("true", fontsize=big)
+    ax.set_title(f"{title}\nconfusion matrix, rows normalised ({n} classes)", fontsize=big + 2 if n > 30 else big,
+                 wrap=True)
     if path is not None:
         fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -271,7 +273,8 @@ def train_head(
         raise DatasetError(f"only {int(known.sum())} of {len(ids)} stored items have a label in {labels} "
                            f"(column {label_column!r}); check the label column and that the table is the one extracted")
     X_known, y_known = np.asarray(X)[known], np.asarray(y[known]).astype(str)
-    check_classes(y_known, cv)  # before any output is written
+    check_classes(y_known, cv)  # refused before any output is written
+    holdout_split(y_known, test_size)
     folder = Path(out) if out is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -391,14 +394,23 @@ def plot_learning_curve(rows: list[dict[str, Any]], path: Path | None, title: st
         xs = sorted(points)
         left.plot(xs, [np.mean([p["accuracy"] for p in points[x]]) for x in xs], marker="o", label=model)
         right.plot(xs, [np.mean([p["train_seconds"] for p in points[x]]) for x in xs], marker="o", label=model)
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    sizes = sorted({r["train_items"] for r in rows})
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 128, not 2^7; 0.5, not 5x10^-1
+    right.set_yscale("log")
     for ax, label in ((left, "held-out accuracy"), (right, "training time (s, log scale)")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("labelled training items\n(1, 2, 4, ... per class, then all)", fontsize=10)
+        ax.set_xticks(sizes, [str(x) for x in sizes], fontsize=9)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("labelled training items (1, 2, 4, ... per class, then all)", fontsize=10)
         ax.set_ylabel(label, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
+    right.yaxis.set_major_formatter(plain)
+    right.yaxis.set_minor_formatter(plain)
+    right.tick_params(axis="y", which="minor", labelsize=8)
     left.set_ylim(0, 1.02)
-    right.set_yscale("log")
     fig.suptitle(title, fontsize=12, wrap=True)
     if path is not None:
         fig.savefig(path, dpi=100)
