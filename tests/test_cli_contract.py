@@ -25,6 +25,8 @@ def cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("embed-workers-0", ["embed", "minilm-l6", f, "--out", d + "/o.npy", "--workers", "0"], "--workers"),
         ("embed-pixels-x", ["embed", "minilm-l6", f, "--out", d + "/o.npy", "--max-pixels", "many"], "--max-pixels"),
         ("embed-missing-input", ["embed", "minilm-l6", MISSING, "--out", d + "/o.npy"], MISSING),
+        ("embed-missing-relative", ["embed", "minilm-l6", "no-such-input.txt", "--out", d + "/o.npy"],
+         f"no-such-input.txt: no such file or folder (relative paths are taken from {Path.cwd()})"),
         ("embed-no-out", ["embed", "minilm-l6", f], "--out"),
         ("embed-bad-device", ["embed", "minilm-l6", f, "--out", d + "/o.npy", "--device", "tpu"], "--device"),
         ("extract-shard-neg", ["extract", f, "--out", d + "/fs", "--shard-size", "-5"], "--shard-size"),

@@ -65,7 +65,7 @@ def test_bad_param_and_missing_labels_are_usage_errors(minilm, tmp_path: Path):
     (tmp_path / "t.txt").write_text("one text\nanother text\n")
     assert run_cli("extract", str(tmp_path / "t.txt"), "--out", str(fs), "--no-progress").returncode == 0
     bad = run_cli("train-head", str(fs), "--labels", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "r"))
-    assert bad.returncode == 1 and "not a file" in bad.stderr
+    assert bad.returncode == 1 and f"{tmp_path / 'nope.csv'}: no such file or folder" in bad.stderr
     (tmp_path / "l.csv").write_text("id,label\nx,a\n")
     few = run_cli("train-head", str(fs), "--labels", str(tmp_path / "l.csv"), "--out", str(tmp_path / "r"))
     assert few.returncode == 1 and "have a label" in few.stderr

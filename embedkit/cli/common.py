@@ -60,7 +60,8 @@ def folds(text: str) -> int:
 def existing_path(text: str) -> str:
     """A file or folder that exists."""
     if not os.path.exists(text):
-        raise argparse.ArgumentTypeError(f"{text}: no such file or folder (relative paths are taken from {os.getcwd()})")
+        where = "" if os.path.isabs(text) else f" (relative paths are taken from {os.getcwd()})"
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder{where}")
     return text
 
 
