@@ -96,6 +96,8 @@ def extract(
     from .encoder import encoder_for
     from .exporter import resolve
 
+    if shard_size is not None and (not isinstance(shard_size, int) or shard_size < 1):  # 0 is refused, not "default"
+        raise ValueError(f"shard_size must be a positive int or None, got {shard_size!r}")
     start = time.perf_counter()
     artifact = resolve(backbone, models)
     encoder = encoder_for(artifact, **options)
@@ -108,9 +110,7 @@ def extract(
     stored = namespace.done_ids()  # ids with an embedding from earlier runs
     done: set[str] = set()  # ... and from this run
     failed: set[str] = set()
-    size = shard_size or SHARD_SIZE[artifact.modality]
-    if size < 1:
-        raise ValueError(f"shard_size must be positive, got {size}")
+    size = SHARD_SIZE[artifact.modality] if shard_size is None else shard_size
     shard = _Shard()
     for item in iter_items(source, artifact.modality, column, id_column):
         report.total += 1

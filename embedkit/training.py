@@ -130,6 +130,8 @@ def holdout_split(y: np.ndarray, test_size: float, seed: int = 0) -> tuple[np.nd
     """
     from sklearn.model_selection import train_test_split
 
+    if not 0 < test_size < 1:
+        raise ValueError(f"test_size must be a fraction between 0 and 1, got {test_size!r}")
     classes, counts = np.unique(y, return_counts=True)
     notes: list[str] = []
     single = set(classes[counts < 2].tolist())
@@ -165,6 +167,8 @@ def evaluate(X: np.ndarray, y: np.ndarray, kind: str, params: dict[str, Any], cv
     from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
     from sklearn.model_selection import StratifiedKFold
 
+    if not isinstance(cv, int) or cv < 0 or cv == 1:
+        raise ValueError(f"cv must be 0 (off) or a number of folds >= 2, got {cv!r}")
     check_classes(y, cv)
     train_idx, test_idx, notes = holdout_split(y, test_size, seed)
     total = 1 + cv
@@ -333,6 +337,8 @@ def learning_curve(X: np.ndarray, raw: Any, y: np.ndarray, modality: str, head: 
     """
     from sklearn.model_selection import train_test_split
 
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     classes, counts = check_classes(y)
     rare = classes[counts < 2].tolist()
     index = np.arange(len(y))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import embedkit
 import embedkit.cli
 from support import run_cli
 
@@ -103,3 +104,23 @@ def test_help_still_exits_0():
 def test_backbone_option_says_its_default(command: str):
     text = " ".join(run_cli(command, "--help").stdout.split())
     assert "--backbone BACKBONE" in text and "(default: the store's only backbone" in text
+
+
+def test_the_library_refuses_zero_instead_of_reading_it_as_the_default(minilm, tmp_path: Path):
+    import numpy as np
+
+    from embedkit.encoder import encoder_for
+    from embedkit.training import evaluate, holdout_split, learning_curve
+
+    with pytest.raises(ValueError, match="shard_size must be a positive int"):
+        embedkit.extract(["a", "b"], minilm, tmp_path / "fs", shard_size=0)
+    assert not (tmp_path / "fs").exists()  # refused before the store is touched
+    with pytest.raises(ValueError, match="batch_tokens must be a positive int"):
+        encoder_for(minilm, batch_tokens=0)
+    X, y = np.eye(6, dtype=np.float32), np.array(list("aabbcc"))
+    with pytest.raises(ValueError, match="cv must be 0"):
+        evaluate(X, y, "logreg", {}, cv=1)
+    with pytest.raises(ValueError, match="test_size must be a fraction"):
+        holdout_split(y, 0.0)
+    with pytest.raises(ValueError, match="repeats must be a positive int"):
+        learning_curve(X, X, y, "image", repeats=0)
