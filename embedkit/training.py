@@ -37,6 +37,36 @@ def make_head(kind: str, params: dict[str, Any] | None = None) -> Any:
     return getattr(import_module(module), name)(**{**defaults, **(params or {})})
 
 
+def check_head(kind: str, params: dict[str, Any] | None = None) -> Any:
+    """:func:`make_head`, with unknown parameter names and (scikit-learn heads) bad values refused
+    up front as :class:`UnsupportedInputError` naming the head's parameters.
+
+    Values that only fitting can check (e.g. FAISS heads') are refused by :func:`evaluate`.
+    """
+    try:
+        head = make_head(kind, params)
+    except TypeError as exc:
+        module, name, _ = _HEADS[kind]
+        valid = ", ".join(sorted(getattr(import_module(module), name)().get_params()))
+        raise UnsupportedInputError(f"--param: {exc}; the {kind} head takes: {valid}") from None
+    if getattr(type(head), "_parameter_constraints", None) is not None:
+        try:
+            head._validate_params()  # scikit-learn's own check, which fit would run later
+        except (TypeError, ValueError) as exc:
+            raise UnsupportedInputError(f"--param: {exc}") from None
+    return head
+
+
+def _fit(head: Any, kind: str, X: np.ndarray, y: np.ndarray) -> Any:
+    """``head.fit(X, y)``; a parameter the head refuses at fit is an input error, not a crash."""
+    try:
+        return head.fit(X, y)
+    except ValueError as exc:
+        if str(exc).split(" ")[0] in head.get_params():  # "n_neighbors must be a positive int, got 0"
+            raise UnsupportedInputError(f"--param: the {kind} head refused its parameters: {exc}") from None
+        raise
+
+
 def parse_params(pairs: list[str]) -> dict[str, Any]:
     """``["C=10", "weights=distance"]`` -> ``{"C": 10, "weights": "distance"}`` (JSON values when they parse)."""
     out: dict[str, Any] = {}
@@ -172,9 +202,9 @@ def evaluate(X: np.ndarray, y: np.ndarray, kind: str, params: dict[str, Any], cv
     check_classes(y, cv)
     train_idx, test_idx, notes = holdout_split(y, test_size, seed)
     total = 1 + cv
-    head = make_head(kind, params)
+    head = check_head(kind, params)
     start = time.perf_counter()
-    head.fit(X[train_idx], y[train_idx])
+    _fit(head, kind, X[train_idx], y[train_idx])
     seconds = time.perf_counter() - start
     if progress is not None:
         progress(1, total)
@@ -194,6 +224,7 @@ def evaluate(X: np.ndarray, y: np.ndarray, kind: str, params: dict[str, Any], cv
             if progress is not None:
                 progress(k, total)
     if confusion_png is not None:
+        Path(confusion_png).parent.mkdir(parents=True, exist_ok=True)
         labels = np.unique(y)
         plot_confusion(confusion_matrix(y_test, pred, labels=labels), labels, confusion_png,
                        f"{kind}: accuracy {report.accuracy:.3f}, macro-F1 {report.macro_f1:.3f}")
@@ -277,11 +308,10 @@ def train_head(
         raise DatasetError(f"only {int(known.sum())} of {len(ids)} stored items have a label in {labels} "
                            f"(column {label_column!r}); check the label column and that the table is the one extracted")
     X_known, y_known = np.asarray(X)[known], np.asarray(y[known]).astype(str)
-    check_classes(y_known, cv)  # refused before any output is written
+    check_head(head, params)  # refused before any output is written
+    check_classes(y_known, cv)
     holdout_split(y_known, test_size)
-    folder = Path(out) if out is not None else None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(out) if out is not None else None  # made by evaluate once the first fit succeeded
     report = evaluate(X_known, y_known, head, params or {}, cv=cv, test_size=test_size,
                       confusion_png=folder / "confusion.png" if folder else None, progress=progress)
     report.unlabelled = int((~known).sum())
@@ -339,6 +369,7 @@ def learning_curve(X: np.ndarray, raw: Any, y: np.ndarray, modality: str, head: 
 
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    check_head(head, params)
     classes, counts = check_classes(y)
     rare = classes[counts < 2].tolist()
     index = np.arange(len(y))
@@ -377,7 +408,7 @@ def learning_curve(X: np.ndarray, raw: Any, y: np.ndarray, modality: str, head: 
                 start = time.perf_counter()
                 with warnings.catch_warnings():  # one example per class is the point of the curve
                     warnings.simplefilter("ignore", UserWarning)
-                    model.fit(features[pick], y[pick])
+                    _fit(model, name, features[pick], y[pick])
                 seconds = time.perf_counter() - start
                 accuracy = float((model.predict(features[test_idx]) == y[test_idx]).mean())
                 rows.append({"per_class": size or "all", "train_items": int(len(pick)), "repeat": r, "model": name,

@@ -146,6 +146,12 @@ def test_degenerate_datasets_in_train_head_and_report(minilm, tmp_path: Path, ba
         (["train-head", str(fs), "--labels", nobody], "only 0 of 60 stored items have a label"),
         (["report", str(fs), "--labels", nobody], "only 0 of 60 stored items have a label"),
         (["train-head", str(fs), "--labels", two_each, "--cv", "3"], "but class"),
+        (["train-head", str(fs), "--labels", two_each, "--param", "nonsense=1"], "the logreg head takes: C,"),
+        (["train-head", str(fs), "--labels", two_each, "--param", "C=-1"], "'C' parameter of LogisticRegression"),
+        (["train-head", str(fs), "--labels", two_each, "--head", "faiss-knn", "--param", "n_neighbors=0"],
+         "n_neighbors must be a positive int"),
+        (["report", str(fs), "--labels", two_each, "--head", "knn", "--param", "n_neighbors=0"],
+         "'n_neighbors' parameter of KNeighborsClassifier"),
     ):
         done = run_cli(*argv, "--out", str(run / "refused"), "--no-progress")
         errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
