@@ -176,7 +176,7 @@ def _inside(fig, artist) -> bool:
 def test_confusion_matrix_is_normalised_with_a_colour_bar_and_scales_with_classes(tmp_path: Path):
     import numpy as np
 
-    from embedkit.training import plot_confusion
+    from embedkit.plots import plot_confusion
     from support import read_banking
 
     names = np.array(sorted(set(read_banking("train")[1])))
@@ -204,7 +204,7 @@ def test_confusion_matrix_is_normalised_with_a_colour_bar_and_scales_with_classe
 
 
 def test_learning_curve_plot_keeps_its_title_and_labels_inside(tmp_path: Path):
-    from embedkit.training import plot_learning_curve
+    from embedkit.plots import plot_learning_curve
 
     rows = [{"per_class": s, "train_items": n, "repeat": 0, "model": m, "accuracy": a, "train_seconds": t}
             for s, n in ((1, 77), (2, 154), ("all", 350))

@@ -184,7 +184,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from ..errors import DatasetError
     from ..sources import iter_items
-    from ..training import _baseline_features, labels_for, learning_curve, parse_params, plot_learning_curve
+    from ..plots import plot_learning_curve
+    from ..training import _baseline_features, labels_for, learning_curve, parse_params
 
     namespace = namespace_of(args.features, args.backbone)
     params = parse_params(args.param)
