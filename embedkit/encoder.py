@@ -62,6 +62,8 @@ class TextEncoder:
         self.artifact = artifact
         self.tokenizer = TextTokenizer(artifact.preprocess, truncate=truncate, empty=empty)
         self.runtime = make_runtime(artifact, runtime, device=device, threads=threads, streams=streams)
+        if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens < 1):
+            raise ValueError(f"batch_tokens must be a positive int or None, got {batch_tokens!r}")  # 0 is not "default"
         self.batch_tokens = batch_tokens or (DEFAULT_BATCH_TOKENS if self.runtime.device == "cpu" else 16384)
         self.dim = artifact.dim
 

@@ -195,3 +195,18 @@ class OutputIsInputError(OutputError, ValueError):
 
 class UnsavableHeadError(EmbedkitError, TypeError):
     """A head :func:`embedkit.save` refuses because :func:`embedkit.load` could not read it back safely."""
+
+
+class UsageError(EmbedkitError, ValueError):
+    """A command line that cannot run: a bad option value, a missing argument, a path that does not exist.
+
+    ``usage`` is the command's usage line, printed before the message.
+    """
+
+    def __init__(self, message: str, usage: str = ""):
+        self.usage = usage
+        super().__init__(message)
+
+
+class DatasetError(EmbedkitError, ValueError):
+    """Labelled data too small or too degenerate for what was asked (one class, too few examples)."""

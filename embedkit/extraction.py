@@ -114,6 +114,8 @@ def extract(
     from .exporter import resolve
     from .outputs import check_output
 
+    if shard_size is not None and (not isinstance(shard_size, int) or shard_size < 1):  # 0 is refused, not "default"
+        raise ValueError(f"shard_size must be a positive int or None, got {shard_size!r}")
     check_output(store, "feature-store", inputs=[source])  # before any work: not an input, not a foreign folder
     start = time.perf_counter()
     artifact = resolve(backbone, models)
@@ -128,8 +130,6 @@ def extract(
     stored = namespace.stored()  # id -> content fingerprint, from earlier runs
     run = _Run(report, progress, bool(id_column), artifact.modality)
     size = shard_size or SHARD_SIZE[artifact.modality]
-    if size < 1:
-        raise ValueError(f"shard_size must be positive, got {size}")
     shard = _Shard()
     for item in iter_items(source, artifact.modality, column, id_column):
         report.total += 1

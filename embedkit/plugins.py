@@ -65,7 +65,16 @@ class Registry:
     # -- loading -------------------------------------------------------------
     def load_entry_points(self) -> None:
         allowed = _allowed_plugins()
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+        if allowed is not None:
+            # A name that matches nothing is a typo or an uninstalled plugin: say so, with the choices.
+            known = {ep.name for ep in found} | {ep.dist.name for ep in found if ep.dist is not None}
+            unknown = sorted(allowed - known)
+            if unknown:
+                choices = ", ".join(sorted({f"{ep.name} ({ep.dist.name if ep.dist else '?'})" for ep in found})) or "none"
+                logger.warning("%s names %s, which no installed plugin is called; installed plugins: %s",
+                               LOAD_ENV, ", ".join(repr(u) for u in unknown), choices)
+        for ep in found:
             dist = ep.dist.name if ep.dist is not None else "?"
             version = ep.dist.version if ep.dist is not None else "?"
             if allowed is not None and ep.name not in allowed and dist not in allowed:

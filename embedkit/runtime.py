@@ -21,6 +21,28 @@ OOM_MARKERS = ("out of memory", "failed to allocate", "bad_alloc", "bad allocati
                "cublas_status_alloc_failed", "cudnn_status_alloc_failed")
 
 
+_warned: set[str] = set()  # messages already logged once in this process
+
+
+def warn_once(message: str) -> None:
+    """Log a warning the first time this process meets it (e.g. each ``device="auto"`` encoder
+    falling back to CPU would otherwise repeat the same line)."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("%s", message)
+
+
+def cuda_unavailable(device: str) -> str | None:
+    """Why ``device`` (``cuda`` or ``auto``) cannot run on CUDA with this onnxruntime, or None."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        return None
+    return (f"device={device!r} asked for CUDA but this onnxruntime offers only {available}; "
+            "install onnxruntime-gpu with matching CUDA libraries, or use device='cpu'")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether an ONNX Runtime error reports an allocation failure (CPU or CUDA)."""
     if isinstance(exc, MemoryError):
@@ -101,15 +123,11 @@ class Runtime:
         self.requested_device = device
         threads = threads or cpu_count()
         want_cuda = device in ("cuda", "auto")
-        available = ort.get_available_providers()
-        if want_cuda and "CUDAExecutionProvider" not in available:
-            message = (
-                f"device={device!r} asked for CUDA but this onnxruntime offers only {available}; "
-                "install onnxruntime-gpu with matching CUDA libraries, or use device='cpu'"
-            )
+        message = cuda_unavailable(device) if want_cuda else None
+        if message is not None:
             if device == "cuda":
                 raise DeviceUnavailableError(message)
-            logger.warning("%s; running on CPU", message)
+            warn_once(f"{message}; running on CPU")
             want_cuda = False
         if want_cuda:
             streams = streams or 1
@@ -132,7 +150,7 @@ class Runtime:
             message = f"the session fell back to {self.providers} although CUDA was requested"
             if device == "cuda":
                 raise DeviceUnavailableError(message)
-            logger.warning("%s", message)
+            warn_once(message)
         self.threads = threads
         self.streams = streams
         self.halvings = 0  # batches split after running out of memory

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from .errors import UnsupportedInputError
+from .errors import DatasetError, UnsupportedInputError
+from .plots import plot_confusion
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,36 @@ def make_head(kind: str, params: dict[str, Any] | None = None) -> Any:
         raise ValueError(f"head must be one of {', '.join(HEADS)}, got {kind!r}")
     module, name, defaults = _HEADS[kind]
     return getattr(import_module(module), name)(**{**defaults, **(params or {})})
+
+
+def check_head(kind: str, params: dict[str, Any] | None = None) -> Any:
+    """:func:`make_head`, with unknown parameter names and (scikit-learn heads) bad values refused
+    up front as :class:`UnsupportedInputError` naming the head's parameters.
+
+    Values that only fitting can check (e.g. FAISS heads') are refused by :func:`evaluate`.
+    """
+    try:
+        head = make_head(kind, params)
+    except TypeError as exc:
+        module, name, _ = _HEADS[kind]
+        valid = ", ".join(sorted(getattr(import_module(module), name)().get_params()))
+        raise UnsupportedInputError(f"--param: {exc}; the {kind} head takes: {valid}") from None
+    if getattr(type(head), "_parameter_constraints", None) is not None:
+        try:
+            head._validate_params()  # scikit-learn's own check, which fit would run later
+        except (TypeError, ValueError) as exc:
+            raise UnsupportedInputError(f"--param: {exc}") from None
+    return head
+
+
+def _fit(head: Any, kind: str, X: np.ndarray, y: np.ndarray) -> Any:
+    """``head.fit(X, y)``; a parameter the head refuses at fit is an input error, not a crash."""
+    try:
+        return head.fit(X, y)
+    except ValueError as exc:
+        if str(exc).split(" ")[0] in head.get_params():  # "n_neighbors must be a positive int, got 0"
+            raise UnsupportedInputError(f"--param: the {kind} head refused its parameters: {exc}") from None
+        raise
 
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:
@@ -137,67 +169,123 @@ class HeadReport:
     per_class: dict[str, Any] = field(default_factory=dict)
     cv_accuracy: list[float] = field(default_factory=list)
     unlabelled: int = 0
+    notes: list[str] = field(default_factory=list)  # how a small or lopsided dataset was handled
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
+Progress = Callable[[int, int], None]  # (steps done, steps in all), for a progress bar
+
+
+def check_classes(y: np.ndarray, cv: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The classes of ``y`` and their counts, refusing what no classifier can learn or score.
+
+    Raises:
+        DatasetError: fewer than two classes, or ``cv`` folds with a class smaller than ``cv``.
+    """
+    classes, counts = np.unique(y, return_counts=True)
+    if len(y) == 0:
+        raise DatasetError("no labelled items: check --labels / --label-column (and the id join)")
+    if len(classes) < 2:
+        raise DatasetError(f"all {len(y)} labelled items have the label {str(classes[0])!r}; a classifier needs "
+                           "at least 2 classes")
+    if cv and counts.min() < cv:
+        small, least = str(classes[int(np.argmin(counts))]), int(counts.min())
+        fix = f"use at most {least} folds or none" if least >= 2 else "label more items of that class, or use no cv"
+        raise DatasetError(f"{cv}-fold cross-validation needs at least {cv} labelled items in every class, but "
+                           f"class {small!r} has {least}; {fix}")
+    return classes, counts
+
+
+def holdout_split(y: np.ndarray, test_size: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(train_idx, test_idx, notes)``: a stratified held-out split that copes with small data.
+
+    Classes with one example cannot be both learnt and scored: they go to training only.
+    The held-out part holds at least one item of every other class (raised from
+    ``test_size`` when needed) and leaves at least one of each for training.
+
+    Raises:
+        DatasetError: no class has two examples, so nothing can be held out.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < test_size < 1:
+        raise ValueError(f"test_size must be a fraction between 0 and 1, got {test_size!r}")
+    classes, counts = np.unique(y, return_counts=True)
+    notes: list[str] = []
+    single = set(classes[counts < 2].tolist())
+    pool = np.flatnonzero([v not in single for v in y])
+    if single:
+        shown = ", ".join(repr(c) for c in sorted(single)[:5]) + (" ..." if len(single) > 5 else "")
+        notes.append(f"{len(single)} class(es) have a single labelled example ({shown}): used for training only, "
+                     "not scored")
+    kept = len(classes) - len(single)
+    if kept == 0:
+        raise DatasetError(f"every one of the {len(classes)} classes has a single labelled example, so none can be "
+                           "held out to measure accuracy; label at least 2 items per class")
+    wanted = math.ceil(test_size * len(y))
+    n_test = min(max(wanted, kept), len(pool) - kept)
+    if n_test != wanted:
+        notes.append(f"held-out part set to {n_test} items (not {wanted}) so that each of the {kept} scored "
+                     "classes is both trained on and held out")
+    train, test = train_test_split(pool, test_size=n_test, random_state=seed, stratify=y[pool])
+    train = np.sort(np.concatenate([train, np.flatnonzero([v in single for v in y])])).astype(int)
+    return train, np.sort(test), notes
+
+
 def evaluate(X: np.ndarray, y: np.ndarray, kind: str, params: dict[str, Any], cv: int = 0,
-             test_size: float = 0.2, seed: int = 0, confusion_png: Path | None = None) -> HeadReport:
-    """Holdout metrics (and k-fold accuracy when ``cv``), and a confusion-matrix PNG."""
+             test_size: float = 0.2, seed: int = 0, confusion_png: Path | None = None,
+             progress: Progress | None = None) -> HeadReport:
+    """Holdout metrics (and k-fold accuracy when ``cv``), and a confusion-matrix PNG.
+
+    ``progress(done, total)`` is called after each fit (the holdout fit, then each fold).
+
+    Raises:
+        DatasetError: fewer than 2 classes, no class with 2 examples, or ``cv`` larger than a class.
+    """
     from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
-    from sklearn.model_selection import cross_val_score, train_test_split
+    from sklearn.model_selection import StratifiedKFold
 
-    counts = np.unique(y, return_counts=True)[1]
-    stratify = y if counts.min() >= 2 else None
-    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=stratify)
-    head = make_head(kind, params)
+    if not isinstance(cv, int) or cv < 0 or cv == 1:
+        raise ValueError(f"cv must be 0 (off) or a number of folds >= 2, got {cv!r}")
+    check_classes(y, cv)
+    train_idx, test_idx, notes = holdout_split(y, test_size, seed)
+    total = 1 + cv
+    head = check_head(kind, params)
     start = time.perf_counter()
-    head.fit(X_train, y_train)
+    _fit(head, kind, X[train_idx], y[train_idx])
     seconds = time.perf_counter() - start
-    pred = head.predict(X_test)
+    if progress is not None:
+        progress(1, total)
+    pred = head.predict(X[test_idx])
+    y_test = y[test_idx]
     report = HeadReport(
-        head=kind, n_train=len(y_train), n_test=len(y_test), classes=len(np.unique(y)),
-        accuracy=float(accuracy_score(y_test, pred)), macro_f1=float(f1_score(y_test, pred, average="macro")),
+        head=kind, n_train=len(train_idx), n_test=len(test_idx), classes=len(np.unique(y)),
+        accuracy=float(accuracy_score(y_test, pred)),
+        macro_f1=float(f1_score(y_test, pred, average="macro", zero_division=0)),
         fit_seconds=seconds, per_class=classification_report(y_test, pred, output_dict=True, zero_division=0),
+        notes=notes,
     )
-    if cv:
-        report.cv_accuracy = [float(s) for s in cross_val_score(make_head(kind, params), X, y, cv=cv)]
+    if cv:  # the folds of cross_val_score (StratifiedKFold, no shuffle), one at a time for the progress bar
+        for k, (a, b) in enumerate(StratifiedKFold(n_splits=cv).split(X, y), start=2):
+            fold = make_head(kind, params).fit(X[a], y[a])
+            report.cv_accuracy.append(float((fold.predict(X[b]) == y[b]).mean()))
+            if progress is not None:
+                progress(k, total)
     if confusion_png is not None:
+        Path(confusion_png).parent.mkdir(parents=True, exist_ok=True)
         labels = np.unique(y)
-        _plot_confusion(confusion_matrix(y_test, pred, labels=labels), labels, confusion_png,
-                        f"{kind}: accuracy {report.accuracy:.3f}, macro-F1 {report.macro_f1:.3f}")
+        plot_confusion(confusion_matrix(y_test, pred, labels=labels), labels, confusion_png,
+                       f"{kind}: accuracy {report.accuracy:.3f}, macro-F1 {report.macro_f1:.3f}")
     return report
-
-
-def _plot_confusion(matrix: np.ndarray, labels: np.ndarray, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    size = max(4.0, min(24.0, 0.25 * len(labels) + 3))
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ticks = np.arange(len(labels))
-    ax.set_xticks(ticks, [str(v) for v in labels], rotation=90, fontsize=max(4, 10 - len(labels) // 10))
-    ax.set_yticks(ticks, [str(v) for v in labels], fontsize=max(4, 10 - len(labels) // 10))
-    if len(labels) <= 20:
-        for (i, j), v in np.ndenumerate(matrix):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
-                    color="white" if v > matrix.max() / 2 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def train_head(
     features: str | Path, backbone: str, labels: str, head: str = "logreg", params: dict[str, Any] | None = None,
     out: str | Path | None = None, label_column: str = "label", id_column: str | None = None,
     column: str | None = None, cv: int = 0, test_size: float = 0.2, store: str | None = None,
+    progress: Progress | None = None,
 ) -> tuple[HeadReport, Path | None]:
     """Train a head on a feature store's cached (memory-mapped) features.
 
@@ -205,13 +293,15 @@ def train_head(
     ``cv``), then fits on every labelled item. With ``out``: writes the folder ``out`` with
     ``report.json`` (its marker, ``"kind": "train-head"``), ``confusion.png`` and the deployable
     model (``out/model``, see :func:`embedkit.load`), all at once: an earlier run's folder is
-    replaced only when the new one is complete.
+    replaced only when the new one is complete. ``progress(done, total)`` follows the fits
+    (holdout, then each fold).
 
     Raises:
         OutputError: ``out`` is refused before any work (its folder is missing; it is, holds
             or lies inside ``features`` or ``labels``; it exists and is not an earlier
             train-head output, nor empty).
-        UnsupportedInputError: fewer than two stored items have a label.
+        DatasetError: fewer than 2 labelled items or classes, or too few items for ``cv``
+            (see :func:`holdout_split` for how classes with one example are handled).
     """
     from .atomic import staged_folder
     from .embedder import Embedder
@@ -226,17 +316,21 @@ def train_head(
     ids, X, sources, contents = namespace.load_all()
     y = labels_for(ids, sources, labels, namespace.info.get("modality", "text"), label_column, id_column, column,
                    contents=contents)
-    known = np.asarray([v is not None and v == v and v != "" for v in y])
+    known = np.asarray([v is not None and v == v and v != "" for v in y], dtype=bool)
     if known.sum() < 2:
-        raise UnsupportedInputError(f"only {int(known.sum())} of {len(ids)} stored items have a label in {labels}")
+        raise DatasetError(f"only {int(known.sum())} of {len(ids)} stored items have a label in {labels} "
+                           f"(column {label_column!r}); check the label column and that the table is the one extracted")
     X_known, y_known = np.asarray(X)[known], np.asarray(y[known]).astype(str)
+    check_head(head, params)  # refused before any output is written
+    check_classes(y_known, cv)
+    holdout_split(y_known, test_size)
     if folder is None:
-        report = evaluate(X_known, y_known, head, params or {}, cv=cv, test_size=test_size)
+        report = evaluate(X_known, y_known, head, params or {}, cv=cv, test_size=test_size, progress=progress)
         report.unlabelled = int((~known).sum())
         return report, None
-    with staged_folder(folder, replaceable("train-head")) as staging:
+    with staged_folder(folder, replaceable("train-head")) as staging:  # the earlier run's folder stays until this one is whole
         report = evaluate(X_known, y_known, head, params or {}, cv=cv, test_size=test_size,
-                          confusion_png=staging / "confusion.png")
+                          confusion_png=staging / "confusion.png", progress=progress)
         report.unlabelled = int((~known).sum())
         fitted = make_head(head, params).fit(X_known, y_known)
         embedder = Embedder(namespace.digest, store=store).fit()
@@ -275,17 +369,34 @@ def _baseline(modality: str) -> Any:
 
 def learning_curve(X: np.ndarray, raw: Any, y: np.ndarray, modality: str, head: str = "logreg",
                    params: dict[str, Any] | None = None, repeats: int = 3, test_size: float = 0.3,
-                   seed: int = 0) -> list[dict[str, Any]]:
+                   seed: int = 0, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Accuracy and training time vs labelled examples per class, frozen-backbone head vs baseline.
 
     One stratified held-out split is fixed; for each size (1, 2, 4, ... per class, then all)
     ``repeats`` random subsets of the rest train both models. Training time is the head's fit on
     cached features (extraction is paid once, see ``embedkit extract``) vs the baseline's fit.
+    Classes with a single example are left out (logged); ``progress(done, total)`` follows the fits.
+
+    Raises:
+        DatasetError: fewer than 2 classes with 2 or more examples.
     """
     from sklearn.model_selection import train_test_split
 
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    check_head(head, params)
+    classes, counts = check_classes(y)
+    rare = classes[counts < 2].tolist()
     index = np.arange(len(y))
-    train_idx, test_idx = train_test_split(index, test_size=test_size, random_state=seed, stratify=y)
+    if len(rare):  # one example cannot be both learnt and held out: left out of the curve, said so
+        logger.warning("learning curve: %d class(es) with a single labelled example left out (%s)", len(rare),
+                       ", ".join(repr(c) for c in rare[:5]) + (" ..." if len(rare) > 5 else ""))
+        index = index[~np.isin(y, rare)]
+        if len(np.unique(y[index])) < 2:
+            raise DatasetError("a learning curve needs at least 2 classes with 2 or more labelled examples each")
+    kept = len(np.unique(y[index]))
+    n_test = min(max(math.ceil(test_size * len(index)), kept), len(index) - kept)  # every class on both sides
+    train_idx, test_idx = train_test_split(index, test_size=n_test, random_state=seed, stratify=y[index])
     classes = np.unique(y[train_idx])
     # Sizes grow to the median class size; a smaller class gives all it has at the larger sizes.
     largest = int(np.median([int((y[train_idx] == c).sum()) for c in classes]))
@@ -293,7 +404,8 @@ def learning_curve(X: np.ndarray, raw: Any, y: np.ndarray, modality: str, head: 
     while sizes[-1] * 2 < largest:
         sizes.append(sizes[-1] * 2)
     sizes.append(0)  # 0 = all training items
-    rows = []
+    rows: list[dict[str, Any]] = []
+    total = 2 * (repeats * (len(sizes) - 1) + 1)
     for size in sizes:
         for r in range(repeats if size else 1):
             rng = np.random.default_rng(seed + 1000 * r + size)
@@ -311,37 +423,11 @@ def learning_curve(X: np.ndarray, raw: Any, y: np.ndarray, modality: str, head: 
                 start = time.perf_counter()
                 with warnings.catch_warnings():  # one example per class is the point of the curve
                     warnings.simplefilter("ignore", UserWarning)
-                    model.fit(features[pick], y[pick])
+                    _fit(model, name, features[pick], y[pick])
                 seconds = time.perf_counter() - start
                 accuracy = float((model.predict(features[test_idx]) == y[test_idx]).mean())
                 rows.append({"per_class": size or "all", "train_items": int(len(pick)), "repeat": r, "model": name,
                              "accuracy": accuracy, "train_seconds": seconds})
+                if progress is not None:
+                    progress(len(rows), total)
     return rows
-
-
-def plot_learning_curve(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for model in dict.fromkeys(r["model"] for r in rows):
-        points: dict[int, list[dict[str, Any]]] = {}
-        for r in rows:
-            if r["model"] == model:
-                points.setdefault(r["train_items"], []).append(r)
-        xs = sorted(points)
-        left.plot(xs, [np.mean([p["accuracy"] for p in points[x]]) for x in xs], marker="o", label=model)
-        right.plot(xs, [np.mean([p["train_seconds"] for p in points[x]]) for x in xs], marker="o", label=model)
-    for ax, label in ((left, "held-out accuracy"), (right, "training time (s)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("labelled training items (1, 2, 4, ... per class, then all)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    right.set_yscale("log")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

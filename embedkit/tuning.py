@@ -22,9 +22,9 @@ from typing import Any
 
 from .artifacts import Artifact, ModelStore
 from .atomic import write_atomic
-from .errors import EmbedkitError
+from .errors import DeviceUnavailableError, EmbedkitError
 from .probes import FP16_LIMITS, LIMITS, onnx_runner, passes, probes_for
-from .runtime import Runtime, cpu_count
+from .runtime import Runtime, cpu_count, cuda_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,11 @@ def make_runtime(artifact: Artifact, runtime: str = "auto", device: str = "cpu",
     if runtime not in ("auto",) + RUNTIMES:
         raise ValueError(f"runtime must be auto, {', '.join(RUNTIMES)}; got {runtime!r}")
     explicit = runtime != "auto"
+    if device == "cuda" and runtime in ("auto", "onnxruntime"):
+        # Refused before any tuning: one clear error, not a "could not tune" warning and then the error.
+        reason = cuda_unavailable(device)
+        if reason is not None:
+            raise DeviceUnavailableError(reason)
     actual = device  # the device a record or the torch runtime is for; Runtime keeps "auto"'s fallback
     if not explicit:
         import onnxruntime as ort
@@ -129,14 +134,14 @@ def _rate(encoder: Any, items: list[Any], seconds: float) -> float:
 
 def tune(artifact: Artifact | str, device: str = "cpu", items: list[Any] | None = None, seconds: float = 2.0,
          runtimes: tuple[str, ...] | None = None, threads: int | None = None,
-         store: ModelStore | str | None = None, **options: Any) -> dict[str, Any]:
+         store: ModelStore | str | None = None, progress: Any = None, **options: Any) -> dict[str, Any]:
     """Measure each runtime on this device, check it against the artifact, record the fastest that passes.
 
     Each runtime drives a real encoder over ``items`` (default: :func:`default_items`; pass a
     sample of your own data for your lengths and sizes) end to end, as extraction will. ``options``
     go to the encoder (e.g. ``batch_size``, ``batch_tokens``). Returns the record: ``choice``,
     ``device`` and per runtime ``items_per_s``, ``parity`` and ``passes`` (or ``error`` when it
-    could not run here).
+    could not run here). ``progress(done, total)`` is called after each runtime.
     """
     from .encoder import encoder_for
     from .exporter import resolve
@@ -161,6 +166,8 @@ def tune(artifact: Artifact | str, device: str = "cpu", items: list[Any] | None 
         except Exception as exc:  # noqa: BLE001 - a runtime that cannot run here is recorded, not fatal
             row = {"error": f"{type(exc).__name__}: {exc}", "passes": False}
         candidates[name] = row
+        if progress is not None:
+            progress(len(candidates), len(runtimes))
         logger.info("tune %s on %s: %s %s", artifact.name, device, name,
                     f"{row['items_per_s']:.1f} items/s" if "items_per_s" in row else row["error"])
     passing = {k: v for k, v in candidates.items() if v["passes"]}

@@ -79,6 +79,7 @@ def test_tune_cli_prints_both_runtimes_and_the_choice(minilm, tmp_path):
     assert run.returncode == 0, run.stderr
     record = json.loads(run.stdout)
     assert record["items"] == 50 and set(record["candidates"]) == {"onnxruntime", "torch"}
+    assert "tune: 100%" in run.stderr and "2/2" in run.stderr  # progress per runtime, on stderr
     text = run_cli("tune", "minilm-l6", "--data", str(data), "--seconds", "0.1")
     assert "choice:" in text.stdout and "onnxruntime" in text.stdout and "torch" in text.stdout
 

@@ -8,23 +8,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
-from ..errors import EmbedkitError  # light: no heavy imports behind it
-from . import features, heads, models
-from .common import EXIT_FAILED_ITEMS, OUTPUT_SUFFIXES
+from ..errors import EmbedkitError, UsageError  # light: no heavy imports behind it
+from . import features, heads, models, search
+from .common import EXIT_FAILED_ITEMS, EXIT_USAGE, OUTPUT_SUFFIXES, Parser
 
-__all__ = ["COMMANDS", "EXIT_FAILED_ITEMS", "OUTPUT_SUFFIXES", "build_parser", "main"]
+__all__ = ["COMMANDS", "EXIT_FAILED_ITEMS", "EXIT_USAGE", "OUTPUT_SUFFIXES", "build_parser", "main"]
 
-GROUPS = (models, features, heads)
+GROUPS = (models, features, heads, search)
 COMMANDS = {name: fn for group in GROUPS for name, fn in group.COMMANDS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ..artifacts import describe_root
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="embedkit", description="Frozen backbones -> ONNX -> fast embeddings.",
         # Raw: a long store path must print whole (copyable), not wrapped at its hyphens.
         epilog=f"model store: {describe_root()}\n(--models DIR on a command uses another)",
@@ -38,14 +39,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit status (0 ok, 1 usage error or refused input, 2 items failed)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(exc.usage.rstrip(), file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    # Third-party progress bars (transformers' "Loading weights", huggingface_hub downloads) would
+    # interleave with embedkit's own; the user can still turn them on by setting the variable.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(COMMANDS[args.command](args) or 0)
+    except BrokenPipeError:  # `embedkit ... | head`: the reader left; not an error of ours
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except EmbedkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,10 +1,102 @@
-"""Pieces every command group shares: exit codes, output suffixes, the ``--models`` option."""
+"""Pieces every command group shares: the parser class, value checks, exit codes, output suffixes, the
+``--models`` option.
+
+Usage errors (a bad value, a missing argument, a path that does not exist) exit 1 with one
+``error:`` line, as every other refused input; exit 2 is reserved for "some items failed".
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, NoReturn
 
+from ..errors import UsageError
+
+EXIT_USAGE = 1
 EXIT_FAILED_ITEMS = 2
 OUTPUT_SUFFIXES = (".npy", ".parquet")
+GLOB_CHARS = "*?["
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors raise :class:`UsageError` instead of exiting 2.
+
+    Sub-parsers made with ``add_subparsers`` inherit the class, so every subcommand shares it;
+    :func:`embedkit.cli.main` prints the usage line and ``error: ...`` and returns 1.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}", usage=self.format_usage())
+
+
+def _number(kind: Callable[[str], Any], test: Callable[[Any], bool], wanted: str) -> Callable[[str], Any]:
+    def check(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if value != value or not test(value):  # NaN never passes
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
+        return value
+
+    check.__name__ = wanted  # argparse names the type in some messages
+    return check
+
+
+positive_int = _number(int, lambda v: v >= 1, "a positive integer (>= 1)")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
+fraction = _number(float, lambda v: 0 < v < 1, "a fraction between 0 and 1 (exclusive)")
+
+
+def folds(text: str) -> int:
+    """``--cv``: 0 (off) or a number of folds >= 2."""
+    value = _number(int, lambda v: v == 0 or v >= 2, "0 (no cross-validation) or a number of folds >= 2")(text)
+    return int(value)
+
+
+def existing_path(text: str) -> str:
+    """A file or folder that exists."""
+    if not os.path.exists(text):
+        where = "" if os.path.isabs(text) else f" (relative paths are taken from {os.getcwd()})"
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder{where}")
+    return text
+
+
+def existing_file(text: str) -> str:
+    """A file that exists."""
+    if not os.path.isfile(existing_path(text)):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; a file is expected")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    """A folder that exists."""
+    if not os.path.isdir(existing_path(text)):
+        raise argparse.ArgumentTypeError(f"{text} is a file; a folder is expected")
+    return text
+
+
+def existing_or_glob(text: str) -> str:
+    """A file, a folder, or a glob pattern (checked for matches by the reader)."""
+    if any(c in text for c in GLOB_CHARS) and not os.path.exists(text):
+        return text
+    return existing_path(text)
+
+
+def labels_source(text: str) -> str:
+    """``--labels``: ``folder`` or a table that exists."""
+    return text if text == "folder" else existing_file(text)
+
+
+def input_or_stdin(text: str) -> str:
+    """``-`` (standard input) or a file that exists."""
+    return text if text == "-" else existing_file(text)
+
+
 MODEL_STORE_HELP = (
     "model store folder (default: $EMBEDKIT_HOME, else the user cache folder; "
     "`embedkit backbones` prints where it is); --store is the older spelling"
@@ -14,3 +106,47 @@ MODEL_STORE_HELP = (
 def store_arg(p: argparse.ArgumentParser) -> None:
     """``--models DIR`` (alias ``--store``): the model store, stored in ``args.store``."""
     p.add_argument("--models", "--store", dest="store", metavar="DIR", help=MODEL_STORE_HELP)
+
+
+def backbone_arg(p: argparse.ArgumentParser) -> None:
+    """``--backbone`` of commands that read a feature store: default the store's only namespace."""
+    p.add_argument("--backbone", default=None,
+                   help="backbone name or digest prefix of the features to use (default: the store's only "
+                   "backbone; when it holds several, the error lists them)")
+
+
+def namespace_of(features: str | Path, backbone: str | None) -> Any:
+    """The feature-store namespace a command works on: ``backbone`` when given, else the only one.
+
+    Raises:
+        StoreError: no namespace, or several and no ``backbone`` (the message lists them).
+    """
+    from ..errors import StoreError
+    from ..store import FeatureStore
+
+    store = FeatureStore(features)
+    if backbone is not None:
+        return store.find(backbone)
+    spaces = store.namespaces()
+    if len(spaces) == 1:
+        return spaces[0]
+    if not spaces:
+        raise StoreError(f"{features} holds no features; run `embedkit extract SOURCE --out {features}` first")
+    names = ", ".join(sorted(f"{n.name} ({n.digest[:12]})" for n in spaces))
+    raise StoreError(f"{features} holds features of several backbones: {names}; choose one with --backbone NAME")
+
+
+@contextlib.contextmanager
+def progress_bar(what: str, total: int | None, unit: str, enabled: bool = True) -> Iterator[Any]:
+    """A tqdm bar on stderr (stdout may carry JSON); ``bar.update_to(done, total)`` is the library's
+    ``progress`` callback."""
+    from tqdm import tqdm
+
+    # mininterval=0: these bars have few, slow steps; each one is drawn
+    with tqdm(total=total, desc=what, unit=unit, file=sys.stderr, disable=not enabled, mininterval=0) as bar:
+        def update_to(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        bar.update_to = update_to
+        yield bar

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UnsupportedInputError
-from .common import EXIT_FAILED_ITEMS, OUTPUT_SUFFIXES, store_arg
+from .common import (EXIT_FAILED_ITEMS, OUTPUT_SUFFIXES, existing_dir, existing_or_glob, existing_path, non_negative_int,
+                     positive_int, store_arg)
 
 
 def add_parsers(sub: Any) -> None:
@@ -17,18 +18,18 @@ def add_parsers(sub: Any) -> None:
         "column, or (images) a folder",
     )
     p.add_argument("backbone")
-    p.add_argument("input", help=".txt, .csv, .tsv, .jsonl, .parquet, or an image folder (class subfolders = labels)")
+    p.add_argument("input", type=existing_path, help=".txt, .csv, .tsv, .jsonl, .parquet, or an image folder (class subfolders = labels)")
     p.add_argument("--out", required=True, help=".npy or .parquet")
     p.add_argument("--column", help="column holding the texts or image paths (tables; default text / path)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "torch-compile"],
                    help="auto: the faster one measured by `embedkit tune` on this device")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--no-truncate", action="store_true", help="text: texts over max length become errors")
     p.add_argument("--empty", default="embed", choices=["embed", "error"], help="text: empty texts")
-    p.add_argument("--batch-size", type=int, help="images per batch (default 16 on CPU)")
-    p.add_argument("--workers", type=int, help="image decoding threads (default: cores)")
-    p.add_argument("--max-pixels", type=int, help="refuse larger images (decompression-bomb guard)")
+    p.add_argument("--batch-size", type=positive_int, help="images per batch (default 16 on CPU)")
+    p.add_argument("--workers", type=positive_int, help="image decoding threads (default: cores)")
+    p.add_argument("--max-pixels", type=positive_int, help="refuse larger images (decompression-bomb guard)")
     p.add_argument("--keep-blank", action="store_true", help="embed blank / placeholder graphics instead of refusing them")
     p.add_argument("--no-progress", action="store_true")
     store_arg(p)
@@ -36,27 +37,30 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "extract", help="extract features of a source into a feature store, resumable and exactly once",
     )
-    p.add_argument("source", help="folder, glob, .txt, .csv, .tsv, .jsonl or .parquet")
-    p.add_argument("--backbone", default="minilm-l6")
+    p.add_argument("source", type=existing_or_glob, help="folder, glob, .txt, .csv, .tsv, .jsonl or .parquet")
+    p.add_argument("--backbone", default="minilm-l6",
+                   help="registered name, digest or local model folder to extract with (default: minilm-l6)")
     p.add_argument("--out", required=True, help="feature store folder")
     p.add_argument("--column", help="payload column of a table (default text / path)")
     p.add_argument("--id-column", help="column of item ids (default: a hash of the content)")
-    p.add_argument("--shard-size", type=int, help="source items per shard (default 4096 texts / 512 images)")
-    p.add_argument("--max-failures", type=int, default=0, help="exit 2 when more items fail (default 0)")
+    p.add_argument("--shard-size", type=positive_int, help="source items per shard (default 4096 texts / 512 images)")
+    p.add_argument("--max-failures", type=non_negative_int, default=0, help="exit 2 when more items fail (default 0)")
     p.add_argument("--no-verify", action="store_true", help="skip checksumming the committed shards first")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "torch-compile"],
                    help="auto: the faster one measured by `embedkit tune` on this device")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--batch-size", type=int, help="images per batch")
-    p.add_argument("--workers", type=int, help="image decoding threads")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
+    p.add_argument("--batch-size", type=positive_int, help="images per batch")
+    p.add_argument("--workers", type=positive_int, help="image decoding threads")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     store_arg(p)
 
-    p = sub.add_parser("store", help="inspect a feature store: info | verify | gc")
-    p.add_argument("action", choices=["info", "verify", "gc"])
-    p.add_argument("path", help="feature store folder")
+    p = sub.add_parser("store", help="inspect a feature store: info | verify | gc | failures")
+    p.add_argument("action", choices=["info", "verify", "gc", "failures"],
+                   help="failures: the items that have no embedding, with id, source, stage, code and message")
+    p.add_argument("path", type=existing_dir, help="feature store folder")
+    p.add_argument("--backbone", help="failures: only this backbone's (name or digest prefix; default: every backbone)")
     p.add_argument("--json", action="store_true")
 
 
@@ -152,9 +156,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
         errors_file.unlink()
     s = result.stats
     detail = f", {s.truncated} truncated, {s.empty} empty" if unit == "text" else ""
+    rate = f"; {s.ok / max(result.seconds, 1e-9):.0f} {unit}s/s" if s.ok else ""  # no rate for nothing done
     where = f" (errors: {errors_path(out).name})" if result.errors else ""
-    print(f"{s.total} {unit}s: {s.ok} ok, {s.failed} failed{detail}; "
-          f"{s.total / max(result.seconds, 1e-9):.0f} {unit}s/s -> {out}{where}", file=sys.stderr)
+    print(f"{s.total} {unit}s: {s.ok} ok, {s.failed} failed{detail}{rate} -> {out}{where}", file=sys.stderr)
+    if not s.ok:
+        hint = missing_files_hint([e.code for e in result.errors], Path(args.input))
+        if hint:
+            print(f"note: {hint}", file=sys.stderr)
     return EXIT_FAILED_ITEMS if s.failed else 0
 
 
@@ -181,20 +189,44 @@ def cmd_extract(args: argparse.Namespace) -> int:
         )
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
-    print(report.summary(), file=sys.stderr)
+    print(extract_summary(report), file=sys.stderr)
+    if report.total and not report.ok and Path(args.source).is_file():
+        from ..store import FeatureStore
+
+        codes = [f["code"] for f in FeatureStore(args.out).find(artifact.digest).failures()]
+        hint = missing_files_hint(codes, Path(args.source))
+        if hint:
+            print(f"note: {hint}", file=sys.stderr)
     if report.failed > args.max_failures:
         print(f"error: {report.failed} items failed (--max-failures {args.max_failures}); "
-              f"see `embedkit store info {args.out}` and the failure records", file=sys.stderr)
+              f"see `embedkit store failures {args.out}`", file=sys.stderr)
         return EXIT_FAILED_ITEMS
     return 0
+
+
+def extract_summary(report: Any) -> str:
+    """One line for people: counts, and a rate only when something was computed."""
+    rate = f"; {report.computed / report.seconds:.0f} items/s computed" if report.computed and report.seconds > 0 else ""
+    return (f"{report.total} items: {report.ok} ok ({report.computed} computed, {report.cached} already cached, "
+            f"{report.duplicates} duplicates), {report.failed} failed, {report.truncated} truncated{rate} "
+            f"-> {report.namespace}")
+
+
+def missing_files_hint(codes: list[str], source: Path) -> str | None:
+    """When every item of a file list or table failed as a missing file: where its paths were looked for."""
+    if not codes or any(c != "not_found" for c in codes) or source.is_dir():
+        return None
+    folder = source.resolve().parent
+    return (f"none of the {len(codes)} files named in {source} exists: relative paths in a file list or table are "
+            f"resolved from the folder of that file ({folder}), not from the current folder ({Path.cwd()})")
 
 
 def cmd_store(args: argparse.Namespace) -> int:
     from ..store import FeatureStore
 
     store = FeatureStore(args.path)
-    if not Path(args.path).is_dir():
-        raise UnsupportedInputError(f"{args.path} is not a feature store folder")
+    if args.action == "failures":
+        return store_failures(store, args)
     if args.action == "info":
         rows = store.info()
         if args.json:
@@ -223,6 +255,19 @@ def cmd_store(args: argparse.Namespace) -> int:
     else:
         for key, counts in removed.items():
             print(f"{key}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+    return 0
+
+
+def store_failures(store: Any, args: argparse.Namespace) -> int:
+    """``store failures``: one record per item without an embedding (a later success supersedes a failure)."""
+    spaces = [store.find(args.backbone)] if args.backbone else store.namespaces()
+    records = [dict(backbone=ns.name, digest=ns.digest, **f) for ns in spaces for f in ns.failures()]
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    for r in records:
+        print(f"{r['backbone']}  {r['id']}  {r['source']}  {r['stage']}  {r['code']}: {r['message']}")
+    print(f"{len(records)} failed item(s) in {len(spaces)} namespace(s)", file=sys.stderr)
     return 0
 
 

@@ -1,65 +1,67 @@
-"""Commands on heads and search: train-head, predict, index, search, report."""
+"""Commands on heads: train-head, predict, report."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import importlib.abc
 import json
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from ..errors import UnsupportedInputError
-from .common import store_arg
+from ..errors import UnsupportedInputError, UsageError
+from ..sources import read_texts
+from .common import (backbone_arg, existing_dir, folds, fraction, input_or_stdin, labels_source, namespace_of,
+                     positive_int, progress_bar, store_arg)
+
+HEAD_CHOICES = ["logreg", "linear-svm", "ridge", "mlp", "knn", "faiss-knn"]
 
 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("train-head", help="train a head on cached features; metrics, confusion matrix, saved model")
-    p.add_argument("features", help="feature store folder")
-    p.add_argument("--backbone", default="minilm-l6")
-    p.add_argument("--labels", required=True,
+    p.add_argument("features", type=existing_dir, help="feature store folder")
+    backbone_arg(p)
+    p.add_argument("--labels", required=True, type=labels_source,
                    help="a table with id (or the extracted payload column) and label columns, or 'folder' "
                    "(images: the class subfolder)")
-    p.add_argument("--label-column", default="label")
+    p.add_argument("--label-column", default="label", help="default: label")
     p.add_argument("--id-column", help="id column of the labels table (default: id, else content ids)")
     p.add_argument("--column", help="payload column to recompute content ids from (default text / path)")
-    p.add_argument("--head", default="logreg", choices=["logreg", "linear-svm", "ridge", "mlp", "knn", "faiss-knn"])
+    p.add_argument("--head", default="logreg", choices=HEAD_CHOICES, help="default: logreg")
     p.add_argument("--param", action="append", default=[], help="head parameter key=value (repeatable)")
-    p.add_argument("--cv", type=int, default=0, help="also report k-fold accuracy")
-    p.add_argument("--test-size", type=float, default=0.2)
+    p.add_argument("--cv", type=folds, default=0, help="also report k-fold accuracy (folds >= 2; default 0: off)")
+    p.add_argument("--test-size", type=fraction, default=0.2, help="held-out fraction (default 0.2)")
     p.add_argument("--out", required=True, help="folder for the saved model, report.json and confusion.png")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
     store_arg(p)
 
-    p = sub.add_parser("predict", help="predict with a saved model from raw inputs")
-    p.add_argument("model")
-    p.add_argument("inputs", nargs="+", help="texts or image paths")
+    p = sub.add_parser("predict", help="predict with a saved model from raw inputs (arguments, a file, or stdin)")
+    p.add_argument("model", type=existing_dir, help="a model folder saved by train-head (its model/ folder)")
+    p.add_argument("inputs", nargs="*", help="texts or image paths")
+    p.add_argument("--input", type=input_or_stdin, metavar="FILE",
+                   help="also read inputs from FILE (.txt: one per line; .csv/.tsv/.jsonl/.parquet: --column), "
+                   "or '-' for standard input, one per line")
+    p.add_argument("--column", help="column of an --input table (default text / path)")
+    p.add_argument("--proba", action="store_true", help="also print the predicted class's probability and the top 3")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per input line (with every class's probability when --proba)")
     p.add_argument("--trust-pickle", action="store_true", help="allow a pickle head you made yourself")
     store_arg(p)
 
-    p = sub.add_parser("index", help="build a nearest-neighbour index over stored features")
-    p.add_argument("features", help="feature store folder")
-    p.add_argument("--backbone", default="minilm-l6")
-    p.add_argument("--out", required=True, help="index folder")
-    p.add_argument("--metric", default="cosine", choices=["cosine", "euclidean", "inner_product"])
-    p.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
-    p.add_argument("--memory-budget-mb", type=float)
-
-    p = sub.add_parser("search", help="nearest stored items for raw queries (texts or image paths)")
-    p.add_argument("index", help="index folder made by `embedkit index`")
-    p.add_argument("queries", nargs="+")
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--json", action="store_true")
-    store_arg(p)
-
     p = sub.add_parser("report", help="learning curves: frozen-backbone head vs a from-scratch baseline")
-    p.add_argument("features", help="feature store folder")
-    p.add_argument("--backbone", default="minilm-l6")
-    p.add_argument("--labels", required=True, help="the labelled table that was extracted, or 'folder' for images")
-    p.add_argument("--label-column", default="label")
+    p.add_argument("features", type=existing_dir, help="feature store folder")
+    backbone_arg(p)
+    p.add_argument("--labels", required=True, type=labels_source,
+                   help="the labelled table that was extracted, or 'folder' for images")
+    p.add_argument("--label-column", default="label", help="default: label")
     p.add_argument("--column", help="payload column (default text / path)")
-    p.add_argument("--head", default="logreg", choices=["logreg", "linear-svm", "ridge", "mlp", "knn", "faiss-knn"])
-    p.add_argument("--param", action="append", default=[])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--head", default="logreg", choices=HEAD_CHOICES, help="default: logreg")
+    p.add_argument("--param", action="append", default=[], help="head parameter key=value (repeatable)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="random subsets per size (default 3)")
     p.add_argument("--out", required=True, help="folder for learning_curve.csv and learning_curve.png")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def cmd_train_head(args: argparse.Namespace) -> int:
@@ -67,16 +69,21 @@ def cmd_train_head(args: argparse.Namespace) -> int:
 
     from ..training import parse_params, train_head
 
-    report, model = train_head(
-        args.features, args.backbone, args.labels, head=args.head, params=parse_params(args.param), out=args.out,
-        label_column=args.label_column, id_column=args.id_column, column=args.column, cv=args.cv,
-        test_size=args.test_size, store=args.store,
-    )
+    namespace = namespace_of(args.features, args.backbone)
+    params = parse_params(args.param)
+    with progress_bar("train-head", 1 + args.cv, "fit", not args.no_progress) as bar:
+        report, model = train_head(
+            args.features, namespace.digest, args.labels, head=args.head, params=params, out=args.out,
+            label_column=args.label_column, id_column=args.id_column, column=args.column, cv=args.cv,
+            test_size=args.test_size, store=args.store, progress=bar.update_to,
+        )
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0
-    print(f"{args.head} on {args.backbone}: {report.n_train} train / {report.n_test} held-out items, "
-          f"{report.classes} classes, {report.unlabelled} stored items without a label")
+    print(f"{args.head} on {namespace.name} ({namespace.digest[:12]}): {report.n_train} train / {report.n_test} "
+          f"held-out items, {report.classes} classes, {report.unlabelled} stored items without a label")
     print(f"accuracy {report.accuracy:.4f}  macro-F1 {report.macro_f1:.4f}  fit {report.fit_seconds:.2f}s"
           + (f"  {args.cv}-fold accuracy {np.mean(report.cv_accuracy):.4f} +- {np.std(report.cv_accuracy):.4f}"
              if report.cv_accuracy else ""))
@@ -85,40 +92,90 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _skops_without_torch() -> Iterator[None]:
+    """Import ``skops.io`` without importing torch.
+
+    At import, skops lists scikit-learn's estimators (``all_estimators``), which walks every
+    scikit-learn package, ``sklearn.externals.array_api_compat.torch`` included: that imports
+    torch, over a second of every ``predict`` call, for nothing predict uses. That one package
+    is unimportable while skops imports (the walk skips packages that fail to import); later
+    imports of it work as usual.
+    """
+    blocked = "sklearn.externals.array_api_compat.torch"
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+            if name == blocked or name.startswith(blocked + "."):
+                raise ImportError(f"{name} is not needed to load a head")
+            return None
+
+    finder = Block()
+    if "skops.io" not in sys.modules and "torch" not in sys.modules:
+        sys.meta_path.insert(0, finder)
+    try:
+        try:
+            import skops.io  # noqa: F401
+        except ImportError:
+            pass  # persistence.load names the missing package
+        yield
+    finally:
+        if finder in sys.meta_path:
+            sys.meta_path.remove(finder)
+
+
+def _read_inputs(args: argparse.Namespace, modality: str) -> list[Any]:
+    """Inputs from the arguments, then ``--input`` (a file, or ``-`` for stdin), in that order."""
+    items: list[Any] = list(args.inputs)
+    if args.input == "-":
+        items += [line.rstrip("\r\n") for line in sys.stdin]
+    elif args.input:
+        path = Path(args.input)
+        if path.suffix.lower() == ".txt":
+            lines = [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v for v in read_texts(path, "")]
+            if modality == "image":  # paths in a list are relative to the list's folder, as in extract
+                lines = [str(path.parent / v) if v and not Path(v).is_absolute() else v for v in lines]
+            items += lines
+        else:
+            items += read_texts(path, args.column or ("path" if modality == "image" else "text"))
+    if not items:
+        raise UsageError("embedkit predict: no inputs; give texts or image paths, --input FILE, or --input - (stdin)")
+    return items
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..persistence import load
+    import numpy as np
 
-    model = load(args.model, store=args.store, trust_pickle=args.trust_pickle)
-    for item, label in zip(args.inputs, model.predict(list(args.inputs))):
-        print(f"{label}\t{item}")
-    return 0
+    with _skops_without_torch():
+        from ..persistence import load
 
-
-def cmd_index(args: argparse.Namespace) -> int:
-    from ..persistence import save_index
-
-    path = save_index(args.features, args.backbone, args.out, metric=args.metric, index=args.kind,
-                      memory_budget_mb=args.memory_budget_mb)
-    meta = json.loads((path / "index.json").read_text())
-    print(f"{meta['rows']} items of {meta['backbone']['name']} ({meta['backbone']['digest'][:12]}), "
-          f"{meta['index_kind']} index, {meta['metric']} -> {path}")
-    return 0
-
-
-def cmd_search(args: argparse.Namespace) -> int:
-    from ..persistence import search
-
-    results = search(args.index, list(args.queries), k=args.k, store=args.store)
-    if args.json:
-        print(json.dumps([{"query": q, "neighbours": r} for q, r in zip(args.queries, results)], indent=2))
-        return 0
-    for query, hits in zip(args.queries, results):
-        print(f"# {query}")
-        for rank, hit in enumerate(hits, start=1):
-            if "error" in hit:
-                print(f"  error {hit['error']}: {hit['message']}")
-            else:
-                print(f"  {rank:>3}  {hit['distance']:.4f}  {hit['id']}  {hit['source']}")
+        model = load(args.model, store=args.store, trust_pickle=args.trust_pickle)
+    items = _read_inputs(args, getattr(model.steps[0][1], "modality_", "text"))
+    head = model.steps[-1][1]
+    if args.proba and not hasattr(head, "predict_proba"):
+        raise UsageError(f"embedkit predict: this model's head ({type(head).__name__}) gives no probabilities; "
+                         "drop --proba, or train a head that has them (logreg, mlp, knn, faiss-knn)")
+    proba: Any = None
+    if args.proba:
+        proba = np.asarray(model.predict_proba(items))
+        classes = np.asarray(head.classes_)
+        labels = classes[proba.argmax(axis=1)]
+    else:
+        labels = model.predict(items)
+    for i, (item, label) in enumerate(zip(items, labels)):
+        shown = item if isinstance(item, str) else str(item)
+        if args.json:
+            record: dict[str, Any] = {"input": shown, "label": str(label)}
+            if proba is not None:
+                record["probability"] = float(proba[i].max())
+                record["proba"] = {str(c): float(p) for c, p in zip(classes, proba[i])}
+            print(json.dumps(record))
+        elif proba is not None:
+            top = np.argsort(-proba[i])[:3]
+            print(f"{label}\t{proba[i].max():.4f}\t{shown}\t(top 3: "
+                  + ", ".join(f"{classes[j]} {proba[i][j]:.3f}" for j in top) + ")")
+        else:
+            print(f"{label}\t{shown}")
     return 0
 
 
@@ -126,27 +183,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..atomic import staged_folder
+    from ..errors import DatasetError
     from ..outputs import check_output, replaceable, stamp
     from ..sources import iter_items
-    from ..store import FeatureStore
-    from ..training import _baseline_features, labels_for, learning_curve, parse_params, plot_learning_curve
+    from ..plots import plot_learning_curve
+    from ..training import _baseline_features, labels_for, learning_curve, parse_params
 
     out = check_output(args.out, "report", inputs=[args.features] + ([] if args.labels == "folder" else [args.labels]))
-    namespace = FeatureStore(args.features).find(args.backbone)
+    namespace = namespace_of(args.features, args.backbone)
+    params = parse_params(args.param)
     modality = namespace.info.get("modality", "text")
-    ids, X, sources = namespace.load_with_sources()
-    y = labels_for(ids, sources, args.labels, modality, args.label_column, None, args.column)
+    if modality != "image" and args.labels == "folder":
+        raise UnsupportedInputError("text reports need --labels TABLE (its text column feeds the TF-IDF baseline)")
+    ids, X, sources, contents = namespace.load_all()
+    y = labels_for(ids, sources, args.labels, modality, args.label_column, None, args.column, contents=contents)
     if modality == "image":
         payloads = [str(s) for s in sources]
     else:
-        if args.labels == "folder":
-            raise UnsupportedInputError("text reports need --labels TABLE (its text column feeds the TF-IDF baseline)")
         by_id = {item.id: item.payload for item in iter_items(Path(args.labels), modality, args.column)}
         payloads = [by_id.get(str(i)) for i in ids]
-    known = np.asarray([v is not None and v == v and v != "" for v in y]) & np.asarray([p is not None for p in payloads])
+    known = np.asarray([v is not None and v == v and v != "" for v in y], dtype=bool)
+    known &= np.asarray([p is not None for p in payloads], dtype=bool)
+    if known.sum() < 2:
+        raise DatasetError(f"only {int(known.sum())} of {len(ids)} stored items have a label in {args.labels} "
+                           f"(column {args.label_column!r}); a learning curve needs labelled items of 2 classes or more")
     raw = _baseline_features(modality, [p for p, k in zip(payloads, known) if k])
-    rows = learning_curve(np.asarray(X)[known], raw, np.asarray(y[known]).astype(str), modality, args.head,
-                          parse_params(args.param), repeats=args.repeats)
+    with progress_bar("report", None, "fit", not args.no_progress) as bar:
+        rows = learning_curve(np.asarray(X)[known], raw, np.asarray(y[known]).astype(str), modality, args.head,
+                              params, repeats=args.repeats, progress=bar.update_to)
     with staged_folder(out, replaceable("report")) as staging:  # the earlier report stays until this one is whole
         with open(staging / "learning_curve.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -170,7 +234,5 @@ def cmd_report(args: argparse.Namespace) -> int:
 COMMANDS = {
     "train-head": cmd_train_head,
     "predict": cmd_predict,
-    "index": cmd_index,
-    "search": cmd_search,
     "report": cmd_report,
 }

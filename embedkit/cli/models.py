@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import UnsupportedInputError
 from ..sources import read_texts
-from .common import store_arg
+from .common import existing_file, positive_float, positive_int, progress_bar, store_arg
 
 
 def add_parsers(sub: Any) -> None:
@@ -36,11 +36,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--runtime", action="append", choices=["onnxruntime", "torch", "torch-compile"],
                    help="repeatable (default: onnxruntime and torch; on CUDA also torch-compile)")
-    p.add_argument("--data", help="a sample of your items (.txt, .csv, .tsv, .jsonl, .parquet); default: shipped sentences / probe images")
+    p.add_argument("--data", type=existing_file, help="a sample of your items (.txt, .csv, .tsv, .jsonl, .parquet); default: shipped sentences / probe images")
     p.add_argument("--column", help="payload column (default text / path)")
-    p.add_argument("--limit", type=int, default=1000, help="items used from --data (default 1000)")
-    p.add_argument("--seconds", type=float, default=2.0, help="minimum timing per runtime")
+    p.add_argument("--limit", type=positive_int, default=1000, help="items used from --data (default 1000)")
+    p.add_argument("--seconds", type=positive_float, default=2.0, help="minimum timing per runtime (default 2.0)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
     store_arg(p)
 
     p = sub.add_parser("quantize", help="int8 variants for CPU, with a report of their cost on your data")
@@ -48,11 +49,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--variant", action="append", choices=["dynamic", "dynamic-per-tensor", "static"],
                    help="repeatable (default: all three)")
     p.add_argument("--report", action="store_true", help="measure cosine to fp32, speed and head accuracy")
-    p.add_argument("--data", help="your items: .txt, .csv, .tsv, .jsonl or .parquet (needed by --report and static)")
+    p.add_argument("--data", type=existing_file, help="your items: .txt, .csv, .tsv, .jsonl or .parquet (needed by --report and static)")
     p.add_argument("--column", help="payload column (default text / path)")
     p.add_argument("--label-column", help="labels for the head-accuracy column of the report")
-    p.add_argument("--limit", type=int, default=2000, help="items used from --data (default 2000)")
+    p.add_argument("--limit", type=positive_int, default=2000, help="items used from --data (default 2000)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
     store_arg(p)
 
     p = sub.add_parser("demo", help="the built-in demo: MiniLM + LogisticRegression on a Banking77 sample")
@@ -153,7 +155,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     items = None
     if args.data:
         items = [item.payload for _, item in zip(range(args.limit), iter_items(Path(args.data), artifact.modality, args.column))]
-    record = tune(artifact, args.device, items=items, seconds=args.seconds, runtimes=tuple(args.runtime) if args.runtime else None)
+    runtimes = tuple(args.runtime) if args.runtime else None
+    with progress_bar("tune", None, "runtime", not args.no_progress) as bar:
+        record = tune(artifact, args.device, items=items, seconds=args.seconds, runtimes=runtimes,
+                      progress=bar.update_to)
     if args.json:
         print(json.dumps(record, indent=2))
         return 0
@@ -171,7 +176,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..exporter import resolve
-    from ..quantization import VARIANTS, quantization_report, quantize
+    from ..quantization import (MAX_ACCURACY_DROP, MIN_MEAN_COSINE, MIN_SPEEDUP, VARIANTS, quantization_report,
+                                quantize, recommend)
     from ..sources import iter_items
 
     variants = args.variant or list(VARIANTS)
@@ -190,17 +196,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             art = quantize(base, variant, calibration=items[:256], store=args.store)
             print(f"{art.name} {art.digest}\n  path {art.path}")
         return 0
-    rows = quantization_report(base, items, labels, variants=variants, store=args.store)
+    with progress_bar("quantize --report", 1 + len(variants), "variant", not args.no_progress) as bar:
+        rows = quantization_report(base, items, labels, variants=variants, store=args.store, progress=bar.update_to)
+    advice = recommend(rows)
+    for r in rows:
+        if r["variant"] in advice["verdicts"]:
+            r["worth_using"], r["why"] = advice["verdicts"][r["variant"]]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"rows": rows, "recommended": advice["variant"], "reason": advice["reason"]}, indent=2))
         return 0
     print(f"{len(items)} items from {Path(args.data).name}; measured on a 30 % held-out part")
     header = f"{'variant':<20} {'items/s':>8} {'speed':>6} {'mean cos':>9} {'min cos':>8} {'MB':>6}"
-    print(header + ("  accuracy" if labels is not None else ""))
+    print(header + ("  accuracy" if labels is not None else "") + "  worth using?")
     for r in rows:
         line = (f"{r['variant']:<20} {r['items_per_s']:8.0f} {r['speedup']:5.2f}x {r['mean_cosine']:9.4f} "
                 f"{r['min_cosine']:8.4f} {r['size_mb']:6.1f}")
-        print(line + (f"  {r['accuracy']:.4f}" if labels is not None else ""))
+        line += f"  {r['accuracy']:8.4f}" if labels is not None else ""
+        print(line + ("  (reference)" if r["variant"] == "fp32" else f"  {'yes' if r['worth_using'] else 'no'}: {r['why']}"))
+    print(f"recommended: {advice['variant']} ({advice['reason']}); rule: the fastest variant with mean cosine "
+          f">= {MIN_MEAN_COSINE}, accuracy within {100 * MAX_ACCURACY_DROP:.0f} point of fp32 and >= {MIN_SPEEDUP}x speed")
     return 0
 
 

@@ -1,0 +1,150 @@
+"""Commands on nearest-neighbour indexes: index, search (what matched, with a labelled score)."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import EmbedkitError
+from .common import backbone_arg, existing_dir, existing_file, positive_float, positive_int, store_arg
+
+# Locators written by extraction (embedkit.sources.iter_items): "file.csv:row 12" (1-based data row),
+# "file.txt:line 3", an image path, or "item 4" for an in-memory iterable.
+_LOCATOR = re.compile(r"^(?P<file>.+):(?P<unit>row|line) (?P<n>\d+)$")
+_CONTENT_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("index", help="build a nearest-neighbour index over stored features")
+    p.add_argument("features", type=existing_dir, help="feature store folder")
+    backbone_arg(p)
+    p.add_argument("--out", required=True, help="index folder")
+    p.add_argument("--metric", default="cosine", choices=["cosine", "euclidean", "inner_product"],
+                   help="default: cosine")
+    p.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"], help="default: auto")
+    p.add_argument("--memory-budget-mb", type=positive_float, help="index memory budget in MB (auto kind)")
+
+    p = sub.add_parser("search", help="nearest stored items for raw queries (texts or image paths)")
+    p.add_argument("index", type=existing_dir, help="index folder made by `embedkit index`")
+    p.add_argument("queries", nargs="+")
+    p.add_argument("-k", type=positive_int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--source", type=existing_file, metavar="FILE",
+                   help="the file that was extracted, to show the matched texts (default: the file named in "
+                   "each match's locator, looked up in the current folder)")
+    p.add_argument("--column", help="text column of --source (default text)")
+    p.add_argument("--json", action="store_true")
+    store_arg(p)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from ..persistence import save_index
+    from .common import namespace_of
+
+    namespace = namespace_of(args.features, args.backbone)
+    path = save_index(args.features, namespace.digest, args.out, metric=args.metric, index=args.kind,
+                      memory_budget_mb=args.memory_budget_mb)
+    meta = json.loads((path / "index.json").read_text())
+    print(f"{meta['rows']} items of {meta['backbone']['name']} ({meta['backbone']['digest'][:12]}), "
+          f"{meta['index_kind']} index, {meta['metric']} -> {path}")
+    return 0
+
+
+def score(metric: str, distance: float) -> tuple[str, float, bool]:
+    """``(name, value, higher_is_better)`` of a neighbour's score for people: cosine similarity
+    (1 - cosine distance), inner product, or the euclidean distance itself."""
+    if metric == "cosine":
+        return "cosine similarity", 1.0 - distance, True
+    if metric == "inner_product":
+        return "inner product", -distance, True
+    return "euclidean distance", distance, False
+
+
+def matched_texts(hits: list[dict[str, Any]], source: str | None, column: str | None) -> dict[str, tuple[int, Any, str]]:
+    """``locator -> (0-based row, text, id now)`` for text matches whose file can be read.
+
+    The file named by ``source`` (else the one the locator names, from the current folder) is
+    read item by item exactly as extraction read it, so the position is ``df.iloc``'s row.
+    """
+    from ..sources import iter_items
+
+    wanted: dict[str, set[str]] = {}
+    for hit in hits:
+        match = _LOCATOR.match(hit.get("source", ""))
+        if match:
+            wanted.setdefault(match["file"], set()).add(hit["source"])
+    found: dict[str, tuple[int, Any, str]] = {}
+    for name, locators in wanted.items():
+        path = Path(source) if source and Path(source).name == name else Path(name)
+        if not path.is_file():
+            continue
+        try:
+            for position, item in enumerate(iter_items(path, "text", column)):
+                if item.source in locators:
+                    found[item.source] = (position, item.payload, item.id)
+        except EmbedkitError:  # not the file that was extracted (no such column...): texts stay unknown
+            continue
+    return found
+
+
+def describe(hit: dict[str, Any], metric: str, texts: dict[str, tuple[int, Any, str]]) -> dict[str, Any]:
+    """A hit with ``score``, ``row`` (0-based, or None) and ``match`` (the text or path, or None)."""
+    name, value, _ = score(metric, hit["distance"])
+    row: dict[str, Any] = dict(hit, score=value, row=None, match=None)
+    locator = _LOCATOR.match(hit["source"])
+    if locator is None:  # an image path (or an in-memory item): the source is what matched
+        row["match"] = None if hit["source"].startswith("item ") else hit["source"]
+    elif hit["source"] in texts:
+        position, payload, item_id = texts[hit["source"]]
+        row["row"] = position
+        if item_id == hit["id"] or not _CONTENT_ID.match(hit["id"]):  # a user id column cannot be checked
+            row["match"] = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
+        else:
+            row["note"] = f"{locator['file']} changed since extraction: that row holds other content now"
+    elif locator["unit"] == "row":
+        row["row"] = int(locator["n"]) - 1
+    return row
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from ..persistence import search
+
+    results = search(args.index, list(args.queries), k=args.k, store=args.store)
+    metric = json.loads((Path(args.index) / "index.json").read_text()).get("metric", "cosine")
+    name, _, higher = score(metric, 0.0)
+    texts = matched_texts([h for hits in results for h in hits if "error" not in h], args.source, args.column)
+    table = [{"query": query, "score": name, "higher_is_better": higher,
+              "neighbours": [h if "error" in h else describe(h, metric, texts) for h in hits]}
+             for query, hits in zip(args.queries, results)]
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    print(f"score: {name} ({'higher' if higher else 'lower'} is better); ranks and rows are 0-based, as df.iloc")
+    unknown = False
+    for entry in table:
+        print(f"# {entry['query']}")
+        for rank, hit in enumerate(entry["neighbours"]):
+            if "error" in hit:
+                print(f"  error {hit['error']}: {hit['message']}")
+                continue
+            locator = _LOCATOR.match(hit["source"])
+            if locator is None:
+                where = f"id {hit['id'][:12]}"
+            elif hit["row"] is not None:
+                where = f"{locator['file']} row {hit['row']}, id {hit['id'][:12]}"
+            else:
+                where = f"{hit['source']}, id {hit['id'][:12]}"
+            shown = hit["match"] if hit["match"] is not None else hit.get("note", "(text not shown)")
+            unknown = unknown or (hit["match"] is None and "note" not in hit)
+            print(f"  {rank:>3}  {hit['score']:8.4f}  {shown}  [{where}]")
+    if unknown:
+        print("texts are read from the extracted file: pass --source FILE, or run from its folder", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {
+    "index": cmd_index,
+    "search": cmd_search,
+}
