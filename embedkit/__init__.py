@@ -75,6 +75,8 @@ _EXPORTS = {
     "OutputFolderMissingError": "errors",
     "OutputIsInputError": "errors",
     "UnsavableHeadError": "errors",
+    "DatasetError": "errors",
+    "UsageError": "errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

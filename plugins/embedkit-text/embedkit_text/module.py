@@ -46,10 +46,19 @@ class PooledEncoder(nn.Module):
 def build_encoder(folder: str, pooling: str, normalize: bool) -> PooledEncoder:
     """Load a local transformers folder (never the hub) and wrap it with pooling."""
     from transformers import AutoConfig, AutoModel, T5EncoderModel
+    from transformers.utils import logging as hf_logging
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     loader = T5EncoderModel if config.model_type in T5_TYPES else AutoModel
-    model = loader.from_pretrained(folder, local_files_only=True)
+    # transformers draws a "Loading weights" bar on stderr; an export is embedkit's step, reported
+    # by embedkit, so the bar is off while loading and the caller's setting is restored after.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = loader.from_pretrained(folder, local_files_only=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval()
     token_types = getattr(config, "type_vocab_size", 0) and config.model_type not in T5_TYPES
     return PooledEncoder(model, pooling, normalize, bool(token_types)).eval()
