@@ -135,7 +135,13 @@ def foreign_entries(path: Path, kind: str) -> list[str] | None:
     else:
         allowed = _FIXED[kind]
     allowed |= {marker}
-    return [e for e in entries if e not in allowed and not _is_debris(e, marker)]
+    foreign = [e for e in entries if e not in allowed and not _is_debris(e, marker)]
+    if kind == "train-head" and "model" in entries:
+        # the saved model inside is replaced with the folder: files of yours in it count too
+        model = path / "model"
+        inner = foreign_entries(model, "model") if model.is_dir() and not model.is_symlink() else None
+        foreign += ["model"] if inner is None else [f"model/{e}" for e in inner]
+    return foreign
 
 
 def _embeddings_file(path: Path) -> bool:

@@ -280,3 +280,25 @@ def test_check_output_rules_without_a_model(tmp_path):
         check_output(old_index, "model")
     with pytest.raises(OutputFolderMissingError):
         check_output(tmp_path / "a" / "b", "report")
+
+
+def test_files_of_yours_inside_an_earlier_train_head_model_folder_are_never_deleted(tmp_path):
+    """train-head replaces its whole output folder, run/model included: a file of yours in
+    run/model must refuse the replacement as one in run/ does (it was silently deleted)."""
+    from embedkit.outputs import check_output, is_output
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps({"kind": "train-head"}))
+    (run / "confusion.png").write_bytes(b"")
+    (run / "model" / "model.json").write_text(json.dumps({"kind": "model", "head": {"files": {"head.skops": "x"}}}))
+    (run / "model" / "head.skops").write_bytes(b"")
+    assert check_output(run, "train-head") == run
+    (run / "model" / "my-notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="model/my-notes.txt"):
+        check_output(run, "train-head")
+    assert not is_output(run, "train-head")
+    (run / "model" / "my-notes.txt").unlink()
+    (run / "model" / "model.json").unlink()  # a model folder that is not embedkit's at all
+    with pytest.raises(OutputExistsError):
+        check_output(run, "train-head")
