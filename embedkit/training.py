@@ -68,6 +68,15 @@ def _fit(head: Any, kind: str, X: np.ndarray, y: np.ndarray) -> Any:
         raise
 
 
+def _check_neighbors(head: Any, kind: str, n_train: int) -> None:
+    """A k-nearest-neighbour head asked for more neighbours than it is trained on fails only at
+    predict (scikit-learn and FAISS alike): refuse it as an input error before fitting."""
+    k = head.get_params().get("n_neighbors") if hasattr(head, "get_params") else None
+    if isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k > n_train:
+        raise UnsupportedInputError(f"--param: the {kind} head asks for n_neighbors={k}, but only {n_train} items "
+                                    f"are trained on; use at most n_neighbors={n_train}")
+
+
 def parse_params(pairs: list[str]) -> dict[str, Any]:
     """``["C=10", "weights=distance"]`` -> ``{"C": 10, "weights": "distance"}`` (JSON values when they parse)."""
     out: dict[str, Any] = {}
@@ -253,6 +262,9 @@ def evaluate(X: np.ndarray, y: np.ndarray, kind: str, params: dict[str, Any], cv
     train_idx, test_idx, notes = holdout_split(y, test_size, seed)
     total = 1 + cv
     head = check_head(kind, params)
+    _check_neighbors(head, kind, len(train_idx))
+    if cv:
+        _check_neighbors(head, kind, min(len(a) for a, _ in StratifiedKFold(n_splits=cv).split(X, y)))
     start = time.perf_counter()
     _fit(head, kind, X[train_idx], y[train_idx])
     seconds = time.perf_counter() - start

@@ -216,3 +216,22 @@ def test_learning_curve_plot_keeps_its_title_and_labels_inside(tmp_path: Path):
     assert [t.get_text() for t in left.get_xticklabels()] == ["77", "154", "350"]  # not 2^7
     assert all(_inside(fig, ax.xaxis.label) and _inside(fig, ax.yaxis.label) for ax in (left, right))
     assert (tmp_path / "lc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("kind", ["knn", "faiss-knn"])
+def test_more_neighbours_than_training_items_is_an_input_error_not_a_crash(kind):
+    """`train-head --head knn --param n_neighbors=1000` on a small store crashed at predict
+    with a traceback; it is refused as a --param error before fitting."""
+    import numpy as np
+
+    from embedkit.errors import UnsupportedInputError
+    from embedkit.training import evaluate
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 8)).astype(np.float32)
+    y = np.array(["a", "b"] * 20)
+    with pytest.raises(UnsupportedInputError, match="n_neighbors=1000"):
+        evaluate(X, y, kind, {"n_neighbors": 1000})
+    with pytest.raises(UnsupportedInputError, match="n_neighbors=33"):  # holdout trains on 32, a 5-fold fold on 32
+        evaluate(X, y, kind, {"n_neighbors": 33}, cv=5)
+    assert evaluate(X, y, kind, {"n_neighbors": 5}, cv=5).accuracy >= 0
