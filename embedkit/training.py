@@ -416,6 +416,19 @@ def learning_curve(X: np.ndarray, raw: Any, y: np.ndarray, modality: str, head: 
     while sizes[-1] * 2 < largest:
         sizes.append(sizes[-1] * 2)
     sizes.append(0)  # 0 = all training items
+    neighbours = make_head(head, params).get_params().get("n_neighbors")
+    if isinstance(neighbours, (int, np.integer)) and not isinstance(neighbours, bool):
+        # a k-nearest-neighbour head cannot predict from fewer items than k: those sizes are left out
+        picked = {size: sum(min(size, int((y[train_idx] == c).sum())) if size else int((y[train_idx] == c).sum())
+                            for c in classes) for size in sizes}
+        if picked[0] < neighbours:
+            raise UnsupportedInputError(f"--param: the {head} head asks for n_neighbors={neighbours}, but the curve "
+                                        f"trains on at most {picked[0]} items; use at most n_neighbors={picked[0]}")
+        dropped = [size for size in sizes if picked[size] < neighbours]
+        if dropped:
+            logger.warning("learning curve: sizes of %s example(s) per class left out: fewer items than "
+                           "n_neighbors=%d", ", ".join(map(str, dropped)), neighbours)
+            sizes = [size for size in sizes if size not in dropped]
     rows: list[dict[str, Any]] = []
     total = 2 * (repeats * (len(sizes) - 1) + 1)
     for size in sizes:

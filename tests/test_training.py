@@ -235,3 +235,22 @@ def test_more_neighbours_than_training_items_is_an_input_error_not_a_crash(kind)
     with pytest.raises(UnsupportedInputError, match="n_neighbors=33"):  # holdout trains on 32, a 5-fold fold on 32
         evaluate(X, y, kind, {"n_neighbors": 33}, cv=5)
     assert evaluate(X, y, kind, {"n_neighbors": 5}, cv=5).accuracy >= 0
+
+
+@pytest.mark.parametrize("kind", ["knn", "faiss-knn"])
+def test_learning_curve_of_a_knn_head_leaves_out_sizes_smaller_than_k(kind):
+    """`report --head knn` on two classes crashed at 1 example per class (2 items < k=5):
+    such sizes are left out (with a warning), and a k above every size is a --param error."""
+    import numpy as np
+
+    from embedkit.errors import UnsupportedInputError
+    from embedkit.training import learning_curve
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 8)).astype(np.float32)
+    y = np.array(["a", "b"] * 20)
+    rows = learning_curve(X, X, y, "image", head=kind, params={"n_neighbors": 5}, repeats=1)
+    assert rows and min(row["train_items"] for row in rows) >= 5
+    assert "all" in {row["per_class"] for row in rows}
+    with pytest.raises(UnsupportedInputError, match="n_neighbors=1000"):
+        learning_curve(X, X, y, "image", head=kind, params={"n_neighbors": 1000}, repeats=1)
