@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import OutputExistsError, OutputFolderMissingError, OutputIsInputError
+from .errors import OutputError, OutputExistsError, OutputFolderMissingError, OutputIsInputError
 
 # kind -> the marker file embedkit writes into a folder output of that kind
 MARKERS = {"model": "model.json", "index": "index.json", "train-head": "report.json", "report": "learning_curve.json"}
@@ -238,6 +238,9 @@ def check_output(target: str | os.PathLike[str], kind: str, inputs: Iterable[Any
     parent = out.absolute().parent
     if not parent.is_dir():
         raise OutputFolderMissingError(f"cannot write the {what} {out}: its folder {parent} does not exist (create it first)")
+    if kind != "feature-store" and not os.access(parent, os.W_OK | os.X_OK):  # a store checks its own writes
+        raise OutputError(f"cannot write the {what} {out}: its folder {parent} is not writable "
+                          "(read-only file system or no permission)")
     for value in inputs:
         inp = _input_root(value)
         if inp is None:
