@@ -120,7 +120,15 @@ def labels_for(ids: np.ndarray, sources: np.ndarray, labels: str, modality: str,
         if id_column:
             raise
         keys = [item.id for item in iter_items(path, modality, column)]
-        mapping = dict(zip(keys, values))  # content ids: rows of one id have one content
+        # content ids: rows of one id have one content, but may carry different labels
+        found: dict[str, dict[str, Any]] = {}
+        for key, value in zip(keys, values):
+            found.setdefault(key, {})[_label_key(value)] = value
+        mapping = {key: next(iter(v.values())) if len(v) == 1 else None for key, v in found.items()}
+        ambiguous = sum(1 for i in ids if len(found.get(str(i), ())) > 1)
+        if ambiguous:
+            logger.warning("labels %s: %d items appear in rows with different labels; they are left unlabelled",
+                           path.name, ambiguous)
         return np.asarray([mapping.get(str(i)) for i in ids], dtype=object)
     return _join_user_ids(ids, contents, path, keys, values, modality, column)
 

@@ -254,3 +254,21 @@ def test_learning_curve_of_a_knn_head_leaves_out_sizes_smaller_than_k(kind):
     assert "all" in {row["per_class"] for row in rows}
     with pytest.raises(UnsupportedInputError, match="n_neighbors=1000"):
         learning_curve(X, X, y, "image", head=kind, params={"n_neighbors": 1000}, repeats=1)
+
+
+def test_one_text_in_rows_with_different_labels_stays_unlabelled(tmp_path):
+    """A table joined on content ids gave a text labelled twice (a then b) the last row's label;
+    as README says, an id with rows of different labels stays unlabelled."""
+    import numpy as np
+
+    from embedkit.sources import iter_items
+    from embedkit.training import labels_for
+
+    table = tmp_path / "labels.csv"
+    table.write_text("text,category\nmy card is lost,lost\nwhat rate,rate\nmy card is lost,rate\n"
+                     "top up failed,top_up\ntop up failed,top_up\n")
+    ids = np.asarray(sorted({item.id for item in iter_items(table, "text", "text")}))
+    by_text = {item.payload: item.id for item in iter_items(table, "text", "text")}
+    got = dict(zip(ids, labels_for(ids, np.asarray([""] * len(ids)), str(table), "text", "category")))
+    assert got[by_text["my card is lost"]] is None
+    assert got[by_text["what rate"]] == "rate" and got[by_text["top up failed"]] == "top_up"
