@@ -108,6 +108,7 @@ def test_degenerate_datasets_in_train_head_and_report(minilm, tmp_path: Path, ba
     pairs = [(t, c) for c in classes for t in banking_texts[c][:6]]
     fs = _store_of(tmp_path, [t for t, _ in pairs])
     run = tmp_path / "out"
+    run.mkdir()  # outputs are never written into a folder that does not exist
 
     # a class with one example: report used to crash (stratified split); both now handle it and say so
     lonely = [p for p in pairs if p[1] in classes[:3]][:13]  # classes 0, 1 x 6 and one of class 2
