@@ -150,7 +150,8 @@ def _embeddings_file(path: Path) -> bool:
         try:
             import pyarrow.parquet as pq
 
-            metadata = pq.read_schema(path).metadata or {}
+            with open(path, "rb") as f:  # a file object: pyarrow cannot name non-UTF-8 paths
+                metadata = pq.read_schema(f).metadata or {}
         except Exception:  # not a Parquet file at all
             return False
         return b"embedkit.digest" in metadata
