@@ -72,7 +72,10 @@ def staged_file(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
         fsync_dir(final.parent)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. a read-only folder: the error that stopped the write is the one to see
+            pass
 
 
 @contextmanager

@@ -110,6 +110,7 @@ def export(
     if not force:
         found = store.find(backbone.name, key)
         if found is not None:
+            found.verify_once()  # a corrupted model.onnx is refused, never served under its recorded digest
             check_expected(backbone, found.digest, expect)
             logger.info("reusing export %s/%s", backbone.name, found.digest[:12])
             return found

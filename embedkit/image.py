@@ -204,6 +204,8 @@ class ImageProcessor:
         self._check_size((array.shape[1], array.shape[0]))
         if array.ndim == 3 and array.shape[2] == 1:
             array = array[:, :, 0]
+        if array.dtype.byteorder not in ("=", "|") and array.dtype.kind in "uf":  # big-endian (e.g. FITS) data
+            array = array.astype(array.dtype.newbyteorder("="))
         if array.dtype == np.uint8:  # the PIL path: same conversions and blank check as a file
             return Image.fromarray(np.ascontiguousarray(array))
         if array.dtype == np.uint16:

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import OutputExistsError, OutputFolderMissingError, OutputIsInputError
+from .errors import OutputError, OutputExistsError, OutputFolderMissingError, OutputIsInputError
 
 # kind -> the marker file embedkit writes into a folder output of that kind
 MARKERS = {"model": "model.json", "index": "index.json", "train-head": "report.json", "report": "learning_curve.json"}
@@ -135,7 +135,13 @@ def foreign_entries(path: Path, kind: str) -> list[str] | None:
     else:
         allowed = _FIXED[kind]
     allowed |= {marker}
-    return [e for e in entries if e not in allowed and not _is_debris(e, marker)]
+    foreign = [e for e in entries if e not in allowed and not _is_debris(e, marker)]
+    if kind == "train-head" and "model" in entries:
+        # the saved model inside is replaced with the folder: files of yours in it count too
+        model = path / "model"
+        inner = foreign_entries(model, "model") if model.is_dir() and not model.is_symlink() else None
+        foreign += ["model"] if inner is None else [f"model/{e}" for e in inner]
+    return foreign
 
 
 def _embeddings_file(path: Path) -> bool:
@@ -144,7 +150,8 @@ def _embeddings_file(path: Path) -> bool:
         try:
             import pyarrow.parquet as pq
 
-            metadata = pq.read_schema(path).metadata or {}
+            with open(path, "rb") as f:  # a file object: pyarrow cannot name non-UTF-8 paths
+                metadata = pq.read_schema(f).metadata or {}
         except Exception:  # not a Parquet file at all
             return False
         return b"embedkit.digest" in metadata
@@ -232,6 +239,9 @@ def check_output(target: str | os.PathLike[str], kind: str, inputs: Iterable[Any
     parent = out.absolute().parent
     if not parent.is_dir():
         raise OutputFolderMissingError(f"cannot write the {what} {out}: its folder {parent} does not exist (create it first)")
+    if kind != "feature-store" and not os.access(parent, os.W_OK | os.X_OK):  # a store checks its own writes
+        raise OutputError(f"cannot write the {what} {out}: its folder {parent} is not writable "
+                          "(read-only file system or no permission)")
     for value in inputs:
         inp = _input_root(value)
         if inp is None:

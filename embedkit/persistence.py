@@ -309,9 +309,16 @@ def save_index(store: Any, backbone: str, path: str | os.PathLike[str], metric: 
     from .store import FeatureStore
 
     is_namespace = hasattr(store, "load_with_sources")
-    final = check_output(path, "index", inputs=[store.path if is_namespace else getattr(store, "root", store)])
+    # (a pathlib.Path has a .root too: "/", which made every output "lie inside the input /")
+    folder = store.path if is_namespace else store.root if isinstance(store, FeatureStore) else store
+    final = check_output(path, "index", inputs=[folder])
     namespace = store if is_namespace else (store if isinstance(store, FeatureStore) else FeatureStore(store)).find(backbone)
     ids, X, sources = namespace.load_with_sources()
+    if len(ids) == 0:  # every item of the extraction failed: nothing to search
+        from .errors import StoreError
+
+        raise StoreError(f"{namespace.path} holds no vectors (0 rows; see `embedkit store failures`): "
+                         "nothing to index")
     nn = FaissNearestNeighbors(metric=metric, index=index, memory_budget_mb=memory_budget_mb).fit(np.asarray(X))
     with staged_folder(final, replaceable("index")) as staging:
         faiss.write_index(nn._index, str(staging / "index.faiss"))

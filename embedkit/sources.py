@@ -265,16 +265,17 @@ def _rows(path: Path, column: str | None, id_column: str | None) -> Iterator[tup
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        parquet = pq.ParquetFile(path)
-        _check_columns(path, parquet.schema_arrow.names, column, id_column)
-        columns = [column or parquet.schema_arrow.names[0]] + ([id_column] if id_column else [])
-        n = 0
-        for batch in parquet.iter_batches(batch_size=4096, columns=columns):
-            values = batch.column(0).to_pylist()
-            keys = batch.column(1).to_pylist() if id_column else [None] * len(values)
-            for value, key in zip(values, keys):
-                n += 1
-                yield n, value, key
+        with open(path, "rb") as handle:  # a file object: pyarrow cannot name non-UTF-8 paths
+            parquet = pq.ParquetFile(handle)
+            _check_columns(path, parquet.schema_arrow.names, column, id_column)
+            columns = [column or parquet.schema_arrow.names[0]] + ([id_column] if id_column else [])
+            n = 0
+            for batch in parquet.iter_batches(batch_size=4096, columns=columns):
+                values = batch.column(0).to_pylist()
+                keys = batch.column(1).to_pylist() if id_column else [None] * len(values)
+                for value, key in zip(values, keys):
+                    n += 1
+                    yield n, value, key
     else:
         raise UnsupportedInputError(f"unsupported table {display(path.name)}: use {', '.join(TABLES)}")
 
@@ -387,7 +388,8 @@ def count_items(source: Any, modality: str) -> int | None:
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(path).metadata.num_rows
+        with open(path, "rb") as f:  # a file object: pyarrow cannot name non-UTF-8 paths
+            return pq.ParquetFile(f).metadata.num_rows
     if suffix == ".txt":
         lines, last = 0, b"\n"
         with open(path, "rb") as f:

@@ -68,6 +68,15 @@ def _fit(head: Any, kind: str, X: np.ndarray, y: np.ndarray) -> Any:
         raise
 
 
+def _check_neighbors(head: Any, kind: str, n_train: int) -> None:
+    """A k-nearest-neighbour head asked for more neighbours than it is trained on fails only at
+    predict (scikit-learn and FAISS alike): refuse it as an input error before fitting."""
+    k = head.get_params().get("n_neighbors") if hasattr(head, "get_params") else None
+    if isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k > n_train:
+        raise UnsupportedInputError(f"--param: the {kind} head asks for n_neighbors={k}, but only {n_train} items "
+                                    f"are trained on; use at most n_neighbors={n_train}")
+
+
 def parse_params(pairs: list[str]) -> dict[str, Any]:
     """``["C=10", "weights=distance"]`` -> ``{"C": 10, "weights": "distance"}`` (JSON values when they parse)."""
     out: dict[str, Any] = {}
@@ -111,7 +120,15 @@ def labels_for(ids: np.ndarray, sources: np.ndarray, labels: str, modality: str,
         if id_column:
             raise
         keys = [item.id for item in iter_items(path, modality, column)]
-        mapping = dict(zip(keys, values))  # content ids: rows of one id have one content
+        # content ids: rows of one id have one content, but may carry different labels
+        found: dict[str, dict[str, Any]] = {}
+        for key, value in zip(keys, values):
+            found.setdefault(key, {})[_label_key(value)] = value
+        mapping = {key: next(iter(v.values())) if len(v) == 1 else None for key, v in found.items()}
+        ambiguous = sum(1 for i in ids if len(found.get(str(i), ())) > 1)
+        if ambiguous:
+            logger.warning("labels %s: %d items appear in rows with different labels; they are left unlabelled",
+                           path.name, ambiguous)
         return np.asarray([mapping.get(str(i)) for i in ids], dtype=object)
     return _join_user_ids(ids, contents, path, keys, values, modality, column)
 
@@ -253,6 +270,9 @@ def evaluate(X: np.ndarray, y: np.ndarray, kind: str, params: dict[str, Any], cv
     train_idx, test_idx, notes = holdout_split(y, test_size, seed)
     total = 1 + cv
     head = check_head(kind, params)
+    _check_neighbors(head, kind, len(train_idx))
+    if cv:
+        _check_neighbors(head, kind, min(len(a) for a, _ in StratifiedKFold(n_splits=cv).split(X, y)))
     start = time.perf_counter()
     _fit(head, kind, X[train_idx], y[train_idx])
     seconds = time.perf_counter() - start
@@ -404,6 +424,19 @@ def learning_curve(X: np.ndarray, raw: Any, y: np.ndarray, modality: str, head: 
     while sizes[-1] * 2 < largest:
         sizes.append(sizes[-1] * 2)
     sizes.append(0)  # 0 = all training items
+    neighbours = make_head(head, params).get_params().get("n_neighbors")
+    if isinstance(neighbours, (int, np.integer)) and not isinstance(neighbours, bool):
+        # a k-nearest-neighbour head cannot predict from fewer items than k: those sizes are left out
+        picked = {size: sum(min(size, int((y[train_idx] == c).sum())) if size else int((y[train_idx] == c).sum())
+                            for c in classes) for size in sizes}
+        if picked[0] < neighbours:
+            raise UnsupportedInputError(f"--param: the {head} head asks for n_neighbors={neighbours}, but the curve "
+                                        f"trains on at most {picked[0]} items; use at most n_neighbors={picked[0]}")
+        dropped = [size for size in sizes if picked[size] < neighbours]
+        if dropped:
+            logger.warning("learning curve: sizes of %s example(s) per class left out: fewer items than "
+                           "n_neighbors=%d", ", ".join(map(str, dropped)), neighbours)
+            sizes = [size for size in sizes if size not in dropped]
     rows: list[dict[str, Any]] = []
     total = 2 * (repeats * (len(sizes) - 1) + 1)
     for size in sizes:

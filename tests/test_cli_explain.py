@@ -173,7 +173,9 @@ def test_all_missing_paths_say_where_paths_are_resolved_from(tmp_path):
 
 def test_load_plugins_naming_nothing_warns_with_the_choices():
     done = run_cli("backbones", env={"EMBEDKIT_LOAD_PLUGINS": "txet"})
-    assert done.returncode == 0 and "no backbones registered" in done.stdout and "minilm-l6 " not in done.stdout.split("other artifacts")[0]
+    # no backbone is registered: only where the model store is (and what it holds) is printed
+    registered = [line for line in done.stdout.splitlines() if line.split()[1:2] in (["text"], ["image"])]
+    assert done.returncode == 0 and done.stdout.startswith("model store: ") and registered == []
     assert "EMBEDKIT_LOAD_PLUGINS names 'txet'" in done.stderr and "text (embedkit-text)" in done.stderr
     assert "vision (embedkit-vision)" in done.stderr
     fine = run_cli("backbones", env={"EMBEDKIT_LOAD_PLUGINS": "text"})
@@ -203,3 +205,21 @@ def test_third_party_progress_bars_stay_out_of_a_fresh_export(tmp_path):
     done = run_cli("export", "minilm-l6", env={"EMBEDKIT_HOME": str(tmp_path / "home")})
     assert done.returncode == 0, done.stderr
     assert "Loading weights" not in done.stderr and "it/s]" not in done.stderr
+
+
+def test_predict_with_a_bad_item_predicts_the_others_and_exits_2(trained):
+    """One undecodable line made `predict` print nothing and exit 1; items that fail are
+    'some items failed' (exit 2), each named in its row, and the good ones are predicted."""
+    _, _, _, model = trained
+    data = b"my card was stolen\n\xff\xfe not utf-8\nwhat exchange rate do you use\n"
+    for extra, parse in (([], lambda line: line.split("\t")[0]), (["--json", "--proba"], json.loads)):
+        done = subprocess.run([sys.executable, "-m", "embedkit.cli", "predict", str(model), "--input", "-", *extra],
+                              input=data, capture_output=True, env=dict(os.environ))
+        assert done.returncode == 2, done.stderr
+        rows = [parse(line) for line in done.stdout.decode("utf-8", "replace").splitlines()]
+        assert len(rows) == 3 and b"1 of 3 input(s) could not be embedded" in done.stderr
+        if extra:
+            assert rows[0]["label"] == "lost_or_stolen_card" and rows[2]["label"] == "exchange_rate"
+            assert rows[1]["error_code"] == "invalid_utf8" and "label" not in rows[1]
+        else:
+            assert rows == ["lost_or_stolen_card", "!invalid_utf8", "exchange_rate"]

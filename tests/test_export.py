@@ -147,3 +147,19 @@ def test_runtime_needs_no_torch(minilm):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "OK (1, 384) False" in out.stdout, out.stderr
+
+
+def test_an_artifact_reused_by_name_is_verified_so_a_corrupted_graph_is_never_served(tmp_path):
+    """export() reused an existing artifact without checking its sha256: a flipped weight gave
+    other vectors (by name, through embed and extract) under the good digest's namespace."""
+    from tiny import Pooled
+
+    backbone = text_backbone("tiny-verified", lambda: Pooled().eval())
+    first = embedkit.export(backbone, tmp_path)
+    assert embedkit.export(backbone, tmp_path).digest == first.digest  # intact: reused
+    onnx_file = first.path / "model.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    onnx_file.write_bytes(bytes(data))
+    with pytest.raises(embedkit.ArtifactError, match="corrupted"):
+        embedkit.export(backbone, tmp_path)

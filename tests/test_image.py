@@ -226,6 +226,15 @@ def test_wrong_python_inputs_are_typed_errors(item, code):
     assert failure(item).code == code
 
 
+def test_big_endian_arrays_are_read_as_their_values():
+    """A '>u2' array is uint16 and a '>f4' one float: they were refused as an unsupported dtype."""
+    array = photo()
+    wide = array.astype(np.uint16) * 257
+    np.testing.assert_array_equal(pixels(wide.astype(">u2")), pixels(wide))
+    unit = array.astype(np.float32) / 255
+    np.testing.assert_array_equal(pixels(unit.astype(">f4")), pixels(unit))
+
+
 def test_float_and_uint8_arrays_agree():
     array = photo()
     np.testing.assert_allclose(pixels(array.astype(np.float32) / 255), pixels(array), atol=1e-3)

@@ -181,3 +181,20 @@ def test_in_memory_twins_are_extracted_as_different_items(tiny_image, tmp_path: 
     assert len(ids) == 4 and len({tuple(np.round(v, 5)) for v in expected}) == 4
     stored = {tuple(np.round(v, 5)) for v in np.asarray(X)}
     assert stored == {tuple(np.round(v, 5)) for v in expected}
+
+
+def test_embed_writes_and_replaces_a_parquet_file_whose_name_is_not_utf8(minilm, tmp_path: Path):
+    """`embed ... --out $'o\\xff.parquet'` computed every vector, then crashed in pyarrow
+    (UnicodeEncodeError: surrogates not allowed); .npy names like it always worked."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("my card has not arrived\nwhat is the exchange rate\n")
+    out = os.fsdecode(bytes(tmp_path) + b"/o\xff.parquet")
+    for _ in range(2):  # written, then recognised as embed's own and replaced
+        done = run_cli("embed", "minilm-l6", str(texts), "--out", out, "--no-progress")
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+    import pyarrow.parquet as pq
+
+    with open(out, "rb") as f:
+        table = pq.read_table(f)
+    assert table.num_rows == 2 and b"embedkit.digest" in table.schema.metadata

@@ -205,3 +205,25 @@ def embedkit_open(path: Path):
     import embedkit
 
     return embedkit.Artifact.open(path)
+
+
+def test_one_graph_stored_under_two_names_is_still_found_by_digest(tmp_path):
+    """The same ONNX file imported as a folder and by a plugin (two names, one digest) made
+    every saved model of that digest fail to load: 'no single artifact ... (2 found)'."""
+    import json
+
+    import embedkit
+    from embedkit.artifacts import ModelStore
+
+    store = tmp_path / "store"
+    digests = []
+    for name in ("first-name", "second-name"):
+        folder = tmp_path / name
+        folder.mkdir()
+        write_graph(folder / "model.onnx")
+        shutil.copy(TOKENIZER, folder / "tokenizer.json")
+        (folder / "embedkit.json").write_text(json.dumps({"name": name, "output": "pooled", "pooled": True}))
+        digests.append(embedkit.resolve(str(folder), store=store).digest)
+    assert digests[0] == digests[1] and len(list(store.glob("*/*/model.onnx"))) == 2
+    assert ModelStore(store).get(digests[0]).digest == digests[0]
+    assert ModelStore(store).get(digests[0][:12]).digest == digests[0]

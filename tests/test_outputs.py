@@ -280,3 +280,64 @@ def test_check_output_rules_without_a_model(tmp_path):
         check_output(old_index, "model")
     with pytest.raises(OutputFolderMissingError):
         check_output(tmp_path / "a" / "b", "report")
+
+
+def test_files_of_yours_inside_an_earlier_train_head_model_folder_are_never_deleted(tmp_path):
+    """train-head replaces its whole output folder, run/model included: a file of yours in
+    run/model must refuse the replacement as one in run/ does (it was silently deleted)."""
+    from embedkit.outputs import check_output, is_output
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps({"kind": "train-head"}))
+    (run / "confusion.png").write_bytes(b"")
+    (run / "model" / "model.json").write_text(json.dumps({"kind": "model", "head": {"files": {"head.skops": "x"}}}))
+    (run / "model" / "head.skops").write_bytes(b"")
+    assert check_output(run, "train-head") == run
+    (run / "model" / "my-notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="model/my-notes.txt"):
+        check_output(run, "train-head")
+    assert not is_output(run, "train-head")
+    (run / "model" / "my-notes.txt").unlink()
+    (run / "model" / "model.json").unlink()  # a model folder that is not embedkit's at all
+    with pytest.raises(OutputExistsError):
+        check_output(run, "train-head")
+
+
+def test_an_unwritable_output_folder_is_refused_up_front_and_a_failed_write_is_one_error_line(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """`embed ... --out /read-only/x.npy` computed everything, then died with two chained
+    tracebacks (the write's EROFS, then the temp file's cleanup's)."""
+    import errno
+    import os as os_module
+
+    from embedkit import atomic, cli
+    from embedkit.errors import OutputError
+    from embedkit.outputs import check_output
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os_module.access
+    monkeypatch.setattr("embedkit.outputs.os.access",
+                        lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    for kind in ("embeddings", "index", "model", "train-head", "report"):
+        with pytest.raises(OutputError, match="not writable"):
+            check_output(locked / "out.npy", kind)
+    monkeypatch.undo()
+
+    def refuse(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with pytest.raises(ValueError, match="the real failure"):  # the cleanup's own failure does not mask it
+        with atomic.staged_file(tmp_path / "x.npy"):
+            raise ValueError("the real failure")
+    monkeypatch.undo()
+
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "out.npy")
+
+    monkeypatch.setitem(cli.COMMANDS, "backbones", full_disk)
+    assert cli.main(["backbones"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "No space left on device" in err and "Traceback" not in err

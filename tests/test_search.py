@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from support import read_banking, run_cli
 
 
@@ -69,3 +71,29 @@ def test_search_reads_no_file_outside_its_index_folder(minilm, tmp_path: Path):
     fifo = subprocess.run([sys.executable, "-m", "embedkit.cli", "search", str(idx), "a query"],
                           capture_output=True, text=True, timeout=120)
     assert fifo.returncode == 1 and "not a regular file" in fifo.stderr, fifo.stderr
+
+
+def test_indexing_a_namespace_whose_every_item_failed_is_a_store_error_not_a_crash(minilm, tmp_path):
+    """`extract` of inputs that all failed leaves a namespace of 0 rows; `index` on it crashed
+    with scikit-learn's 'Found array with 0 sample(s)' traceback."""
+    import embedkit
+    from support import run_cli
+
+    report = embedkit.extract([None, 5], minilm, tmp_path / "fs")
+    assert report.ok == 0 and report.failed == 2
+    with pytest.raises(embedkit.StoreError, match="0 rows"):
+        embedkit.save_index(tmp_path / "fs", "minilm-l6", tmp_path / "ix")
+    done = run_cli("index", str(tmp_path / "fs"), "--out", str(tmp_path / "ix"))
+    assert done.returncode == 1 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert not (tmp_path / "ix").exists()
+
+
+def test_save_index_takes_the_store_as_a_pathlib_path(minilm, tmp_path):
+    """save_index(Path("fs"), ...) refused every output: a Path's .root ("/") was taken for the store folder."""
+    import embedkit
+
+    embedkit.extract(["my card has not arrived", "what is the rate"], minilm, tmp_path / "fs")
+    (tmp_path / "out").mkdir()
+    assert embedkit.save_index(tmp_path / "fs", "minilm-l6", tmp_path / "out" / "ix") == tmp_path / "out" / "ix"
+    with pytest.raises(embedkit.OutputIsInputError):
+        embedkit.save_index(tmp_path / "fs", "minilm-l6", tmp_path / "fs" / "ix")

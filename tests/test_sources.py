@@ -203,3 +203,17 @@ def test_in_memory_image_ids_cover_what_defines_the_image():
     assert image_id(array, "") == image_id(array.copy(), "") and image_id(a, "") == image_id(a.copy(), "")
     ids = [item.id for item in iter_items([a, b, array, array.reshape(4, 12)], "image")]
     assert len(set(ids)) == 4
+
+
+def test_a_parquet_table_whose_name_is_not_utf8_is_read(tmp_path: Path):
+    """README: file names that are not UTF-8 are opened as they are; a .parquet one crashed in
+    pyarrow (UnicodeEncodeError: surrogates not allowed) in embed, extract and train-head."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(os.fsdecode(bytes(tmp_path) + b"/t\xfe.parquet"))
+    with open(path, "wb") as f:
+        pq.write_table(pa.table({"text": ["a card", "a rate"], "label": ["c", "r"]}), f)
+    assert count_items(path, "text") == 2
+    assert [item.payload for item in iter_items(path, "text", "text")] == ["a card", "a rate"]
+    assert read_texts(path, "label") == ["c", "r"]

@@ -108,7 +108,7 @@ def test_degenerate_datasets_in_train_head_and_report(minilm, tmp_path: Path, ba
     pairs = [(t, c) for c in classes for t in banking_texts[c][:6]]
     fs = _store_of(tmp_path, [t for t, _ in pairs])
     run = tmp_path / "out"
-    run.mkdir()  # outputs are checked before any work: their folder must exist
+    run.mkdir()  # outputs are never written into a folder that does not exist
 
     # a class with one example: report used to crash (stratified split); both now handle it and say so
     lonely = [p for p in pairs if p[1] in classes[:3]][:13]  # classes 0, 1 x 6 and one of class 2
@@ -217,3 +217,59 @@ def test_learning_curve_plot_keeps_its_title_and_labels_inside(tmp_path: Path):
     assert [t.get_text() for t in left.get_xticklabels()] == ["77", "154", "350"]  # not 2^7
     assert all(_inside(fig, ax.xaxis.label) and _inside(fig, ax.yaxis.label) for ax in (left, right))
     assert (tmp_path / "lc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("kind", ["knn", "faiss-knn"])
+def test_more_neighbours_than_training_items_is_an_input_error_not_a_crash(kind):
+    """`train-head --head knn --param n_neighbors=1000` on a small store crashed at predict
+    with a traceback; it is refused as a --param error before fitting."""
+    import numpy as np
+
+    from embedkit.errors import UnsupportedInputError
+    from embedkit.training import evaluate
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 8)).astype(np.float32)
+    y = np.array(["a", "b"] * 20)
+    with pytest.raises(UnsupportedInputError, match="n_neighbors=1000"):
+        evaluate(X, y, kind, {"n_neighbors": 1000})
+    with pytest.raises(UnsupportedInputError, match="n_neighbors=33"):  # holdout trains on 32, a 5-fold fold on 32
+        evaluate(X, y, kind, {"n_neighbors": 33}, cv=5)
+    assert evaluate(X, y, kind, {"n_neighbors": 5}, cv=5).accuracy >= 0
+
+
+@pytest.mark.parametrize("kind", ["knn", "faiss-knn"])
+def test_learning_curve_of_a_knn_head_leaves_out_sizes_smaller_than_k(kind):
+    """`report --head knn` on two classes crashed at 1 example per class (2 items < k=5):
+    such sizes are left out (with a warning), and a k above every size is a --param error."""
+    import numpy as np
+
+    from embedkit.errors import UnsupportedInputError
+    from embedkit.training import learning_curve
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 8)).astype(np.float32)
+    y = np.array(["a", "b"] * 20)
+    rows = learning_curve(X, X, y, "image", head=kind, params={"n_neighbors": 5}, repeats=1)
+    assert rows and min(row["train_items"] for row in rows) >= 5
+    assert "all" in {row["per_class"] for row in rows}
+    with pytest.raises(UnsupportedInputError, match="n_neighbors=1000"):
+        learning_curve(X, X, y, "image", head=kind, params={"n_neighbors": 1000}, repeats=1)
+
+
+def test_one_text_in_rows_with_different_labels_stays_unlabelled(tmp_path):
+    """A table joined on content ids gave a text labelled twice (a then b) the last row's label;
+    as README says, an id with rows of different labels stays unlabelled."""
+    import numpy as np
+
+    from embedkit.sources import iter_items
+    from embedkit.training import labels_for
+
+    table = tmp_path / "labels.csv"
+    table.write_text("text,category\nmy card is lost,lost\nwhat rate,rate\nmy card is lost,rate\n"
+                     "top up failed,top_up\ntop up failed,top_up\n")
+    ids = np.asarray(sorted({item.id for item in iter_items(table, "text", "text")}))
+    by_text = {item.payload: item.id for item in iter_items(table, "text", "text")}
+    got = dict(zip(ids, labels_for(ids, np.asarray([""] * len(ids)), str(table), "text", "category")))
+    assert got[by_text["my card is lost"]] is None
+    assert got[by_text["what rate"]] == "rate" and got[by_text["top up failed"]] == "top_up"

@@ -59,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EmbedkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a disk that fills or a folder that turns read-only mid-run: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -135,8 +135,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if out.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        with staged_file(out) as tmp:
-            pq.write_table(_parquet_table(result, extra, artifact), tmp)
+        with staged_file(out) as tmp, open(tmp, "wb") as f:  # a file object: pyarrow cannot name non-UTF-8 paths
+            pq.write_table(_parquet_table(result, extra, artifact), f)
     else:
         # Written beside the target and renamed over it: an interrupted run leaves the earlier
         # output whole. The journal records the new file as embed's own before the rename.

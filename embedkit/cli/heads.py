@@ -155,15 +155,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.proba and not hasattr(head, "predict_proba"):
         raise UsageError(f"embedkit predict: this model's head ({type(head).__name__}) gives no probabilities; "
                          "drop --proba, or train a head that has them (logreg, mlp, knn, faiss-knn)")
-    proba: Any = None
-    if args.proba:
-        proba = np.asarray(model.predict_proba(items))
-        classes = np.asarray(head.classes_)
-        labels = classes[proba.argmax(axis=1)]
-    else:
-        labels = model.predict(items)
+    from ..errors import InvalidInputError
+
+    failed: dict[int, Any] = {}
+    try:
+        proba, labels = _predict(model, head, items, args.proba)
+    except InvalidInputError as exc:  # some items failed: the others are still predicted, the run exits 2
+        failed = {e.index: e for e in exc.errors}
+        good = [i for i in range(len(items)) if i not in failed]
+        proba, labels = _predict(model, head, [items[i] for i in good], args.proba) if good else (None, [])
+        where = dict(zip(good, range(len(good))))
+        labels = [labels[where[i]] if i in where else None for i in range(len(items))]
+        if proba is not None:
+            proba = [proba[where[i]] if i in where else None for i in range(len(items))]
+    classes = np.asarray(head.classes_) if args.proba else None
     for i, (item, label) in enumerate(zip(items, labels)):
         shown = item if isinstance(item, str) else str(item)
+        if i in failed:
+            error = failed[i]
+            if args.json:
+                print(json.dumps({"input": shown, "error_code": error.code, "error_message": error.message}))
+            else:
+                print(f"!{error.code}\t{shown}")
+            continue
         if args.json:
             record: dict[str, Any] = {"input": shown, "label": str(label)}
             if proba is not None:
@@ -176,7 +190,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
                   + ", ".join(f"{classes[j]} {proba[i][j]:.3f}" for j in top) + ")")
         else:
             print(f"{label}\t{shown}")
+    if failed:
+        first = failed[min(failed)]
+        print(f"error: {len(failed)} of {len(items)} input(s) could not be embedded (first: item {first.index}: "
+              f"{first.code}: {first.message}); the others are predicted", file=sys.stderr)
+        return 2
     return 0
+
+
+def _predict(model: Any, head: Any, items: list[Any], with_proba: bool) -> tuple[Any, Any]:
+    """(probabilities or None, labels) for ``items``."""
+    import numpy as np
+
+    if not with_proba:
+        return None, model.predict(items)
+    proba = np.asarray(model.predict_proba(items))
+    return proba, np.asarray(head.classes_)[proba.argmax(axis=1)]
 
 
 def cmd_report(args: argparse.Namespace) -> int:
