@@ -12,12 +12,12 @@ import sys
 from typing import Sequence
 
 from ..errors import EmbedkitError  # light: no heavy imports behind it
-from . import features, heads, models
+from . import features, heads, models, serve
 from .common import EXIT_FAILED_ITEMS, OUTPUT_SUFFIXES
 
 __all__ = ["COMMANDS", "EXIT_FAILED_ITEMS", "OUTPUT_SUFFIXES", "build_parser", "main"]
 
-GROUPS = (models, features, heads)
+GROUPS = (models, features, heads, serve)
 COMMANDS = {name: fn for group in GROUPS for name, fn in group.COMMANDS.items()}
 
 
