@@ -34,10 +34,6 @@ ROUTES = ("/v1/embeddings", "/embed", "/predict", "/v1/models", "/health", "/rea
 OPEN_ROUTES = ("/health",)
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 async def _send_error(send: Callable, error: ApiError) -> None:
     body = json.dumps(error_body(error)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -89,15 +85,15 @@ class Guard:
                 message = await receive()
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
-                    if seen > limit:
-                        raise _BodyTooLarge()
+                    if seen > limit:  # the route's body read fails: the app answers 413
+                        raise self._too_large()
                 return message
 
             try:
                 await self.app(scope, receiving, sending)
-            except _BodyTooLarge:
+            except ApiError as error:  # raised outside the app's handlers
                 if not started:
-                    await _send_error(sending, self._too_large())
+                    await _send_error(sending, error)
         finally:
             metrics.request(route, status["code"], clock)
 
