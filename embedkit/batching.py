@@ -131,6 +131,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._rows = threading.Lock()  # job row accounting, shared by the worker threads
         self._closed = False
+        self._idle = 0  # workers waiting for items
         streams = max(1, len(getattr(runtime, "sessions", [None])))
         self._threads = [
             threading.Thread(target=self._work, args=(k,), name=f"embedkit-batch-{name}-{k}", daemon=True)
@@ -201,10 +202,15 @@ class Batcher:
         return longest * len(self._pending) >= self.max_tokens
 
     def _take(self) -> list[_Item]:
-        """The next batch (called with the lock held and at least one item queued)."""
+        """The next batch (called with the lock held and at least one item queued).
+
+        When other workers are idle, the queued items are shared among them (one request of 16
+        texts runs as two batches on two streams at once) rather than all taken by this one.
+        """
         first = self._pending[0]
+        share = -(-len(self._pending) // (1 + self._idle))
         if self.modality == "image":
-            batch = self._pending[: self.max_images]
+            batch = self._pending[: min(self.max_images, share)]
             self._pending = self._pending[len(batch):]
             return batch
         # The oldest item, then the closest in length while the padded batch fits the budget.
@@ -212,7 +218,7 @@ class Batcher:
         chosen = [0]
         longest = first.cost
         for i in others:
-            if len(chosen) >= MAX_BATCH_ITEMS:
+            if len(chosen) >= min(MAX_BATCH_ITEMS, share):
                 break
             wider = max(longest, self._pending[i].cost)
             if wider * (len(chosen) + 1) > self.max_tokens:
@@ -229,8 +235,10 @@ class Batcher:
     def _next(self) -> list[_Item] | None:
         with self._cond:
             while True:
+                self._idle += 1
                 while not self._pending and not self._closed:
                     self._cond.wait()
+                self._idle -= 1
                 if not self._pending:
                     return None  # closed and drained
                 while not self._closed and not self._full():

@@ -35,6 +35,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--max-chars", type=int, default=100_000, help="characters per text (413)")
     p.add_argument("--max-pixels", type=int, help="pixels per image (default: the library's); larger fail as too_large")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads per model (default: all cores)")
+    p.add_argument("--streams", type=int, help="concurrent ONNX Runtime sessions (batch workers) per model "
+                   "(default: the runtime's choice)")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, wait this long for requests in flight")
     store_arg(p)
 
@@ -61,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve import Limits, Settings, create_app
 
     for name in ("port", "max_batch_tokens", "max_batch_images", "max_queue", "max_body_bytes", "max_items",
-                 "max_chars", "max_pixels", "threads"):
+                 "max_chars", "max_pixels", "threads", "streams"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "port" else 1):
             print(f"error: --{name.replace('_', '-')} must be positive, got {value}", file=sys.stderr)
@@ -72,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backbones=args.backbone or ([] if args.model else [DEFAULT_BACKBONE]), models=args.model, store=args.store,
         api_key=_api_key(args), limits=limits, max_batch_tokens=args.max_batch_tokens,
         max_batch_images=args.max_batch_images, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        threads=args.threads,
+        threads=args.threads, streams=args.streams,
     )
     failed: list[bool] = []
     server: Any = None
