@@ -5,10 +5,19 @@ texts one after another to ``/v1/embeddings`` (MiniLM-L6 by default): texts/s, r
 and p99 latency, errors. The ratio that matters: throughput at 32 clients over one request at
 a time (dynamic batching should give >= 3x). With ``--infinity PYTHON`` the same load runs
 against infinity-emb (``PYTHON -m infinity_emb v2``, CPU, the same MiniLM folder by path), side
-by side. ``--rss 1000,100000`` prints the server's RSS after that many small requests.
+by side: both servers run at once and the loads alternate between them. ``--rss 1000,100000`` prints the server's RSS after that many small requests.
 
 Every load is bounded in requests and in seconds. The client runs on the same cores as the
-server (say so when reading the figures).
+server (say so when reading the figures). The in-process ``embedkit.embed`` rate on the same
+texts is printed before and after as the ceiling no server on these cores can pass.
+
+infinity-emb, offline, in its own venv sharing the project's CPU torch (0.0.78 needs
+transformers < 5 and sentence-transformers < 4; the project's are newer)::
+
+    python3 -m venv .bench/infinity
+    echo "$PWD/.venv/lib/python3.11/site-packages" > .bench/infinity/lib/python3.11/site-packages/main.pth
+    .bench/infinity/bin/pip install "infinity-emb[server]==0.0.78" "transformers>=4.47,<5" \
+        "sentence-transformers>=3.0.1,<4" "numpy<2" "huggingface_hub<1"
 
     .venv/bin/python benchmarks/serve.py [--clients 1,8,32,64] [--sizes 1,16] [--requests 400]
         [--seconds 30] [--infinity .bench/infinity/bin/python] [--rss 1000,100000]
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import os
 import platform
@@ -25,7 +35,9 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "text" / "banking77" / "test.csv"
@@ -88,33 +100,44 @@ async def load(url: str, path: str, model: str, pool: list[str], clients: int, s
             "p99_ms": 1000 * latencies[min(done - 1, int(0.99 * done))], "errors": errors}
 
 
-def run_suite(name: str, url: str, path: str, model: str, args: argparse.Namespace, pool: list[str],
-              headers: dict[str, str]) -> dict[tuple[int, int], dict[str, float]]:
-    """Each (size, clients) load ``args.rounds`` times, the client counts interleaved within a round so
-    that the machine's other load falls on all of them alike; the median round is reported."""
-    asyncio.run(load(url, path, model, pool, 4, 16, 40, 30, headers))  # warm-up
+def run_suite(targets: list[tuple[str, str, str, str]], args: argparse.Namespace,
+              pool: list[str]) -> dict[tuple[str, int, int], dict[str, float]]:
+    """Each (size, clients) load ``args.rounds`` times on every target (name, url, path, model),
+    interleaved (target within client count within round), so that the machine's other load
+    falls on all of them alike; the median round is reported."""
+    for _, url, path, model in targets:
+        asyncio.run(load(url, path, model, pool, 4, 16, 40, 30, {}))  # warm-up
     results = {}
     for size in args.sizes:
-        rounds: dict[int, list[dict[str, float]]] = {c: [] for c in args.clients}
+        rounds: dict[tuple[str, int], list[dict[str, float]]] = {}
         for _ in range(args.rounds):
             for clients in args.clients:
-                rounds[clients].append(asyncio.run(load(url, path, model, pool, clients, size, args.requests,
-                                                        args.seconds, headers)))
-        for clients, runs in rounds.items():
+                for name, url, path, model in targets:
+                    rounds.setdefault((name, clients), []).append(
+                        asyncio.run(load(url, path, model, pool, clients, size, args.requests, args.seconds, {})))
+        for (name, clients), runs in sorted(rounds.items()):
             runs.sort(key=lambda r: r["texts_s"])
             r = dict(runs[len(runs) // 2])
             r["errors"] = sum(x["errors"] for x in runs)
             r["requests"] = sum(x["requests"] for x in runs)
-            results[(size, clients)] = r
+            results[(name, size, clients)] = r
             each = ", ".join(f"{x['texts_s']:.0f}" for x in runs)
             print(f"{name:9s} {size:3d} texts/req {clients:3d} clients: {r['texts_s']:8.1f} texts/s "
                   f"{r['req_s']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
                   f"errors {r['errors']} of {r['requests']} (median of {len(runs)} rounds: {each} texts/s)",
                   flush=True)
-    for size in args.sizes:
-        if (size, 1) in results and (size, 32) in results:
-            print(f"{name}: {size} texts/req: 32 clients / 1 at a time = "
-                  f"{results[(size, 32)]['texts_s'] / results[(size, 1)]['texts_s']:.2f}x", flush=True)
+    for name, *_ in targets:
+        for size in args.sizes:
+            if (name, size, 1) in results and (name, size, 32) in results:
+                print(f"{name}: {size} texts/req: 32 clients / 1 at a time = "
+                      f"{results[(name, size, 32)]['texts_s'] / results[(name, size, 1)]['texts_s']:.2f}x", flush=True)
+    if len(targets) == 2:
+        a, b = targets[0][0], targets[1][0]
+        for size in args.sizes:
+            if (a, size, 32) in results and (b, size, 32) in results:
+                x, y = results[(a, size, 32)], results[(b, size, 32)]
+                print(f"{a} / {b} at 32 clients, {size} texts/req: throughput {x['texts_s'] / y['texts_s']:.2f}x, "
+                      f"p99 {x['p99_ms']:.0f} vs {y['p99_ms']:.0f} ms", flush=True)
     return results
 
 
@@ -124,32 +147,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def infinity(python: str, args: argparse.Namespace, pool: list[str]) -> dict | None:
+@contextmanager
+def infinity(python: str) -> Iterator[tuple[str, str, str, str] | None]:
+    """infinity-emb serving the same MiniLM folder by path, on CPU; yields its target or None."""
     import httpx
     from embedkit_text import minilm_folder
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(ROOT / ".bench" / "infinity-serve.log", "w")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", INFINITY_ANONYMOUS_USAGE_STATS="0")
     proc = subprocess.Popen([python, "-m", "infinity_emb.cli", "v2", "--model-id", str(minilm_folder()),
                              "--port", str(port), "--host", "127.0.0.1", "--device", "cpu", "--engine", "torch",
-                             "--no-bettertransformer"], stdout=log, stderr=subprocess.STDOUT)
+                             "--no-bettertransformer"], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 300
+        target = None
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 print(f"infinity-emb exited {proc.returncode}; see .bench/infinity-serve.log")
-                return None
+                break
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    target = ("infinity", url, "/embeddings", httpx.get(url + "/models").json()["data"][0]["id"])
                     break
             except httpx.TransportError:
                 time.sleep(0.5)
         else:
             print("infinity-emb was not ready within 300 s")
-            return None
-        model = httpx.get(url + "/models").json()["data"][0]["id"]
-        return run_suite("infinity", url, "/embeddings", model, args, pool, {})
+        yield target
     finally:
         proc.terminate()
         try:
@@ -175,6 +202,16 @@ def rss(server, counts: list[int], pool: list[str]) -> None:
                   f"({done - before} requests in {time.monotonic() - start:.0f} s)", flush=True)
 
 
+def ceiling(backbone: str, pool: list[str], n: int = 512) -> float:
+    """texts/s of ``embedkit.embed`` in this process on ``n`` texts (after one warm-up call)."""
+    import embedkit
+
+    embedkit.embed(pool[:32], backbone=backbone)
+    t = time.perf_counter()
+    embedkit.embed(pool[:n], backbone=backbone)
+    return n / (time.perf_counter() - t)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backbone", default="minilm-l6")
@@ -183,7 +220,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per configuration at most")
     parser.add_argument("--seconds", type=float, default=30, help="seconds per configuration at most")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
-    parser.add_argument("--max-batch-tokens", default="2048")
+    parser.add_argument("--max-batch-tokens", default="", help="default: the server's (the encoder's budget)")
     parser.add_argument("--max-wait-ms", default="2")
     parser.add_argument("--infinity", help="python of a venv with infinity-emb (e.g. .bench/infinity/bin/python)")
     parser.add_argument("--rss", default="", help="e.g. 1000,100000: RSS after that many small requests")
@@ -195,15 +232,22 @@ def main() -> None:
 
     pool = texts()
     print(f"CPU: {cpu()}")
-    print(f"Banking77 test: {len(pool)} texts; backbone {args.backbone}; max-batch-tokens {args.max_batch_tokens}, "
+    print(f"Banking77 test: {len(pool)} texts; backbone {args.backbone}; max-batch-tokens {args.max_batch_tokens or 'default'}, "
           f"max-wait-ms {args.max_wait_ms}; client and server share this machine", flush=True)
-    with Server("--backbone", args.backbone, "--max-batch-tokens", args.max_batch_tokens,
-                "--max-wait-ms", args.max_wait_ms, grace=60) as server:
-        run_suite("embedkit", server.url, "/v1/embeddings", args.backbone, args, pool, {})
+    print(f"embedkit.embed in process: {ceiling(args.backbone, pool):.1f} texts/s (before)", flush=True)
+    tokens = ["--max-batch-tokens", args.max_batch_tokens] if args.max_batch_tokens else []
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(Server("--backbone", args.backbone, *tokens, "--max-wait-ms", args.max_wait_ms,
+                                            grace=60))
+        targets = [("embedkit", server.url, "/v1/embeddings", args.backbone)]
+        if args.infinity:
+            other = stack.enter_context(infinity(args.infinity))
+            if other is not None:
+                targets.append(other)
+        run_suite(targets, args, pool)
         if args.rss:
             rss(server, [int(x) for x in args.rss.split(",")], pool)
-    if args.infinity:
-        infinity(args.infinity, args, pool)
+    print(f"embedkit.embed in process: {ceiling(args.backbone, pool):.1f} texts/s (after)", flush=True)
 
 
 if __name__ == "__main__":

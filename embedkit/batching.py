@@ -179,7 +179,7 @@ class Batcher:
             before = len(self._pending)
             self._pending = [item for item in self._pending if item.job is not job]
             dropped = before - len(self._pending)
-        self.dropped += dropped
+            self.dropped += dropped
         if dropped:
             logger.info("dropped %d queued items of a cancelled request", dropped)
         return dropped

@@ -13,6 +13,7 @@ FastAPI (the ``serve`` extra), so ``import embedkit`` never imports it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -107,7 +108,8 @@ class Guard:
         if key and path not in OPEN_ROUTES:
             given = headers.get(b"authorization", b"")
             token = given[7:] if given[:7].lower() == b"bearer " else b""
-            if not hmac.compare_digest(token.strip(), key.encode()):
+            # Digests first: equal lengths, so the comparison time says nothing about the key's length.
+            if not hmac.compare_digest(hashlib.sha256(token.strip()).digest(), hashlib.sha256(key.encode()).digest()):
                 return ApiError(401, "invalid_api_key", "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                 type="authentication_error", headers={"WWW-Authenticate": "Bearer"})
         declared = headers.get(b"content-length")

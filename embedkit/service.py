@@ -68,7 +68,7 @@ class Settings:
     store: str | None = None
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
-    max_batch_tokens: int = 2048
+    max_batch_tokens: int | None = None  # None: the encoder's own budget (384 on CPU, as measured)
     max_batch_images: int = 16
     max_wait_ms: float = 2.0
     max_queue: int = 4096
@@ -138,7 +138,8 @@ class Service:
         if artifact.digest not in self.batchers:
             name = artifact.name
             self.batchers[artifact.digest] = Batcher(
-                encoder.runtime, artifact.dim, artifact.modality, max_tokens=self.settings.max_batch_tokens,
+                encoder.runtime, artifact.dim, artifact.modality,
+                max_tokens=self.settings.max_batch_tokens or getattr(encoder, "batch_tokens", 16384),
                 max_images=self.settings.max_batch_images, max_wait=self.settings.max_wait_ms / 1000.0,
                 max_queue=self.settings.max_queue, name=name,
                 on_batch=lambda n, s: self.metrics.batch(name, n, s),
@@ -227,8 +228,10 @@ class Service:
         """A JSON body, or a multipart form of ``images`` files (and an optional ``model`` field)."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             return await self.json_body(request)
-        try:
-            form = await request.form(max_files=self.limits.max_items, max_fields=8)
+        try:  # one file more than allowed, so that too many files is the 413 of _items
+            form = await request.form(max_files=self.limits.max_items + 1, max_fields=8)
+        except ApiError:
+            raise
         except Exception as exc:  # python-multipart's errors: malformed form, too many parts
             raise ApiError(400, "invalid_form", f"the multipart form cannot be read ({type(exc).__name__})")
         files = form.getlist("images")

@@ -234,6 +234,7 @@ BAD = [
     ("/embed", {"json": {"texts": []}}, 422, "empty_input"),
     ("/embed", {"json": {"model": "tiny-text", "images": ["aGVsbG8="]}}, 422, "wrong_modality"),
     ("/embed", {"files": [("images", ("a.png", b"x" * 300_000, "image/png"))]}, 413, "body_too_large"),
+    ("/embed", {"files": [("images", (f"{k}.png", b"x", "image/png")) for k in range(40)]}, 413, "too_many_items"),
     ("/predict", {"json": {"model": "intent", "inputs": "one string"}}, 422, "invalid_type"),
     ("/predict", {"json": {"model": "nope", "inputs": ["x"]}}, 404, "model_not_found"),
     ("/nowhere", {"json": {}}, 404, "not_found"),

@@ -26,7 +26,8 @@ def add_parsers(sub: Any) -> None:
     key.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (visible in ps: prefer --api-key-file "
                      "or EMBEDKIT_API_KEY)")
     key.add_argument("--api-key-file", help="file holding the API key (first line)")
-    p.add_argument("--max-batch-tokens", type=int, default=2048, help="padded tokens per text batch")
+    p.add_argument("--max-batch-tokens", type=int,
+                   help="padded tokens per text batch (default: the encoder's, 384 on CPU, 16384 on CUDA)")
     p.add_argument("--max-batch-images", type=int, default=16, help="images per image batch")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="longest wait for a batch to fill")
     p.add_argument("--max-queue", type=int, default=4096, help="queued items per model before 429")
@@ -76,6 +77,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_images=args.max_batch_images, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         threads=args.threads, streams=args.streams,
     )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use it "
+              "(set EMBEDKIT_API_KEY or --api-key-file)", file=sys.stderr)
     failed: list[bool] = []
     server: Any = None
 
