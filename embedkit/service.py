@@ -233,6 +233,9 @@ class Service:
         except ApiError:
             raise
         except Exception as exc:  # python-multipart's errors: malformed form, too many parts
+            if "too many files" in str(getattr(exc, "detail", exc)).lower():
+                raise ApiError(413, "too_many_items", f"over {self.limits.max_items} files; the limit is "
+                               f"{self.limits.max_items} per request (--max-items)") from exc
             raise ApiError(400, "invalid_form", f"the multipart form cannot be read ({type(exc).__name__})")
         files = form.getlist("images")
         if any(isinstance(f, str) for f in files):
