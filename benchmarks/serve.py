@@ -5,7 +5,8 @@ texts one after another to ``/v1/embeddings`` (MiniLM-L6 by default): texts/s, r
 and p99 latency, errors. The ratio that matters: throughput at 32 clients over one request at
 a time (dynamic batching should give >= 3x). With ``--infinity PYTHON`` the same load runs
 against infinity-emb (``PYTHON -m infinity_emb v2``, CPU, the same MiniLM folder by path), side
-by side: both servers run at once and the loads alternate between them. ``--rss 1000,100000`` prints the server's RSS after that many small requests.
+by side: both servers run at once and the loads alternate between them. ``--images N``:
+mobilenet-v2 images/s through ``/embed`` (multipart JPEGs, 8 clients) vs ``embedkit.embed``. ``--rss 1000,100000`` prints the server's RSS after that many small requests.
 
 Every load is bounded in requests and in seconds. The client runs on the same cores as the
 server (say so when reading the figures). The in-process ``embedkit.embed`` rate on the same
@@ -20,7 +21,7 @@ transformers < 5 and sentence-transformers < 4; the project's are newer)::
         "sentence-transformers>=3.0.1,<4" "numpy<2" "huggingface_hub<1"
 
     .venv/bin/python benchmarks/serve.py [--clients 1,8,32,64] [--sizes 1,16] [--requests 400]
-        [--seconds 30] [--infinity .bench/infinity/bin/python] [--rss 1000,100000]
+        [--seconds 30] [--infinity .bench/infinity/bin/python] [--rss 1000,100000] [--images 200]
 """
 from __future__ import annotations
 
@@ -212,6 +213,59 @@ def ceiling(backbone: str, pool: list[str], n: int = 512) -> float:
     return n / (time.perf_counter() - t)
 
 
+async def image_load(url: str, files: list[bytes], clients: int, per_request: int, requests: int,
+                     seconds: float) -> dict[str, float]:
+    """``requests`` multipart /embed requests of ``per_request`` JPEGs from ``clients`` clients."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = sent = 0
+    stop = time.monotonic() + seconds
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal errors, sent
+        while sent < requests and time.monotonic() < stop:
+            start = (sent * per_request) % (len(files) - per_request)
+            sent += 1
+            t = time.perf_counter()
+            parts = [("images", (f"{k}.jpg", files[start + k], "image/jpeg")) for k in range(per_request)]
+            try:
+                r = await http.post(url + "/embed", files=parts, data={"model": "mobilenet-v2"})
+                ok = r.status_code == 200 and all(r.json()["ok"])
+            except httpx.HTTPError:
+                ok = False
+            latencies.append(time.perf_counter() - t)
+            errors += not ok
+
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients)) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    latencies.sort()
+    return {"images_s": (len(latencies) - errors) * per_request / wall, "p50_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], "errors": errors,
+            "requests": len(latencies)}
+
+
+def images(args: argparse.Namespace) -> None:
+    """mobilenet-v2 images/s through /embed (multipart JPEGs, 8 clients) vs embedkit.embed in process."""
+    import embedkit
+    from serving import Server
+
+    paths = sorted((ROOT.parent / "shared" / "data" / "images" / "hymenoptera").rglob("*.jpg"))[: args.images]
+    files = [p.read_bytes() for p in paths]
+    embedkit.embed(paths[:8], backbone="mobilenet-v2")  # export on first use, warm-up
+    t = time.perf_counter()
+    embedkit.embed(paths, backbone="mobilenet-v2")
+    print(f"mobilenet-v2 embedkit.embed in process: {len(paths) / (time.perf_counter() - t):.1f} images/s "
+          f"({len(paths)} JPEGs, decoding included)", flush=True)
+    with Server("--backbone", "mobilenet-v2", grace=60) as server:
+        asyncio.run(image_load(server.url, files, 2, 4, 4, 30))  # warm-up
+        r = asyncio.run(image_load(server.url, files, 8, 4, len(paths) // 4, args.seconds * 4))
+        print(f"mobilenet-v2 /embed, 8 clients x 4 JPEGs (multipart): {r['images_s']:.1f} images/s, "
+              f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, errors {r['errors']} of {r['requests']}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backbone", default="minilm-l6")
@@ -223,6 +277,7 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", default="", help="default: the server's (the encoder's budget)")
     parser.add_argument("--max-wait-ms", default="2")
     parser.add_argument("--infinity", help="python of a venv with infinity-emb (e.g. .bench/infinity/bin/python)")
+    parser.add_argument("--images", type=int, default=0, help="also mobilenet-v2 /embed on this many JPEGs")
     parser.add_argument("--rss", default="", help="e.g. 1000,100000: RSS after that many small requests")
     args = parser.parse_args()
     args.clients = [int(x) for x in args.clients.split(",")]
@@ -248,6 +303,8 @@ def main() -> None:
         if args.rss:
             rss(server, [int(x) for x in args.rss.split(",")], pool)
     print(f"embedkit.embed in process: {ceiling(args.backbone, pool):.1f} texts/s (after)", flush=True)
+    if args.images:
+        images(args)
 
 
 if __name__ == "__main__":
