@@ -6,7 +6,8 @@ and p99 latency, errors. The ratio that matters: throughput at 32 clients over o
 a time (dynamic batching should give >= 3x). With ``--infinity PYTHON`` the same load runs
 against infinity-emb (``PYTHON -m infinity_emb v2``, CPU, the same MiniLM folder by path), side
 by side: both servers run at once and the loads alternate between them. ``--images N``:
-mobilenet-v2 images/s through ``/embed`` (multipart JPEGs, 8 clients) vs ``embedkit.embed``. ``--rss 1000,100000`` prints the server's RSS after that many small requests.
+mobilenet-v2 images/s through ``/embed`` (multipart JPEGs, 8 clients) vs ``embedkit.embed``.
+``--rss 1000,100000`` prints the server's RSS after that many small requests.
 
 Every load is bounded in requests and in seconds. The client runs on the same cores as the
 server (say so when reading the figures). The in-process ``embedkit.embed`` rate on the same
@@ -57,7 +58,8 @@ def cpu() -> str:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return f"{model}; {os.cpu_count()} logical cores; flags: {' '.join(f for f in FLAGS if f in flags) or 'none of ' + ','.join(FLAGS)}"
+    shown = " ".join(f for f in FLAGS if f in flags) or "none of " + ",".join(FLAGS)
+    return f"{model}; {os.cpu_count()} logical cores; flags: {shown}"
 
 
 def texts() -> list[str]:
@@ -287,7 +289,8 @@ def main() -> None:
 
     pool = texts()
     print(f"CPU: {cpu()}")
-    print(f"Banking77 test: {len(pool)} texts; backbone {args.backbone}; max-batch-tokens {args.max_batch_tokens or 'default'}, "
+    print(f"Banking77 test: {len(pool)} texts; backbone {args.backbone}; "
+          f"max-batch-tokens {args.max_batch_tokens or 'default'}, "
           f"max-wait-ms {args.max_wait_ms}; client and server share this machine", flush=True)
     print(f"embedkit.embed in process: {ceiling(args.backbone, pool):.1f} texts/s (before)", flush=True)
     tokens = ["--max-batch-tokens", args.max_batch_tokens] if args.max_batch_tokens else []

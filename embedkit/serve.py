@@ -33,6 +33,7 @@ __all__ = ["ApiError", "Limits", "Settings", "create_app"]
 
 ROUTES = ("/v1/embeddings", "/embed", "/predict", "/v1/models", "/health", "/ready", "/metrics")
 OPEN_ROUTES = ("/health",)
+JSON = "application/json"
 
 
 async def _send_error(send: Callable, error: ApiError) -> None:
@@ -151,7 +152,8 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(ApiError(exc.status_code, code, f"{request.method} {request.url.path}: {code.replace('_', ' ')}"))
+        # The path is not echoed: it is input too.
+        return error_response(ApiError(exc.status_code, code, f"{code.replace('_', ' ')}; routes: {', '.join(ROUTES)}"))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -182,15 +184,16 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
         return Response(body, media_type=content_type)
 
     @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> JSONResponse:
-        return JSONResponse(await service.openai_embeddings(await service.json_body(request), request))
+    async def embeddings(request: Request) -> Response:
+        body = await service.json_body(request)
+        return Response(await service.openai_embeddings(body, request), media_type=JSON)
 
     @app.post("/embed")
-    async def embed(request: Request) -> JSONResponse:
-        return JSONResponse(await service.embed(await service.payload(request), request))
+    async def embed(request: Request) -> Response:
+        return Response(await service.embed(await service.payload(request), request), media_type=JSON)
 
     @app.post("/predict")
-    async def predict(request: Request) -> JSONResponse:
-        return JSONResponse(await service.predict(await service.payload(request), request))
+    async def predict(request: Request) -> Response:
+        return Response(await service.predict(await service.payload(request), request), media_type=JSON)
 
     return Guard(app, service)

@@ -28,6 +28,7 @@ from .text import ItemError
 
 logger = logging.getLogger(__name__)
 
+OFFLOAD_CELLS = 32_768  # responses with more floats than this are serialised in a thread
 INLINE_CHARS = 2048  # texts up to this many characters in all are tokenised on the event loop (< ~0.2 ms)
 TYPES = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error",
          499: "client_closed_request", 500: "server_error", 503: "service_unavailable"}
@@ -216,8 +217,9 @@ class Service:
     # -- request bodies ----------------------------------------------------------------------
     async def json_body(self, request: Any) -> dict[str, Any]:
         raw = await request.body()
-        try:
-            body = json.loads(raw)
+        try:  # a large body is parsed in a thread, off the event loop
+            body = json.loads(raw) if len(raw) <= 65_536 else await asyncio.get_running_loop().run_in_executor(
+                self._decoders, json.loads, raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, "invalid_json", f"the body is not valid JSON (at byte {getattr(exc, 'pos', '?')})")
         if not isinstance(body, dict):
@@ -278,7 +280,8 @@ class Service:
             raise ApiError(499, "client_closed_request", "the client closed the connection")
         return job.future.result()
 
-    async def _run(self, served: Served, job: Job, rows: list[int], data: list[Any], request: Any) -> tuple[np.ndarray, list[ItemError]]:
+    async def _run(self, served: Served, job: Job, rows: list[int], data: list[Any],
+                   request: Any) -> tuple[np.ndarray, list[ItemError]]:
         try:
             served.batcher.submit(job, rows, data)
         except QueueFullError as exc:
@@ -336,7 +339,8 @@ class Service:
         rows = [i for i, (x, _) in enumerate(decoded) if x is not None]
         return await self._run(served, job, rows, [decoded[i][0] for i in rows], request)
 
-    async def _inputs(self, served_kind: str, body: dict[str, Any], text_key: str, request: Any) -> tuple[Served, np.ndarray, list[ItemError], dict[str, int]]:
+    async def _inputs(self, served_kind: str, body: dict[str, Any], text_key: str,
+                      request: Any) -> tuple[Served, np.ndarray, list[ItemError], dict[str, int]]:
         has_texts, has_images = text_key in body, "images" in body
         if has_texts == has_images:
             raise ApiError(422, "invalid_request", f"send exactly one of '{text_key}' (texts) or 'images'")
@@ -351,16 +355,27 @@ class Service:
         vectors, errors = await self.images(served, images, request)
         return served, vectors, errors, {"images": len(images)}
 
-    async def embed(self, body: dict[str, Any], request: Any) -> dict[str, Any]:
+    async def _json(self, build: Callable[[], dict[str, Any]], cells: int) -> bytes:
+        """The JSON body from ``build()``; with over OFFLOAD_CELLS floats it is built and serialised in a
+        thread, so that one large response does not stall every other request on the event loop."""
+        def work() -> bytes:
+            return json.dumps(build(), separators=(",", ":")).encode()
+
+        if cells <= OFFLOAD_CELLS:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._decoders, work)
+
+    async def embed(self, body: dict[str, Any], request: Any) -> bytes:
         """``POST /embed``: rows ``null`` where an item failed, ``ok`` and ``errors`` as embedkit.embed."""
         served, vectors, errors, usage = await self._inputs("backbone", body, "texts", request)
         failed = {e.index for e in errors}
-        return {"object": "list", "model": served.name, "dim": served.artifact.dim,
-                "data": [None if i in failed else row.tolist() for i, row in enumerate(vectors)],
-                "ok": [i not in failed for i in range(len(vectors))],
-                "errors": [e.to_json() for e in errors], "usage": usage}
+        return await self._json(lambda: {
+            "object": "list", "model": served.name, "dim": served.artifact.dim,
+            "data": [None if i in failed else row.tolist() for i, row in enumerate(vectors)],
+            "ok": [i not in failed for i in range(len(vectors))],
+            "errors": [e.to_json() for e in errors], "usage": usage}, vectors.size)
 
-    async def predict(self, body: dict[str, Any], request: Any) -> dict[str, Any]:
+    async def predict(self, body: dict[str, Any], request: Any) -> bytes:
         """``POST /predict``: a saved model's label (and class probabilities) per item."""
         served, vectors, errors, usage = await self._inputs("model", body, "inputs", request)
         failed = {e.index for e in errors}
@@ -385,11 +400,12 @@ class Service:
             if proba is not None:
                 entry["probabilities"] = {str(c): float(p) for c, p in zip(classes, proba[k])}
             predictions[i] = entry
-        return {"object": "list", "model": served.name, "predictions": predictions,
-                "ok": [i not in failed for i in range(len(vectors))],
-                "errors": [e.to_json() for e in errors], "usage": usage}
+        return await self._json(lambda: {
+            "object": "list", "model": served.name, "predictions": predictions,
+            "ok": [i not in failed for i in range(len(vectors))],
+            "errors": [e.to_json() for e in errors], "usage": usage}, len(predictions) * len(classes))
 
-    async def openai_embeddings(self, body: dict[str, Any], request: Any) -> dict[str, Any]:
+    async def openai_embeddings(self, body: dict[str, Any], request: Any) -> bytes:
         """``POST /v1/embeddings``: OpenAI's request and response."""
         served = self.lookup(body.get("model"), "backbone")
         if served.artifact.modality != "text":
@@ -422,10 +438,14 @@ class Service:
         if errors:
             shown = "; ".join(f"input[{e.index}]: {e.code}" for e in errors[:5])
             raise ApiError(422, "invalid_input", f"{len(errors)} input(s) cannot be embedded: {shown}")
-        if fmt == "base64":
-            data = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in vectors]
-        else:
-            data = vectors.tolist()
-        return {"object": "list", "model": served.name,
-                "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+        def build() -> dict[str, Any]:
+            if fmt == "base64":
+                data = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in vectors]
+            else:
+                data = vectors.tolist()
+            return {"object": "list", "model": served.name,
+                    "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+        return await self._json(build, vectors.size)
