@@ -384,6 +384,16 @@ def test_unknown_backbone_exits_1_naming_it(models):
     assert code == 1 and "no-such-backbone" in srv.stderr
 
 
+def test_unreadable_or_empty_api_key_file_exits_1(tmp_path):
+    from support import run_cli
+
+    missing = run_cli("serve", "--api-key-file", str(tmp_path / "nope"))
+    assert missing.returncode == 1 and "--api-key-file" in missing.stderr
+    (tmp_path / "empty").write_text("\n")
+    empty = run_cli("serve", "--api-key-file", str(tmp_path / "empty"))
+    assert empty.returncode == 1 and "API key is empty" in empty.stderr
+
+
 # -- README ------------------------------------------------------------------------------------
 def _section() -> str:
     readme = (ROOT / "README.md").read_text()

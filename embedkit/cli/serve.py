@@ -19,7 +19,8 @@ def add_parsers(sub: Any) -> None:
                    help="backbone name, artifact folder or digest to serve, optionally NAME=SPEC (repeatable; "
                    f"default {DEFAULT_BACKBONE} when no --model is given)")
     p.add_argument("--model", action="append", default=[],
-                   help="saved model folder (embedkit train-head --out) served by /predict, optionally NAME=PATH")
+                   help="saved model folder (the model/ that train-head --out writes) served by /predict, "
+                   "optionally NAME=PATH (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     key = p.add_mutually_exclusive_group()
@@ -44,7 +45,10 @@ def add_parsers(sub: Any) -> None:
 
 def _api_key(args: argparse.Namespace) -> str | None:
     if args.api_key_file:
-        lines = Path(args.api_key_file).read_text().splitlines()
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SystemExit(f"error: cannot read --api-key-file {args.api_key_file}: {exc}") from None
         key = lines[0].strip() if lines else ""
     else:
         key = args.api_key or os.environ.get("EMBEDKIT_API_KEY") or ""
