@@ -1,0 +1,451 @@
+"""What ``embedkit serve`` does per request: validation, limits, batching, typed errors.
+
+:class:`Service` holds the served backbones and saved models (loaded once, from the command
+line) and one :class:`~embedkit.batching.Batcher` per artifact. The encoders' own tokenizer and
+image processor apply the library's input policy, so a response equals :func:`embedkit.embed`
+for the same items (rows of failed items are ``null``, each with an error record).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .batching import Batcher, Job, QueueFullError
+from .image import DEFAULT_MAX_PIXELS, ItemFailure
+from .metrics import Metrics
+from .runtime import cpu_count
+from .text import ItemError
+
+logger = logging.getLogger(__name__)
+
+OFFLOAD_CELLS = 32_768  # responses with more floats than this are serialised in a thread
+INLINE_CHARS = 2048  # texts up to this many characters in all are tokenised on the event loop (< ~0.2 ms)
+TYPES = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error",
+         499: "client_closed_request", 500: "server_error", 503: "service_unavailable"}
+
+
+class ApiError(Exception):
+    """An HTTP error with OpenAI's body ``{"error": {"message", "type", "code"}}``."""
+
+    def __init__(self, status: int, code: str, message: str, type: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.type = type or TYPES.get(status, "invalid_request_error")
+        self.headers = headers or {}
+
+
+def error_body(error: ApiError) -> dict[str, Any]:
+    return {"error": {"message": error.message, "type": error.type, "code": error.code, "param": None}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits: body bytes (checked before parsing), items, characters per text,
+    pixels per image (the library's ``max_pixels``: larger images fail as ``too_large``)."""
+
+    max_body_bytes: int = 16 * 2**20
+    max_items: int = 2048
+    max_chars: int = 100_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class Settings:
+    """What to serve and how (the ``embedkit serve`` options)."""
+
+    backbones: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    store: str | None = None
+    api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    max_batch_tokens: int | None = None  # None: the encoder's own budget (384 on CPU, as measured)
+    max_batch_images: int = 16
+    max_wait_ms: float = 2.0
+    max_queue: int = 4096
+    threads: int | None = None
+    streams: int | None = None
+
+
+@dataclass
+class Served:
+    """One name a request may ask for: a backbone, or a saved model (backbone + head)."""
+
+    name: str
+    kind: str  # "backbone" | "model"
+    artifact: Any
+    batcher: Batcher
+    encoder: Any  # TextEncoder (its tokenizer) or ImageEncoder (its processor): the input policy
+    head: Any = None
+
+
+def _native(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+class Service:
+    """The served models and the request logic behind each route."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.limits = settings.limits
+        self.metrics = Metrics()
+        self.served: dict[str, Served] = {}
+        self.batchers: dict[str, Batcher] = {}  # by artifact digest: one queue per runtime
+        self.ready = False
+        self.failed: str | None = None
+        self._decoders = ThreadPoolExecutor(cpu_count(), thread_name_prefix="embedkit-serve-decode")
+
+    # -- loading ---------------------------------------------------------------------------
+    def start(self, on_fatal: Callable[[], None] | None = None) -> None:
+        """Load the models in a thread; ``/ready`` answers 503 until they are loaded."""
+        def load() -> None:
+            try:
+                for spec in self.settings.backbones:
+                    self._add_backbone(spec)
+                for spec in self.settings.models:
+                    self._add_model(spec)
+                self.ready = True
+                logger.info("embedkit serve ready: %s", ", ".join(self.served))
+            except Exception as exc:
+                self.failed = f"{type(exc).__name__}: {exc}"
+                logger.error("cannot serve: %s", self.failed)
+                if on_fatal is not None:
+                    on_fatal()
+
+        threading.Thread(target=load, name="embedkit-serve-load", daemon=True).start()
+
+    def _encoder(self, artifact: Any, **policy: Any) -> Any:
+        from .encoder import encoder_for
+
+        options: dict[str, Any] = {"threads": self.settings.threads, "streams": self.settings.streams}
+        if artifact.modality == "image":
+            options.update(max_pixels=self.limits.max_pixels, reject_blank=policy.get("reject_blank"))
+        else:
+            options.update(truncate=policy.get("truncate"), empty=policy.get("empty"))
+        return encoder_for(artifact, **options)
+
+    def _batcher(self, artifact: Any, encoder: Any) -> Batcher:
+        if artifact.digest not in self.batchers:
+            name = artifact.name
+            self.batchers[artifact.digest] = Batcher(
+                encoder.runtime, artifact.dim, artifact.modality,
+                max_tokens=self.settings.max_batch_tokens or getattr(encoder, "batch_tokens", 16384),
+                max_images=self.settings.max_batch_images, max_wait=self.settings.max_wait_ms / 1000.0,
+                max_queue=self.settings.max_queue, name=name,
+                on_batch=lambda n, s: self.metrics.batch(name, n, s),
+            )
+        return self.batchers[artifact.digest]
+
+    def _add(self, served: Served) -> None:
+        if served.name in self.served:
+            raise ValueError(f"two served models are named {served.name!r}; name one NAME=PATH")
+        self.served[served.name] = served
+
+    def _add_backbone(self, spec: str) -> None:
+        from .exporter import resolve
+
+        name, _, ref = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        artifact = resolve(ref, self.settings.store)
+        encoder = self._encoder(artifact)
+        self._add(Served(name or artifact.name, "backbone", artifact, self._batcher(artifact, encoder), encoder))
+
+    def _add_model(self, spec: str) -> None:
+        from .artifacts import Artifact
+        from .persistence import load
+
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        pipeline = load(path, store=self.settings.store)
+        embedder, head = pipeline.steps[0][1], pipeline.steps[1][1]
+        artifact = Artifact.open(embedder.artifact_path_)
+        encoder = self._encoder(artifact, **embedder.get_params())
+        self._add(Served(name or Path(path).resolve().name, "model", artifact, self._batcher(artifact, encoder),
+                         encoder, head))
+
+    def close(self) -> None:
+        """Run what is queued, then stop the workers (called once the server stopped accepting)."""
+        for batcher in self.batchers.values():
+            batcher.close()
+        self._decoders.shutdown(wait=True)
+
+    # -- lookups ---------------------------------------------------------------------------
+    def require_ready(self) -> None:
+        if self.failed:
+            raise ApiError(503, "not_ready", "the server could not load its models (see its log)")
+        if not self.ready:
+            raise ApiError(503, "not_ready", "the models are still loading; retry shortly", headers={"Retry-After": "1"})
+
+    def names(self) -> list[str]:
+        return list(self.served)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"id": s.name, "object": "model", "created": 0, "owned_by": "embedkit", "kind": s.kind,
+                 "modality": s.artifact.modality, "dim": s.artifact.dim, "digest": s.artifact.digest}
+                for s in self.served.values()]
+
+    def depths(self) -> dict[str, int]:
+        return {b.name: b.depth for b in self.batchers.values()}
+
+    def lookup(self, name: Any, kind: str, modality: str | None = None) -> Served:
+        self.require_ready()
+        if name is None:
+            for served in self.served.values():
+                if served.kind == kind and modality in (None, served.artifact.modality):
+                    return served
+            raise ApiError(404, "model_not_found", f"no {modality or ''} {kind} is served here".replace("  ", " "))
+        if not isinstance(name, str):
+            raise ApiError(422, "invalid_type", f"model must be a string, got {type(name).__name__}")
+        served = self.served.get(name)
+        if served is None or served.kind != kind:
+            names = ", ".join(n for n, s in self.served.items() if s.kind == kind) or "none"
+            raise ApiError(404, "model_not_found", f"no {kind} of that name is served; served: {names}")
+        if modality is not None and served.artifact.modality != modality:
+            raise ApiError(422, "wrong_modality", f"{name} is a {served.artifact.modality} model; "
+                           f"this request sent {modality} items")
+        return served
+
+    # -- request bodies ----------------------------------------------------------------------
+    async def json_body(self, request: Any) -> dict[str, Any]:
+        raw = await request.body()
+        try:  # a large body is parsed in a thread, off the event loop
+            body = json.loads(raw) if len(raw) <= 65_536 else await asyncio.get_running_loop().run_in_executor(
+                self._decoders, json.loads, raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON (at byte {getattr(exc, 'pos', '?')})")
+        if not isinstance(body, dict):
+            raise ApiError(422, "invalid_type", f"the body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    async def payload(self, request: Any) -> dict[str, Any]:
+        """A JSON body, or a multipart form of ``images`` files (and an optional ``model`` field)."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return await self.json_body(request)
+        try:  # one file more than allowed, so that too many files is the 413 of _items
+            form = await request.form(max_files=self.limits.max_items + 1, max_fields=8)
+        except ApiError:
+            raise
+        except Exception as exc:  # python-multipart's errors: malformed form, too many parts
+            if "too many files" in str(getattr(exc, "detail", exc)).lower():
+                raise ApiError(413, "too_many_items", f"over {self.limits.max_items} files; the limit is "
+                               f"{self.limits.max_items} per request (--max-items)") from exc
+            raise ApiError(400, "invalid_form", f"the multipart form cannot be read ({type(exc).__name__})")
+        files = form.getlist("images")
+        if any(isinstance(f, str) for f in files):
+            raise ApiError(422, "invalid_type", "multipart 'images' fields must be file uploads")
+        return {"model": form.get("model"), "images": [await f.read() for f in files], "_binary": True}
+
+    def _items(self, body: dict[str, Any], key: str) -> list[Any]:
+        items = body[key]
+        if not isinstance(items, list):
+            raise ApiError(422, "invalid_type", f"{key} must be a list, got {type(items).__name__}")
+        if not items:
+            raise ApiError(422, "empty_input", f"{key} is empty; send at least one item")
+        if len(items) > self.limits.max_items:
+            raise ApiError(413, "too_many_items", f"{len(items)} items; the limit is {self.limits.max_items} "
+                           "per request (--max-items)")
+        return items
+
+    def _check_chars(self, texts: list[Any], key: str) -> None:
+        for i, text in enumerate(texts):
+            if isinstance(text, str) and len(text) > self.limits.max_chars:
+                raise ApiError(413, "text_too_long", f"{key}[{i}] has {len(text)} characters; the limit is "
+                               f"{self.limits.max_chars} (--max-chars)")
+
+    # -- embedding ---------------------------------------------------------------------------
+    async def _wait(self, served: Served, job: Job, request: Any) -> tuple[np.ndarray, list[ItemError]]:
+        """The job's result, or its queued items dropped when the client disconnects first."""
+        async def gone() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not job.future.done():
+            dropped = served.batcher.cancel(job)
+            self.metrics.dropped.labels(served.batcher.name).inc(dropped)
+            job.future.cancel()
+            raise ApiError(499, "client_closed_request", "the client closed the connection")
+        return job.future.result()
+
+    async def _run(self, served: Served, job: Job, rows: list[int], data: list[Any],
+                   request: Any) -> tuple[np.ndarray, list[ItemError]]:
+        try:
+            served.batcher.submit(job, rows, data)
+        except QueueFullError as exc:
+            raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after)}) from exc
+        except RuntimeError as exc:
+            raise ApiError(503, "shutting_down", "the server is shutting down") from exc
+        vectors, errors = await self._wait(served, job, request)
+        for error in errors:
+            self.metrics.item_errors.labels(error.code).inc()
+        self.metrics.embedded.labels(served.batcher.name).inc(job.n - len(errors))
+        return vectors, errors
+
+    def _job(self, n: int, dim: int) -> Job:
+        loop = asyncio.get_running_loop()
+        return Job(n, dim, loop, loop.create_future())
+
+    async def texts(self, served: Served, texts: list[Any], request: Any) -> tuple[np.ndarray, list[ItemError], int]:
+        """(vectors (n, dim) float32, NaN rows where failed; errors; tokens) for ``texts``."""
+        tokenizer = served.encoder.tokenizer
+        if sum(len(t) for t in texts if isinstance(t, str)) <= INLINE_CHARS:  # cheaper than a thread hop
+            tokens = tokenizer.encode(texts)
+        else:
+            tokens = await asyncio.get_running_loop().run_in_executor(self._decoders, tokenizer.encode, texts)
+        job = self._job(len(texts), served.artifact.dim)
+        job.errors = list(tokens.errors)
+        vectors, errors = await self._run(served, job, tokens.indices, tokens.ids, request)
+        return vectors, errors, tokens.stats.tokens
+
+    async def images(self, served: Served, payloads: list[Any], request: Any) -> tuple[np.ndarray, list[ItemError]]:
+        """(vectors, errors) for images given as bytes (multipart) or base64 strings (JSON)."""
+        loop = asyncio.get_running_loop()
+        processor = served.encoder.processor
+
+        def decode(index: int, payload: Any) -> tuple[np.ndarray | None, ItemError | None]:
+            if isinstance(payload, str):
+                text = payload.split(",", 1)[1] if payload.startswith("data:") else payload
+                try:
+                    payload = base64.b64decode(text, validate=True)
+                except (binascii.Error, ValueError):
+                    return None, ItemError(index, "invalid_base64", "decode", "not valid base64")
+            if not isinstance(payload, bytes):
+                return None, ItemError(index, "invalid_base64", "decode",
+                                       f"expected a base64 string, got {type(payload).__name__}")
+            try:
+                return processor(payload)[0], None
+            except ItemFailure as failure:
+                return None, failure.record(index)
+            except Exception as exc:  # an unforeseen decoder error costs its item only
+                return None, ItemError(index, "decode_failed", "decode", type(exc).__name__)
+
+        decoded = await asyncio.gather(*(loop.run_in_executor(self._decoders, decode, i, p)
+                                         for i, p in enumerate(payloads)))
+        job = self._job(len(payloads), served.artifact.dim)
+        job.errors = [e for _, e in decoded if e is not None]
+        rows = [i for i, (x, _) in enumerate(decoded) if x is not None]
+        return await self._run(served, job, rows, [decoded[i][0] for i in rows], request)
+
+    async def _inputs(self, served_kind: str, body: dict[str, Any], text_key: str,
+                      request: Any) -> tuple[Served, np.ndarray, list[ItemError], dict[str, int]]:
+        has_texts, has_images = text_key in body, "images" in body
+        if has_texts == has_images:
+            raise ApiError(422, "invalid_request", f"send exactly one of '{text_key}' (texts) or 'images'")
+        if has_texts:
+            served = self.lookup(body.get("model"), served_kind, "text")
+            texts = self._items(body, text_key)
+            self._check_chars(texts, text_key)
+            vectors, errors, tokens = await self.texts(served, texts, request)
+            return served, vectors, errors, {"prompt_tokens": tokens, "total_tokens": tokens}
+        served = self.lookup(body.get("model"), served_kind, "image")
+        images = self._items(body, "images")
+        vectors, errors = await self.images(served, images, request)
+        return served, vectors, errors, {"images": len(images)}
+
+    async def _json(self, build: Callable[[], dict[str, Any]], cells: int) -> bytes:
+        """The JSON body from ``build()``; with over OFFLOAD_CELLS floats it is built and serialised in a
+        thread, so that one large response does not stall every other request on the event loop."""
+        def work() -> bytes:
+            return json.dumps(build(), separators=(",", ":")).encode()
+
+        if cells <= OFFLOAD_CELLS:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._decoders, work)
+
+    async def embed(self, body: dict[str, Any], request: Any) -> bytes:
+        """``POST /embed``: rows ``null`` where an item failed, ``ok`` and ``errors`` as embedkit.embed."""
+        served, vectors, errors, usage = await self._inputs("backbone", body, "texts", request)
+        failed = {e.index for e in errors}
+        return await self._json(lambda: {
+            "object": "list", "model": served.name, "dim": served.artifact.dim,
+            "data": [None if i in failed else row.tolist() for i, row in enumerate(vectors)],
+            "ok": [i not in failed for i in range(len(vectors))],
+            "errors": [e.to_json() for e in errors], "usage": usage}, vectors.size)
+
+    async def predict(self, body: dict[str, Any], request: Any) -> bytes:
+        """``POST /predict``: a saved model's label (and class probabilities) per item."""
+        served, vectors, errors, usage = await self._inputs("model", body, "inputs", request)
+        failed = {e.index for e in errors}
+        good = [i for i in range(len(vectors)) if i not in failed]
+        head = served.head
+
+        def run() -> tuple[Any, Any]:
+            X = vectors[good]
+            proba = None
+            if hasattr(head, "predict_proba"):
+                try:
+                    proba = head.predict_proba(X)
+                except AttributeError:  # e.g. an SVC without probability=True
+                    proba = None
+            return head.predict(X), proba
+
+        labels, proba = await asyncio.get_running_loop().run_in_executor(self._decoders, run) if good else ([], None)
+        classes = [_native(c) for c in getattr(head, "classes_", [])]
+        predictions: list[Any] = [None] * len(vectors)
+        for k, i in enumerate(good):
+            entry: dict[str, Any] = {"label": _native(labels[k])}
+            if proba is not None:
+                entry["probabilities"] = {str(c): float(p) for c, p in zip(classes, proba[k])}
+            predictions[i] = entry
+        return await self._json(lambda: {
+            "object": "list", "model": served.name, "predictions": predictions,
+            "ok": [i not in failed for i in range(len(vectors))],
+            "errors": [e.to_json() for e in errors], "usage": usage}, len(predictions) * len(classes))
+
+    async def openai_embeddings(self, body: dict[str, Any], request: Any) -> bytes:
+        """``POST /v1/embeddings``: OpenAI's request and response."""
+        served = self.lookup(body.get("model"), "backbone")
+        if served.artifact.modality != "text":
+            raise ApiError(422, "wrong_modality", f"{served.name} is an image backbone; send images to /embed")
+        if "input" not in body:
+            raise ApiError(422, "missing_input", "'input' is required: a string or a list of strings")
+        raw = body["input"]
+        texts = [raw] if isinstance(raw, str) else raw
+        if not isinstance(texts, list):
+            raise ApiError(422, "invalid_type", f"input must be a string or a list of strings, got {type(raw).__name__}")
+        if texts and all(isinstance(t, int) or (isinstance(t, list) and all(isinstance(x, int) for x in t))
+                         for t in texts):
+            raise ApiError(422, "token_ids_unsupported", "token-id arrays are not accepted: tokens of another "
+                           "tokenizer would embed as garbage; send the texts")
+        texts = self._items({"input": texts}, "input")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ApiError(422, "invalid_type", f"input[{i}] must be a string, got {type(text).__name__}")
+            if not text:
+                raise ApiError(422, "empty_input", f"input[{i}] is an empty string")
+        self._check_chars(texts, "input")
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise ApiError(422, "invalid_encoding_format", "encoding_format must be 'float' or 'base64'")
+        dims = body.get("dimensions")
+        if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or dims != served.artifact.dim):
+            raise ApiError(422, "unsupported_dimensions", f"{served.name} gives {served.artifact.dim} dimensions only "
+                           "(it is not a Matryoshka model); omit 'dimensions'")
+        vectors, errors, tokens = await self.texts(served, texts, request)
+        if errors:
+            shown = "; ".join(f"input[{e.index}]: {e.code}" for e in errors[:5])
+            raise ApiError(422, "invalid_input", f"{len(errors)} input(s) cannot be embedded: {shown}")
+
+        def build() -> dict[str, Any]:
+            if fmt == "base64":
+                data = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in vectors]
+            else:
+                data = vectors.tolist()
+            return {"object": "list", "model": served.name,
+                    "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+        return await self._json(build, vectors.size)
