@@ -16,6 +16,9 @@ def test_cuda_request_without_cuda_is_a_typed_error(minilm):
 
 
 def test_auto_falls_back_with_a_logged_warning(minilm, caplog):
+    from embedkit import runtime as runtime_module
+
+    runtime_module._warned.clear()  # device="auto" warns once per process: an earlier test may have had it
     with caplog.at_level(logging.WARNING, logger="embedkit.runtime"):
         runtime = embedkit.Runtime(minilm.onnx_path, device="auto")
     assert runtime.device == "cpu" and runtime.providers == ["CPUExecutionProvider"]
