@@ -62,6 +62,10 @@ def cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("quantize-bad-variant", ["quantize", "minilm-l6", "--variant", "int4"], "--variant"),
         ("export-bad-exporter", ["export", "minilm-l6", "--exporter", "x"], "--exporter"),
         ("backbones-extra", ["backbones", "extra"], "unrecognized arguments"),
+        ("serve-port-neg", ["serve", "--port", "-1"], "--port"),
+        ("serve-max-queue-0", ["serve", "--max-queue", "0"], "--max-queue"),
+        ("serve-wait-nan", ["serve", "--max-wait-ms", "nan"], "--max-wait-ms"),
+        ("serve-missing-key-file", ["serve", "--api-key-file", MISSING], MISSING),
     ]
 
 

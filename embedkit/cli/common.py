@@ -49,6 +49,7 @@ def _number(kind: Callable[[str], Any], test: Callable[[Any], bool], wanted: str
 positive_int = _number(int, lambda v: v >= 1, "a positive integer (>= 1)")
 non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
+non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 fraction = _number(float, lambda v: 0 < v < 1, "a fraction between 0 and 1 (exclusive)")
 
 

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import store_arg
+from ..errors import UsageError
+from .common import existing_file, non_negative_float, non_negative_int, positive_int, store_arg
 
 DEFAULT_BACKBONE = "minilm-l6"
 
@@ -22,24 +23,24 @@ def add_parsers(sub: Any) -> None:
                    help="saved model folder (the model/ that train-head --out writes) served by /predict, "
                    "optionally NAME=PATH (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=non_negative_int, default=8000, help="TCP port (default 8000; 0: any free port)")
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (visible in ps: prefer --api-key-file "
                      "or EMBEDKIT_API_KEY)")
-    key.add_argument("--api-key-file", help="file holding the API key (first line)")
-    p.add_argument("--max-batch-tokens", type=int,
+    key.add_argument("--api-key-file", type=existing_file, help="file holding the API key (first line)")
+    p.add_argument("--max-batch-tokens", type=positive_int,
                    help="padded tokens per text batch (default: the encoder's, 384 on CPU, 16384 on CUDA)")
-    p.add_argument("--max-batch-images", type=int, default=16, help="images per image batch")
-    p.add_argument("--max-wait-ms", type=float, default=2.0, help="longest wait for a batch to fill")
-    p.add_argument("--max-queue", type=int, default=4096, help="queued items per model before 429")
-    p.add_argument("--max-body-bytes", type=int, default=16 * 2**20, help="request body limit (413)")
-    p.add_argument("--max-items", type=int, default=2048, help="items per request (413)")
-    p.add_argument("--max-chars", type=int, default=100_000, help="characters per text (413)")
-    p.add_argument("--max-pixels", type=int, help="pixels per image (default: the library's); larger fail as too_large")
-    p.add_argument("--threads", type=int, help="ONNX Runtime threads per model (default: all cores)")
-    p.add_argument("--streams", type=int, help="concurrent ONNX Runtime sessions (batch workers) per model "
+    p.add_argument("--max-batch-images", type=positive_int, default=16, help="images per image batch")
+    p.add_argument("--max-wait-ms", type=non_negative_float, default=2.0, help="longest wait for a batch to fill")
+    p.add_argument("--max-queue", type=positive_int, default=4096, help="queued items per model before 429")
+    p.add_argument("--max-body-bytes", type=positive_int, default=16 * 2**20, help="request body limit (413)")
+    p.add_argument("--max-items", type=positive_int, default=2048, help="items per request (413)")
+    p.add_argument("--max-chars", type=positive_int, default=100_000, help="characters per text (413)")
+    p.add_argument("--max-pixels", type=positive_int, help="pixels per image (default: the library's); larger fail as too_large")
+    p.add_argument("--threads", type=positive_int, help="ONNX Runtime threads per model (default: all cores)")
+    p.add_argument("--streams", type=positive_int, help="concurrent ONNX Runtime sessions (batch workers) per model "
                    "(default: the runtime's choice)")
-    p.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, wait this long for requests in flight")
+    p.add_argument("--drain-seconds", type=non_negative_float, default=30.0, help="on SIGTERM, wait this long for requests in flight")
     store_arg(p)
 
 
@@ -48,12 +49,12 @@ def _api_key(args: argparse.Namespace) -> str | None:
         try:
             lines = Path(args.api_key_file).read_text().splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise SystemExit(f"error: cannot read --api-key-file {args.api_key_file}: {exc}") from None
+            raise UsageError(f"cannot read --api-key-file {args.api_key_file}: {exc}") from None
         key = lines[0].strip() if lines else ""
     else:
         key = args.api_key or os.environ.get("EMBEDKIT_API_KEY") or ""
     if (args.api_key_file or args.api_key) and not key:
-        raise SystemExit("error: the API key is empty")
+        raise UsageError("the API key is empty")
     return key or None
 
 
@@ -67,12 +68,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..image import DEFAULT_MAX_PIXELS
     from ..serve import Limits, Settings, create_app
 
-    for name in ("port", "max_batch_tokens", "max_batch_images", "max_queue", "max_body_bytes", "max_items",
-                 "max_chars", "max_pixels", "threads", "streams"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "port" else 1):
-            print(f"error: --{name.replace('_', '-')} must be positive, got {value}", file=sys.stderr)
-            return 1
     limits = Limits(max_body_bytes=args.max_body_bytes, max_items=args.max_items, max_chars=args.max_chars,
                     max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
     settings = Settings(
