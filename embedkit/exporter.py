@@ -155,12 +155,7 @@ def export(
         manifest = _manifest(backbone, probes, digest, key, parity, opset, time.perf_counter() - started)
         if source is not None and source != backbone.name:
             manifest["source"] = source  # the spec (a path, timm:...) that builds it again, e.g. for the torch runtime
-        manifest["files"] = {}
-        for name, source in probes.files().items():
-            shutil.copyfile(source, staging / name)
-            manifest["files"][name] = sha256_file(staging / name)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        artifact = store.commit(staging, backbone.name, digest)
+        artifact = commit_artifact(store, staging, backbone.name, digest, manifest, probes)
     finally:
         store.discard(staging)
     logger.info(
@@ -168,6 +163,18 @@ def export(
         parity["exporter"], parity["max_abs_diff"], parity["min_cosine"],
     )
     return artifact
+
+
+def commit_artifact(store: ModelStore, staging: Path, name: str, digest: str, manifest: dict[str, Any],
+                    probes: Any) -> Artifact:
+    """Copy the preprocessing files beside the graph, write the manifest (with each file's sha256)
+    and commit the staged folder as ``<store>/<name>/<digest>``: the last step of an export or import."""
+    manifest["files"] = {}
+    for file, source in probes.files().items():
+        shutil.copyfile(source, staging / file)
+        manifest["files"][file] = sha256_file(staging / file)
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return store.commit(staging, name, digest)
 
 
 def check_expected(backbone: Backbone, digest: str, expect: str | None) -> None:

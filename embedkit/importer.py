@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .artifacts import MANIFEST, MODEL, Artifact, ModelStore, sha256_file
+from .artifacts import MODEL, Artifact, ModelStore, sha256_file
 from .backbone import Backbone, OnnxModel, TextPreprocess
 from .errors import ExportError, InvalidBackboneError
 from .probes import LIMITS, TextProbes, cosine, onnx_runner, passes
@@ -281,7 +280,7 @@ def import_onnx(backbone: Backbone, store: ModelStore, key: str, expect: str | N
     """
     import onnx
 
-    from .exporter import _finish_graph, _manifest, check_expected
+    from .exporter import _finish_graph, _manifest, check_expected, commit_artifact
 
     started = time.perf_counter()
     probes = TextProbes(backbone)
@@ -300,12 +299,7 @@ def import_onnx(backbone: Backbone, store: ModelStore, key: str, expect: str | N
                                   if o.domain in ("", "ai.onnx")), None)
         manifest["source_onnx"] = {"path": backbone.onnx.path, "sha256": sha256_file(backbone.onnx.path),  # type: ignore[union-attr]
                                    "output": backbone.onnx.output, "pooled": backbone.onnx.pooled}  # type: ignore[union-attr]
-        manifest["files"] = {}
-        for name, source in probes.files().items():
-            shutil.copyfile(source, staging / name)
-            manifest["files"][name] = sha256_file(staging / name)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        artifact = store.commit(staging, backbone.name, digest)
+        artifact = commit_artifact(store, staging, backbone.name, digest, manifest, probes)
     finally:
         store.discard(staging)
     logger.info("imported ONNX-only %s -> %s (vs source max|diff| %.2e)", backbone.name, artifact.digest[:12],
