@@ -223,3 +223,17 @@ def test_predict_with_a_bad_item_predicts_the_others_and_exits_2(trained):
             assert rows[1]["error_code"] == "invalid_utf8" and "label" not in rows[1]
         else:
             assert rows == ["lost_or_stolen_card", "!invalid_utf8", "exchange_rate"]
+
+
+@pytest.mark.parametrize("action", ["info", "verify", "gc", "failures"])
+def test_store_commands_on_a_folder_that_is_not_a_store(tmp_path, action):
+    mine = tmp_path / "documents"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    done = run_cli("store", action, str(mine))
+    assert done.returncode == 1 and "is not a feature store" in done.stderr  # was exit 0 with no output
+    assert (mine / "notes.txt").read_text() == "mine" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = run_cli("store", action, str(empty))
+    assert done.returncode == 0 and "holds no features yet" in done.stderr

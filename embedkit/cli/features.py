@@ -222,9 +222,17 @@ def missing_files_hint(codes: list[str], source: Path) -> str | None:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
+    from ..errors import StoreError
     from ..store import FeatureStore
 
     store = FeatureStore(args.path)
+    root = Path(args.path)
+    if not any(root.glob("*/*/namespace.json")) and not any(root.glob("*/*/commits")):
+        if any(root.iterdir()):  # another folder given by mistake: say so (gc there would touch nothing anyway)
+            raise StoreError(f"{root} is not a feature store: it holds no <backbone>/<digest>/namespace.json; "
+                             "give the folder that `embedkit extract --out` wrote")
+        print(f"{root} holds no features yet (an empty folder)", file=sys.stderr)
+        return 0
     if args.action == "failures":
         return store_failures(store, args)
     if args.action == "info":
