@@ -140,7 +140,7 @@ def save(model: Any, path: str | os.PathLike[str]) -> Path:
         manifest = {
             **stamp("model"),
             "format": FORMAT,
-            "backbone": {"name": embedder.backbone_name_, "digest": embedder.digest_, "spec": str(embedder.backbone)},
+            "backbone": {"name": embedder.backbone_name_, "digest": embedder.digest_, "spec": _portable_spec(embedder.backbone)},
             "embedder": {k: v for k, v in embedder.get_params().items() if k not in ("backbone", "store")},
             "head": {"kind": kind, "class": f"{type(head).__module__}.{type(head).__qualname__}",
                      "files": {f: sha256_file(staging / f) for f in HEAD_FILES[kind]}},
@@ -177,6 +177,13 @@ def _read_meta(folder: Path, marker: str, what: str) -> dict[str, Any]:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise ArtifactError(f"{folder}: {what} format {found}, this embedkit reads {FORMAT}")
     return meta
+
+
+def _portable_spec(spec: Any) -> str:
+    """The backbone spec as recorded in ``model.json``: a local folder given by a relative path is
+    recorded absolute, so the model re-exports it from any working directory."""
+    text = str(spec)
+    return str(Path(text).resolve()) if not Path(text).is_absolute() and Path(text).exists() else text
 
 
 def load(path: str | os.PathLike[str], store: str | None = None, trust_pickle: bool = False) -> Any:

@@ -6,6 +6,7 @@ folder" is one the test owns (platformdirs puts it at ``$XDG_CACHE_HOME/embedkit
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -227,3 +228,20 @@ def test_one_graph_stored_under_two_names_is_still_found_by_digest(tmp_path):
     assert digests[0] == digests[1] and len(list(store.glob("*/*/model.onnx"))) == 2
     assert ModelStore(store).get(digests[0]).digest == digests[0]
     assert ModelStore(store).get(digests[0][:12]).digest == digests[0]
+
+
+@linux_only
+def test_a_backbone_given_by_relative_path_is_recorded_absolute_and_re_exported_from_elsewhere(tmp_path):
+    a = tmp_path / "a"
+    (a / "run").mkdir(parents=True)
+    onnx_folder(tmp_path / "backbone")
+    done = subprocess.run([sys.executable, "-c", SAVE, "../backbone", "run/model"], capture_output=True, text=True,
+                          cwd=a, env=user_env(tmp_path / "cache"), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    digest = done.stdout.split("DIGEST ")[1].split()[0]
+    recorded = json.loads((a / "run" / "model" / "model.json").read_text())["backbone"]["spec"]
+    assert recorded == str(tmp_path / "backbone")  # was "../backbone": meaningless from another folder
+    env = {**user_env(tmp_path / "cache"), "EMBEDKIT_HOME": str(tmp_path / "empty-store")}
+    done = predict_from(tmp_path / "elsewhere", a / "run" / "model", env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in artifacts(tmp_path / "empty-store")] == [digest]
