@@ -102,7 +102,7 @@ class Namespace:
 
         from .paths import member  # the shard name comes from a commit record: keep it inside shards/
 
-        source = pa.memory_map(str(member(self.path / "shards", f"{shard}.arrow", error=StoreError)), "r")
+        source = pa.memory_map(os.fsencode(member(self.path / "shards", f"{shard}.arrow", error=StoreError)), "r")
         reader = pa.ipc.open_file(source)
         meta = reader.schema.metadata or {}
         digest = meta.get(b"embedkit.digest", b"").decode()
@@ -328,7 +328,7 @@ class Namespace:
                         "embedkit.schema": str(SCHEMA_VERSION),
                     })
                     target = tmp
-                    with pa.OSFile(str(tmp), "wb") as sink:
+                    with pa.OSFile(os.fsencode(tmp), "wb") as sink:
                         with pa.ipc.new_file(sink, table.schema) as writer:
                             writer.write_table(table)
                     with open(tmp, "rb") as f:

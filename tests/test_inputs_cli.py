@@ -198,3 +198,16 @@ def test_embed_writes_and_replaces_a_parquet_file_whose_name_is_not_utf8(minilm,
     with open(out, "rb") as f:
         table = pq.read_table(f)
     assert table.num_rows == 2 and b"embedkit.digest" in table.schema.metadata
+
+
+def test_a_feature_store_in_a_folder_whose_name_is_not_utf8(minilm, tmp_path: Path):
+    store = os.fsdecode(os.fsencode(tmp_path) + b"/d\xfe")  # the name as Python's os functions give it
+    os.mkdir(store)
+    src = tmp_path / "t.txt"
+    src.write_text("my card is lost\nwhat is the rate\n")
+    done = run_cli("extract", str(src), "--backbone", "minilm-l6", "--out", os.path.join(store, "fs"), "--no-progress")
+    assert done.returncode == 0, done.stderr  # was a UnicodeEncodeError inside pyarrow, leaving an empty namespace
+    ids, X = FeatureStore(os.path.join(store, "fs")).load("minilm-l6")
+    assert len(ids) == 2 and X.shape == (2, 384)
+    np.testing.assert_allclose(X, embedkit.embed(["my card is lost", "what is the rate"], backbone="minilm-l6").vectors,
+                               atol=1e-5)
