@@ -228,7 +228,13 @@ def _rows(path: Path, column: str | None, id_column: str | None) -> Iterator[tup
             reader = csv.DictReader(_limited(f, path), **dialect)
             try:
                 _check_columns(path, reader.fieldnames or [], column, id_column)
+                width = len(reader.fieldnames or [])
                 for n, row in enumerate(reader, start=1):
+                    cells = width + len(row.get(None) or []) - sum(v is None for k, v in row.items() if k is not None)
+                    if cells != width:  # an unquoted separator in a cell, or a cut row: no cell is guessed
+                        yield n, ItemFailure("invalid_row", "read", f"row {n} has {cells} cells, the header "
+                                             f"{width}{' (quote cells that hold the separator)' if cells > width else ''}"), None
+                        continue
                     yield n, row[column] if column else None, row[id_column] if id_column else None
             except csv.Error as exc:
                 why = (f"a cell over {MAX_RECORD_CHARS} characters" if "field limit" in str(exc) else

@@ -217,3 +217,21 @@ def test_a_parquet_table_whose_name_is_not_utf8_is_read(tmp_path: Path):
     assert count_items(path, "text") == 2
     assert [item.payload for item in iter_items(path, "text", "text")] == ["a card", "a rate"]
     assert read_texts(path, "label") == ["c", "r"]
+
+
+def test_csv_and_tsv_rows_with_the_wrong_number_of_cells_are_row_errors(tmp_path):
+    from embedkit.sources import iter_items
+    from embedkit.text import ItemFailure
+
+    table = tmp_path / "t.csv"
+    table.write_text("text,label\nfine text,a\nhello, world,b\ncut row\nlast,c\n")
+    items = list(iter_items(table, "text", "text"))
+    assert len(items) == 4  # one item per row, each in its place
+    assert items[0].payload == "fine text" and items[3].payload == "last"
+    assert isinstance(items[1].payload, ItemFailure) and items[1].payload.code == "invalid_row"
+    assert "3 cells, the header 2" in items[1].payload.message  # was silently text 'hello'
+    assert isinstance(items[2].payload, ItemFailure) and "1 cells" in items[2].payload.message
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("text\tlabel\na\tx\nb\tc\ty\n")
+    rows = list(iter_items(tsv, "text", "text"))
+    assert rows[0].payload == "a" and rows[1].payload.code == "invalid_row"
