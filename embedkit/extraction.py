@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .sources import Item, content_id, iter_items
+from .sources import Item, fingerprint, iter_items
 from .store import FeatureStore, Namespace
 
 logger = logging.getLogger(__name__)
@@ -183,16 +183,7 @@ class _Run:
         """The content fingerprint of a user-id item (the id itself is one otherwise)."""
         if not self.user_ids:
             return None
-        payload = item.payload
-        if self.modality == "image" and isinstance(payload, str):
-            from .sources import _file_id
-
-            return _file_id(payload)
-        if isinstance(payload, str):
-            return content_id(payload.encode("utf-8", "surrogatepass"))
-        if isinstance(payload, (bytes, bytearray, memoryview)):
-            return content_id(bytes(payload))
-        return None  # no content (a bad row): the item fails when encoded
+        return fingerprint(item.payload, self.modality)  # None for no content (a bad row): it fails when encoded
 
     def count(self, item_id: str, ok: bool, n: int = 1, tick: bool = True) -> None:
         if ok:

@@ -135,12 +135,23 @@ class Item:
     source: str
 
 
-def _text_id(payload: Any, where: str) -> str:
+def fingerprint(payload: Any, modality: str) -> str | None:
+    """The content hash of a payload: a text's UTF-8 bytes (``str`` or ``bytes``), an image file's
+    bytes (see :func:`_file_id`), raw bytes as given; ``None`` when there is no content to hash
+    (an unreadable row, an in-memory image: see :func:`image_id`). Item ids and the fingerprints
+    the feature store keeps beside user ids both come from here."""
+    if modality == "image" and isinstance(payload, str):
+        return _file_id(payload)
     if isinstance(payload, str):
         return content_id(payload.encode("utf-8", "surrogatepass"))
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return content_id(bytes(payload))
-    return "src-" + content_id(where.encode("utf-8", "surrogateescape"))  # no content: fails by its locator
+    return None
+
+
+def _text_id(payload: Any, where: str) -> str:
+    # no content: the item fails when encoded, identified by its locator
+    return fingerprint(payload, "text") or "src-" + content_id(where.encode("utf-8", "surrogateescape"))
 
 
 def image_id(image: Any, where: str) -> str:
