@@ -135,21 +135,24 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def debris_of(name: str, final_name: str) -> tuple[int, str] | None:
+    """``(writer pid, "tmp" | "old")`` when ``name`` is a staging copy or set-aside version of
+    ``final_name`` (named by :func:`_sibling`), else None."""
+    prefix = f".{final_name}."
+    if not name.startswith(prefix):
+        return None
+    tag, _, suffix = name[len(prefix):].rpartition(".")
+    pid = tag.split("-")[0]
+    return (int(pid), suffix) if suffix in (STAGING, ASIDE) and pid.isdigit() else None
+
+
 def _debris(final: Path) -> list[tuple[Path, int, str]]:
     """(path, writer pid, tmp|old) of every staging folder or set-aside version of ``final``."""
-    found = []
-    prefix = f".{final.name}."
     try:
         entries = list(final.parent.iterdir())
     except OSError:
-        return found
-    for p in entries:
-        rest = p.name[len(prefix):] if p.name.startswith(prefix) else ""
-        tag, _, suffix = rest.rpartition(".")
-        pid = tag.split("-")[0]
-        if suffix in (STAGING, ASIDE) and pid.isdigit():
-            found.append((p, int(pid), suffix))
-    return found
+        return []
+    return [(p, *found) for p in entries if (found := debris_of(p.name, final.name)) is not None]
 
 
 def _alive(pid: int) -> bool:

@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from .atomic import debris_of
 from .errors import OutputError, OutputExistsError, OutputFolderMissingError, OutputIsInputError
 
 # kind -> the marker file embedkit writes into a folder output of that kind
@@ -100,10 +101,6 @@ def _json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _is_debris(name: str, of: str) -> bool:
-    return name.startswith(f".{of}.") and name.rsplit(".", 1)[-1] in ("tmp", "old")
-
-
 def foreign_entries(path: Path, kind: str) -> list[str] | None:
     """The entries of folder ``path`` that an earlier output of ``kind`` would not hold, or
     None when ``path`` is not such an output at all (no marker of that kind)."""
@@ -135,7 +132,7 @@ def foreign_entries(path: Path, kind: str) -> list[str] | None:
     else:
         allowed = _FIXED[kind]
     allowed |= {marker}
-    foreign = [e for e in entries if e not in allowed and not _is_debris(e, marker)]
+    foreign = [e for e in entries if e not in allowed and debris_of(e, marker) is None]
     if kind == "train-head" and "model" in entries:
         # the saved model inside is replaced with the folder: files of yours in it count too
         model = path / "model"
