@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .sources import Item, fingerprint, iter_items
+from .shards import ShardJob, ShardOutcome, compute_shard
 from .store import FeatureStore, Namespace
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,6 @@ class _Shard:
     def __init__(self) -> None:
         self.items: list[Item] = []  # to compute
         self.contents: list[str | None] = []  # their content fingerprints (user ids only)
-        self.waiting: dict[str, int] = {}  # id -> later copies in this shard waiting on its result
         self.size = 0  # source items in this shard, computed or not
 
 
@@ -89,6 +89,11 @@ def extract(
     verify: bool = True,
     models: str | None = None,
     progress: Callable[[int], None] | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None,
     **options: Any,
 ) -> ExtractReport:
     """Extract features of every item of ``source`` into a :class:`FeatureStore`.
@@ -104,11 +109,18 @@ def extract(
         verify: check every committed shard's checksum first; damaged ones are set aside
             and their items recomputed.
         models: the model store (default ``$EMBEDKIT_HOME``, else the user cache folder).
+        engine: ``local`` (this process) or ``ray`` (Ray Data actors, see :mod:`embedkit.ray`);
+            both run the same shard worker (:func:`embedkit.shards.compute_shard`).
+        address, workers, cpus_per_worker, gpus_per_worker: the Ray engine's cluster address
+            (default: a private local Ray on 127.0.0.1), actors (encoders), and resources per actor.
         options: encoder options (device, threads, batch_tokens, batch_size, workers, ...).
 
     Raises:
         OutputError: ``store`` is refused before any work: its folder is missing, it is, holds
             or lies inside ``source``, or it exists and is not a feature store (nor empty).
+        ValueError: an unknown ``engine``, or Ray options with the local engine.
+        RayClusterError: (engine ``ray``) the cluster at ``address`` cannot be reached.
+        IncompleteExtractionError: (engine ``ray``) planned shards are neither committed nor failed.
     """
     from .encoder import encoder_for
     from .exporter import resolve
@@ -116,10 +128,22 @@ def extract(
 
     if shard_size is not None and (not isinstance(shard_size, int) or shard_size < 1):  # 0 is refused, not "default"
         raise ValueError(f"shard_size must be a positive int or None, got {shard_size!r}")
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    ray_options = {"address": address, "workers": workers, "cpus_per_worker": cpus_per_worker,
+                   "gpus_per_worker": gpus_per_worker}
+    if engine == "local" and any(v is not None for v in ray_options.values()):
+        given = ", ".join(k for k, v in ray_options.items() if v is not None)
+        raise ValueError(f"{given} apply to engine='ray' only")
     check_output(store, "feature-store", inputs=[source])  # before any work: not an input, not a foreign folder
     start = time.perf_counter()
     artifact = resolve(backbone, models)
-    encoder = encoder_for(artifact, **options)
+    if engine == "ray":
+        from .ray import RayRunner
+
+        runner: Any = RayRunner(artifact, store, options, models=models, **ray_options)
+    else:
+        runner = _LocalRunner(encoder_for(artifact, **options))
     namespace = FeatureStore(store).namespace(artifact)
     namespace.check_writable()  # a read-only or full store fails before any compute
     report = ExtractReport(backbone=artifact.name, digest=artifact.digest, namespace=str(namespace.path))
@@ -130,8 +154,25 @@ def extract(
     stored = namespace.stored()  # id -> content fingerprint, from earlier runs
     run = _Run(report, progress, bool(id_column), artifact.modality)
     size = shard_size or SHARD_SIZE[artifact.modality]
+    try:
+        runner.start(namespace, run)
+        _plan(source, artifact.modality, column, id_column, size, stored, run, runner)
+        runner.close()
+    finally:
+        runner.stop()
+    report.seconds = time.perf_counter() - start
+    if report.changed:
+        logger.info("%d ids had another content (or none recorded) in the store: recomputed", report.changed)
+    logger.info("extract %s (%s): %s", artifact.name, artifact.digest[:12], report.summary())
+    return report
+
+
+def _plan(source: Any, modality: str, column: str | None, id_column: str | None, size: int,
+          stored: dict[str, str], run: "_Run", runner: Any) -> None:
+    """Stream the source into shards of ``size`` source items and hand each to ``runner``."""
+    report = run.report
     shard = _Shard()
-    for item in iter_items(source, artifact.modality, column, id_column):
+    for item in iter_items(source, modality, column, id_column):
         report.total += 1
         shard.size += 1
         fp = run.fingerprint(item)
@@ -140,8 +181,8 @@ def extract(
             run.conflict(item, first[1])
         elif item.id in run.conflicted:
             run.count(item.id, ok=False)
-        elif item.id in shard.waiting:
-            shard.waiting[item.id] += 1
+        elif item.id in run.waiting:
+            run.waiting[item.id] += 1
         elif item.id in stored and (not id_column or stored[item.id] == fp):
             report.cached += 1
             run.count(item.id, ok=True)
@@ -154,16 +195,11 @@ def extract(
                 logger.debug("id %r (%s): content changed since it was stored; recomputing", item.id, item.source)
             shard.items.append(item)
             shard.contents.append(fp if id_column else None)
-            shard.waiting[item.id] = 0
+            run.waiting[item.id] = 0
         if shard.size >= size:
-            _flush(shard, encoder, namespace, run)
+            _submit(shard, run, runner)
             shard = _Shard()
-    _flush(shard, encoder, namespace, run)
-    report.seconds = time.perf_counter() - start
-    if report.changed:
-        logger.info("%d ids had another content (or none recorded) in the store: recomputed", report.changed)
-    logger.info("extract %s (%s): %s", artifact.name, artifact.digest[:12], report.summary())
-    return report
+    _submit(shard, run, runner)
 
 
 class _Run:
@@ -178,6 +214,7 @@ class _Run:
         self.ok_rows: dict[str, int] = {}
         self.conflicted: set[str] = set()
         self.pending: list[dict[str, Any]] = []  # conflict records for the next commit
+        self.waiting: dict[str, int] = {}  # id queued for compute -> later copies waiting on its result
 
     def fingerprint(self, item: Item) -> str | None:
         """The content fingerprint of a user-id item (the id itself is one otherwise)."""
@@ -219,49 +256,54 @@ def _tick(progress: Callable[[int], None] | None, n: int = 1) -> None:
         progress(n)
 
 
-def _flush(shard: _Shard, encoder: Any, namespace: Namespace, run: _Run) -> None:
-    report = run.report
-    ticks = len(shard.items) + sum(shard.waiting.values())
+class _LocalRunner:
+    """Runs each shard job in this process, as it is planned."""
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
+
+    def start(self, namespace: Namespace, run: _Run) -> None:
+        self.namespace, self.run = namespace, run
+
+    def submit(self, job: ShardJob) -> None:
+        settle(job, compute_shard(job, self.encoder, self.namespace), self.run)
+
+    def close(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def _submit(shard: _Shard, run: _Run, runner: Any) -> None:
+    """Turn a planned shard into a job (ids that conflicted since they were queued fail here)."""
     keep = [n for n, item in enumerate(shard.items) if item.id not in run.conflicted]
     for n, item in enumerate(shard.items):  # an id that conflicted since it was queued: not embedded
         if item.id in run.conflicted:
-            run.count(item.id, ok=False, n=1 + shard.waiting.pop(item.id, 0), tick=False)
+            copies = 1 + run.waiting.pop(item.id, 0)
+            run.count(item.id, ok=False, n=copies, tick=False)
+            _tick(run.progress, copies)
     items = [shard.items[n] for n in keep]
-    contents = [shard.contents[n] for n in keep]
     if not items and not run.pending:
-        _tick(run.progress, ticks)
         return
-    ok = np.zeros(0, dtype=bool)
-    failures: list[dict[str, Any]] = []
-    vectors = np.empty((0, namespace.dim), np.float32)
-    stats: dict[str, Any] = {}
-    if items:
-        result = encoder.encode([item.payload for item in items])
-        ok = np.asarray(result.ok, dtype=bool)
-        for error in result.errors:
-            item = items[error.index]
-            failures.append({"id": item.id, "source": item.source, "stage": error.stage,
-                             "code": error.code, "message": error.message})
-            run.failed.add(item.id)
-        vectors = result.vectors[ok] if ok.any() else vectors
-        report.truncated += int(getattr(result.stats, "truncated", 0))
-        runtime = encoder.runtime
-        # provenance: every runtime passed this artifact's gate, so shards may mix them
-        stats["runtime"] = {"kind": type(runtime).__name__, "device": runtime.device,
-                            "providers": list(runtime.providers)}
-    good = [item for item, k in zip(items, ok) if k]
-    ids = [item.id for item in good]
-    sources = [item.source for item in good]
-    fps = [c for c, k in zip(contents, ok) if k] if run.user_ids else None
     conflicts, run.pending = run.pending, []
-    namespace.commit(ids, vectors, sources, failures + conflicts,
-                     {"computed": len(ids), "failed": len(failures), "conflicts": len(conflicts), **stats},
-                     contents=fps)
+    runner.submit(ShardJob(items, [shard.contents[n] for n in keep], conflicts, user_ids=run.user_ids))
+
+
+def settle(job: ShardJob, outcome: ShardOutcome, run: _Run) -> None:
+    """Count a committed job's items (and the later copies of them that waited) in the report."""
+    report = run.report
+    ticks = 0
+    ids = [item.id for item, k in zip(job.items, outcome.ok) if k]
+    run.failed.update(f["id"] for f in outcome.failures)
     run.done.update(ids)
     report.shards += 1
     report.computed += len(ids)
-    for item, k in zip(items, ok):
-        copies = 1 + shard.waiting.get(item.id, 0)
+    report.truncated += outcome.truncated
+    for item, k in zip(job.items, outcome.ok):
+        copies = 1 + run.waiting.pop(item.id, 0)
+        ticks += copies
         report.duplicates += copies - 1
-        run.count(item.id, ok=bool(k), n=copies, tick=False)
+        ok = bool(k) and item.id not in run.conflicted  # a conflict found after it was queued (Ray windows)
+        run.count(item.id, ok=ok, n=copies, tick=False)
     _tick(run.progress, ticks)
