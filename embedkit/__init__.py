@@ -77,6 +77,8 @@ _EXPORTS = {
     "UnsavableHeadError": "errors",
     "DatasetError": "errors",
     "UsageError": "errors",
+    "RayClusterError": "errors",
+    "IncompleteExtractionError": "errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

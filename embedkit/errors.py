@@ -210,3 +210,24 @@ class UsageError(EmbedkitError, ValueError):
 
 class DatasetError(EmbedkitError, ValueError):
     """Labelled data too small or too degenerate for what was asked (one class, too few examples)."""
+
+
+class RayClusterError(EmbedkitError, ConnectionError):
+    """The Ray cluster named by ``address`` cannot be reached (or a local Ray could not start)."""
+
+    def __init__(self, address: str | None, reason: str):
+        self.address = address
+        where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
+        fix = ("check the address (host:port of the head's GCS, or 'auto' inside a cluster) and that the head is "
+               "running (`ray status`)") if address else "run without --engine ray, or see the Ray logs"
+        super().__init__(f"cannot reach {where}: {reason}; {fix}")
+
+
+class IncompleteExtractionError(EmbedkitError, RuntimeError):
+    """An extraction ended with planned shards neither committed nor recorded as failed (run it again)."""
+
+    def __init__(self, report: object, missing: int):
+        self.report = report
+        self.missing = missing
+        super().__init__(f"{missing} planned item(s) are neither stored nor recorded as failed (workers lost); "
+                         "run the same command again: committed shards are not computed again")

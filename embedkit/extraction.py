@@ -33,7 +33,8 @@ SHARD_SIZE = {"text": 4096, "image": 512}
 
 @dataclass
 class ExtractReport:
-    """What an extraction did; ``ok + failed == total`` always.
+    """What an extraction did; ``ok + failed + missing == total`` always (``missing``: Ray engine only,
+    items of jobs lost with the cluster; the run then raises IncompleteExtractionError).
 
     ``ok`` counts every item whose embedding is in the store now: ``computed`` here,
     ``cached`` from earlier runs, and ``duplicates`` (content or id seen before in this run).
@@ -52,6 +53,8 @@ class ExtractReport:
     truncated: int = 0
     shards: int = 0
     quarantined: int = 0
+    missing: int = 0
+    engine: str = "local"
     seconds: float = 0.0
     backbone: str = ""
     digest: str = ""
@@ -146,7 +149,7 @@ def extract(
         runner = _LocalRunner(encoder_for(artifact, **options))
     namespace = FeatureStore(store).namespace(artifact)
     namespace.check_writable()  # a read-only or full store fails before any compute
-    report = ExtractReport(backbone=artifact.name, digest=artifact.digest, namespace=str(namespace.path))
+    report = ExtractReport(backbone=artifact.name, digest=artifact.digest, namespace=str(namespace.path), engine=engine)
     if verify:
         problems = namespace.verify(deep=True)
         namespace.quarantine(problems)
