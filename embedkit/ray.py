@@ -79,8 +79,13 @@ def local_cluster(cpus: float | None = None, address: str | None = None) -> Iter
     """
     ray = _ray()
     if ray.is_initialized():
+        connected = ray.get_runtime_context().gcs_address
+        if address and address not in ("auto", connected):
+            raise RayClusterError(address, f"this process is connected to the Ray at {connected} already; "
+                                           "call ray.shutdown() first, or leave the address out to use that one")
         yield False
         return
+    watchdog = None
     if address:
         _check_reachable(address)
         try:
@@ -94,15 +99,85 @@ def local_cluster(cpus: float | None = None, address: str | None = None) -> Iter
         constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported before the variable was set
         path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
         env = {k: v for k, v in {"PYTHONPATH": path, "EMBEDKIT_HOME": os.environ.get("EMBEDKIT_HOME")}.items() if v}
+        watchdog = _watchdog()
         try:
             ray.init(num_cpus=int(cpus or os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
                      configure_logging=False, runtime_env={"env_vars": env})
         except Exception as exc:
+            _release(watchdog)
             raise RayClusterError(None, f"{type(exc).__name__}: {exc}") from exc
     try:
         yield True
     finally:
-        ray.shutdown()
+        try:
+            ray.shutdown()
+        finally:
+            _release(watchdog)
+
+
+# Ray fate-shares its raylet and GCS with the driver, but its per-node agents poll for their
+# parent and can outlive a driver killed with SIGKILL. This watchdog (its own session, so Ctrl-C
+# in the terminal does not reach it) records the driver's descendants twice a second; when the
+# driver is gone (its pipe closes, however it ended) it kills those still alive.
+_WATCH = r"""
+import os, select, signal, sys
+driver, me = int(sys.argv[1]), os.getpid()
+def family():
+    kids = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            kids.setdefault(int(fields[1]), []).append((int(name), fields[19]))
+    out, todo = {}, [driver]
+    while todo:
+        for pid, start in kids.get(todo.pop(), []):
+            if pid != me:
+                out[pid] = start
+                todo.append(pid)
+    return out
+def started(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+seen = {}
+while True:
+    ready, _, _ = select.select([0], [], [], 0.5)
+    if ready and not os.read(0, 1):
+        break
+    seen.update(family())
+for pid, start in seen.items():
+    if started(pid) == start:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+"""
+
+
+def _watchdog() -> Any:
+    import subprocess
+
+    if not os.path.isdir("/proc"):
+        return None
+    return subprocess.Popen([sys.executable, "-c", _WATCH, str(os.getpid())], stdin=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def _release(watchdog: Any) -> None:
+    """Close the watchdog's pipe: it kills what of this Ray is still alive, then exits."""
+    if watchdog is None:
+        return
+    watchdog.stdin.close()
+    try:
+        watchdog.wait(timeout=30)
+    except Exception:  # noqa: BLE001 - never leave it behind
+        watchdog.kill()
 
 
 def _in_process_plugins() -> list[str]:

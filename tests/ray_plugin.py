@@ -21,6 +21,10 @@ class Poisoned(Pooled):
         import torch
 
         if not torch.onnx.is_in_onnx_export() and bool((input_ids == MARKER_TOKEN).any()):
+            log = os.environ.get("EMBEDKIT_TEST_POISON_LOG")
+            if log:  # the test counts the attempts
+                with open(log, "a") as f:
+                    f.write(f"{os.getpid()}\n")
             os._exit(17)  # the whole worker process dies, like a segfault in native code
         return super().forward(input_ids, attention_mask)
 

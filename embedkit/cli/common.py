@@ -17,6 +17,7 @@ from ..errors import UsageError
 
 EXIT_USAGE = 1
 EXIT_FAILED_ITEMS = 2
+EXIT_INCOMPLETE = 3  # extract --engine ray: planned items neither stored nor failed (workers lost); rerun
 OUTPUT_SUFFIXES = (".npy", ".parquet")
 GLOB_CHARS = "*?["
 

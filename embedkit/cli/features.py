@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UnsupportedInputError
-from .common import (EXIT_FAILED_ITEMS, OUTPUT_SUFFIXES, existing_dir, existing_or_glob, existing_path, non_negative_int,
-                     positive_int, store_arg)
+from .common import (EXIT_FAILED_ITEMS, EXIT_INCOMPLETE, OUTPUT_SUFFIXES, existing_dir, existing_or_glob, existing_path,
+                     non_negative_float, non_negative_int, positive_float, positive_int, store_arg)
 
 
 def add_parsers(sub: Any) -> None:
@@ -51,7 +51,16 @@ def add_parsers(sub: Any) -> None:
                    help="auto: the faster one measured by `embedkit tune` on this device")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--batch-size", type=positive_int, help="images per batch")
-    p.add_argument("--workers", type=positive_int, help="image decoding threads")
+    p.add_argument("--workers", type=positive_int,
+                   help="local engine: image decoding threads; --engine ray: actors (one encoder each)")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process; ray: Ray Data actors, same shards and commit records (pip install "
+                        "'embedkit[ray]')")
+    p.add_argument("--address", help="--engine ray: the Ray cluster (HOST:PORT, auto, ray://...); default: a private "
+                                     "local Ray on 127.0.0.1, shut down after the run")
+    p.add_argument("--cpus-per-worker", type=positive_float,
+                   help="--engine ray: CPUs per actor (default: fractional, so the actors fit the machine)")
+    p.add_argument("--gpus-per-worker", type=non_negative_float, help="--engine ray: GPUs per actor (default 0)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     store_arg(p)
@@ -172,21 +181,42 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from ..outputs import check_output
     from ..sources import count_items
 
+    from ..errors import IncompleteExtractionError, UsageError
+
+    ray = args.engine == "ray"
+    if not ray:
+        given = [o for o, v in (("--address", args.address), ("--cpus-per-worker", args.cpus_per_worker),
+                                ("--gpus-per-worker", args.gpus_per_worker)) if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} apply to --engine ray")
     check_output(args.out, "feature-store", inputs=[args.source])  # before the backbone is resolved (or exported)
     artifact = resolve(args.backbone, args.store)
     options: dict[str, Any] = {"device": args.device, "threads": args.threads, "runtime": args.runtime}
-    if artifact.modality == "image":
+    if ray:
+        options.update(engine="ray", address=args.address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                       gpus_per_worker=args.gpus_per_worker)
+        if artifact.modality == "image":
+            options.update(batch_size=args.batch_size)
+    elif artifact.modality == "image":
         options.update(batch_size=args.batch_size, workers=args.workers)
     elif args.batch_size or args.workers:
-        raise UnsupportedInputError("--batch-size and --workers apply to image backbones")
+        raise UnsupportedInputError("--batch-size and --workers apply to image backbones (or --workers to --engine ray)")
     from tqdm import tqdm
 
     total = None if args.no_progress else count_items(args.source, artifact.modality)
-    with tqdm(total=total, unit="item", disable=args.no_progress, file=sys.stderr, smoothing=0.1) as bar:
-        report = extract(
-            args.source, artifact, args.out, column=args.column, id_column=args.id_column,
-            shard_size=args.shard_size, verify=not args.no_verify, progress=bar.update, **options,
-        )
+    import contextlib
+
+    incomplete = None
+    # Ray prints its workers' crash notices on stdout: kept off it, so stdout is only the report
+    quiet = contextlib.redirect_stdout(sys.stderr) if ray else contextlib.nullcontext()
+    with tqdm(total=total, unit="item", disable=args.no_progress, file=sys.stderr, smoothing=0.1) as bar, quiet:
+        try:
+            report = extract(
+                args.source, artifact, args.out, column=args.column, id_column=args.id_column,
+                shard_size=args.shard_size, verify=not args.no_verify, progress=bar.update, **options,
+            )
+        except IncompleteExtractionError as exc:  # reconciled: some planned items neither stored nor failed
+            report, incomplete = exc.report, exc
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     print(extract_summary(report), file=sys.stderr)
@@ -197,6 +227,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
         hint = missing_files_hint(codes, Path(args.source))
         if hint:
             print(f"note: {hint}", file=sys.stderr)
+    if incomplete is not None:
+        print(f"error: {incomplete}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     if report.failed > args.max_failures:
         print(f"error: {report.failed} items failed (--max-failures {args.max_failures}); "
               f"see `embedkit store failures {args.out}`", file=sys.stderr)
@@ -208,7 +241,8 @@ def extract_summary(report: Any) -> str:
     """One line for people: counts, and a rate only when something was computed."""
     rate = f"; {report.computed / report.seconds:.0f} items/s computed" if report.computed and report.seconds > 0 else ""
     return (f"{report.total} items: {report.ok} ok ({report.computed} computed, {report.cached} already cached, "
-            f"{report.duplicates} duplicates), {report.failed} failed, {report.truncated} truncated{rate} "
+            f"{report.duplicates} duplicates), {report.failed} failed, {report.truncated} truncated"
+            f"{f', {report.missing} missing' if getattr(report, 'missing', 0) else ''}{rate} "
             f"-> {report.namespace}")
 
 

@@ -1,0 +1,229 @@
+"""The Ray Data engine (issue 14): same store as the local engine, exactly once under kill -9 of an
+actor or of the driver, a poison item recorded as worker_crashed in bounded time, EmbedBatch, a
+private local Ray bound to loopback that leaves nothing running.
+
+One local Ray per module (2 CPUs, fractional CPUs per actor) serves the in-process tests; the CLI
+tests start their own through `embedkit extract --engine ray`, as a user does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
+
+import embedkit  # noqa: E402
+from embedkit import FeatureStore  # noqa: E402
+from embedkit.errors import RayClusterError  # noqa: E402
+from support import ROOT, read_banking, run_cli  # noqa: E402
+
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory, model_store):
+    """One private local Ray for the module, started the way the engine starts it; gone after."""
+    import ray_plugin
+
+    from embedkit.ray import local_cluster
+
+    log = tmp_path_factory.mktemp("poison") / "attempts.log"
+    os.environ["EMBEDKIT_TEST_POISON_LOG"] = str(log)  # before Ray starts: its workers inherit it
+    embedkit.register_plugin(ray_plugin, "ray_plugin")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with local_cluster(cpus=2) as started:
+        assert started
+        children = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        yield log
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"Ray processes left after shutdown: {[p.pid for p in alive]}"
+
+
+def sorted_store(path: Path, backbone: str) -> tuple[np.ndarray, np.ndarray]:
+    ids, X = FeatureStore(path).load(backbone)
+    order = np.argsort(ids)
+    return ids[order], np.asarray(X)[order]
+
+
+def test_ray_store_equals_local_store_and_a_rerun_computes_nothing(ray_cluster, tmp_path: Path):
+    texts, _ = read_banking("test", limit=300)
+    items = texts + texts[:7] + [None, ""]  # duplicates, a bad row, an empty text
+    local = embedkit.extract(items, "tiny-ray", tmp_path / "local", shard_size=40)
+    ray = embedkit.extract(items, "tiny-ray", tmp_path / "ray", shard_size=40, engine="ray", workers=2)
+    for key in ("total", "ok", "failed", "computed", "duplicates", "shards"):
+        assert getattr(ray, key) == getattr(local, key), key
+    assert ray.ok + ray.failed == ray.total == len(items) and ray.failed == 1
+    ids_l, X_l = sorted_store(tmp_path / "local", "tiny-ray")
+    ids_r, X_r = sorted_store(tmp_path / "ray", "tiny-ray")
+    assert ids_l.tolist() == ids_r.tolist() and len(ids_r) == len(set(items) - {None})
+    assert np.abs(X_l - X_r).max() <= 1e-6
+    codes = sorted(f["code"] for f in FeatureStore(tmp_path / "ray").failures("tiny-ray"))
+    assert codes == sorted(f["code"] for f in FeatureStore(tmp_path / "local").failures("tiny-ray")) == ["not_text"]
+    again = embedkit.extract(items, "tiny-ray", tmp_path / "ray", shard_size=40, engine="ray", workers=2)
+    assert again.computed == 0 and again.cached == len(items) - 1  # only the bad row is tried again
+    info = FeatureStore(tmp_path / "ray").info()[0]
+    assert info["shard_rows"] == info["rows"] == len(ids_r)  # every item in exactly one shard
+
+
+def test_a_poison_item_is_recorded_as_worker_crashed_in_bounded_time(ray_cluster, tmp_path: Path):
+    from ray_plugin import MARKER
+
+    texts = [f"message {i} about a card payment" for i in range(40)]
+    items = texts[:13] + [f"the {MARKER} over the bank"] + texts[13:]
+    start = time.monotonic()
+    report = embedkit.extract(items, "tiny-ray-poison", tmp_path / "fs", shard_size=8, engine="ray", workers=2,
+                              runtime="torch")
+    took = time.monotonic() - start
+    assert (report.total, report.ok, report.failed, report.missing) == (41, 40, 1, 0)
+    failures = FeatureStore(tmp_path / "fs").failures("tiny-ray-poison")
+    assert [(f["source"], f["code"], f["stage"]) for f in failures] == [("item 13", "worker_crashed", "model")]
+    ids, _ = sorted_store(tmp_path / "fs", "tiny-ray-poison")
+    assert len(ids) == 40 and len(set(ids.tolist())) == 40
+    attempts = ray_cluster.read_text().split()
+    from embedkit.ray import MAX_TASK_RETRIES
+
+    assert 2 <= len(attempts) <= 2 * (1 + MAX_TASK_RETRIES), attempts  # bounded: never retried forever
+    assert took < 240, took
+
+
+def test_embed_batch_adds_columns_and_never_raises_for_a_bad_row(ray_cluster, tmp_path: Path):
+    import ray.data
+
+    from embedkit.ray import EmbedBatch
+
+    texts = ["a card payment", None, "", "where is my refund", None, "b" * 3]  # None: a missing cell
+    ds = ray.data.from_items([{"n": n, "text": t} for n, t in enumerate(texts)])
+    out = ds.map_batches(EmbedBatch, fn_constructor_kwargs={"backbone": "tiny-ray", "column": "text"},
+                         concurrency=1, num_cpus=0.5, batch_size=4).take_all()
+    rows = sorted(out, key=lambda r: r["n"])
+    assert [bool(r["ok"]) for r in rows] == [True, False, True, True, False, True]
+    assert [r["error_code"] for r in rows][1] == "not_text" and rows[4]["error_code"] == "not_text"
+    expected = embedkit.embed([t for t in texts if isinstance(t, str)], "tiny-ray").vectors
+    got = np.stack([r["embedding"] for r in rows if r["ok"]])
+    assert np.abs(got - expected).max() <= 1e-6
+    assert np.isnan(rows[1]["embedding"]).all()
+
+
+def test_an_unreachable_address_is_a_typed_error_naming_it(ray_cluster, tmp_path: Path):
+    (tmp_path / "t.txt").write_text("a text\n")  # in process: connected to the module's Ray already
+    with pytest.raises(RayClusterError, match="127.0.0.1:9"):
+        embedkit.extract(tmp_path / "t.txt", "minilm-l6", tmp_path / "fs", engine="ray", address="127.0.0.1:9")
+    done = run_cli("extract", str(tmp_path / "t.txt"), "--out", str(tmp_path / "fs2"), "--engine", "ray",
+                   "--address", "127.0.0.1:9", "--no-progress")
+    assert done.returncode == 1 and "error: cannot reach the Ray cluster at '127.0.0.1:9'" in done.stderr, done.stderr
+
+
+# -- the CLI, with its own private Ray, killed at moments that matter -------------------------
+def banking_file(tmp_path: Path, n: int) -> tuple[Path, set[str]]:
+    from embedkit.sources import content_id
+
+    texts, _ = read_banking("train", limit=n)
+    texts = [" ".join(t.split()) for t in texts]
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(texts) + "\n")
+    return source, {content_id(t.encode()) for t in texts}
+
+
+def start_cli(source: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "embedkit.cli", "extract", str(source), "--out", str(out), "--engine", "ray",
+         "--workers", "2", "--shard-size", "20", "--no-progress", "--json", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
+
+
+def wait_for_commits(out: Path, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list(out.glob("*/*/commits/*.json"))) >= n:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {n} commits: {proc.stderr.read()}")
+        time.sleep(0.05)
+    pytest.fail("no commit in time")
+
+
+def descendants(pid: int) -> list:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def listening(procs: list) -> list[tuple[str, int, str]]:
+    found = []
+    for p in procs:
+        try:
+            for c in p.net_connections("inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    found.append((c.laddr.ip, c.laddr.port, p.name()))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def assert_every_item_once(out: Path, expected: set[str]) -> None:
+    ids, X = FeatureStore(out).load("minilm-l6")
+    assert sorted(ids.tolist()) == sorted(expected)
+    info = FeatureStore(out).info()[0]
+    assert info["shard_rows"] == info["rows"] == len(expected), info  # no item in two shards
+
+
+def test_cli_kill_9_of_an_actor_completes_every_item_once_on_loopback_only(minilm, tmp_path: Path):
+    source, expected = banking_file(tmp_path, 300)
+    out = tmp_path / "fs"
+    out.mkdir()
+    proc = start_cli(source, out)
+    try:
+        wait_for_commits(out, 2, proc)
+        family = descendants(proc.pid)
+        sockets = listening([psutil.Process(proc.pid), *family])
+        actors = [p for p in family if "_ShardActor" in " ".join(p.cmdline() or [p.name()])]
+        assert actors, [p.name() for p in family]
+        os.kill(actors[0].pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr
+    report = json.loads(stdout)
+    assert (report["total"], report["ok"], report["failed"], report["missing"]) == (300, 300, 0, 0)
+    assert_every_item_once(out, expected)
+    assert sockets and all(ip in LOOPBACK for ip, _, _ in sockets), sockets  # nothing bound outside loopback
+    gone, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [(p.pid, p.name()) for p in alive]  # no process of the run left
+
+
+def test_cli_kill_9_of_the_driver_then_rerun_has_every_item_once(minilm, tmp_path: Path):
+    source, expected = banking_file(tmp_path, 200)
+    out = tmp_path / "fs"
+    out.mkdir()
+    proc = start_cli(source, out)
+    try:
+        wait_for_commits(out, 2, proc)
+        family = descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(family, timeout=60)
+        leftover = [(p.pid, p.name()) for p in alive]
+        for p in alive:
+            p.kill()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not leftover, f"Ray processes outlived their driver: {leftover}"
+    rerun = start_cli(source, out)
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    report = json.loads(stdout)
+    assert report["ok"] == 200 and report["cached"] + report["computed"] + report["duplicates"] == 200
+    assert report["cached"] > 0  # the committed shards of the killed run were not computed again
+    assert_every_item_once(out, expected)
