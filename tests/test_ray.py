@@ -202,28 +202,30 @@ def test_cli_kill_9_of_an_actor_completes_every_item_once_on_loopback_only(minil
     assert not alive, [(p.pid, p.name()) for p in alive]  # no process of the run left
 
 
-def test_cli_kill_9_of_the_driver_then_rerun_has_every_item_once(minilm, tmp_path: Path):
-    source, expected = banking_file(tmp_path, 200)
+def test_cli_ctrl_c_then_kill_9_of_the_driver_then_rerun_has_every_item_once(minilm, tmp_path: Path):
+    source, expected = banking_file(tmp_path, 300)
     out = tmp_path / "fs"
     out.mkdir()
-    proc = start_cli(source, out)
-    try:
-        wait_for_commits(out, 2, proc)
-        family = descendants(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        gone, alive = psutil.wait_procs(family, timeout=60)
-        leftover = [(p.pid, p.name()) for p in alive]
-        for p in alive:
-            p.kill()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert not leftover, f"Ray processes outlived their driver: {leftover}"
+    for sig, commits in ((signal.SIGINT, 1), (signal.SIGKILL, 4)):  # Ctrl-C, then kill -9 later on
+        proc = start_cli(source, out)
+        try:
+            wait_for_commits(out, commits, proc)
+            family = descendants(proc.pid)
+            os.kill(proc.pid, sig)
+            proc.wait(timeout=120)
+            gone, alive = psutil.wait_procs(family, timeout=60)
+            leftover = [(p.pid, p.name()) for p in alive]
+            for p in alive:
+                p.kill()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode != 0, sig
+        assert not leftover, f"Ray processes outlived their driver ({sig.name}): {leftover}"
     rerun = start_cli(source, out)
     stdout, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr
     report = json.loads(stdout)
-    assert report["ok"] == 200 and report["cached"] + report["computed"] + report["duplicates"] == 200
-    assert report["cached"] > 0  # the committed shards of the killed run were not computed again
+    assert report["ok"] == 300 and report["cached"] + report["computed"] + report["duplicates"] == 300
+    assert report["cached"] > 0  # the committed shards of the interrupted runs were not computed again
     assert_every_item_once(out, expected)
