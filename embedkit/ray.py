@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 MAX_TASK_RETRIES = 2  # a job is tried 1 + this many times per pass (two passes: whole, then item by item)
 MAX_RESTARTS = 4  # per actor; each pass starts fresh actors
+CLOCK_MARGIN_NS = 600 * 10**9  # 10 minutes
 WINDOW_JOBS = 64  # shard jobs planned ahead per Ray Data run (bounds the driver's memory)
 LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray's "single machine" mode: the node address is 127.0.0.1
@@ -209,7 +210,7 @@ def _register(modules: list[str]) -> None:
 class _ShardActor:
     """One encoder per actor; runs shard jobs through the shared shard worker."""
 
-    def __init__(self, artifact: str, store: str, options: dict[str, Any], plugins: list[str]) -> None:
+    def __init__(self, artifact: str, store: str, options: dict[str, Any], plugins: list[str], since_ns: int) -> None:
         from .artifacts import Artifact
         from .encoder import encoder_for
         from .store import FeatureStore
@@ -218,7 +219,7 @@ class _ShardActor:
         found = Artifact.open(artifact)
         self.encoder = encoder_for(found, **options)
         self.namespace = FeatureStore(store).namespace(found)
-        self.done = committed_keys(self.namespace)  # a restarted actor sees what its predecessor committed
+        self.done = committed_keys(self.namespace, since_ns)  # a restarted actor sees what its predecessor committed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys, outcomes, errors = [], [], []
@@ -271,7 +272,12 @@ class RayRunner:
 
     # -- the runner protocol of embedkit.extraction ---------------------------------------------
     def start(self, namespace: Any, run: Any) -> None:
+        import time
+
         self.namespace, self.run = namespace, run
+        # this run's commit records only (a failed item is tried again by a rerun, as locally);
+        # the margin covers clocks of other nodes a little behind the driver's
+        self.since_ns = time.time_ns() - CLOCK_MARGIN_NS
         self._cluster = local_cluster(address=self.address)
         self._cluster.__enter__()
         self._size()
@@ -326,7 +332,8 @@ class RayRunner:
             out = ds.map_batches(
                 _ShardActor, batch_size=1, batch_format="numpy",
                 fn_constructor_kwargs={"artifact": str(self.artifact.path), "store": self.store,
-                                       "options": self.options, "plugins": _in_process_plugins()},
+                                       "options": self.options, "plugins": _in_process_plugins(),
+                                       "since_ns": self.since_ns},
                 compute=ray.data.ActorPoolStrategy(size=min(self.workers, len(jobs)),
                                                    max_tasks_in_flight_per_actor=1),
                 num_cpus=self.cpus, num_gpus=self.gpus,
@@ -350,7 +357,7 @@ class RayRunner:
         if not jobs:
             return
         outcomes = self._execute(jobs)
-        done = committed_keys(self.namespace)  # jobs committed whose answer was lost with their worker
+        done = committed_keys(self.namespace, self.since_ns)  # jobs committed whose answer was lost with their worker
         for job in jobs:
             if job.key not in outcomes and job.key in done:
                 outcomes[job.key] = outcome_from_record(job, done[job.key])
@@ -370,7 +377,7 @@ class RayRunner:
         singles = {job.key: [ShardJob([item], [content], user_ids=job.user_ids)
                              for item, content in zip(job.items, job.contents)] for job in lost}
         found = self._execute([s for subs in singles.values() for s in subs])
-        done = committed_keys(self.namespace)
+        done = committed_keys(self.namespace, self.since_ns)
         alive = any(node.get("Alive") for node in ray.nodes())
         attempts = 2 * (1 + MAX_TASK_RETRIES)
         for job in lost:

@@ -59,9 +59,28 @@ def job_key(items: Sequence[Item], contents: Sequence[str | None], extra: Sequen
     return h.hexdigest()[:32]
 
 
-def committed_keys(namespace: Any) -> dict[str, dict[str, Any]]:
-    """Job key -> commit record, for every readable commit that names a key."""
-    return {r["stats"]["key"]: r for r in namespace.commits() if isinstance(r.get("stats"), dict) and r["stats"].get("key")}
+def committed_keys(namespace: Any, since_ns: int = 0) -> dict[str, dict[str, Any]]:
+    """Job key -> commit record, for readable commits named at or after ``since_ns`` that name a key.
+
+    Shard names start with the committing clock's ``time_ns`` (see ``Namespace.commit``), so a
+    run reads only the records of its own time (a long store history is not re-read per window).
+    """
+    import json
+
+    first = f"{max(0, since_ns):020d}"
+    found: dict[str, dict[str, Any]] = {}
+    folder = namespace.path / "commits"
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if path.stem < first:
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # damaged: `verify` reports it; its job is simply computed again
+        stats = record.get("stats") if isinstance(record, dict) else None
+        if isinstance(stats, dict) and stats.get("key") and record.get("shard") == path.stem:
+            found[stats["key"]] = record
+    return found
 
 
 def outcome_from_record(job: ShardJob, record: dict[str, Any]) -> ShardOutcome:
