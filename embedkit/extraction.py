@@ -5,7 +5,9 @@ included), so a rerun after a crash recomputes the interrupted shard with exactl
 of an uninterrupted run: the final store is the same, bit for bit. Within a shard only the
 missing items are encoded (decoding / tokenising in parallel workers overlapped with ONNX
 Runtime, see :mod:`embedkit.encoder`); each shard is committed atomically with the failure
-records of its items.
+records of its items. Planning happens here for every engine; the shard worker that encodes and
+commits a planned shard is :func:`embedkit.shards.compute_shard`, run in this process by the
+local engine and in Ray actors by :mod:`embedkit.ray`.
 
 With user ids (``id_column``) each row's content fingerprint is stored beside its id: a rerun
 recomputes an id whose content changed (``changed`` in the report; the new vector is served),

@@ -11,9 +11,9 @@ lost job item by item in fresh actors, and records an item that still kills its 
 ``worker_crashed`` failure. Jobs are planned and run in windows, so the driver holds a bounded
 number of items at a time.
 
-Without an address the engine starts a private Ray on this machine: every process bound to
-127.0.0.1, the dashboard and usage reporting off, and shut down after the run (also on Ctrl-C).
-``ray`` is imported here only, on first use: ``import embedkit`` never loads it.
+Without an address the engine starts a private Ray on this machine (:mod:`embedkit.raycluster`):
+every process bound to 127.0.0.1, the dashboard and usage reporting off, and shut down after the
+run (also on Ctrl-C). ``ray`` is imported on first use only: ``import embedkit`` never loads it.
 """
 from __future__ import annotations
 
