@@ -44,6 +44,9 @@ def ray_cluster(tmp_path_factory, model_store):
         assert started
         children = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         yield log
+    from embedkit import plugins
+
+    plugins.reset()  # later modules see the installed plugins only
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, f"Ray processes left after shutdown: {[p.pid for p in alive]}"
 
