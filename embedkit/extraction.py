@@ -22,7 +22,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-import numpy as np
 
 from .sources import Item, fingerprint, iter_items
 from .shards import ShardJob, ShardOutcome, compute_shard
