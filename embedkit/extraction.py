@@ -22,7 +22,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-
 from .sources import Item, fingerprint, iter_items
 from .shards import ShardJob, ShardOutcome, compute_shard
 from .store import FeatureStore, Namespace
