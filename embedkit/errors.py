@@ -226,3 +226,7 @@ class NoBlocksError(EmbedkitError, ValueError):
             f"backbone {backbone!r} has no blocks, so unfreeze='last:N' has no meaning ({reason}); "
             "use unfreeze='head' or 'all', or declare the module's ordered blocks, input to output, as "
             "module-path patterns: Backbone(..., blocks=(\"embeddings\", \"encoder.layer.*\"))")
+
+
+class InvalidAugmentError(EmbedkitError, ValueError):
+    """A training augmentation setting out of range (crop scale, aspect ratio, flip probability)."""
