@@ -31,11 +31,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import InvalidBackboneError, InvalidUnfreezeError, NoBlocksError
+from .known_blocks import infer_blocks
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
     from .backbone import Backbone
+
+__all__ = ["FreezePlan", "Group", "Unfreeze", "blocks_of", "infer_blocks", "parse_unfreeze", "plan_freeze",
+           "resolve_blocks"]
 
 KINDS = ("head", "last", "all")
 _LAST = re.compile(r"^last:(\d+)$")
@@ -79,10 +83,6 @@ def parse_unfreeze(spec: str | Unfreeze) -> Unfreeze:
 
 # --------------------------------------------------------------------------- resolving patterns
 
-def _segment_key(segment: str) -> tuple[int, Any]:
-    return (0, int(segment)) if segment.isdigit() else (1, segment)
-
-
 def _expand(names: list[str], pattern: str) -> list[str]:
     """Module paths matching ``pattern`` (``*`` = one segment), in numeric order of the ``*`` segments."""
     if "*" not in pattern:
@@ -94,7 +94,9 @@ def _expand(names: list[str], pattern: str) -> list[str]:
         if len(segments) == len(parts) and all(p == "*" or p == s for p, s in zip(parts, segments)):
             found.append(name)
     stars = [i for i, p in enumerate(parts) if p == "*"]
-    return sorted(found, key=lambda n: [_segment_key(n.split(".")[i]) for i in stars])
+    if all(name.split(".")[i].isdigit() for name in found for i in stars):
+        return sorted(found, key=lambda n: [int(n.split(".")[i]) for i in stars])
+    return found  # named children (torchvision's 'encoder_layer_0'...): registration order
 
 
 class Group:
@@ -154,116 +156,6 @@ def resolve_blocks(module: "nn.Module", patterns: Iterable[str]) -> list[tuple[s
                     "blocks", f"blocks {blocks[owner[id(param)]][0]!r} and {name!r} share parameters: "
                     "blocks must not overlap")
     return blocks
-
-
-# --------------------------------------------------------------------------- inference
-
-def _is_transformers(module: Any) -> bool:
-    return type(module).__module__.startswith("transformers.") and hasattr(module, "config")
-
-
-def _transformers_blocks(module: "nn.Module") -> tuple[str, ...]:
-    from torch import nn
-
-    base_name, base = next(((n, m) for n, m in module.named_modules() if _is_transformers(m)), ("", None))
-    if base is None:
-        return ()
-    # The layer stack: the ModuleList with the most children of one class.
-    stack, size = None, 1
-    for name, child in base.named_modules():
-        if isinstance(child, nn.ModuleList) and len(child) > size and len({type(c) for c in child}) == 1:
-            stack, size = name, len(child)
-    if stack is None:
-        return ()
-    prefix = f"{base_name}." if base_name else ""
-    # The embeddings: direct children of the model (and of the stack's parents) before the stack, holding an nn.Embedding.
-    embeddings: list[str] = []
-    scope, scope_name = base, ""
-    for segment in stack.split("."):
-        for name, child in scope.named_children():
-            if name == segment:
-                break
-            if any(isinstance(m, nn.Embedding) for m in child.modules()):
-                embeddings.append(f"{scope_name}{name}")
-        scope, scope_name = getattr(scope, segment), f"{scope_name}{segment}."
-    blocks = ["+".join(prefix + e for e in embeddings)] if embeddings else []
-    return tuple(blocks + [f"{prefix}{stack}.*"])
-
-
-def _timm_model(module: Any) -> tuple[str, Any] | None:
-    for name, child in module.named_modules():
-        if type(child).__module__.startswith("timm.") and callable(getattr(child, "group_matcher", None)):
-            return name, child
-    return None
-
-
-def _timm_blocks(module: "nn.Module") -> tuple[str, ...]:
-    found = _timm_model(module)
-    if found is None:
-        return ()
-    prefix, model = found
-    from timm.models import group_parameters
-
-    groups = group_parameters(model, model.group_matcher(coarse=False))
-    params = dict(model.named_parameters())
-    blocks = []
-    for names in groups.values():
-        blocks.append("+".join(f"{prefix}.{p}" if prefix else p for p in _cover(model, set(names), params)))
-    return tuple(blocks)
-
-
-def _cover(model: Any, names: set[str], params: dict[str, Any]) -> list[str]:
-    """The fewest module paths (or parameter paths) whose parameters are exactly ``names``."""
-    chosen: list[str] = []
-    for module_name, child in model.named_modules():
-        if not module_name or any(module_name == c or module_name.startswith(c + ".") for c in chosen):
-            continue
-        own = {f"{module_name}.{n}" for n, _ in child.named_parameters()}
-        if own and own <= names:
-            chosen.append(module_name)
-    covered = {n for n in names if any(n.startswith(c + ".") for c in chosen)}
-    return chosen + sorted(names - covered, key=list(params).index)
-
-
-def _vision_blocks(module: "nn.Module") -> tuple[str, ...]:
-    from torch import nn
-
-    for name, child in module.named_modules():
-        prefix = f"{name}." if name else ""
-        kind = type(child).__name__
-        if kind == "EfficientNet" and hasattr(child, "_blocks") and hasattr(child, "_conv_stem"):
-            return (f"{prefix}_conv_stem+{prefix}_bn0", f"{prefix}_blocks.*", f"{prefix}_conv_head+{prefix}_bn1")
-        if kind == "ResNet" and hasattr(child, "layer1") and hasattr(child, "conv1"):
-            return (f"{prefix}conv1+{prefix}bn1",) + tuple(
-                f"{prefix}layer{i}.*" for i in range(1, 5) if hasattr(child, f"layer{i}"))
-        if kind == "VisionTransformer" and hasattr(child, "encoder") and hasattr(child.encoder, "layers"):
-            stem = "+".join(f"{prefix}{p}" for p in ("conv_proj", "class_token", "encoder.pos_embedding")
-                            if _has(child, p))
-            return (stem, f"{prefix}encoder.layers.*", f"{prefix}encoder.ln")
-        if isinstance(getattr(child, "features", None), nn.Sequential):
-            return (f"{prefix}features.*",)
-    return ()
-
-
-def _has(module: Any, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-        return True
-    except AttributeError:
-        return path in dict(module.named_parameters())
-
-
-def infer_blocks(module: "nn.Module") -> tuple[str, ...]:
-    """Block patterns embedkit knows for ``module`` (see the module docstring); ``()`` when none."""
-    import sys
-
-    if "transformers" in sys.modules:
-        found = _transformers_blocks(module)
-        if found:
-            return found
-    if "timm" in sys.modules and _timm_model(module) is not None:
-        return _timm_blocks(module)
-    return _vision_blocks(module)
 
 
 def blocks_of(backbone: "Backbone", module: "nn.Module | None") -> list[tuple[str, Any]]:

@@ -154,6 +154,7 @@ def export(
         digest = sha256_file(staging / MODEL)
         check_expected(backbone, digest, expect)  # before anything is kept
         manifest = _manifest(backbone, probes, digest, key, parity, opset, time.perf_counter() - started)
+        manifest["blocks"] = _block_patterns(backbone, module)
         if source is not None and source != backbone.name:
             manifest["source"] = source  # the spec (a path, timm:...) that builds it again, e.g. for the torch runtime
         artifact = commit_artifact(store, staging, backbone.name, digest, manifest, probes)
@@ -247,6 +248,19 @@ def _finish_graph(path: Path, backbone: Backbone, probes: Probes) -> None:
     except Exception as exc:
         raise ExportError(f"onnx.checker rejected the graph: {exc}") from exc
     onnx.save(model, str(path))
+
+
+def _block_patterns(backbone: Backbone, module: Any) -> list[str]:
+    """The declared blocks, else those embedkit infers for the module (fine-tuning's ``last:N``); [] when none."""
+    from .blocks import infer_blocks
+
+    if backbone.blocks:
+        return list(backbone.blocks)
+    try:
+        return list(infer_blocks(module))
+    except Exception as exc:  # a record for people; the export itself does not depend on it
+        logger.warning("could not infer the blocks of %s: %s: %s", backbone.name, type(exc).__name__, exc)
+        return []
 
 
 def _manifest(

@@ -196,3 +196,11 @@ def test_an_onnx_only_backbone_has_no_blocks():
                                                                    "weights", "license", "onnx")},
                              "blocks": ("encoder.layer.*",)}).validate()
     assert info.value.rule == "blocks"
+
+
+def test_the_manifest_records_declared_or_inferred_blocks(tmp_path):
+    declared = embedkit.export(stack_backbone(blocks=("emb", "layers.*")), tmp_path)
+    assert declared.manifest["blocks"] == ["emb", "layers.*"]
+    assert embedkit.export(text_backbone("custom", Pooled), tmp_path).manifest["blocks"] == []
+    # Blocks are not in the export key: the same network, declared or not, is one artifact.
+    assert embedkit.export(stack_backbone(), tmp_path).digest == declared.digest
