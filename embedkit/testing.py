@@ -94,6 +94,7 @@ def _check_onnx(backbone: Backbone, root: Path, report: dict[str, Any]) -> dict[
     from .probes import TextProbes
 
     report["skipped"]["build"] = "ONNX-only backbone: there is no torch module to build or compare with"
+    report["skipped"]["finetune"] = "ONNX-only backbone: there is no torch module to fine-tune (unfreeze='head' only)"
     try:
         artifact = export(backbone, ModelStore(root / "a"), force=True)
     except ExportError as exc:
