@@ -77,6 +77,10 @@ _EXPORTS = {
     "UnsavableHeadError": "errors",
     "DatasetError": "errors",
     "UsageError": "errors",
+    "InvalidUnfreezeError": "errors",
+    "NoBlocksError": "errors",
+    "InvalidAugmentError": "errors",
+    "ImageAugment": "augment",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

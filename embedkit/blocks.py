@@ -13,13 +13,16 @@ backbone declares them (``Backbone(blocks=(...))``), else :func:`infer_blocks` k
   GPT-2, Llama, ...): the embeddings first (one block: the modules before the layer stack that
   hold an ``nn.Embedding``), then each layer of the stack. all-MiniLM-L6-v2 thus has 7 blocks,
   ``model.embeddings`` and ``model.encoder.layer.0`` .. ``.5``;
-- torchvision-style networks with ``features`` (MobileNetV2/V3, EfficientNet, VGG...): each
-  element of ``features`` (MobileNetV2: stem conv, 17 inverted residuals, last 1x1 conv: 19);
-- EfficientNet-Lite (``efficientnet-lite-pytorch``): stem, each MBConv block, head conv;
+- embedkit-vision's MobileNetV2 (``features``: stem conv, 17 inverted residuals, last 1x1 conv:
+  19) and EfficientNet-Lite (``efficientnet-lite-pytorch``: stem, 16 MBConv blocks, head conv: 18);
 - timm models: timm's own fine-grained grouping, ``model.group_matcher(coarse=False)``, the
-  grouping timm's layer-wise learning-rate decay uses;
-- torchvision ResNets (stem, then each residual block, as timm groups them) and ViTs (stem,
-  each encoder layer, final norm).
+  grouping timm's layer-wise learning-rate decay uses (timm merges a head conv or final norm
+  into the last group);
+- torchvision models: ResNets (stem, then each residual block, as timm groups them), ViTs (stem,
+  each encoder layer, final norm), networks with ``features`` (MobileNetV2/V3, EfficientNet,
+  ConvNeXt, Swin, VGG, DenseNet: each element, a stage of identical blocks split into its
+  blocks, then what follows ``features``), others (Inception, GoogLeNet, ShuffleNet, RegNet,
+  MNASNet) their top-level modules with Sequentials opened and auxiliary classifiers left out.
 
 Blocks without parameters (a pooling layer) are skipped: there is nothing in them to train.
 torch is imported inside functions only.

@@ -60,24 +60,22 @@ def _timm_blocks(module: "nn.Module") -> tuple[str, ...]:
     from timm.models import group_parameters
 
     groups = group_parameters(model, model.group_matcher(coarse=False))
-    params = dict(model.named_parameters())
+    order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    owned = [(name, {f"{name}.{n}" for n, _ in child.named_parameters()}) for name, child in model.named_modules() if name]
     blocks = []
     for names in groups.values():
-        blocks.append("+".join(f"{prefix}.{p}" if prefix else p for p in _cover(model, set(names), params)))
+        blocks.append("+".join(f"{prefix}.{p}" if prefix else p for p in _cover(owned, set(names), order)))
     return tuple(blocks)
 
 
-def _cover(model: Any, names: set[str], params: dict[str, Any]) -> list[str]:
-    """The fewest module paths (or parameter paths) whose parameters are exactly ``names``."""
+def _cover(owned: list[tuple[str, set[str]]], names: set[str], order: dict[str, int]) -> list[str]:
+    """The fewest module paths (then parameter paths) whose parameters are exactly ``names``."""
     chosen: list[str] = []
-    for module_name, child in model.named_modules():
-        if not module_name or any(module_name == c or module_name.startswith(c + ".") for c in chosen):
-            continue
-        own = {f"{module_name}.{n}" for n, _ in child.named_parameters()}
-        if own and own <= names:
+    for module_name, own in owned:
+        if own and own <= names and not any(module_name.startswith(c + ".") for c in chosen):
             chosen.append(module_name)
     covered = {n for n in names if any(n.startswith(c + ".") for c in chosen)}
-    return chosen + sorted(names - covered, key=list(params).index)
+    return chosen + sorted(names - covered, key=order.__getitem__)
 
 
 def _vision_blocks(module: "nn.Module") -> tuple[str, ...]:
@@ -127,9 +125,12 @@ def _torchvision_blocks(model: Any, prefix: str) -> tuple[str, ...]:
         # elements, a stage of identical blocks split into its blocks; then what follows them (a norm).
         rest = [f"{prefix}{n}" for n, c in model.named_children() if n != "features" and any(True for _ in c.parameters())]
         return tuple(_stages(model.features, f"{prefix}features.") + rest)
-    # Inception, GoogLeNet, ShuffleNet, RegNet, MNASNet...: the top-level modules, Sequentials opened.
+    # Inception, GoogLeNet, ShuffleNet, RegNet, MNASNet...: the top-level modules, Sequentials opened;
+    # auxiliary classifiers (GoogLeNet's aux1/aux2, Inception's AuxLogits) are off the embedding's path.
     found: list[str] = []
     for name, child in model.named_children():
+        if name.lower().startswith("aux"):
+            continue
         found += _stages(child, f"{prefix}{name}.") if _is_sequential(child) else [f"{prefix}{name}"]
     return tuple(found)
 

@@ -100,3 +100,8 @@ def test_bad_settings_are_typed_errors(fields, says):
     with pytest.raises(InvalidAugmentError) as info:
         ImageAugment(**fields)
     assert str(info.value).startswith(says) and isinstance(info.value, ValueError)
+
+
+def test_exported_at_the_top_level():
+    assert embedkit.ImageAugment is ImageAugment and embedkit.InvalidAugmentError is InvalidAugmentError
+    assert issubclass(embedkit.InvalidUnfreezeError, ValueError) and issubclass(embedkit.NoBlocksError, ValueError)
