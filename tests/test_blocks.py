@@ -204,3 +204,24 @@ def test_the_manifest_records_declared_or_inferred_blocks(tmp_path):
     assert embedkit.export(text_backbone("custom", Pooled), tmp_path).manifest["blocks"] == []
     # Blocks are not in the export key: the same network, declared or not, is one artifact.
     assert embedkit.export(stack_backbone(), tmp_path).digest == declared.digest
+
+
+class WithToken(Stack):
+    """A bare parameter (a ViT's class token) that belongs to the first block."""
+
+    def __init__(self):
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(4))
+
+    def forward(self, input_ids, attention_mask):
+        return super().forward(input_ids, attention_mask) + self.token
+
+
+def test_a_bare_parameter_joins_a_block():
+    backbone = text_backbone("token", WithToken, dim=4, blocks=("emb+token", "layers.*"))
+    module = backbone.build()
+    blocks = blocks_of(backbone, module)
+    assert blocks[0][0] == "emb+token" and len(blocks) == 12
+    assert {id(p) for p in blocks[0][1].parameters()} == {id(module.emb.weight), id(module.token)}
+    depths = {n: d for n, _, d in plan_freeze(backbone, module, "all").trainable}
+    assert depths["token"] == depths["emb.weight"] == 11 and depths["out.weight"] == 0
