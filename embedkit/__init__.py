@@ -79,6 +79,10 @@ _EXPORTS = {
     "UsageError": "errors",
     "RayClusterError": "errors",
     "IncompleteExtractionError": "errors",
+    "InvalidUnfreezeError": "errors",
+    "NoBlocksError": "errors",
+    "InvalidAugmentError": "errors",
+    "ImageAugment": "augment",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -231,3 +231,23 @@ class IncompleteExtractionError(EmbedkitError, RuntimeError):
         self.missing = missing
         super().__init__(f"{missing} planned item(s) are neither stored nor recorded as failed (workers lost); "
                          "run the same command again: committed shards are not computed again")
+
+
+class InvalidUnfreezeError(EmbedkitError, ValueError):
+    """An ``unfreeze`` value that is not ``head``, ``all`` or ``last:N`` (N from 1 to the number of blocks)."""
+
+
+class NoBlocksError(EmbedkitError, ValueError):
+    """``last:N`` asked of a backbone whose ordered blocks are neither declared nor inferable."""
+
+    def __init__(self, backbone: str, reason: str):
+        self.backbone = backbone
+        self.reason = reason
+        super().__init__(
+            f"backbone {backbone!r} has no blocks, so unfreeze='last:N' has no meaning ({reason}); "
+            "use unfreeze='head' or 'all', or declare the module's ordered blocks, input to output, as "
+            "module-path patterns: Backbone(..., blocks=(\"embeddings\", \"encoder.layer.*\"))")
+
+
+class InvalidAugmentError(EmbedkitError, ValueError):
+    """A training augmentation setting out of range (crop scale, aspect ratio, flip probability)."""

@@ -47,6 +47,7 @@ def export_key(backbone: Backbone, exporter: str = "auto", opset: int = OPSET) -
     if "tokenizer" in spec["preprocess"]:
         spec["preprocess"]["tokenizer"] = sha256_file(spec["preprocess"]["tokenizer"])
     spec.pop("description", None)
+    spec.pop("blocks", None)  # which blocks fine-tuning may train does not change the graph
     spec["weight_files"] = [sha256_file(p) for p in backbone.weight_files]
     if "onnx" in spec:  # ONNX-only: the file's content, not its path; no torch involved
         spec["onnx"] = dict(spec["onnx"], path=sha256_file(spec["onnx"]["path"]))
@@ -153,6 +154,7 @@ def export(
         digest = sha256_file(staging / MODEL)
         check_expected(backbone, digest, expect)  # before anything is kept
         manifest = _manifest(backbone, probes, digest, key, parity, opset, time.perf_counter() - started)
+        manifest["blocks"] = _block_patterns(backbone, module)
         if source is not None and source != backbone.name:
             manifest["source"] = source  # the spec (a path, timm:...) that builds it again, e.g. for the torch runtime
         artifact = commit_artifact(store, staging, backbone.name, digest, manifest, probes)
@@ -246,6 +248,19 @@ def _finish_graph(path: Path, backbone: Backbone, probes: Probes) -> None:
     except Exception as exc:
         raise ExportError(f"onnx.checker rejected the graph: {exc}") from exc
     onnx.save(model, str(path))
+
+
+def _block_patterns(backbone: Backbone, module: Any) -> list[str]:
+    """The declared blocks, else those embedkit infers for the module (fine-tuning's ``last:N``); [] when none."""
+    from .blocks import infer_blocks
+
+    if backbone.blocks:
+        return list(backbone.blocks)
+    try:
+        return list(infer_blocks(module))
+    except Exception as exc:  # a record for people; the export itself does not depend on it
+        logger.warning("could not infer the blocks of %s: %s: %s", backbone.name, type(exc).__name__, exc)
+        return []
 
 
 def _manifest(

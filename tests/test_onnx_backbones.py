@@ -127,7 +127,8 @@ def test_check_backbone_names_applied_and_skipped_rules(tmp_path):
     from embedkit.testing import ONNX_RULES
 
     assert report["rules"] == [r for r in ONNX_RULES if r != "reference"]
-    assert set(report["skipped"]) == {"build", "reference"}
+    assert set(report["skipped"]) == {"build", "finetune", "reference"}
+    assert "no torch module to fine-tune" in report["skipped"]["finetune"]
     assert "no torch module" in report["skipped"]["build"] and "OnnxModel.reference" in report["skipped"]["reference"]
 
 
