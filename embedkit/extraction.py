@@ -246,9 +246,10 @@ def _flush(shard: _Shard, encoder: Any, namespace: Namespace, run: _Run) -> None
         vectors = result.vectors[ok] if ok.any() else vectors
         report.truncated += int(getattr(result.stats, "truncated", 0))
         runtime = encoder.runtime
-        # provenance: every runtime passed this artifact's gate, so shards may mix them
+        # provenance: every runtime passed this artifact's gate, so shards may mix them; the
+        # precision says which shards were computed in bf16 (or by an int8 variant's graph)
         stats["runtime"] = {"kind": type(runtime).__name__, "device": runtime.device,
-                            "providers": list(runtime.providers)}
+                            "providers": list(runtime.providers), "precision": getattr(runtime, "precision", "fp32")}
     good = [item for item, k in zip(items, ok) if k]
     ids = [item.id for item in good]
     sources = [item.source for item in good]
