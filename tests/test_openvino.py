@@ -145,8 +145,8 @@ def test_a_bf16_candidate_that_fails_the_gate_is_never_chosen(cancelling):
 
 
 def test_bf16_on_minilm_is_gated_on_probes_and_sample_and_the_record_names_the_cpu(minilm):
-    texts = read_banking("test", limit=120)[0]
-    record = embedkit.tune(minilm, items=texts, seconds=0.1, runtimes=("onnxruntime", "openvino-bf16"))
+    texts = read_banking("test", limit=60)[0]
+    record = embedkit.tune(minilm, items=texts, seconds=0.05, runtimes=("onnxruntime", "openvino-bf16"))
     row = record["candidates"]["openvino-bf16"]
     cpu = record["machine"]["cpu"]
     assert cpu["bf16"] == has_bf16() and set(cpu["matrix_flags"]).isdisjoint(cpu["absent"])
@@ -229,3 +229,21 @@ def test_missing_openvino_is_a_typed_error_naming_the_extra(tiny_text, monkeypat
         assert type(encoder_for(tiny_text).runtime).__name__ == "Runtime"
     finally:
         (record_dir / f"{tiny_text.digest}.json").unlink()
+
+
+def test_int8_variants_that_exist_are_candidates_gated_like_bf16(tiny_text):
+    from embedkit.tuning import candidates_for
+
+    assert not any(c.startswith("int8-") for c in candidates_for("cpu", tiny_text))
+    variant = embedkit.quantize(tiny_text, "dynamic", store=Path(tiny_text.path).parents[1])
+    assert "int8-dynamic" in candidates_for("cpu", tiny_text)
+    record = embedkit.tune(tiny_text, items=["a card payment", "my top-up failed"] * 10, seconds=0.05,
+                           runtimes=("onnxruntime", "int8-dynamic"))
+    row = record["candidates"]["int8-dynamic"]
+    assert row["precision"] == "int8-dynamic" and row["limits"] == BF16_LIMITS
+    assert row["passes"] == (row["parity"]["min_cosine"] >= 0.9999 and row["sample"]["min_cosine"] >= 0.9999
+                             and row["parity"]["scaled_diff"] <= 1e-2)
+    runtime = make_runtime(tiny_text, "int8-dynamic")
+    assert runtime.model == str(variant.onnx_path) and runtime.precision == "int8-dynamic"
+    with pytest.raises(embedkit.ArtifactError, match="int8-static"):
+        make_runtime(tiny_text, "int8-static")
