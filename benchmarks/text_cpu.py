@@ -16,7 +16,7 @@ by that path, scored on the test sentences) with its delta to fp32. Paths:
   OpenVINO fp32; OpenVINO bf16 and torch bf16 autocast when the CPU has bf16; the int8 variants);
   then ``embedkit.tune`` on a sample and what ``runtime="auto"`` picks.
 
-    .venv/bin/python benchmarks/text_cpu.py [--rounds 5] [--n 2000] [--train 3000]
+    .venv/bin/python benchmarks/text_cpu.py [--rounds 5] [--n 2000] [--train 3000] [--tune-items 500]
 """
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--train", type=int, default=3000, help="train-split sentences for the accuracy heads")
+    parser.add_argument("--tune-items", type=int, default=500, help="sentences embedkit.tune measures on")
     args = parser.parse_args()
 
     import torch
@@ -163,7 +164,7 @@ def main() -> None:
         for name, run in paths.items():
             head = LogisticRegression(max_iter=2000).fit(run(train_texts), train_labels)
             accuracy[name] = float((head.predict(vectors[name]) == np.asarray(labels)).mean())
-        tuned = embedkit.tune(artifact, items=texts[:500], seconds=1.0)
+        tuned = embedkit.tune(artifact, items=texts[: args.tune_items], seconds=1.0)
         auto = encoder_for(artifact).runtime
     fp32 = vectors["embedkit onnxruntime"]
     rate = {name: len(texts) / statistics.median(t) for name, t in times.items()}
@@ -179,7 +180,7 @@ def main() -> None:
         acc = accuracy.get(name)
         print(f"{name:<40} {rate[name]:8.0f} {rate[name] / st32:9.2f} {rate[name] / st16:9.2f} {cos.mean():9.6f} "
               f"{cos.min():9.6f} " + (f"{100 * acc:8.2f} {100 * (acc - base_acc):+6.2f}" if acc is not None else ""))
-    print(f"\nembedkit tune on 500 of these sentences chose {tuned['choice']} ({tuned['precision']}); "
+    print(f"\nembedkit tune on {args.tune_items} of these sentences chose {tuned['choice']} ({tuned['precision']}); "
           f"runtime='auto' now builds {type(auto).__name__} {auto.providers}")
     for name, row in tuned["candidates"].items():
         if "error" in row:
