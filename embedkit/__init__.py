@@ -48,6 +48,7 @@ _EXPORTS = {
     "half": "precision",
     "tune": "tuning",
     "TorchRuntime": "torch_runtime",
+    "OpenVINORuntime": "openvino_runtime",
     "quantization_report": "quantization",
     "extract": "extraction",
     "ExtractReport": "extraction",

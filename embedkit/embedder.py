@@ -31,7 +31,8 @@ class Embedder(TransformerMixin, BaseEstimator):
         reject_blank: images only: refuse blank / placeholder graphics.
         store: model store folder (default ``$EMBEDKIT_HOME``, else the user cache folder).
         runtime: ``auto`` (the one :func:`embedkit.tune` measured faster here; ONNX Runtime
-            when nothing was measured on a CPU), ``onnxruntime``, ``torch`` or ``torch-compile``.
+            when nothing was measured on a CPU), ``onnxruntime``, ``torch``, ``torch-compile``,
+            ``openvino``, ``openvino-bf16``, ``torch-bf16`` or ``int8-<variant>`` (see :mod:`embedkit.tuning`).
 
     Images may be paths, bytes, PIL images or numpy arrays (H, W[, C]); see
     :mod:`embedkit.image` for the decoding policy.

@@ -154,6 +154,7 @@ class Runtime:
         self.threads = threads
         self.streams = streams
         self.halvings = 0  # batches split after running out of memory
+        self.precision = "fp32"  # what the graph computes in; make_runtime names a variant's (fp16, int8-...)
         self.io_binding = self.device == "cuda" if io_binding is None else bool(io_binding)
         self._torch: Any = None  # torch, once looked up for pinned buffers on CUDA (False: not usable)
         self.input_names = [i.name for i in self.sessions[0].get_inputs()]
@@ -211,28 +212,35 @@ class Runtime:
 
     def map(self, batches: Iterable[dict[str, np.ndarray]]) -> Iterator[np.ndarray]:
         """Run batches over all streams; results come back in the order of ``batches``."""
-        if len(self.sessions) == 1:
-            for feeds in batches:
-                yield self.run(feeds)
-            return
-        free: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for k in range(len(self.sessions)):
+        return map_streams(self.run, len(self.sessions), batches)
+
+
+def map_streams(run: Callable[[dict[str, np.ndarray], int], np.ndarray], streams: int,
+                batches: Iterable[dict[str, np.ndarray]]) -> Iterator[np.ndarray]:
+    """``run(feeds, stream)`` over ``streams`` concurrent streams (threads: the runtimes release
+    the GIL); results come back in the order of ``batches``, with a bounded window in flight."""
+    if streams == 1:
+        for feeds in batches:
+            yield run(feeds, 0)
+        return
+    free: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for k in range(streams):
+        free.put(k)
+
+    def job(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        # Each stream serves one batch at a time, so a stream never oversubscribes cores.
+        k = free.get()
+        try:
+            return run(feeds, k)
+        finally:
             free.put(k)
 
-        def job(feeds: dict[str, np.ndarray]) -> np.ndarray:
-            # Each session serves one batch at a time, so a stream never oversubscribes cores.
-            k = free.get()
-            try:
-                return self.run(feeds, k)
-            finally:
-                free.put(k)
-
-        with ThreadPoolExecutor(len(self.sessions)) as pool:
-            pending = []
-            for feeds in batches:
-                pending.append(pool.submit(job, feeds))
-                # Keep a bounded window of work in flight: memory stays flat on long inputs.
-                if len(pending) >= 2 * len(self.sessions):
-                    yield pending.pop(0).result()
-            for future in pending:
-                yield future.result()
+    with ThreadPoolExecutor(streams) as pool:
+        pending = []
+        for feeds in batches:
+            pending.append(pool.submit(job, feeds))
+            # Keep a bounded window of work in flight: memory stays flat on long inputs.
+            if len(pending) >= 2 * streams:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()

@@ -117,9 +117,11 @@ def compute_shard(job: ShardJob, encoder: Any, namespace: Any, done: dict[str, d
         vectors = result.vectors[ok] if ok.any() else vectors
         truncated = int(getattr(result.stats, "truncated", 0))
         runtime = encoder.runtime
-        # provenance: every runtime passed this artifact's gate, so shards may mix them
         stats["runtime"] = {"kind": type(runtime).__name__, "device": runtime.device,
-                            "providers": list(runtime.providers)}
+                            "providers": list(runtime.providers),
+                            # provenance: every runtime passed this artifact's gate, so shards may mix
+                            # them; the precision says which were computed in bf16 or by an int8 graph
+                            "precision": getattr(runtime, "precision", "fp32")}
     good = [item for item, k in zip(job.items, ok) if k]
     fps = [c for c, k in zip(job.contents, ok) if k] if job.user_ids else None
     stats.update(computed=len(good), failed=len(failures), conflicts=len(job.extra), truncated=truncated)

@@ -64,10 +64,13 @@ class TorchRuntime:
         device: ``cpu`` or ``cuda``.
         threads: torch intra-op threads on CPU (default: the cores this process may use).
         compile: wrap the module in ``torch.compile`` (CUDA: 1.8x torch eager on ResNet-50 in DEVICE.md).
+        autocast_bf16: run under ``torch.autocast(device, dtype=torch.bfloat16)`` (matrix products
+            in bf16, reductions and normalisations in fp32); judged by
+            :data:`embedkit.probes.BF16_LIMITS` in :func:`embedkit.tune`, not the fp32 gate.
     """
 
     def __init__(self, artifact: Artifact, device: str = "cpu", threads: int | None = None, compile: bool = False,
-                 store: ModelStore | str | None = None, backbone: Backbone | None = None):
+                 store: ModelStore | str | None = None, backbone: Backbone | None = None, autocast_bf16: bool = False):
         try:
             import torch
         except ImportError as exc:
@@ -85,7 +88,12 @@ class TorchRuntime:
         self.threads = threads or cpu_count()
         self.streams = 1
         self.halvings = 0
-        self.providers = [f"torch-{device}{'-fp16' if self.half else ''}{'-compiled' if compile else ''}"]
+        if autocast_bf16 and self.half:
+            raise ArtifactError(f"{artifact.name} is an fp16 variant; bf16 autocast runs the fp32 artifact's network")
+        self.autocast = autocast_bf16
+        self.precision = "fp16" if self.half else "bf16" if autocast_bf16 else "fp32"
+        self.providers = [f"torch-{device}{'-fp16' if self.half else ''}{'-bf16-autocast' if autocast_bf16 else ''}"
+                          f"{'-compiled' if compile else ''}"]
         if device == "cpu":
             torch.set_num_threads(self.threads)
         else:
@@ -115,7 +123,7 @@ class TorchRuntime:
                     if t.dim() == 4:
                         t = t.contiguous(memory_format=torch.channels_last)
             tensors.append(t)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.module(*tensors)
         return out.float().cpu().numpy()
 

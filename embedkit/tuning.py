@@ -1,40 +1,89 @@
-"""Runtime selection by measurement: which of ONNX Runtime and torch is faster for this artifact here.
+"""Runtime and precision selection by measurement: which runtime, in which precision, is fastest here.
 
-``tune(artifact, device)`` runs a real encoder end to end with each runtime over the same items,
-checks each runtime against the artifact's own ONNX Runtime CPU output on the padded probe
-batches (the export gate:
-:data:`~embedkit.probes.LIMITS` for fp32 artifacts, :data:`~embedkit.probes.FP16_LIMITS` for fp16
-variants), times it, and records the fastest one that passes in
+``tune(artifact, device)`` runs a real encoder end to end with each candidate over the same items
+(:func:`candidates_for`: ONNX Runtime, torch, OpenVINO in fp32; OpenVINO bf16 and torch under bf16
+autocast on a CPU with bf16 in hardware; the artifact's int8 variants that exist). Each candidate
+is gated against the artifact's own ONNX Runtime CPU output, on the padded probe batches and on
+the timed sample (:func:`limits_for`: :data:`~embedkit.probes.LIMITS` for fp32 runtimes,
+:data:`~embedkit.probes.BF16_LIMITS` (min cosine 0.9999) for reduced precision,
+:data:`~embedkit.probes.FP16_LIMITS` for fp16 variants). The fastest that passes is recorded in
 ``<model store>/tuning/<digest>.json`` under a key naming the device (CPU model and cores, or
-the GPU's name). Encoders built with ``runtime="auto"`` (the default) use the recorded choice;
-on CUDA an artifact with no record is tuned once on first use, since the answer differs by
-network (MiniLM: ONNX Runtime faster; ResNet-50: torch faster, per DEVICE.md). On CPU, with no
-record, ONNX Runtime is used: it beat torch eager 1.8x on MiniLM and 3.6x on MobileNetV2 here.
+the GPU's name), with its precision and the CPU's matrix-engine flags. Encoders built with
+``runtime="auto"`` (the default) use the recorded choice; on CUDA an artifact with no record is
+tuned once on first use, since the answer differs by network (MiniLM: ONNX Runtime faster;
+ResNet-50: torch faster, per DEVICE.md). On CPU, with no record, ONNX Runtime is used: it beat
+torch eager 1.8x on MiniLM and 3.6x on MobileNetV2 here.
 """
 from __future__ import annotations
 
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .artifacts import Artifact, ModelStore
 from .atomic import write_atomic
-from .errors import DeviceUnavailableError, EmbedkitError
-from .probes import FP16_LIMITS, LIMITS, onnx_runner, passes, probes_for
+from .errors import ArtifactError, DeviceUnavailableError, EmbedkitError
+from .probes import BF16_LIMITS, FP16_LIMITS, LIMITS, cosine, onnx_runner, passes, probes_for
 from .runtime import Runtime, cpu_count, cuda_unavailable
 
 logger = logging.getLogger(__name__)
 
-RUNTIMES = ("onnxruntime", "torch", "torch-compile")
+RUNTIMES = ("onnxruntime", "torch", "torch-compile", "openvino", "openvino-bf16", "torch-bf16")
+# Candidates that compute an fp32 artifact in reduced precision: judged by BF16_LIMITS, not LIMITS.
+# An int8 variant that exists in the model store is offered as ``int8-<variant>`` (ONNX Runtime
+# running the variant's graph in place of the artifact's) and judged the same way.
+REDUCED = ("openvino-bf16", "torch-bf16")
+INT8 = "int8-"
 
 
-def candidates_for(device: str) -> tuple[str, ...]:
-    """What ``tune`` measures by default: torch.compile only on CUDA (on CPU it needs a C
-    compiler and minutes of compiling for what ONNX Runtime already does faster here)."""
-    return RUNTIMES if device == "cuda" else RUNTIMES[:2]
+def int8_variants(artifact: Artifact) -> dict[str, Artifact]:
+    """The int8 variants of ``artifact`` in its model store: ``{"int8-<variant>": variant}`` (newest each)."""
+    found: dict[str, Artifact] = {}
+    if "precision" in artifact.manifest or "quantization" in artifact.manifest:
+        return found
+    for other in ModelStore.holding(artifact).artifacts():
+        q = other.manifest.get("quantization") or {}
+        if q.get("parent") == artifact.digest and q.get("variant"):
+            found[INT8 + str(q["variant"])] = other  # artifacts() is oldest first: the newest wins
+    return found
+
+
+def candidates_for(device: str, artifact: Artifact | None = None) -> tuple[str, ...]:
+    """What ``tune`` measures by default.
+
+    CUDA: ONNX Runtime, torch, torch.compile. CPU: ONNX Runtime, torch and OpenVINO in fp32; for
+    an fp32 artifact on a CPU with bf16 in hardware (AMX or AVX-512 BF16, :func:`embedkit.cpu.has_bf16`)
+    also OpenVINO bf16 and torch under bf16 autocast; and the artifact's int8 variants that exist.
+    torch.compile is CUDA only (on CPU it needs a C compiler and minutes of compiling for what the
+    other runtimes already do faster here). A variant (fp16, int8) is measured as itself only.
+    """
+    from .cpu import has_bf16
+
+    if device == "cuda":
+        return RUNTIMES[:3]
+    plain = artifact is None or not ("precision" in artifact.manifest or "quantization" in artifact.manifest)
+    if not plain:
+        return RUNTIMES[:2]
+    names = ["onnxruntime", "torch", "openvino"]
+    if has_bf16():
+        names += list(REDUCED)
+    if artifact is not None:
+        names += sorted(int8_variants(artifact))
+    return tuple(names)
+
+
+def limits_for(artifact: Artifact, runtime: str) -> dict[str, float]:
+    """The gate a runtime is judged by: fp16 variants FP16_LIMITS, reduced-precision candidates
+    BF16_LIMITS (min cosine 0.9999; see :mod:`embedkit.probes`), everything else the export's LIMITS."""
+    if artifact.manifest.get("precision", {}).get("dtype") == "fp16":
+        return FP16_LIMITS
+    if runtime in REDUCED or runtime.startswith(INT8):
+        return BF16_LIMITS
+    return LIMITS
 
 
 def device_key(device: str) -> str:
@@ -46,13 +95,9 @@ def device_key(device: str) -> str:
             return f"cuda:{torch.cuda.get_device_name(0)}"
         except Exception:  # noqa: BLE001 - no torch: one key for any GPU
             return "cuda"
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"cpu:{model}:{cpu_count()} cores"
+    from .cpu import cpu_model
+
+    return f"cpu:{cpu_model()}:{cpu_count()} cores"
 
 
 def _path(artifact: Artifact) -> Path:
@@ -67,14 +112,54 @@ def recorded(artifact: Artifact, device: str) -> dict[str, Any] | None:
         return None
 
 
+def _precision_of(artifact: Artifact) -> str:
+    if "quantization" in artifact.manifest:
+        return INT8 + str(artifact.manifest["quantization"].get("variant", "?"))
+    return str(artifact.manifest.get("precision", {}).get("dtype", "fp32"))
+
+
+def _build(artifact: Artifact, runtime: str, device: str, actual: str, threads: int | None,
+           streams: int | None) -> Any:
+    """The runtime object for one explicit ``runtime`` name (errors propagate)."""
+    if runtime.startswith("torch"):
+        from .torch_runtime import TorchRuntime
+
+        if actual == "auto":
+            import torch
+
+            actual = "cuda" if torch.cuda.is_available() else "cpu"
+        return TorchRuntime(artifact, device=actual, threads=threads, compile=runtime == "torch-compile",
+                            autocast_bf16=runtime == "torch-bf16")
+    if runtime.startswith("openvino"):
+        from .openvino_runtime import OpenVINORuntime
+
+        return OpenVINORuntime(artifact, "bf16" if runtime == "openvino-bf16" else "fp32",
+                               device="cpu" if actual == "auto" else actual, threads=threads, streams=streams)
+    if runtime.startswith(INT8):
+        variant = int8_variants(artifact).get(runtime)
+        if variant is None:
+            raise ArtifactError(f"{artifact.name} has no {runtime} variant in its model store; "
+                                f"make it with embedkit.quantize(..., {runtime[len(INT8):]!r})")
+        rt = Runtime(variant.onnx_path, device=device, threads=threads, streams=streams)
+        rt.precision = runtime
+        return rt
+    rt = Runtime(artifact.onnx_path, device=device, threads=threads, streams=streams)
+    rt.precision = _precision_of(artifact)
+    return rt
+
+
 def make_runtime(artifact: Artifact, runtime: str = "auto", device: str = "cpu", threads: int | None = None,
                  streams: int | None = None) -> Any:
-    """A :class:`Runtime` or :class:`~embedkit.torch_runtime.TorchRuntime` for ``artifact``.
+    """The runtime for ``artifact``: :class:`Runtime`, :class:`~embedkit.torch_runtime.TorchRuntime`
+    or :class:`~embedkit.openvino_runtime.OpenVINORuntime`. Each has ``run``, ``map``, ``device``,
+    ``providers`` and ``precision`` (``fp32``, ``bf16``, ``fp16`` or ``int8-<variant>``).
 
-    ``runtime``: ``onnxruntime``, ``torch``, ``torch-compile``, or ``auto`` (the recorded measurement; see the module).
+    ``runtime``: one of :data:`RUNTIMES`, ``int8-<variant>`` (a variant in the model store), or
+    ``auto`` (the recorded measurement; see the module). A recorded choice that cannot run any
+    more (e.g. openvino uninstalled) falls back to ONNX Runtime with a warning; an explicit one raises.
     """
-    if runtime not in ("auto",) + RUNTIMES:
-        raise ValueError(f"runtime must be auto, {', '.join(RUNTIMES)}; got {runtime!r}")
+    if runtime not in ("auto",) + RUNTIMES and not (isinstance(runtime, str) and runtime.startswith(INT8)):
+        raise ValueError(f"runtime must be auto, {', '.join(RUNTIMES)} or int8-<variant>; got {runtime!r}")
     explicit = runtime != "auto"
     if device == "cuda" and runtime in ("auto", "onnxruntime"):
         # Refused before any tuning: one clear error, not a "could not tune" warning and then the error.
@@ -94,20 +179,14 @@ def make_runtime(artifact: Artifact, runtime: str = "auto", device: str = "cpu",
             except Exception as exc:  # noqa: BLE001 - measuring is an optimisation; ONNX Runtime still works
                 logger.warning("could not tune %s on CUDA (%s); using ONNX Runtime", artifact.name, exc)
         runtime = record["choice"] if record is not None else "onnxruntime"
-    if runtime.startswith("torch"):
-        from .torch_runtime import TorchRuntime
-
-        if actual == "auto":
-            import torch
-
-            actual = "cuda" if torch.cuda.is_available() else "cpu"
+    if runtime != "onnxruntime":
         try:
-            return TorchRuntime(artifact, device=actual, threads=threads, compile=runtime == "torch-compile")
+            return _build(artifact, runtime, device, actual, threads, streams)
         except (EmbedkitError, ImportError) as exc:
             if explicit:
                 raise
             logger.warning("the recorded choice for %s is %s, but: %s; using ONNX Runtime", artifact.name, runtime, exc)
-    return Runtime(artifact.onnx_path, device=device, threads=threads, streams=streams)
+    return _build(artifact, "onnxruntime", device, actual, threads, streams)
 
 
 def default_items(artifact: Artifact) -> list[Any]:
@@ -122,26 +201,63 @@ def default_items(artifact: Artifact) -> list[Any]:
     return list(probe_images()) * 8
 
 
-def _rate(encoder: Any, items: list[Any], seconds: float) -> float:
-    """Items/s of the encoder end to end (tokenising or decoding included), after a warm-up."""
+def _rate(encoder: Any, items: list[Any], seconds: float) -> tuple[float, Any]:
+    """Items/s of the encoder end to end (tokenising or decoding included), after a warm-up,
+    and the last pass's :class:`~embedkit.encoder.Embeddings` (for the gate on the sample)."""
     encoder.encode(items[: max(1, len(items) // 4)])  # allocator, cudnn autotuning, compilation
     done, started = 0, time.perf_counter()
     while done < 2 or time.perf_counter() - started < seconds:
-        encoder.encode(items)
+        last = encoder.encode(items)
         done += 1
-    return done * len(items) / (time.perf_counter() - started)
+    return done * len(items) / (time.perf_counter() - started), last
+
+
+def _sample_gate(got: Any, reference: Any) -> dict[str, Any]:
+    """Cosine of a candidate's features to the reference's on the sample (items both embedded)."""
+    both = np.asarray(got.ok, bool) & np.asarray(reference.ok, bool)
+    if not both.any():
+        return {"compared": 0, "min_cosine": float("nan"), "mean_cosine": float("nan")}
+    cos = cosine(got.vectors[both], reference.vectors[both])
+    return {"compared": int(both.sum()), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+            "failed_differently": int((np.asarray(got.ok, bool) != np.asarray(reference.ok, bool)).sum())}
+
+
+def machine(device: str) -> dict[str, Any]:
+    """What the record says about the hardware: the CPU's model and matrix-engine flags, and
+    OpenVINO's view of it (``OPTIMIZATION_CAPABILITIES``, its default inference precision) when installed."""
+    from .cpu import describe
+
+    info: dict[str, Any] = {"cpu": describe()}
+    try:
+        import openvino as ov
+
+        core = ov.Core()
+        info["openvino"] = {"version": ov.__version__,
+                            "capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+                            "default_precision": str(core.get_property("CPU", "INFERENCE_PRECISION_HINT"))}
+    except Exception:  # noqa: BLE001 - openvino absent: the record simply lacks it
+        pass
+    return info
 
 
 def tune(artifact: Artifact | str, device: str = "cpu", items: list[Any] | None = None, seconds: float = 2.0,
          runtimes: tuple[str, ...] | None = None, threads: int | None = None,
          store: ModelStore | str | None = None, progress: Any = None, **options: Any) -> dict[str, Any]:
-    """Measure each runtime on this device, check it against the artifact, record the fastest that passes.
+    """Measure each runtime on this device, gate it against fp32, record the fastest that passes.
 
-    Each runtime drives a real encoder over ``items`` (default: :func:`default_items`; pass a
-    sample of your own data for your lengths and sizes) end to end, as extraction will. ``options``
-    go to the encoder (e.g. ``batch_size``, ``batch_tokens``). Returns the record: ``choice``,
-    ``device`` and per runtime ``items_per_s``, ``parity`` and ``passes`` (or ``error`` when it
-    could not run here). ``progress(done, total)`` is called after each runtime.
+    Each candidate (default: :func:`candidates_for`) drives a real encoder over ``items``
+    (default: :func:`default_items`; pass a sample of your own data for your lengths and sizes)
+    end to end, as extraction will. ``options`` go to the encoder (e.g. ``batch_size``,
+    ``batch_tokens``). The gate (:func:`limits_for`) applies twice: on the padded probe batches
+    against the artifact's ONNX Runtime CPU output, and on the sample against ONNX Runtime's
+    features of the same items (min cosine). Returns the record, also written to the model
+    store: ``choice``, its ``precision``, ``device``, ``machine`` (CPU model, matrix-engine flags,
+    OpenVINO's capabilities) and per candidate ``items_per_s``, ``precision``, ``parity``,
+    ``sample``, ``limits`` and ``passes`` (or ``error`` when it could not run here).
+    ``progress(done, total)`` is called after each candidate.
+
+    Raises:
+        EmbedkitError: no candidate ran correctly (each one's reason in the message).
     """
     from .encoder import encoder_for
     from .exporter import resolve
@@ -149,33 +265,41 @@ def tune(artifact: Artifact | str, device: str = "cpu", items: list[Any] | None 
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
     artifact = resolve(artifact, store) if not isinstance(artifact, Artifact) else artifact
-    half = artifact.manifest.get("precision", {}).get("dtype") == "fp16"
-    limits = FP16_LIMITS if half else LIMITS
     items = list(items) if items is not None else default_items(artifact)
-    runtimes = runtimes or candidates_for(device)
+    runtimes = tuple(runtimes or candidates_for(device, artifact))
     probes = probes_for(artifact)
     reference = onnx_runner(artifact.onnx_path, probes.rank)
+    # The sample's reference features: the artifact itself on ONNX Runtime's CPU provider.
+    expected = encoder_for(artifact, device="cpu", threads=threads, runtime="onnxruntime", **options).encode(items)
     candidates: dict[str, dict[str, Any]] = {}
     for name in runtimes:
+        limits = limits_for(artifact, name)
         try:
             encoder = encoder_for(artifact, device=device, threads=threads, runtime=name, **options)
             rt = encoder.runtime
             parity = probes.compare(rt.run, reference, "onnxruntime-cpu", limits)
-            row = {"items_per_s": _rate(encoder, items, seconds), "parity": parity,
-                   "passes": passes(parity, limits), "providers": list(rt.providers)}
+            rate, last = _rate(encoder, items, seconds)
+            sample = _sample_gate(last, expected)
+            ok = passes(parity, limits) and sample["min_cosine"] >= limits["min_cosine"]
+            row = {"items_per_s": rate, "precision": rt.precision, "parity": parity, "sample": sample,
+                   "limits": limits, "passes": bool(ok), "providers": list(rt.providers)}
+            if hasattr(rt, "compile_seconds"):
+                row["compile_seconds"] = round(rt.compile_seconds, 3)
         except Exception as exc:  # noqa: BLE001 - a runtime that cannot run here is recorded, not fatal
-            row = {"error": f"{type(exc).__name__}: {exc}", "passes": False}
+            row = {"error": f"{type(exc).__name__}: {exc}", "passes": False, "limits": limits}
         candidates[name] = row
         if progress is not None:
             progress(len(candidates), len(runtimes))
         logger.info("tune %s on %s: %s %s", artifact.name, device, name,
-                    f"{row['items_per_s']:.1f} items/s" if "items_per_s" in row else row["error"])
+                    f"{row['items_per_s']:.1f} items/s, sample min cos {row['sample']['min_cosine']:.6f}"
+                    if "items_per_s" in row else row["error"])
     passing = {k: v for k, v in candidates.items() if v["passes"]}
     if not passing:
         raise EmbedkitError(f"no runtime ran {artifact.name} correctly on {device}: "
                             + "; ".join(f"{k}: {v.get('error') or 'failed the parity gate'}" for k, v in candidates.items()))
     choice = max(passing, key=lambda k: passing[k]["items_per_s"])
-    record = {"device": device_key(device), "choice": choice, "items": len(items), "candidates": candidates,
+    record = {"device": device_key(device), "choice": choice, "precision": passing[choice]["precision"],
+              "items": len(items), "candidates": candidates, "machine": machine(device),
               "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path = _path(artifact)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +307,6 @@ def tune(artifact: Artifact | str, device: str = "cpu", items: list[Any] | None 
         records = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         records = {}
-    records[record["device"]] = record
+    records[record["device"]] = json.loads(json.dumps(record, default=str))
     write_atomic(path, json.dumps(records, indent=2, sort_keys=True).encode())
-    return record
+    return records[record["device"]]

@@ -64,6 +64,7 @@ def cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("tune-limit-0", ["tune", "minilm-l6", "--limit", "0"], "--limit"),
         ("tune-seconds-neg", ["tune", "minilm-l6", "--seconds", "-1"], "--seconds"),
         ("tune-seconds-nan", ["tune", "minilm-l6", "--seconds", "nan"], "--seconds"),
+        ("tune-runtime-unknown", ["tune", "minilm-l6", "--runtime", "openvino-int4"], "openvino-int4"),
         ("tune-missing-data", ["tune", "minilm-l6", "--data", MISSING], MISSING),
         ("quantize-limit-neg", ["quantize", "minilm-l6", "--limit", "-2"], "--limit"),
         ("quantize-missing-data", ["quantize", "minilm-l6", "--report", "--data", MISSING], MISSING),

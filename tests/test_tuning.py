@@ -11,7 +11,7 @@ import embedkit
 from embedkit.encoder import encoder_for
 from embedkit.probes import cosine
 from embedkit.torch_runtime import TorchRuntime
-from embedkit.tuning import device_key, recorded
+from embedkit.tuning import candidates_for, device_key, recorded
 from support import read_banking, run_cli
 from tiny import Pooled, text_backbone
 
@@ -34,14 +34,16 @@ def test_torch_runtime_matches_onnx_runtime_on_real_sentences(minilm):
 
 
 def test_tune_records_the_fastest_passing_runtime_and_auto_uses_it(minilm):
-    record = embedkit.tune(minilm, items=read_banking("test", limit=200)[0], seconds=0.2)
-    rates = {k: v["items_per_s"] for k, v in record["candidates"].items()}
-    assert set(rates) == {"onnxruntime", "torch"} and all(r > 0 for r in rates.values())
-    assert all(v["passes"] for v in record["candidates"].values())
-    assert record["choice"] == max(rates, key=rates.get) and record["device"] == device_key("cpu")
+    record = embedkit.tune(minilm, items=read_banking("test", limit=60)[0], seconds=0.1)
+    rows = record["candidates"]
+    rates = {k: v["items_per_s"] for k, v in rows.items() if "items_per_s" in v}
+    assert set(rows) == set(candidates_for("cpu", minilm)) >= {"onnxruntime", "torch", "openvino"}
+    assert all(rates[k] > 0 and rows[k]["passes"] and rows[k]["precision"] == "fp32"
+               for k in ("onnxruntime", "torch", "openvino"))
+    passing = {k: r for k, r in rates.items() if rows[k]["passes"]}
+    assert record["choice"] == max(passing, key=passing.get) and record["device"] == device_key("cpu")
     assert recorded(minilm, "cpu") == record  # read back from the model store
-    expected = TorchRuntime if record["choice"] == "torch" else embedkit.Runtime
-    assert type(encoder_for(minilm).runtime) is expected
+    assert encoder_for(minilm).runtime.providers == rows[record["choice"]]["providers"]
 
     # Only torch measured: torch is recorded, and runtime="auto" now builds the torch runtime.
     torch_only = embedkit.tune(minilm, items=["a short sentence"] * 20, seconds=0.1, runtimes=("torch",))
@@ -75,13 +77,15 @@ def test_fp16_variant_on_cpu_runs_on_onnx_runtime_only(minilm):
 def test_tune_cli_prints_both_runtimes_and_the_choice(minilm, tmp_path):
     data = tmp_path / "sample.txt"
     data.write_text("\n".join(read_banking("test", limit=50)[0]))
-    run = run_cli("tune", "minilm-l6", "--data", str(data), "--seconds", "0.1", "--json")
+    both = ("--runtime", "onnxruntime", "--runtime", "torch")
+    run = run_cli("tune", "minilm-l6", "--data", str(data), "--seconds", "0.1", "--json", *both)
     assert run.returncode == 0, run.stderr
     record = json.loads(run.stdout)
     assert record["items"] == 50 and set(record["candidates"]) == {"onnxruntime", "torch"}
     assert "tune: 100%" in run.stderr and "2/2" in run.stderr  # progress per runtime, on stderr
-    text = run_cli("tune", "minilm-l6", "--data", str(data), "--seconds", "0.1")
+    text = run_cli("tune", "minilm-l6", "--data", str(data), "--seconds", "0.1", *both)
     assert "choice:" in text.stdout and "onnxruntime" in text.stdout and "torch" in text.stdout
+    assert "matrix engines:" in text.stdout and "sample min cos" in text.stdout
 
 
 def test_cuda_requests_are_typed_errors_without_a_gpu(minilm):

@@ -22,7 +22,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--out", required=True, help=".npy or .parquet")
     p.add_argument("--column", help="column holding the texts or image paths (tables; default text / path)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "torch-compile"],
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "torch-compile", "openvino", "openvino-bf16", "torch-bf16"],
                    help="auto: the faster one measured by `embedkit tune` on this device")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--no-truncate", action="store_true", help="text: texts over max length become errors")
@@ -47,7 +47,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--max-failures", type=non_negative_int, default=0, help="exit 2 when more items fail (default 0)")
     p.add_argument("--no-verify", action="store_true", help="skip checksumming the committed shards first")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "torch-compile"],
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "torch-compile", "openvino", "openvino-bf16", "torch-bf16"],
                    help="auto: the faster one measured by `embedkit tune` on this device")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--batch-size", type=positive_int, help="images per batch")

@@ -31,11 +31,13 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("check", help="run the backbone contract (embedkit.testing.check_backbone)")
     p.add_argument("backbone")
 
-    p = sub.add_parser("tune", help="measure ONNX Runtime vs torch for a backbone on this device; record the faster")
+    p = sub.add_parser("tune", help="measure runtimes and precisions (ONNX Runtime, torch, OpenVINO; fp32, bf16, int8) "
+                                    "for a backbone on this device; record the fastest that passes the gate")
     p.add_argument("backbone", help="name, digest, or a variant's name (e.g. minilm-l6-fp16)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--runtime", action="append", choices=["onnxruntime", "torch", "torch-compile"],
-                   help="repeatable (default: onnxruntime and torch; on CUDA also torch-compile)")
+    p.add_argument("--runtime", action="append", type=runtime_name,
+                   help="repeatable: onnxruntime, torch, torch-compile, openvino, openvino-bf16, torch-bf16, "
+                        "int8-<variant> (default: every candidate for this device and CPU, see embedkit.tuning)")
     p.add_argument("--data", type=existing_file, help="a sample of your items (.txt, .csv, .tsv, .jsonl, .parquet); default: shipped sentences / probe images")
     p.add_argument("--column", help="payload column (default text / path)")
     p.add_argument("--limit", type=positive_int, default=1000, help="items used from --data (default 1000)")
@@ -146,6 +148,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def runtime_name(value: str) -> str:
+    """A ``--runtime`` value of ``tune``: a runtime name or ``int8-<variant>`` (argparse type)."""
+    from ..quantization import VARIANTS
+    from ..tuning import INT8, RUNTIMES
+
+    if value in RUNTIMES or (value.startswith(INT8) and value[len(INT8):] in VARIANTS):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid runtime {value!r}: choose from {', '.join(RUNTIMES)} or "
+                                     f"{', '.join(INT8 + v for v in VARIANTS)}")
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from ..exporter import resolve
     from ..sources import iter_items
@@ -162,15 +175,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(record, indent=2))
         return 0
+    cpu = record.get("machine", {}).get("cpu")
     print(f"{artifact.name} {artifact.digest[:12]} on {record['device']} ({record['items']} items, end to end)")
+    if cpu:
+        ov = record["machine"].get("openvino")
+        print(f"  matrix engines: {', '.join(cpu['matrix_flags']) or 'none'}; absent: {', '.join(cpu['absent']) or 'none'}"
+              + (f"; OpenVINO {ov['version'].split('-')[0]} capabilities {', '.join(ov['capabilities'])}" if ov else ""))
+    print(f"  {'candidate':<15} {'precision':<14} {'items/s':>9}  {'probe min cos':>13}  {'sample min cos':>14}  gate")
     for name, row in record["candidates"].items():
         if "error" in row:
-            print(f"  {name:<12} cannot run here: {row['error']}")
+            print(f"  {name:<15} cannot run here: {row['error']}")
             continue
         gate = "passes" if row["passes"] else "FAILS"
-        print(f"  {name:<12} {row['items_per_s']:9.1f} items/s  parity max|diff| {row['parity']['max_abs_diff']:.3g} "
-              f"min cos {row['parity']['min_cosine']:.6f} ({gate})")
-    print(f"choice: {record['choice']} (recorded; encoders with runtime='auto' on this device use it)")
+        print(f"  {name:<15} {row['precision']:<14} {row['items_per_s']:9.1f}  {row['parity']['min_cosine']:13.6f}  "
+              f"{row['sample']['min_cosine']:14.6f}  {gate} (>= {row['limits']['min_cosine']})")
+    print(f"choice: {record['choice']} ({record.get('precision', 'fp32')}; recorded: encoders with runtime='auto' "
+          "on this device use it)")
     return 0
 
 
