@@ -212,6 +212,21 @@ class DatasetError(EmbedkitError, ValueError):
     """Labelled data too small or too degenerate for what was asked (one class, too few examples)."""
 
 
+class InvalidUnfreezeError(EmbedkitError, ValueError):
+    """An ``unfreeze`` value that is not ``head``, ``all`` or ``last:N`` (N from 1 to the number of blocks)."""
+
+
+class NoBlocksError(EmbedkitError, ValueError):
+    """``last:N`` asked of a backbone whose ordered blocks are neither declared nor inferable."""
+
+    def __init__(self, backbone: str, reason: str):
+        self.backbone = backbone
+        self.reason = reason
+        super().__init__(
+            f"backbone {backbone!r} has no blocks, so unfreeze='last:N' has no meaning ({reason}); "
+            "use unfreeze='head' or 'all', or declare the module's ordered blocks, input to output, as "
+            "module-path patterns: Backbone(..., blocks=(\"embeddings\", \"encoder.layer.*\"))")
+
 class CheckpointError(EmbedkitError, ValueError):
     """A fine-tuning checkpoint that cannot be resumed: unreadable, or made with other settings or data."""
 

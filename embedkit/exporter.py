@@ -47,6 +47,7 @@ def export_key(backbone: Backbone, exporter: str = "auto", opset: int = OPSET) -
     if "tokenizer" in spec["preprocess"]:
         spec["preprocess"]["tokenizer"] = sha256_file(spec["preprocess"]["tokenizer"])
     spec.pop("description", None)
+    spec.pop("blocks", None)  # which blocks fine-tuning may train does not change the graph
     spec["weight_files"] = [sha256_file(p) for p in backbone.weight_files]
     if "onnx" in spec:  # ONNX-only: the file's content, not its path; no torch involved
         spec["onnx"] = dict(spec["onnx"], path=sha256_file(spec["onnx"]["path"]))
