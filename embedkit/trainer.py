@@ -190,7 +190,7 @@ def train(module: Any, plan: Any, data: Any, y: np.ndarray, train_idx: np.ndarra
                 optimizer.step()
             scheduler.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(loss.item())
             if progress is not None:
                 progress(step, total, {"epoch": epoch + 1, "loss": float(np.mean(losses[-20:]))})
             if folder is not None and s.checkpoint_every and step % s.checkpoint_every == 0 and k + 1 < steps_per_epoch:
