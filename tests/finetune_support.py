@@ -74,3 +74,12 @@ NEG = ["bad movie", "awful film", "boring story", "terrible acting", "weak plot"
        "dull cast", "horrible work"]
 TEXTS = POS + NEG
 LABELS = ["pos"] * len(POS) + ["neg"] * len(NEG)
+
+
+if __name__ == "__main__":  # the embedkit command with the tiny backbones installed, for subprocess tests
+    import sys
+
+    from embedkit.cli import main
+
+    register()
+    sys.exit(main(sys.argv[1:]))
