@@ -241,3 +241,6 @@ class HeadBackboneMismatchError(ArtifactError, ValueError):
             f"this head was trained on features of backbone artifact {head_digest}, but {backbone!r} is artifact "
             f"{backbone_digest}{detail}; a head only works on the features it was trained on: train a new head on "
             f"{backbone!r}'s features (or fine-tune with a head: embedkit.finetune)")
+
+class InvalidAugmentError(EmbedkitError, ValueError):
+    """A training augmentation setting out of range (crop scale, aspect ratio, flip probability)."""

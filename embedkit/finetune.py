@@ -28,6 +28,7 @@ from .errors import DatasetError, DeviceUnavailableError, OutputExistsError, Uns
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("classify", "contrastive")
+CACHED_IMAGES = 4096  # up to this many images, inference pixels are kept in memory (validation, no augmentation)
 
 
 @dataclass
@@ -217,22 +218,22 @@ def _prepare(modality: str, payloads: list[Any], preprocess: Any, augment: bool,
     from .text import ItemFailure
 
     processor = ImageProcessor(preprocess)
+    data = ImageData(payloads, processor, None, device)
     kept = []
     for i, payload in enumerate(payloads):
-        try:
-            processor.open(payload)  # decodes: a bad image is found now, not mid-epoch
-            kept.append(i)
+        try:  # the inference preprocessing: a bad image is found now, not mid-epoch
+            pixels = processor(payload)[0]
         except ItemFailure as exc:
             failures.append({**exc.record(i).to_json(), "split": split})
-    trans = None
+            continue
+        kept.append(i)
+        if len(payloads) <= CACHED_IMAGES:
+            data.cache[i] = pixels
     if augment:
-        try:
-            from .augment import Augmenter
-        except ImportError:  # TODO(blocks): embedkit/augment.py not merged yet
-            logger.warning("training augmentation is not available in this build; training without it")
-        else:
-            trans = Augmenter(processor)
-    return ImageData(payloads, processor, trans, device), kept, failures
+        from .augment import Augmenter
+
+        data.augment = Augmenter(preprocess)
+    return data, kept, failures
 
 
 def data_fingerprint(ids: Sequence[str], labels: Sequence[Any]) -> str:
