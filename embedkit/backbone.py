@@ -10,7 +10,7 @@ from typing import Any, Callable, Union
 
 from .errors import InvalidBackboneError
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._+-]*$")  # "+": fine-tunes, <base>+ft-<hash>
 MODALITIES = ("text", "image")
 POOLINGS = ("mean", "cls", "max", "last")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
@@ -222,7 +222,7 @@ class Backbone:
     with a float32 tensor of shape (N, 3, H, W) made by :class:`ImagePreprocess`.
 
     Attributes:
-        name: registry name, ``[a-z0-9][a-z0-9._-]*``.
+        name: registry name, ``[a-z0-9][a-z0-9._+-]*``.
         modality: ``text`` or ``image``.
         dim: embedding dimension.
         preprocess: declarative, JSON-serialisable preprocessing.
@@ -233,6 +233,13 @@ class Backbone:
         description: one line for ``embedkit backbones``.
         onnx: an :class:`OnnxModel` instead of a builder: an ONNX-only backbone, stored and
             gated without torch.
+        blocks: the module's ordered blocks, input to output, as module-path patterns relative
+            to what :meth:`build` returns, e.g. ``("model.embeddings", "model.encoder.layer.*")``
+            or ``("net.features.*",)``. ``*`` stands for one path segment and expands in numeric
+            order; ``a+b`` makes one block of several modules (a stem's conv and its norm).
+            Fine-tuning's ``unfreeze="last:N"`` trains the last N of them. Empty: embedkit infers
+            them for the networks it knows (see :mod:`embedkit.blocks`). Not part of the export
+            key: blocks do not change what the network computes.
     """
 
     name: str
@@ -245,6 +252,11 @@ class Backbone:
     description: str = ""
     builder: Callable[[], Any] | None = field(default=None, compare=False, repr=False)
     onnx: OnnxModel | None = None
+    blocks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.blocks, list):  # JSON gives lists
+            object.__setattr__(self, "blocks", tuple(self.blocks))
 
     def build(self) -> Any:
         """Return the torch module (``eval()`` mode is set by the exporter)."""
@@ -267,6 +279,7 @@ class Backbone:
             "weight_files": list(self.weight_files),
             "description": self.description,
             **({"onnx": self.onnx.to_json()} if self.onnx is not None else {}),
+            **({"blocks": list(self.blocks)} if self.blocks else {}),
         }
 
     def validate(self) -> None:
@@ -291,6 +304,12 @@ class Backbone:
                 raise InvalidBackboneError(attr, f"{attr} must be a non-empty string")
         if not all(isinstance(p, str) for p in self.weight_files):
             raise InvalidBackboneError("weight_files", "weight_files must be a tuple of path strings")
+        if not isinstance(self.blocks, tuple) or not all(
+                isinstance(b, str) and b.strip() and b == b.strip() for b in self.blocks):
+            raise InvalidBackboneError(
+                "blocks", f"blocks must be a tuple of module-path patterns such as 'encoder.layer.*', got {self.blocks!r}")
+        if self.blocks and self.onnx is not None:
+            raise InvalidBackboneError("blocks", "an ONNX-only backbone has no torch module, so it cannot declare blocks")
         try:
             json.dumps(self.spec())
         except (TypeError, ValueError) as exc:

@@ -47,6 +47,7 @@ def export_key(backbone: Backbone, exporter: str = "auto", opset: int = OPSET) -
     if "tokenizer" in spec["preprocess"]:
         spec["preprocess"]["tokenizer"] = sha256_file(spec["preprocess"]["tokenizer"])
     spec.pop("description", None)
+    spec.pop("blocks", None)  # which blocks fine-tuning may train does not change the graph
     spec["weight_files"] = [sha256_file(p) for p in backbone.weight_files]
     if "onnx" in spec:  # ONNX-only: the file's content, not its path; no torch involved
         spec["onnx"] = dict(spec["onnx"], path=sha256_file(spec["onnx"]["path"]))
@@ -101,7 +102,10 @@ def export(
     """
     source = backbone if isinstance(backbone, str) else None
     if isinstance(backbone, str):
-        backbone = get_backbone(backbone)
+        from .tuned import find
+
+        root = store.root if isinstance(store, ModelStore) else store
+        backbone = (find(backbone, root) if root is not None else None) or get_backbone(backbone)
     backbone.validate()
     if exporter not in ("auto",) + EXPORTERS:
         raise ValueError(f"exporter must be auto, {' or '.join(EXPORTERS)}; got {exporter!r}")
@@ -273,6 +277,7 @@ def _manifest(
         "inputs": probes.input_names,
         "outputs": ["embeddings"],
         "export_seconds": round(seconds, 2),
+        **({"lineage": backbone.lineage, "parent": backbone.parent} if getattr(backbone, "lineage", None) else {}),
         "versions": {
             "embedkit": __version__,
             "torch": _version("torch"),

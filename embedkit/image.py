@@ -288,10 +288,13 @@ class ImageProcessor:
         left = int(round((new_w - crop_w) / 2.0))
         return (new_w, new_h), (left, top, left + crop_w, top + crop_h)
 
-    def _resize(self, band: Any) -> np.ndarray:
+    def _resize(self, band: Any, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        resample = _RESAMPLE[self.preprocess.interpolation]
+        if box is not None:  # a training view: this source region cut out, then resized to the crop size
+            crop_h, crop_w = self.preprocess.crop  # (cut first, as torchvision's resized_crop does)
+            return np.asarray(band.crop(box).resize((crop_w, crop_h), resample), dtype=np.float32)
         width, height = band.size
         (new_w, new_h), crop = self.geometry(width, height)
-        resample = _RESAMPLE[self.preprocess.interpolation]
         size = (crop[2] - crop[0], crop[3] - crop[1])
         if resample == 0:  # nearest: PIL maps a source box differently; resize, then crop
             return np.asarray(band.resize((new_w, new_h), resample).crop(crop), dtype=np.float32)
@@ -301,8 +304,8 @@ class ImageProcessor:
         box = (crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy)
         return np.asarray(band.resize(size, resample, box=box), dtype=np.float32)
 
-    def __call__(self, item: Any) -> tuple[np.ndarray, int]:
-        """``(pixel_values (3, H, W) float32, source pixels)`` or raise :class:`ItemFailure`."""
+    def decode(self, item: Any) -> list[Any]:
+        """The item's float ('F') channel images in 0..255, one (grey) or three, or raise :class:`ItemFailure`."""
         image = self.open(item)
         if self.reject_blank and self._is_blank(image):
             raise ItemFailure(
@@ -311,20 +314,35 @@ class ImageProcessor:
                 f"{BLANK_FRACTION:.0%} of the pixels (pass reject_blank=False to embed it anyway)",
             )
         try:
-            bands = self.channels(image)
+            return self.channels(image)
         except (OSError, ValueError) as exc:
             raise ItemFailure("corrupt", "decode", f"{type(exc).__name__}: {exc}") from exc
-        width, height = bands[0].size
+
+    def pixels(self, bands: list[Any], box: tuple[int, int, int, int] | None = None, flip: bool = False) -> np.ndarray:
+        """``pixel_values`` (3, H, W) float32 from :meth:`decode`'s bands.
+
+        ``box`` (left, top, right, bottom, source pixels) is resized to the crop size instead of
+        the declared resize + centre crop (a training view, see :mod:`embedkit.augment`);
+        ``flip`` mirrors left-right. Without them: exactly what inference feeds the network.
+        """
         try:
-            resized = [self._resize(b) for b in bands]
+            resized = [self._resize(b, box) for b in bands]
         except (OSError, ValueError, MemoryError) as exc:
             raise ItemFailure("corrupt", "preprocess", f"resize failed: {type(exc).__name__}: {exc}") from exc
         if len(resized) == 1:
             resized = resized * 3
         out = np.stack(resized)
+        if flip:
+            out = np.ascontiguousarray(out[:, :, ::-1])
         out *= self._scale[:, None, None]
         out += self._offset[:, None, None]
-        return out, width * height
+        return out
+
+    def __call__(self, item: Any) -> tuple[np.ndarray, int]:
+        """``(pixel_values (3, H, W) float32, source pixels)`` or raise :class:`ItemFailure`."""
+        bands = self.decode(item)
+        width, height = bands[0].size
+        return self.pixels(bands), width * height
 
 
 def unit_floats(values: np.ndarray, what: str) -> np.ndarray:

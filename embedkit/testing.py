@@ -29,6 +29,7 @@ RULES = (
     "build",
     "output",
     "determinism",
+    "finetune",
     "export",
     "dynamic-axes",
     "parity",
@@ -141,6 +142,8 @@ def _check_torch(backbone: Backbone, root: Path, report: dict[str, Any]) -> dict
         diff = float((first - second).abs().max())
         raise _fail(backbone, "determinism", f"two forward passes on the same input differ by {diff:.3g} (max abs)")
     report["rules"].append("determinism")
+    report["finetune"] = _check_finetune(backbone, module, [t[:2] for t in tensors])
+    report["rules"].append("finetune")
 
     try:
         artifact = export(backbone, ModelStore(root / "a"), force=True)
@@ -153,6 +156,66 @@ def _check_torch(backbone: Backbone, root: Path, report: dict[str, Any]) -> dict
     report["digest"] = artifact.digest
     report["parity"] = artifact.manifest["parity"]
     return _check_artifact(backbone, artifact, probes, root, report)
+
+
+def _check_finetune(backbone: Backbone, module: Any, tensors: list[Any]) -> dict[str, Any]:
+    """One Adam step with ``unfreeze="last:1"`` (``"all"`` without blocks) on a copy of the module.
+
+    Only trainable parameters may change, and the last block's must; frozen parameters and
+    every buffer (BatchNorm statistics) stay byte-identical; the output keeps its shape.
+    """
+    import copy
+
+    import torch
+
+    from .blocks import plan_freeze
+    from .errors import NoBlocksError
+
+    clone = copy.deepcopy(module)  # a builder may hand out one shared module: never train it
+    try:
+        plan = plan_freeze(backbone, clone, "last:1")
+    except NoBlocksError:
+        plan = plan_freeze(backbone, clone, "all")
+    except InvalidBackboneError as exc:
+        raise _fail(backbone, "finetune", str(exc)) from exc
+    state = clone.state_dict(keep_vars=True)  # tied weights: two keys, one parameter
+    before = {k: v.detach().clone() for k, v in state.items()}
+    trainable = {id(p) for _, p, _ in plan.trainable}
+    optimiser = torch.optim.Adam([p for _, p, _ in plan.trainable], lr=1e-3)
+    plan.train(clone)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        out = clone(*tensors)
+        shape = (int(tensors[0].shape[0]), backbone.dim)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise _fail(backbone, "finetune", f"in training mode the module returned {got}, expected {shape}")
+        weights = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        (out.float() * weights).sum().backward()
+    optimiser.step()
+    after = clone.state_dict(keep_vars=True)
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k].detach())]
+    wrong = [k for k in changed if id(state[k]) not in trainable]
+    if wrong:
+        raise _fail(backbone, "finetune", f"one step with unfreeze={str(plan.unfreeze)!r} changed frozen parameters "
+                    f"or buffers (BatchNorm statistics?): {wrong[:5]}")
+    last = {id(p) for p in (_last_block(backbone, clone, plan) or [p for _, p, _ in plan.trainable])}
+    moved = [k for k in changed if id(state[k]) in last]
+    if not moved:
+        raise _fail(backbone, "finetune", f"one step with unfreeze={str(plan.unfreeze)!r} changed no parameter of "
+                    f"the last block: is {(plan.blocks or ['the module'])[-1]!r} on the path to the output?")
+    clone.eval()
+    with torch.inference_mode():
+        if tuple(clone(*tensors).shape) != shape:
+            raise _fail(backbone, "finetune", "after one training step the output shape changed")
+    return {"unfreeze": str(plan.unfreeze), "blocks": len(plan.blocks), "trainable": len(trainable),
+            "changed": len(changed)}
+
+
+def _last_block(backbone: Backbone, module: Any, plan: Any) -> list[Any]:
+    from .blocks import blocks_of
+
+    return list(blocks_of(backbone, module)[-1][1].parameters()) if plan.blocks else []
 
 
 def _check_artifact(backbone: Backbone, artifact: Any, probes: Any, root: Path, report: dict[str, Any]) -> dict[str, Any]:

@@ -57,3 +57,50 @@ def test_broken_backbones_fail_the_named_rule(tmp_path, builder, dim, rule):
     assert info.value.rule == rule, str(info.value)
     assert f"rule '{rule}'" in str(info.value)
     assert isinstance(info.value, AssertionError)
+
+
+class TwoBlocks(Pooled):
+    """Embedding (block 1), then a projection (block 2, the last)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.unused = torch.nn.Linear(8, 8)
+        self.emb.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask):
+        return self.proj(super().forward(input_ids, attention_mask))
+
+
+class CountsCalls(TwoBlocks):
+    def forward(self, input_ids, attention_mask):
+        if self.training:
+            self.emb.calls += 1  # a frozen block's buffer moves in training mode
+        return super().forward(input_ids, attention_mask)
+
+
+class ShrinksInTraining(TwoBlocks):
+    def forward(self, input_ids, attention_mask):
+        out = super().forward(input_ids, attention_mask)
+        return out[:1] if self.training else out
+
+
+def test_finetune_rule_trains_the_last_block_only(tmp_path):
+    report = check_backbone(text_backbone("two-blocks", TwoBlocks, blocks=("emb", "proj")), store=tmp_path)
+    # emb (frozen) is untouched, proj's weight and bias change, 'unused' (after the last block) gets no gradient.
+    assert report["finetune"] == {"unfreeze": "last:1", "blocks": 2, "trainable": 4, "changed": 2}
+    # Without blocks the rule trains everything: the same checks, with unfreeze='all'.
+    report = check_backbone(_backbone(Pooled), store=tmp_path)
+    assert report["finetune"] == {"unfreeze": "all", "blocks": 0, "trainable": 1, "changed": 1}
+
+
+@pytest.mark.parametrize("builder,blocks,says", [
+    (TwoBlocks, ("emb", "unused"), "changed no parameter of the last block: is 'unused' on the path"),
+    (CountsCalls, ("emb", "proj"), "changed frozen parameters or buffers (BatchNorm statistics?): ['emb.calls']"),
+    (ShrinksInTraining, ("emb", "proj"), "in training mode the module returned (1, 8), expected (2, 8)"),
+    (TwoBlocks, ("emb", "encoder.layer.*"), "'encoder.layer.*' matches no submodule of TwoBlocks"),
+], ids=["unused-last-block", "frozen-buffer-moves", "shape-in-training", "unmatched-pattern"])
+def test_finetune_rule_names_what_broke(tmp_path, builder, blocks, says):
+    with pytest.raises(embedkit.BackboneCheckError) as info:
+        check_backbone(text_backbone("two-blocks", builder, blocks=blocks), store=tmp_path)
+    assert info.value.rule == "finetune" and says in str(info.value), str(info.value)

@@ -67,8 +67,13 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
     store = ModelStore(args.store)
     inventory = store.inventory()
+    from ..tuned import listing
+
     rows = [dict(b.spec(), plugin=registry().owner.get(b.name)) for b in list_backbones()]
     registered = {r["name"] for r in rows}
+    # fine-tunes kept in this model store: backbones too, each naming its parent (and its digest)
+    rows += [dict(b.spec(), plugin=None, finetuned=True,
+                  parent_digest=(b.lineage.get("parent") or {}).get("digest")) for b in listing(store.root)]
     for r in rows:  # exports of this backbone, and the variants made from them
         r["exported"] = [a for a in inventory if a["kind"] == "export" and a["name"] == r["name"]]
         own = {a["digest"] for a in r["exported"]}
@@ -81,7 +86,8 @@ def cmd_backbones(args: argparse.Namespace) -> int:
         return 0
     print(f"model store: {describe_root(args.store)}")
     for r in rows:
-        print(f"{r['name']:<24} {r['modality']:<6} dim={r['dim']:<5} plugin={r['plugin'] or '-':<16} {r['license']:<12} {r['description']}")
+        print(f"{r['name']:<24} {r['modality']:<6} dim={r['dim']:<5} plugin={r['plugin'] or '-':<16} {r['license']:<12} {r['description']}"
+              + (f" (parent {r['parent']} {(r['parent_digest'] or '?')[:12]})" if r.get("finetuned") else ""))
         for a in r["exported"]:
             print(f"    exported  {a['digest'][:12]}  {a['path']}")
         for a in r["variants"]:
