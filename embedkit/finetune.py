@@ -379,6 +379,8 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
         raise UsageError(f"backbone must be a name, spec or embedkit.Backbone, got {type(parent).__name__}")
     if objective == "contrastive" and parent.modality != "text":
         raise UsageError("objective='contrastive' (SetFit) is for text backbones; use objective='classify'")
+    if objective == "contrastive" and checkpoint_dir is not None:
+        raise UsageError("checkpoint_dir / resume are for objective='classify' (a contrastive run is short: rerun it)")
     payloads, ids, sources = _items(items, parent.modality)
     y_raw = check_labels(labels, len(payloads))
     check_classes(y_raw)

@@ -223,3 +223,20 @@ def test_given_validation_and_early_stopping_keep_the_best_epoch():
     assert all(keys[i] > max(keys[:i]) for i in range(1, len(history) - 1))  # improved until the last epoch
     # the kept weights are the best epoch's: its validation accuracy is what the model scores
     assert result.model.score(TEXTS[::3], LABELS[::3]) == pytest.approx(history[best]["val_accuracy"])
+
+
+def test_contrastive_objective_is_setfit_then_a_logistic_regression():
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    result = embedkit.finetune("ft-tiny-text", TEXTS, LABELS, objective="contrastive", unfreeze="last:2", epochs=1,
+                               batch_size=8, lr=1e-2, validation=0.25, iterations=2)
+    assert result.history[0]["pairs"] == 2 * 2 * 12 and 0 <= result.history[0]["val_accuracy"] <= 1
+    assert result.lineage["hyperparameters"]["objective"] == "contrastive"
+    assert result.lineage["hyperparameters"]["iterations"] == 2
+    assert type(result.model.steps[1][1]) is LogisticRegression
+    after, parent = _weights(result.backbone), TEXT.build().state_dict()
+    assert torch.equal(after["emb.weight"], parent["emb.weight"]) and not torch.equal(
+        after["layers.1.0.weight"], parent["layers.1.0.weight"])
+    with pytest.raises(UsageError, match="text backbones"):
+        embedkit.finetune("ft-tiny-image", ["a.png"] * 2, ["a", "b"], objective="contrastive")
