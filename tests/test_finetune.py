@@ -50,7 +50,7 @@ def test_last_n_trains_only_the_last_blocks_and_makes_a_new_backbone(tuned):
 
 
 def test_lineage_is_in_the_exported_manifest(tuned):
-    from embedkit.finetune import data_fingerprint
+    from embedkit.trainset import data_fingerprint
     from embedkit.sources import fingerprint
 
     artifact = embedkit.resolve(tuned.backbone)
