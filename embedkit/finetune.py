@@ -371,15 +371,17 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
                                       settings, weights, ckpt, resume_state, progress)
         clf = sklearn_head(head.cpu(), classes)
     module.cpu().eval()
+    from .persistence import _portable_spec
+
+    parent_spec = _portable_spec(backbone) if isinstance(backbone, str) else parent.name
     lineage = {
-        "parent": {"name": parent.name, "spec": backbone if isinstance(backbone, str) else parent.name,
+        "parent": {"name": parent.name, "spec": parent_spec,
                    "digest": parent_artifact.digest, "export_key": export_key(parent)},
         "data": {"fingerprint": fingerprint, "items": int(len(good)), "excluded": len(failures),
                  "classes": [str(c) for c in classes]},
         "hyperparameters": hyper, "metrics": history,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    parent_spec = backbone if isinstance(backbone, str) else parent.name
     new = tuned.persist(models.root, name or "", parent, parent_spec, module, lineage, user_named=name is not None)
     artifact = export(new, models)
     from sklearn.pipeline import Pipeline

@@ -104,6 +104,7 @@ def persist(root: Path, name: str, parent: Backbone, parent_spec: str, module: A
     root.mkdir(parents=True, exist_ok=True)
     tmp_dir = root / ".finetune-staging"
     tmp_dir.mkdir(exist_ok=True)
+    _sweep(tmp_dir)
     tmp = tmp_dir / f"{os.getpid()}.safetensors"
     save_weights(module, tmp)
     if not name:
@@ -116,6 +117,10 @@ def persist(root: Path, name: str, parent: Backbone, parent_spec: str, module: A
         raise OutputExistsError(f"{name!r} is a registered backbone; give the fine-tune another name")
     folder = root / name
     weights = folder / WEIGHTS
+    if not (folder / RECORD).is_file() and any((sub / "manifest.json").is_file() for sub in _subfolders(folder)):
+        tmp.unlink(missing_ok=True)
+        raise OutputExistsError(f"{name!r} already names other artifacts in the model store {root}; give the "
+                                "fine-tune another name")
     digest = sha256_file(tmp)
     if (folder / RECORD).is_file():
         old = _read(folder / RECORD)
@@ -132,6 +137,19 @@ def persist(root: Path, name: str, parent: Backbone, parent_spec: str, module: A
     }
     write_atomic(folder / RECORD, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
     return _backbone(folder, record)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+
+
+def _sweep(folder: Path) -> None:
+    """Remove staged weights of fine-tunes whose process died (named ``<pid>.safetensors``)."""
+    from .atomic import _alive
+
+    for path in folder.glob("*.safetensors"):
+        if path.stem.isdigit() and not _alive(int(path.stem)):
+            path.unlink(missing_ok=True)
 
 
 def _declaration(parent: Backbone) -> dict[str, Any]:
