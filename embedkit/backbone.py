@@ -10,7 +10,7 @@ from typing import Any, Callable, Union
 
 from .errors import InvalidBackboneError
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._+-]*$")  # "+": fine-tunes, <base>+ft-<hash>
 MODALITIES = ("text", "image")
 POOLINGS = ("mean", "cls", "max", "last")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
@@ -222,7 +222,7 @@ class Backbone:
     with a float32 tensor of shape (N, 3, H, W) made by :class:`ImagePreprocess`.
 
     Attributes:
-        name: registry name, ``[a-z0-9][a-z0-9._-]*``.
+        name: registry name, ``[a-z0-9][a-z0-9._+-]*``.
         modality: ``text`` or ``image``.
         dim: embedding dimension.
         preprocess: declarative, JSON-serialisable preprocessing.

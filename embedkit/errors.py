@@ -248,6 +248,20 @@ class NoBlocksError(EmbedkitError, ValueError):
             "use unfreeze='head' or 'all', or declare the module's ordered blocks, input to output, as "
             "module-path patterns: Backbone(..., blocks=(\"embeddings\", \"encoder.layer.*\"))")
 
+class CheckpointError(EmbedkitError, ValueError):
+    """A fine-tuning checkpoint that cannot be resumed: unreadable, or made with other settings or data."""
+
+
+class HeadBackboneMismatchError(ArtifactError, ValueError):
+    """A head trained on one backbone's features, asked to run on another backbone's (e.g. a
+    fine-tune of it): features of two networks never mix."""
+
+    def __init__(self, head_digest: str, backbone: str, backbone_digest: str, detail: str = ""):
+        self.head_digest, self.backbone, self.backbone_digest = head_digest, backbone, backbone_digest
+        super().__init__(
+            f"this head was trained on features of backbone artifact {head_digest}, but {backbone!r} is artifact "
+            f"{backbone_digest}{detail}; a head only works on the features it was trained on: train a new head on "
+            f"{backbone!r}'s features (or fine-tune with a head: embedkit.finetune)")
 
 class InvalidAugmentError(EmbedkitError, ValueError):
     """A training augmentation setting out of range (crop scale, aspect ratio, flip probability)."""

@@ -102,7 +102,10 @@ def export(
     """
     source = backbone if isinstance(backbone, str) else None
     if isinstance(backbone, str):
-        backbone = get_backbone(backbone)
+        from .tuned import find
+
+        root = store.root if isinstance(store, ModelStore) else store
+        backbone = (find(backbone, root) if root is not None else None) or get_backbone(backbone)
     backbone.validate()
     if exporter not in ("auto",) + EXPORTERS:
         raise ValueError(f"exporter must be auto, {' or '.join(EXPORTERS)}; got {exporter!r}")
@@ -288,6 +291,7 @@ def _manifest(
         "inputs": probes.input_names,
         "outputs": ["embeddings"],
         "export_seconds": round(seconds, 2),
+        **({"lineage": backbone.lineage, "parent": backbone.parent} if getattr(backbone, "lineage", None) else {}),
         "versions": {
             "embedkit": __version__,
             "torch": _version("torch"),

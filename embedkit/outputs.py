@@ -31,12 +31,16 @@ from .atomic import debris_of
 from .errors import OutputError, OutputExistsError, OutputFolderMissingError, OutputIsInputError
 
 # kind -> the marker file embedkit writes into a folder output of that kind
-MARKERS = {"model": "model.json", "index": "index.json", "train-head": "report.json", "report": "learning_curve.json"}
+MARKERS = {"model": "model.json", "index": "index.json", "train-head": "report.json", "report": "learning_curve.json",
+           "checkpoints": "checkpoint.json", "finetune": "finetune.json"}
 KINDS = ("embeddings", "feature-store", *MARKERS)
 # files a folder output holds besides its marker (model and index folders list theirs in the marker)
-_FIXED = {"train-head": {"confusion.png", "model"}, "report": {"learning_curve.csv", "learning_curve.png"}}
+_FIXED = {"train-head": {"confusion.png", "model"}, "report": {"learning_curve.csv", "learning_curve.png"},
+          "checkpoints": {"last.safetensors", "best.safetensors", "metrics.json"},
+          "finetune": {"model", "checkpoints", "metrics.json", "failures.jsonl"}}
 NAMES = {"embeddings": "embeddings file", "feature-store": "feature store", "model": "saved model",
-         "index": "search index", "train-head": "train-head output folder", "report": "report folder"}
+         "index": "search index", "train-head": "train-head output folder", "report": "report folder",
+         "checkpoints": "checkpoint folder", "finetune": "finetune output folder"}
 
 
 def stamp(kind: str) -> dict[str, Any]:
@@ -121,7 +125,7 @@ def foreign_entries(path: Path, kind: str) -> list[str] | None:
         "model": {"format", "backbone", "head"} <= meta.keys() and "kind" not in meta,
         "index": {"format", "files", "metric"} <= meta.keys() and meta.get("kind") in (None, "flat", "hnsw", "ivfpq"),
         "train-head": {"head", "accuracy", "macro_f1"} <= meta.keys() and "kind" not in meta,
-        "report": False,
+        "report": False, "checkpoints": False, "finetune": False,
     }[kind]
     if meta.get("kind") != kind and not legacy:
         return None
@@ -130,14 +134,15 @@ def foreign_entries(path: Path, kind: str) -> list[str] | None:
     elif kind == "index":
         allowed = set(meta.get("files") or {})
     else:
-        allowed = _FIXED[kind]
+        allowed = set(_FIXED[kind])  # a copy: "|=" below must not grow the table
     allowed |= {marker}
-    foreign = [e for e in entries if e not in allowed and debris_of(e, marker) is None]
-    if kind == "train-head" and "model" in entries:
-        # the saved model inside is replaced with the folder: files of yours in it count too
-        model = path / "model"
-        inner = foreign_entries(model, "model") if model.is_dir() and not model.is_symlink() else None
-        foreign += ["model"] if inner is None else [f"model/{e}" for e in inner]
+    foreign = [e for e in entries if e not in allowed and all(debris_of(e, a) is None for a in allowed)]
+    for sub, sub_kind in (("model", "model"), ("checkpoints", "checkpoints")):
+        if kind in ("train-head", "finetune") and sub in entries and sub in _FIXED[kind]:
+            # the folder inside is replaced with it: files of yours in it count too
+            inner_path = path / sub
+            inner = foreign_entries(inner_path, sub_kind) if inner_path.is_dir() and not inner_path.is_symlink() else None
+            foreign += [sub] if inner is None else [f"{sub}/{e}" for e in inner]
     return foreign
 
 

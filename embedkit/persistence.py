@@ -186,8 +186,13 @@ def _portable_spec(spec: Any) -> str:
     return str(Path(text).resolve()) if not Path(text).is_absolute() and Path(text).exists() else text
 
 
-def load(path: str | os.PathLike[str], store: str | None = None, trust_pickle: bool = False) -> Any:
+def load(path: str | os.PathLike[str], store: str | None = None, trust_pickle: bool = False,
+         backbone: str | None = None) -> Any:
     """A ``Pipeline([Embedder, head])`` that predicts from raw inputs.
+
+    ``backbone`` (a name, spec or digest) asks for the head on that backbone's features; it must
+    resolve to the very artifact the head was trained on: any other (a fine-tune of it, another
+    export) is refused naming both digests.
 
     Raises:
         UnsafeModelError: a file's sha256 differs from the record, a file named in
@@ -197,6 +202,7 @@ def load(path: str | os.PathLike[str], store: str | None = None, trust_pickle: b
         ArtifactError: not a saved model.
         BackboneNotAvailableError: the backbone artifact is in no model store here and the
             recorded backbone does not export to the same digest (see :func:`backbone_artifact`).
+        HeadBackboneMismatchError: ``backbone`` resolves to another artifact than the head's.
     """
     from sklearn.pipeline import Pipeline
 
@@ -212,8 +218,10 @@ def load(path: str | os.PathLike[str], store: str | None = None, trust_pickle: b
     if kind == "pickle" and (not isinstance(recorded, dict) or len(recorded) != 1):
         raise UnsafeModelError(f"{folder}: a pickle head is one file, model.json names {recorded!r}")
     files = _checked_files(folder, recorded, HEAD_FILES.get(kind), "model")
-    backbone = manifest["backbone"]
-    artifact = backbone_artifact(backbone, store, needed_by=str(folder))
+    record = manifest["backbone"]
+    if backbone is not None:
+        _same_features(record, backbone, store)
+    artifact = backbone_artifact(record, store, needed_by=str(folder))
     embedder = Embedder(artifact.digest, store=str(ModelStore.holding(artifact).root),
                         **manifest.get("embedder", {})).fit()
     if kind == "skops":
@@ -237,6 +245,20 @@ def load(path: str | os.PathLike[str], store: str | None = None, trust_pickle: b
         with open(next(iter(files.values())), "rb") as f:
             head = pickle.load(f)  # noqa: S301 - explicit trust, sha256 verified above
     return Pipeline([("embed", embedder), ("head", head)])
+
+
+def _same_features(record: dict[str, Any], backbone: str, store: str | os.PathLike[str] | None) -> None:
+    """Refuse running a head on another backbone's features (:class:`HeadBackboneMismatchError`)."""
+    from .errors import HeadBackboneMismatchError
+    from .exporter import resolve
+
+    artifact = resolve(backbone, store)
+    if artifact.digest == record["digest"]:
+        return
+    lineage = artifact.manifest.get("lineage") or {}
+    parent = (lineage.get("parent") or {}).get("digest")
+    detail = f", a fine-tune of {record.get('name')!r} (artifact {parent})" if parent == record["digest"] else ""
+    raise HeadBackboneMismatchError(record["digest"], artifact.name, artifact.digest, detail)
 
 
 def backbone_artifact(record: dict[str, Any], store: str | os.PathLike[str] | None = None,

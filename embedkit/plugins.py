@@ -146,6 +146,12 @@ class Registry:
             raise DuplicateBackboneError(self.duplicates[spec])
         if spec in self.backbones:
             return self.backbones[spec]
+        from .tuned import find  # a fine-tune kept in the default model store
+
+        tuned = find(spec)
+        if tuned is not None:
+            tuned.validate()
+            return tuned
         from .importer import folder_backbone  # a folder holding model.onnx + tokenizer.json
 
         onnx_only = folder_backbone(spec) if os.path.isdir(spec) else None

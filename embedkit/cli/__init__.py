@@ -13,12 +13,12 @@ import sys
 from typing import Sequence
 
 from ..errors import EmbedkitError, UsageError  # light: no heavy imports behind it
-from . import features, heads, models, search, serve
+from . import features, finetune, heads, models, search, serve
 from .common import EXIT_FAILED_ITEMS, EXIT_USAGE, OUTPUT_SUFFIXES, Parser
 
 __all__ = ["COMMANDS", "EXIT_FAILED_ITEMS", "EXIT_USAGE", "OUTPUT_SUFFIXES", "build_parser", "main"]
 
-GROUPS = (models, features, heads, search, serve)
+GROUPS = (models, features, heads, finetune, search, serve)
 COMMANDS = {name: fn for group in GROUPS for name, fn in group.COMMANDS.items()}
 
 

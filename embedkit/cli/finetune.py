@@ -1,0 +1,174 @@
+"""The finetune command: a backbone + labelled raw items -> a new backbone and a saved classifier.
+
+The source and the label join are train-head's (:func:`embedkit.sources.iter_items`,
+:func:`embedkit.training.labels_for`); the work is :func:`embedkit.finetune`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..errors import DatasetError, UsageError
+from .common import (EXIT_FAILED_ITEMS, existing_or_glob, fraction, labels_source, non_negative_float, positive_float,
+                     positive_int, progress_bar, store_arg)
+
+
+def _unfreeze(text: str) -> str:
+    from ..blocks import parse_unfreeze
+
+    try:
+        return str(parse_unfreeze(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _decay(text: str) -> float:
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+def _warmup(text: str) -> float:
+    value = non_negative_float(text)
+    if value >= 1 and not float(value).is_integer():
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or a whole number of steps, got {text}")
+    return int(value) if value >= 1 else value
+
+
+def _validation(text: str) -> float:
+    return 0.0 if text in ("0", "none") else fraction(text)
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a backbone (head, last:N blocks, or all) on labelled raw items; "
+                       "the result is a new backbone and a saved classifier")
+    p.add_argument("backbone", help="the backbone to start from (name or spec)")
+    p.add_argument("source", type=existing_or_glob,
+                   help="the items: an image folder, a .txt (one text or image path per line), or a CSV/TSV/JSONL/"
+                   "Parquet column (--column)")
+    p.add_argument("--labels", required=True, type=labels_source,
+                   help="a table with id (or the payload column) and label columns, or 'folder' (images: the class subfolder)")
+    p.add_argument("--label-column", default="label", help="default: label")
+    p.add_argument("--id-column", help="id column of the source and labels tables (default: content ids)")
+    p.add_argument("--column", help="payload column of a table source (default text / path)")
+    p.add_argument("--validation", type=_validation, default=0.1,
+                   help="held-out fraction of the source for validation (default 0.1; 0: none)")
+    p.add_argument("--validation-source", type=existing_or_glob,
+                   help="validation items instead of a held-out fraction (labels from --validation-labels)")
+    p.add_argument("--validation-labels", type=labels_source,
+                   help="labels of --validation-source (default: --labels)")
+    p.add_argument("--unfreeze", type=_unfreeze, default="last:2", help="head | last:N | all (default last:2)")
+    p.add_argument("--objective", choices=["classify", "contrastive"], default="classify")
+    p.add_argument("--iterations", type=positive_int, help="contrastive: pair-sampling iterations (SetFit's)")
+    p.add_argument("--epochs", type=positive_int, default=3, help="default 3")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="default 32")
+    p.add_argument("--lr", type=positive_float, default=2e-5, help="backbone learning rate (default 2e-5)")
+    p.add_argument("--head-lr", type=positive_float, default=1e-3, help="head learning rate (default 1e-3)")
+    p.add_argument("--layer-decay", type=_decay, help="layer-wise lr decay per block from the last one down, in (0, 1]")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--warmup", type=_warmup, default=0.1, help="warm-up: fraction of the steps, or steps (default 0.1)")
+    p.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="gradient clipping (default 1.0)")
+    p.add_argument("--patience", type=positive_int, help="early stopping: epochs without a better validation accuracy")
+    p.add_argument("--class-weight", choices=["balanced"], help="weight the loss by inverse class frequency")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="default cpu (cuda: mixed precision)")
+    p.add_argument("--no-augment", action="store_true", help="images: no random resized crop / flip while training")
+    p.add_argument("--checkpoint-every", type=positive_int, metavar="K",
+                   help="also checkpoint every K steps (always: each epoch)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--name", help="name of the new backbone (default <backbone>+ft-<hash>)")
+    p.add_argument("--out", required=True, help="folder for model/, checkpoints/, metrics.json, failures.jsonl")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    store_arg(p)
+
+
+def _labelled(source: str, labels: str, modality: str, args: argparse.Namespace, split: str = "train") -> tuple[list[Any], list[Any], list[dict[str, Any]]]:
+    """``(payloads, labels, unreadable rows)`` of a source joined to its labels as train-head joins them."""
+    import numpy as np
+
+    from ..sources import fingerprint, iter_items
+    from ..text import ItemFailure
+    from ..training import labels_for
+
+    items = list(iter_items(source, modality, args.column, args.id_column))
+    if not items:
+        raise DatasetError(f"{source} holds no items")
+    ids = np.asarray([i.id for i in items], dtype=object)
+    sources = np.asarray([i.source for i in items], dtype=object)
+    contents = np.asarray([fingerprint(i.payload, modality) or "" for i in items], dtype=object)
+    values = labels_for(ids, sources, labels, modality, args.label_column, args.id_column, args.column, contents)
+    bad = [{"index": n, "code": i.payload.code, "stage": i.payload.stage, "message": i.payload.message,
+            "source": i.source, "split": split}
+           for n, i in enumerate(items) if isinstance(i.payload, ItemFailure)]
+    skip = {b["index"] for b in bad}
+    missing = [items[n].source for n, v in enumerate(values) if n not in skip and (v is None or v == "")]
+    if missing:
+        raise DatasetError(f"{len(missing)} of {len(items)} items of {source} have no label in {labels} (e.g. "
+                           f"{', '.join(missing[:3])}); label them or leave them out of the source")
+    keep = [n for n in range(len(items)) if n not in skip]
+    return [items[n].payload for n in keep], [values[n] for n in keep], bad
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from ..atomic import write_atomic
+    from ..finetune import finetune
+    from ..outputs import check_output, stamp
+    from ..plugins import get_backbone
+
+    out = check_output(args.out, "finetune", inputs=[args.source, args.validation_source])
+    if args.resume and not (out / "checkpoints" / "checkpoint.json").is_file():
+        print(f"note: no checkpoint in {out} yet: starting from the beginning", file=sys.stderr)
+    if args.iterations and args.objective != "contrastive":
+        raise UsageError("--iterations is an option of --objective contrastive")
+    modality = get_backbone(args.backbone).modality
+    items, labels, unreadable = _labelled(args.source, args.labels, modality, args)
+    validation: Any = args.validation
+    if args.validation_source:
+        v_items, v_labels, v_bad = _labelled(args.validation_source, args.validation_labels or args.labels, modality, args,
+                                           "validation")
+        unreadable += v_bad
+        validation = (v_items, v_labels)
+    out.mkdir(exist_ok=True)
+    marker = {**stamp("finetune"), "status": "running", "backbone": args.backbone, "source": str(args.source)}
+    write_atomic(out / "finetune.json", json.dumps(marker, indent=2).encode())
+    options = {"iterations": args.iterations} if args.iterations else {}
+    with progress_bar("finetune", None, "step", not args.no_progress) as bar:
+        def progress(done: int, total: int, info: dict[str, Any]) -> None:
+            bar.update_to(done, total)
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items() if v is not None}
+            bar.set_postfix(shown, refresh=False)
+
+        result = finetune(
+            args.backbone, items, labels, unfreeze=args.unfreeze, objective=args.objective, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, layer_decay=args.layer_decay,
+            weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
+            validation=validation, patience=args.patience, class_weight=args.class_weight, seed=args.seed,
+            device=args.device, augment=not args.no_augment, checkpoint_dir=out / "checkpoints",
+            checkpoint_every=args.checkpoint_every, resume=args.resume, name=args.name, store=args.store,
+            out=out / "model", progress=progress, **options)
+    failures = unreadable + result.failures
+    write_atomic(out / "metrics.json", json.dumps(result.history, indent=2).encode())
+    write_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures).encode())
+    summary = {"backbone": result.backbone, "digest": result.digest, "parent": result.parent,
+               "parent_digest": result.parent_digest, "model": str(result.model_path), "failed_items": len(failures),
+               "history": result.history, "seconds": result.seconds}
+    write_atomic(out / "finetune.json", json.dumps({**marker, **summary, "status": "done"}, indent=2).encode())
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        last = result.history[-1] if result.history else {}
+        val = f", validation accuracy {last['val_accuracy']:.4f}" if last.get("val_accuracy") is not None else ""
+        print(f"{result.backbone} ({result.digest[:12]}), fine-tuned from {result.parent} ({result.parent_digest[:12]}) "
+              f"in {result.seconds:.1f}s{val}")
+        print(f"model -> {result.model_path}; per-epoch metrics -> {out / 'metrics.json'}")
+    if failures:
+        print(f"{len(failures)} items could not be used (excluded): see {out / 'failures.jsonl'}", file=sys.stderr)
+        return EXIT_FAILED_ITEMS
+    return 0
+
+
+COMMANDS = {"finetune": cmd_finetune}

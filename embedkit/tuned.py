@@ -1,0 +1,209 @@
+"""Fine-tuned backbones in the model store: a new backbone made of its parent and tuned weights.
+
+A fine-tune (:func:`embedkit.finetune`) keeps its result beside the exports of that name::
+
+    <model store>/<name>/finetuned.json          the record: parent, lineage (see below)
+    <model store>/<name>/finetuned.safetensors   the tuned module's whole state dict
+    <model store>/<name>/<digest>/...            its exports, as for any backbone
+
+``finetuned.json`` is written last (atomically), so a record always names complete weights.
+The backbone's ``build()`` is the parent's ``build()`` with the tuned state dict loaded, so it
+exports through the same parity gate (:func:`embedkit.export`) and gets its own digest, hence
+its own feature-store namespace. The registry (:func:`embedkit.get_backbone`) finds it by name
+in any later process from the default model store; :func:`embedkit.export` /
+:func:`embedkit.resolve` with an explicit ``store`` look in that store first.
+
+The record's ``lineage``: ``parent`` (name, spec, artifact digest), ``data`` (fingerprint of
+the training items and labels, item count), ``hyperparameters``, ``metrics`` (per epoch).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .atomic import staged_file, write_atomic
+from .backbone import NAME_PATTERN, Backbone, preprocess_from_json
+from .errors import InvalidBackboneError, OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+RECORD = "finetuned.json"
+WEIGHTS = "finetuned.safetensors"
+FORMAT = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class TunedBackbone(Backbone):
+    """A backbone whose weights come from a fine-tune of ``parent`` (a registered name or spec).
+
+    ``build()`` builds the parent and loads the tuned state dict (``weight_files[0]``). The
+    lineage travels into the export's manifest; it is not part of the backbone's identity.
+    """
+
+    parent: str = ""
+    lineage: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def build(self) -> Any:
+        from .plugins import get_backbone
+
+        module = get_backbone(self.parent).build()
+        load_weights(module, self.weight_files[0])
+        return module
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "parent": self.parent}
+
+
+def load_weights(module: Any, path: str | os.PathLike[str]) -> None:
+    """Load a safetensors state dict into ``module`` (every key must match, both ways)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InvalidBackboneError("weights", f"{path} does not fit the parent's module: missing {list(missing)[:5]}, "
+                                   f"unexpected {list(unexpected)[:5]}")
+
+
+def save_weights(module: Any, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """The module's whole state dict as safetensors at ``path``, atomically (shared tensors copied)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    with staged_file(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+
+
+def default_name(parent: str, weights: Path) -> str:
+    """``<parent>+ft-<first 8 hex digits of the tuned weights' sha256>``."""
+    from .artifacts import sha256_file
+
+    base = parent if NAME_PATTERN.match(parent) else Path(parent).name.lower()
+    return f"{base}+ft-{sha256_file(weights)[:8]}"
+
+
+def persist(root: Path, name: str, parent: Backbone, parent_spec: str, module: Any, lineage: dict[str, Any],
+            user_named: bool) -> TunedBackbone:
+    """Write the tuned weights and record into the store at ``root`` and return the backbone.
+
+    With no user name the name derives from the weights' hash, so the same fine-tune gives the
+    same name. A user name already holding another fine-tune is refused; one holding another
+    kind of backbone (a registered name) is refused too.
+
+    Raises:
+        InvalidBackboneError: ``name`` breaks the naming rule.
+        OutputExistsError: ``name`` is taken by a registered backbone or another fine-tune.
+    """
+    from .artifacts import sha256_file
+    from .plugins import registry
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp_dir = root / ".finetune-staging"
+    tmp_dir.mkdir(exist_ok=True)
+    _sweep(tmp_dir)
+    tmp = tmp_dir / f"{os.getpid()}.safetensors"
+    save_weights(module, tmp)
+    if not name:
+        name = default_name(parent.name, tmp)
+    if not NAME_PATTERN.match(name):
+        tmp.unlink(missing_ok=True)
+        raise InvalidBackboneError("name", f"name {name!r} must match {NAME_PATTERN.pattern}")
+    if name in registry().backbones:
+        tmp.unlink(missing_ok=True)
+        raise OutputExistsError(f"{name!r} is a registered backbone; give the fine-tune another name")
+    folder = root / name
+    weights = folder / WEIGHTS
+    if not (folder / RECORD).is_file() and any((sub / "manifest.json").is_file() for sub in _subfolders(folder)):
+        tmp.unlink(missing_ok=True)
+        raise OutputExistsError(f"{name!r} already names other artifacts in the model store {root}; give the "
+                                "fine-tune another name")
+    digest = sha256_file(tmp)
+    if (folder / RECORD).is_file():
+        old = _read(folder / RECORD)
+        if old.get("weights_sha256") != digest:
+            tmp.unlink(missing_ok=True)
+            hint = "" if user_named else " (same name from the same weights hash: delete the folder to redo)"
+            raise OutputExistsError(f"a fine-tuned backbone {name!r} with other weights is already in the model store "
+                                    f"{root}; choose another name{hint}")
+    folder.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, weights)
+    record = {
+        "format": FORMAT, "kind": "finetuned-backbone", "name": name, "parent": parent_spec,
+        "weights": WEIGHTS, "weights_sha256": digest, "spec": _declaration(parent), "lineage": lineage,
+    }
+    write_atomic(folder / RECORD, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
+    return _backbone(folder, record)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+
+
+def _sweep(folder: Path) -> None:
+    """Remove staged weights of fine-tunes whose process died (named ``<pid>.safetensors``)."""
+    from .atomic import _alive
+
+    for path in folder.glob("*.safetensors"):
+        if path.stem.isdigit() and not _alive(int(path.stem)):
+            path.unlink(missing_ok=True)
+
+
+def _declaration(parent: Backbone) -> dict[str, Any]:
+    spec = parent.spec()
+    return {k: spec[k] for k in ("modality", "dim", "preprocess", "license") if k in spec} | (
+        {"blocks": list(getattr(parent, "blocks", ()) or ())})
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidBackboneError("finetuned", f"unreadable fine-tune record {path}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("kind") != "finetuned-backbone":
+        raise InvalidBackboneError("finetuned", f"{path} is not a fine-tune record of format {FORMAT}")
+    return data
+
+
+def _backbone(folder: Path, record: dict[str, Any]) -> TunedBackbone:
+    spec = record["spec"]
+    lineage = record.get("lineage") or {}
+    parent_digest = (lineage.get("parent") or {}).get("digest", "")
+    extra = {"blocks": tuple(spec.get("blocks") or ())} if "blocks" in Backbone.__dataclass_fields__ else {}
+    return TunedBackbone(
+        name=record["name"], modality=spec["modality"], dim=int(spec["dim"]),
+        preprocess=preprocess_from_json(spec["preprocess"]), license=spec["license"],
+        weights=f"fine-tuned from {record['parent']} ({parent_digest[:12]})",
+        weight_files=(str(folder / record["weights"]),),
+        description=f"fine-tune of {record['parent']}", parent=record["parent"], lineage=lineage, **extra,
+    )
+
+
+def find(name: str, root: str | os.PathLike[str] | None = None) -> TunedBackbone | None:
+    """The fine-tuned backbone ``name`` in the model store at ``root`` (default store), or None."""
+    from .artifacts import default_root
+
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        return None
+    folder = Path(root) if root is not None else default_root()
+    record = folder / name / RECORD
+    if not record.is_file():
+        return None
+    return _backbone(folder / name, _read(record))
+
+
+def listing(root: str | os.PathLike[str] | None = None) -> list[TunedBackbone]:
+    """Every fine-tuned backbone in the model store at ``root`` (default store), by name."""
+    from .artifacts import default_root
+
+    folder = Path(root) if root is not None else default_root()
+    found = []
+    for record in sorted(folder.glob(f"*/{RECORD}")) if folder.is_dir() else []:
+        try:
+            found.append(_backbone(record.parent, _read(record)))
+        except (InvalidBackboneError, KeyError) as exc:
+            logger.warning("skipping fine-tune record %s: %s", record, exc)
+    return found
