@@ -242,7 +242,8 @@ def finetune_contrastive(
     epoch: seed ``seed + epoch``), shuffled into batches of ``batch_size`` pairs. Each step embeds
     both sides of its pairs, takes the cosine of each pair and minimises the mean squared error to
     its target (1 same label, 0 different). AdamW (``weight_decay`` off for biases and norms) at
-    ``lr`` with linear warm-up over ``warmup`` of the steps then linear decay, gradients clipped
+    ``lr`` with linear warm-up over ``warmup`` (a fraction of the steps, or a number of steps >= 1)
+    then linear decay, gradients clipped
     to ``max_grad_norm``: SetFit's defaults. Only parameters with ``requires_grad`` are trained
     (a freeze plan applied before the call is honoured); ``train_mode(module)`` (e.g.
     ``FreezePlan.train``) sets the modes, else ``module.train()``. Seeded: same seed, same weights
@@ -287,7 +288,7 @@ def finetune_contrastive(
     n_pairs = 2 * int(iterations) * len(texts)
     per_epoch = math.ceil(n_pairs / batch_size)
     total = per_epoch * int(epochs)
-    warm = math.ceil(total * warmup)
+    warm = int(warmup) if warmup >= 1 else math.ceil(total * warmup)  # a whole number of steps, or a fraction
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, total, warm))
     torch.manual_seed(seed)  # dropout masks
     history: list[dict[str, Any]] = []
