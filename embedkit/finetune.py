@@ -12,8 +12,6 @@ backbone :mod:`embedkit.tuned`.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
@@ -23,12 +21,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import DatasetError, DeviceUnavailableError, OutputExistsError, UnsupportedInputError, UsageError
+from .errors import DatasetError, DeviceUnavailableError, OutputExistsError, UsageError
 
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("classify", "contrastive")
-CACHED_IMAGES = 4096  # up to this many images, inference pixels are kept in memory (validation, no augmentation)
 
 
 @dataclass
@@ -163,95 +160,6 @@ def _class_weights(class_weight: Any, classes: np.ndarray, y: np.ndarray) -> np.
     return np.asarray([float(class_weight.get(c, 1.0)) for c in classes], dtype=np.float32)
 
 
-# -- data -----------------------------------------------------------------------------------
-class TextData:
-    """Tokenised items; ``batch(indices, rng)`` -> ``(input_ids, attention_mask)`` int64 tensors."""
-
-    def __init__(self, ids: list[list[int]], device: str):
-        self.ids, self.device = ids, device
-
-    def batch(self, index: np.ndarray, rng: Any) -> tuple[Any, ...]:
-        import torch
-
-        from .text import pad
-
-        feed = pad([self.ids[i] for i in index])
-        return (torch.as_tensor(feed["input_ids"], device=self.device),
-                torch.as_tensor(feed["attention_mask"], device=self.device))
-
-
-class ImageData:
-    """Images; ``batch(indices, rng)`` -> ``(pixel_values,)``: the inference preprocessing, or with
-    ``rng`` the declared training augmentation (random resized crop, horizontal flip)."""
-
-    def __init__(self, payloads: list[Any], processor: Any, augment: Any, device: str):
-        self.payloads, self.processor, self.augment, self.device = payloads, processor, augment, device
-        self.cache: dict[int, np.ndarray] = {}
-
-    def batch(self, index: np.ndarray, rng: Any) -> tuple[Any, ...]:
-        import torch
-
-        rows = []
-        for i in index:
-            if rng is not None and self.augment is not None:
-                rows.append(self.augment(self.payloads[i], rng))
-            else:
-                if i not in self.cache:
-                    self.cache[i] = self.processor(self.payloads[i])[0]
-                rows.append(self.cache[i])
-        return (torch.as_tensor(np.stack(rows), device=self.device),)
-
-
-def _prepare(modality: str, payloads: list[Any], preprocess: Any, augment: bool, device: str, split: str,
-             offset: int = 0) -> tuple[Any, list[int], list[dict[str, Any]]]:
-    """``(data, kept positions, failure records)`` for the payloads of one split."""
-    failures: list[dict[str, Any]] = []
-    if modality == "text":
-        from .text import TextTokenizer
-
-        out = TextTokenizer(preprocess).encode(payloads)
-        failures = [{**e.to_json(), "split": split} for e in out.errors]
-        ids = {i: t for i, t in zip(out.indices, out.ids)}
-        kept = sorted(ids)
-        return TextData([ids.get(i, []) for i in range(len(payloads))], device), kept, failures
-    from .image import ImageProcessor
-    from .text import ItemFailure
-
-    processor = ImageProcessor(preprocess)
-    data = ImageData(payloads, processor, None, device)
-    kept = []
-    for i, payload in enumerate(payloads):
-        try:  # the inference preprocessing: a bad image is found now, not mid-epoch
-            pixels = processor(payload)[0]
-        except ItemFailure as exc:
-            failures.append({**exc.record(i).to_json(), "split": split})
-            continue
-        kept.append(i)
-        if len(payloads) <= CACHED_IMAGES:
-            data.cache[i] = pixels
-    if augment:
-        from .augment import Augmenter
-
-        data.augment = Augmenter(preprocess)
-    return data, kept, failures
-
-
-def data_fingerprint(ids: Sequence[str], labels: Sequence[Any]) -> str:
-    """sha256 over the items' content ids (:func:`embedkit.sources.fingerprint`) and labels, in order."""
-    h = hashlib.sha256()
-    for item_id, label in zip(ids, labels):
-        h.update(f"{item_id}\t{json.dumps(label, default=str)}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
-
-
-def _items(items: Any, modality: str) -> tuple[list[Any], list[str], list[str]]:
-    """``(payloads, content ids, locators)`` of a sequence or source (see :func:`embedkit.sources.iter_items`)."""
-    from .sources import iter_items
-
-    found = list(iter_items(items, modality))
-    return [i.payload for i in found], [i.id for i in found], [i.source for i in found]
-
-
 # -- the head as a scikit-learn estimator -----------------------------------------------------
 def sklearn_head(head: Any, classes: np.ndarray) -> Any:
     """The trained linear head as a fitted :class:`~sklearn.linear_model.LogisticRegression` with
@@ -360,6 +268,7 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
     from .outputs import check_output
     from .plugins import get_backbone
     from .training import check_classes, holdout_split
+    from .trainset import Joined, data_fingerprint, items_of, prepare
 
     started = time.perf_counter()
     device = check_settings(objective=objective, epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr,
@@ -379,11 +288,13 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
         raise UsageError(f"backbone must be a name, spec or embedkit.Backbone, got {type(parent).__name__}")
     if objective == "contrastive" and parent.modality != "text":
         raise UsageError("objective='contrastive' (SetFit) is for text backbones; use objective='classify'")
-    payloads, ids, sources = _items(items, parent.modality)
+    if objective == "contrastive" and checkpoint_dir is not None:
+        raise UsageError("checkpoint_dir / resume are for objective='classify' (a contrastive run is short: rerun it)")
+    payloads, ids, sources = items_of(items, parent.modality)
     y_raw = check_labels(labels, len(payloads))
     check_classes(y_raw)
     if isinstance(validation, tuple):
-        v_payloads, v_ids, _ = _items(validation[0], parent.modality)
+        v_payloads, v_ids, _ = items_of(validation[0], parent.modality)
         v_raw = check_labels(validation[1], len(v_payloads), "validation items")
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     outputs = [p for p in (items,) if isinstance(p, (str, Path))]
@@ -400,7 +311,7 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
     preprocess = parent_artifact.preprocess
 
     # items through the inference preprocessing; bad ones become records
-    data, kept, failures = _prepare(parent.modality, payloads, preprocess, augment, device, "train")
+    data, kept, failures = prepare(parent.modality, payloads, preprocess, augment, device, "train")
     good = np.asarray(kept, dtype=int)
     classes_raw, _ = check_classes(y_raw[good]) if len(good) else (None, None)
     if not len(good):
@@ -410,12 +321,12 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
     y_all = np.asarray([lookup.get(v, -1) for v in y_raw], dtype=np.int64)
     notes: list[str] = []
     if isinstance(validation, tuple):
-        v_data, v_kept, v_fail = _prepare(parent.modality, v_payloads, preprocess, False, device, "validation")
+        v_data, v_kept, v_fail = prepare(parent.modality, v_payloads, preprocess, False, device, "validation")
         failures += v_fail
         unknown = sorted({str(v) for v in v_raw if v not in lookup})
         if unknown:
             raise DatasetError(f"validation labels not among the training labels: {unknown[:5]}")
-        data = _Joined(data, v_data, len(payloads))
+        data = Joined(data, v_data, len(payloads))
         train_idx = good
         val_idx = len(payloads) + np.asarray(v_kept, dtype=int)
         y_all = np.concatenate([y_all, np.asarray([lookup[v] for v in v_raw], dtype=np.int64)])
@@ -485,18 +396,6 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
                           parent_digest=parent_artifact.digest, history=history, model=model, model_path=saved,
                           failures=failures, classes=classes.tolist(), lineage=lineage,
                           seconds=round(time.perf_counter() - started, 3))
-
-
-class _Joined:
-    """Training data and given validation data behind one index space (validation after training)."""
-
-    def __init__(self, train: Any, val: Any, offset: int):
-        self.train, self.val, self.offset = train, val, offset
-
-    def batch(self, index: np.ndarray, rng: Any) -> tuple[Any, ...]:
-        if len(index) and index[0] >= self.offset:
-            return self.val.batch(index - self.offset, rng)
-        return self.train.batch(index, rng)
 
 
 def _check_checkpoints(folder: Path, inputs: list[Any]) -> None:
