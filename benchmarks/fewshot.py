@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--embedkit-worker", help=argparse.SUPPRESS)
     parser.add_argument("--iterations", type=int, default=1, help="pairs per item and kind (SetFit's num_iterations)")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--only-seeds", help="comma-separated seeds to run (default: 0 .. seeds-1)")
     parser.add_argument("--per-class", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each tool's process")
     parser.add_argument("--parallel", type=int, default=2,
@@ -210,7 +211,8 @@ def main() -> None:
         store = args.store or tmp
         embedder = embedkit.Embedder("minilm-l6", store=store, threads=args.threads).fit()  # the parent's export, once
         test_vectors = embedder.transform(test_texts) if "frozen" in tools else None
-        samples = {seed: sample(train_texts, train_labels, args.per_class, seed) for seed in range(args.seeds)}
+        seeds = [int(v) for v in args.only_seeds.split(",")] if args.only_seeds else list(range(args.seeds))
+        samples = {seed: sample(train_texts, train_labels, args.per_class, seed) for seed in seeds}
         for seed, (texts, labels) in samples.items():
             if "frozen" in tools:
                 row = run_frozen(embedder.transform(texts), labels, test_vectors, test_labels)
@@ -242,7 +244,7 @@ def main() -> None:
         if tuning:
             summary[tool]["tuning_seconds_mean"] = statistics.mean(tuning)
     n = args.per_class * len(set(train_labels))
-    print(f"\nBanking77, {args.per_class} per class ({n} texts), {args.seeds} seeds, scored on all {len(test_texts)} "
+    print(f"\nBanking77, {args.per_class} per class ({n} texts), seeds {seeds}, scored on all {len(test_texts)} "
           f"test texts; pair budget: num_iterations={args.iterations} -> {2 * args.iterations * n} pairs "
           f"({int(np.ceil(2 * args.iterations * n / 16))} steps of 16), {args.threads} torch thread(s) per tool, "
           f"{args.parallel} runs at once")
