@@ -22,8 +22,9 @@ venv once (ignored folder)::
     .bench/setfit/bin/pip install torch==2.13.0          # the CPU wheel first
     .bench/setfit/bin/pip install setfit                 # 1.2.0 with sentence-transformers 6.2.0
 
-Run (on 2 shared cores, ``--iterations 1``, 1,232 pairs per sample, keeps 5 seeds x 2 tools
-near half an hour; SetFit's own example uses 20)::
+Run (``--iterations 1``: 1,232 pairs, 77 steps of 16 per sample; SetFit's own examples use 20).
+On the project's 2 cores shared with other jobs (load 15-30) one seed's two runs took ~25 min
+side by side; on an idle machine 5 seeds x 2 tools at ``--parallel 2`` fit in about half an hour::
 
     .venv/bin/python benchmarks/fewshot.py [--iterations 1] [--seeds 5] [--threads 1] [--parallel 2] [--out f.json]
 """
