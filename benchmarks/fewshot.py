@@ -24,7 +24,7 @@ venv once (ignored folder)::
 
 Run (``--iterations 1``: 1,232 pairs, 77 steps of 16 per sample; SetFit's own examples use 20).
 On the project's 2 cores shared with other jobs (load 15-30) one seed's two runs took ~25 min
-side by side; on an idle machine 5 seeds x 2 tools at ``--parallel 2`` fit in about half an hour::
+side by side (``--parallel`` runs more samples at once)::
 
     .venv/bin/python benchmarks/fewshot.py [--iterations 1] [--seeds 5] [--threads 1] [--parallel 2] [--out f.json]
 """
