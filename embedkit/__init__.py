@@ -40,6 +40,7 @@ _EXPORTS = {
     "train_head": "training",
     "finetune": "finetune",
     "FinetuneResult": "finetune",
+    "FinetunedClassifier": "classifier",
     "CheckpointError": "errors",
     "HeadBackboneMismatchError": "errors",
     "search": "persistence",

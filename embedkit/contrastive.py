@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import DatasetError
+from .errors import DatasetError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +113,10 @@ def sample_pairs(labels: Sequence[Any], iterations: int = 20, seed: int = 0) -> 
 
     Raises:
         DatasetError: fewer than 2 items, a missing label, or a single class (no negative pair).
-        ValueError: ``iterations`` is not a positive int.
+        UsageError: ``iterations`` is not a positive int (a ValueError).
     """
     if not isinstance(iterations, (int, np.integer)) or isinstance(iterations, bool) or iterations < 1:
-        raise ValueError(f"iterations must be a positive int (pairs per item and kind), got {iterations!r}")
+        raise UsageError(f"iterations must be a positive int (pairs per item and kind), got {iterations!r}")
     codes = _label_codes(labels)
     n = len(codes)
     if len(np.unique(codes)) < 2:
@@ -242,7 +242,8 @@ def finetune_contrastive(
     epoch: seed ``seed + epoch``), shuffled into batches of ``batch_size`` pairs. Each step embeds
     both sides of its pairs, takes the cosine of each pair and minimises the mean squared error to
     its target (1 same label, 0 different). AdamW (``weight_decay`` off for biases and norms) at
-    ``lr`` with linear warm-up over ``warmup`` of the steps then linear decay, gradients clipped
+    ``lr`` with linear warm-up over ``warmup`` (a fraction of the steps, or a number of steps >= 1)
+    then linear decay, gradients clipped
     to ``max_grad_norm``: SetFit's defaults. Only parameters with ``requires_grad`` are trained
     (a freeze plan applied before the call is honoured); ``train_mode(module)`` (e.g.
     ``FreezePlan.train``) sets the modes, else ``module.train()``. Seeded: same seed, same weights
@@ -262,7 +263,8 @@ def finetune_contrastive(
 
     Raises:
         DatasetError: labels of another length than texts, a missing label, a single class.
-        ValueError: a non-positive iterations, epochs, batch_size, or lr; no trainable parameter.
+        UsageError: a non-positive iterations, epochs, batch_size, or lr; no trainable parameter
+            (a ValueError).
     """
     import torch
 
@@ -270,13 +272,13 @@ def finetune_contrastive(
         raise DatasetError(f"{len(labels)} labels for {len(texts)} texts: give one label per text")
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise UsageError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or not math.isfinite(lr):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+        raise UsageError(f"lr must be a positive number, got {lr!r}")
     sample_pairs(labels, iterations, seed)  # refuses bad labels before any work
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the module has no trainable parameter (all frozen): unfreeze some blocks, e.g. "
+        raise UsageError("the module has no trainable parameter (all frozen): unfreeze some blocks, e.g. "
                          "unfreeze='all' or 'last:2'")
     decay = [p for n, p in params if p.ndim > 1 and "norm" not in n.lower()]
     no_decay = [p for n, p in params if not (p.ndim > 1 and "norm" not in n.lower())]
@@ -287,7 +289,7 @@ def finetune_contrastive(
     n_pairs = 2 * int(iterations) * len(texts)
     per_epoch = math.ceil(n_pairs / batch_size)
     total = per_epoch * int(epochs)
-    warm = math.ceil(total * warmup)
+    warm = int(warmup) if warmup >= 1 else math.ceil(total * warmup)  # a whole number of steps, or a fraction
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, total, warm))
     torch.manual_seed(seed)  # dropout masks
     history: list[dict[str, Any]] = []

@@ -389,12 +389,17 @@ def _baseline(modality: str) -> Any:
 
 def learning_curve(X: np.ndarray, raw: Any, y: np.ndarray, modality: str, head: str = "logreg",
                    params: dict[str, Any] | None = None, repeats: int = 3, test_size: float = 0.3,
-                   seed: int = 0, progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Accuracy and training time vs labelled examples per class, frozen-backbone head vs baseline.
+                   seed: int = 0, progress: Progress | None = None, finetuned: Any = None,
+                   finetune_max_items: int = 0) -> list[dict[str, Any]]:
+    """Accuracy and training time vs labelled examples per class, frozen-backbone head vs baseline
+    (and a fine-tuned backbone where affordable).
 
     One stratified held-out split is fixed; for each size (1, 2, 4, ... per class, then all)
     ``repeats`` random subsets of the rest train both models. Training time is the head's fit on
     cached features (extraction is paid once, see ``embedkit extract``) vs the baseline's fit.
+    With ``finetuned`` (a :class:`embedkit.curves.FinetunedCurve`: ``fit_predict(train_idx,
+    test_idx) -> (predictions, fit seconds)`` over the same rows, and a ``name``), the first
+    subset of each size of at most ``finetune_max_items`` items also fine-tunes the backbone.
     Classes with a single example are left out (logged); ``progress(done, total)`` follows the fits.
 
     Raises:
@@ -439,6 +444,10 @@ def learning_curve(X: np.ndarray, raw: Any, y: np.ndarray, modality: str, head: 
             sizes = [size for size in sizes if size not in dropped]
     rows: list[dict[str, Any]] = []
     total = 2 * (repeats * (len(sizes) - 1) + 1)
+    tuned_sizes = set()
+    if finetuned is not None:
+        tuned_sizes = {size for size in sizes if _picked(y, train_idx, classes, size) <= finetune_max_items}
+        total += len(tuned_sizes)
     for size in sizes:
         for r in range(repeats if size else 1):
             rng = np.random.default_rng(seed + 1000 * r + size)
@@ -463,4 +472,17 @@ def learning_curve(X: np.ndarray, raw: Any, y: np.ndarray, modality: str, head: 
                              "accuracy": accuracy, "train_seconds": seconds})
                 if progress is not None:
                     progress(len(rows), total)
+            if r == 0 and size in tuned_sizes:  # the costly one: one subset per affordable size
+                pred, seconds = finetuned.fit_predict(pick, test_idx)
+                rows.append({"per_class": size or "all", "train_items": int(len(pick)), "repeat": r,
+                             "model": finetuned.name, "accuracy": float((np.asarray(pred) == y[test_idx]).mean()),
+                             "train_seconds": seconds})
+                if progress is not None:
+                    progress(len(rows), total)
     return rows
+
+
+def _picked(y: np.ndarray, train_idx: np.ndarray, classes: np.ndarray, size: int) -> int:
+    """How many items a subset of ``size`` per class (0: all) holds."""
+    counts = [int((y[train_idx] == c).sum()) for c in classes]
+    return sum(min(size, n) if size else n for n in counts)

@@ -60,9 +60,9 @@ def test_bad_labels_are_typed_errors():
     with pytest.raises(embedkit.DatasetError, match="at least 2"):
         sample_pairs(["a"], 2, 0)
     for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="iterations"):
+        with pytest.raises(embedkit.UsageError, match="iterations"):
             sample_pairs(LABELS, bad, 0)
-    with pytest.raises(ValueError, match="hashable"):
+    with pytest.raises(embedkit.DatasetError, match="hashable"):
         sample_pairs([["a"], ["b"]], 1, 0)
 
 
@@ -135,10 +135,10 @@ def test_bad_calls_are_refused_before_training(tokenize):
     with pytest.raises(embedkit.DatasetError, match="same label"):
         finetune_contrastive(module, tokenize, TEXTS, ["x"] * 6)
     for name, value in (("epochs", 0), ("batch_size", -2), ("lr", 0.0), ("lr", float("nan")), ("iterations", 0)):
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(embedkit.UsageError, match=name):
             finetune_contrastive(module, tokenize, TEXTS, TOY, **{name: value})
     module.emb.weight.requires_grad_(False)
-    with pytest.raises(ValueError, match="no trainable parameter"):
+    with pytest.raises(embedkit.UsageError, match="no trainable parameter"):
         finetune_contrastive(module, tokenize, TEXTS, TOY)
     assert torch.equal(module.emb.weight, before)
     with pytest.raises(embedkit.InvalidInputError) as info:

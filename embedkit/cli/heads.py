@@ -62,6 +62,17 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--head", default="logreg", choices=HEAD_CHOICES, help="default: logreg")
     p.add_argument("--param", action="append", default=[], help="head parameter key=value (repeatable)")
     p.add_argument("--repeats", type=positive_int, default=3, help="random subsets per size (default 3)")
+    p.add_argument("--finetune", choices=["contrastive", "classify"],
+                   help="also fine-tune the backbone at the affordable sizes (one subset each): contrastive "
+                   "(SetFit, texts) or classify; needs the backbone's torch module")
+    p.add_argument("--finetune-max-items", type=positive_int, default=256,
+                   help="fine-tune only at sizes of at most this many training items (default 256)")
+    p.add_argument("--unfreeze", help="with --finetune: head, last:N or all (default: all for contrastive, "
+                   "last:2 for classify)")
+    p.add_argument("--epochs", type=positive_int, help="with --finetune: epochs (default: 1 contrastive, 3 classify)")
+    p.add_argument("--iterations", type=positive_int, default=5,
+                   help="with --finetune contrastive: sentence pairs per item and kind (SetFit's num_iterations; "
+                   "default 5)")
     p.add_argument("--out", required=True, help="folder for learning_curve.csv and learning_curve.png")
     p.add_argument("--no-progress", action="store_true")
 
@@ -239,24 +250,46 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise DatasetError(f"only {int(known.sum())} of {len(ids)} stored items have a label in {args.labels} "
                            f"(column {args.label_column!r}); a learning curve needs labelled items of 2 classes or more")
     raw = _baseline_features(modality, [p for p, k in zip(payloads, known) if k])
-    with progress_bar("report", None, "fit", not args.no_progress) as bar:
-        rows = learning_curve(np.asarray(X)[known], raw, np.asarray(y[known]).astype(str), modality, args.head,
-                              params, repeats=args.repeats, progress=bar.update_to)
+    labels = np.asarray(y[known]).astype(str)
+    with contextlib.ExitStack() as stack:
+        finetuned = None
+        if not args.finetune and (args.unfreeze or args.epochs):
+            raise UsageError("--unfreeze and --epochs set how the report fine-tunes: add --finetune contrastive|classify")
+        if args.finetune:
+            import tempfile
+
+            from ..curves import FinetunedCurve
+
+            options: dict[str, Any] = {"epochs": args.epochs or (1 if args.finetune == "contrastive" else 3)}
+            if args.finetune == "contrastive":
+                options.update(iterations=args.iterations, batch_size=16)
+            # the fine-tuned backbones are the report's scratch work: a store thrown away at the end
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="embedkit-report-"))
+            finetuned = FinetunedCurve(namespace.name, [p for p, k in zip(payloads, known) if k], labels, scratch,
+                                       args.finetune, args.unfreeze, options)
+        with progress_bar("report", None, "fit", not args.no_progress) as bar:
+            rows = learning_curve(np.asarray(X)[known], raw, labels, modality, args.head, params, repeats=args.repeats,
+                                  progress=bar.update_to, finetuned=finetuned,
+                                  finetune_max_items=args.finetune_max_items)
     with staged_folder(out, replaceable("report")) as staging:  # the earlier report stays until this one is whole
         with open(staging / "learning_curve.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        plot_learning_curve(rows, staging / "learning_curve.png", f"{namespace.name}: {args.head} vs from-scratch baseline")
+        tuned = f", {finetuned.name}" if finetuned is not None else ""
+        plot_learning_curve(rows, staging / "learning_curve.png",
+                            f"{namespace.name}: {args.head} vs from-scratch baseline{tuned}")
         (staging / "learning_curve.json").write_text(json.dumps({
             **stamp("report"), "backbone": namespace.name, "digest": namespace.digest, "head": args.head, "rows": rows,
+            **({"finetune": {"objective": finetuned.objective, "unfreeze": finetuned.unfreeze,
+                             "max_items": args.finetune_max_items, **finetuned.options}} if finetuned else {}),
         }, indent=2))
-    print(f"{'per class':>9} {'items':>6}  {'model':<28} {'accuracy':>8} {'train s':>8}")
+    print(f"{'per class':>9} {'items':>6}  {'model':<34} {'accuracy':>8} {'train s':>8}")
     summary: dict[tuple[Any, str], list[dict[str, Any]]] = {}
     for r in rows:
         summary.setdefault((r["per_class"], r["model"]), []).append(r)
     for (size, model), group in summary.items():
-        print(f"{size!s:>9} {group[0]['train_items']:>6}  {model:<28} {np.mean([g['accuracy'] for g in group]):8.4f} "
+        print(f"{size!s:>9} {group[0]['train_items']:>6}  {model:<34} {np.mean([g['accuracy'] for g in group]):8.4f} "
               f"{np.mean([g['train_seconds'] for g in group]):8.3f}")
     print(f"-> {out / 'learning_curve.csv'}, {out / 'learning_curve.png'}")
     return 0
