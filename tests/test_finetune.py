@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +117,9 @@ from embedkit.cli import main
 main(["backbones", "--json"])  # listed with its parent
 print(json.dumps({{"parent": b.parent, "spaces": spaces, "rules": report["rules"], "digest": report["digest"]}}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # the helper module lives beside this file: a `-c` process sees it only through PYTHONPATH
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     *listing, last = out.stdout.strip().splitlines()
     found = json.loads(last)
