@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from embedkit.testing import torch_preprocess
+from embedkit.tuning import tune_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "images" / "hymenoptera"
@@ -231,13 +232,7 @@ def main() -> int:
           f"transform {worst:.3g} (gate 1e-3): {'usable' if worst <= 1e-3 else 'REFUSED: pixels differ, not used'}")
     tuned = embedkit.tune(artifact, items=paths[:64], seconds=1.0, batch_size=args.batch)
     print(f"embedkit tune on 64 of these photos chose {tuned['choice']} ({tuned['precision']}):")
-    for name, row in tuned["candidates"].items():
-        if "error" in row:
-            print(f"  {name:<22} cannot run here: {row['error']}")
-        else:
-            print(f"  {name:<22} {row['items_per_s']:7.1f}/s probe min cos {row['parity']['min_cosine']:.6f} "
-                  f"photo min cos {row['sample']['min_cosine']:.6f} {'passes' if row['passes'] else 'FAILS'} "
-                  f"(>= {row['limits']['min_cosine']})")
+    print("\n".join(tune_table(tuned)))
     best = rates.get(f"embedkit {tuned['choice']}", float("nan"))
     print(f"embedkit's choice end to end: {best / rates['torch loop']:.2f}x torch eager fp32 loop "
           f"(target >= 5x on AMX), {best / anchor:.2f}x the fastest torch variant")

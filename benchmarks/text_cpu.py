@@ -100,7 +100,7 @@ def main() -> None:
     from embedkit.encoder import encoder_for
     from embedkit.probes import cosine
     from embedkit.runtime import cpu_count
-    from embedkit.tuning import candidates_for, machine
+    from embedkit.tuning import candidates_for, machine, tune_table
     from embedkit_text import minilm_folder
 
     texts, labels = read("test")
@@ -182,13 +182,7 @@ def main() -> None:
               f"{cos.min():9.6f} " + (f"{100 * acc:8.2f} {100 * (acc - base_acc):+6.2f}" if acc is not None else ""))
     print(f"\nembedkit tune on {args.tune_items} of these sentences chose {tuned['choice']} ({tuned['precision']}); "
           f"runtime='auto' now builds {type(auto).__name__} {auto.providers}")
-    for name, row in tuned["candidates"].items():
-        if "error" in row:
-            print(f"  {name:<22} cannot run here: {row['error']}")
-        else:
-            print(f"  {name:<22} {row['items_per_s']:8.0f}/s probe min cos {row['parity']['min_cosine']:.6f} sample "
-                  f"min cos {row['sample']['min_cosine']:.6f} {'passes' if row['passes'] else 'FAILS'} the gate "
-                  f"(>= {row['limits']['min_cosine']})")
+    print("\n".join(tune_table(tuned)))
     best = rate.get(f"embedkit {tuned['choice']}", float("nan"))
     print(f"\nembedkit's choice end to end: {best / st32:.2f}x sentence-transformers fp32 (target >= 3.5x on AMX), "
           f"{best / st16:.2f}x under bf16 autocast (target >= 1.5x on AMX)")

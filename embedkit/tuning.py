@@ -310,3 +310,24 @@ def tune(artifact: Artifact | str, device: str = "cpu", items: list[Any] | None 
     records[record["device"]] = json.loads(json.dumps(record, default=str))
     write_atomic(path, json.dumps(records, indent=2, sort_keys=True).encode())
     return records[record["device"]]
+
+
+def tune_table(record: dict[str, Any]) -> list[str]:
+    """The lines of a :func:`tune` record's table, for the CLI and the benchmarks: the CPU's
+    matrix-engine flags (present and absent), then one line per candidate (precision, items/s end
+    to end, min cosine to fp32 on the probes and on the sample, and the gate's verdict)."""
+    lines = []
+    cpu = record.get("machine", {}).get("cpu")
+    if cpu:
+        ov = record["machine"].get("openvino")
+        lines.append(f"  matrix engines: {', '.join(cpu['matrix_flags']) or 'none'}; absent: {', '.join(cpu['absent']) or 'none'}"
+                     + (f"; OpenVINO {ov['version'].split('-')[0]} capabilities {', '.join(ov['capabilities'])}" if ov else ""))
+    lines.append(f"  {'candidate':<15} {'precision':<14} {'items/s':>9}  {'probe min cos':>13}  {'sample min cos':>14}  gate")
+    for name, row in record["candidates"].items():
+        if "error" in row:
+            lines.append(f"  {name:<15} cannot run here: {row['error']}")
+            continue
+        gate = "passes" if row["passes"] else "FAILS"
+        lines.append(f"  {name:<15} {row['precision']:<14} {row['items_per_s']:9.1f}  {row['parity']['min_cosine']:13.6f}  "
+                     f"{row['sample']['min_cosine']:14.6f}  {gate} (>= {row['limits']['min_cosine']})")
+    return lines

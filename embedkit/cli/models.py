@@ -180,7 +180,7 @@ def runtime_name(value: str) -> str:
 def cmd_tune(args: argparse.Namespace) -> int:
     from ..exporter import resolve
     from ..sources import iter_items
-    from ..tuning import tune
+    from ..tuning import tune, tune_table
 
     artifact = resolve(args.backbone, args.store)
     items = None
@@ -193,20 +193,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(record, indent=2))
         return 0
-    cpu = record.get("machine", {}).get("cpu")
     print(f"{artifact.name} {artifact.digest[:12]} on {record['device']} ({record['items']} items, end to end)")
-    if cpu:
-        ov = record["machine"].get("openvino")
-        print(f"  matrix engines: {', '.join(cpu['matrix_flags']) or 'none'}; absent: {', '.join(cpu['absent']) or 'none'}"
-              + (f"; OpenVINO {ov['version'].split('-')[0]} capabilities {', '.join(ov['capabilities'])}" if ov else ""))
-    print(f"  {'candidate':<15} {'precision':<14} {'items/s':>9}  {'probe min cos':>13}  {'sample min cos':>14}  gate")
-    for name, row in record["candidates"].items():
-        if "error" in row:
-            print(f"  {name:<15} cannot run here: {row['error']}")
-            continue
-        gate = "passes" if row["passes"] else "FAILS"
-        print(f"  {name:<15} {row['precision']:<14} {row['items_per_s']:9.1f}  {row['parity']['min_cosine']:13.6f}  "
-              f"{row['sample']['min_cosine']:14.6f}  {gate} (>= {row['limits']['min_cosine']})")
+    print("\n".join(tune_table(record)))
     print(f"choice: {record['choice']} ({record.get('precision', 'fp32')}; recorded: encoders with runtime='auto' "
           "on this device use it)")
     return 0
