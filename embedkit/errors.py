@@ -217,9 +217,9 @@ class RayClusterError(EmbedkitError, ConnectionError):
 
     def __init__(self, address: str | None, reason: str):
         self.address = address
-        where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
+        where = f"the Ray cluster at {address!r}" if address is not None else "a local Ray instance"
         fix = ("check the address (host:port of the head's GCS, or 'auto' inside a cluster) and that the head is "
-               "running (`ray status`)") if address else "run without --engine ray, or see the Ray logs"
+               "running (`ray status`)") if address is not None else "run without --engine ray, or see the Ray logs"
         super().__init__(f"cannot reach {where}: {reason}; {fix}")
 
 

@@ -285,6 +285,8 @@ class EmbedBatch:
         self.encoder = encoder_for(self.artifact, **options)
 
     def __call__(self, batch: Any) -> Any:
+        if type(batch).__module__.startswith("pyarrow"):  # batch_format="pyarrow": answered as pandas
+            batch = batch.to_pandas()
         if isinstance(batch, dict):
             out = dict(batch)
             payloads = list(batch[self.column]) if self.column in batch else None
@@ -312,5 +314,7 @@ class EmbedBatch:
                 except Exception as row_exc:  # noqa: BLE001
                     codes[n] = "encode_failed"
                     logger.warning("EmbedBatch: row %d: %s: %s", n, type(row_exc).__name__, row_exc)
-        out["embedding"], out["ok"], out["error_code"] = vectors, ok, codes
+        # a DataFrame column takes one object per row, a numpy batch the (N, dim) array
+        out["embedding"] = vectors if isinstance(batch, dict) else list(vectors)
+        out["ok"], out["error_code"] = ok, codes
         return out

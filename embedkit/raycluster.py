@@ -29,15 +29,31 @@ def _ray() -> Any:
     return ray
 
 
+def _split(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``HOST:PORT`` address, None for ``auto``/``local``/``ray://...``.
+
+    Raises:
+        RayClusterError: not a string, empty, or not ``HOST:PORT`` with a port in 1..65535.
+    """
+    if not isinstance(address, str) or not address.strip():
+        raise RayClusterError(address, "an empty address; leave the address out for a private local Ray, "
+                                       "or give HOST:PORT")
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not host.strip("[]") or host != host.strip() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RayClusterError(address, "expected HOST:PORT (a port in 1..65535)")
+    return host, int(port)
+
+
 def _check_reachable(address: str) -> None:
     """Fail fast (a few seconds, not Ray's long reconnect loop) when ``host:port`` does not answer."""
-    if address in ("auto", "local") or address.startswith("ray://"):
+    split = _split(address)
+    if split is None:
         return
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise RayClusterError(address, "expected HOST:PORT")
+    host, port = split
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        socket.create_connection((host.strip("[]"), port), timeout=5).close()
     except OSError as exc:
         raise RayClusterError(address, f"{type(exc).__name__}: {exc}") from None
 
@@ -56,6 +72,8 @@ def local_cluster(cpus: float | None = None, address: str | None = None) -> Iter
         MissingDependencyError: ray is not installed (``pip install 'embedkit[ray]'``).
     """
     ray = _ray()
+    if address is not None:
+        _split(address)  # a malformed address is refused, never read as "no address"
     if ray.is_initialized():
         connected = ray.get_runtime_context().gcs_address
         if address and address not in ("auto", connected):
@@ -64,11 +82,14 @@ def local_cluster(cpus: float | None = None, address: str | None = None) -> Iter
         yield False
         return
     watchdog = None
-    if address:
+    if address is not None:
         _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
-        except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError here
+        except BaseException as exc:  # Ray raises ConnectionError, RuntimeError, ValueError here
+            _abandon(ray, None)
+            if not isinstance(exc, Exception):  # Ctrl-C: re-raised as it is
+                raise
             raise RayClusterError(address, f"{type(exc).__name__}: {exc}") from exc
     else:
         os.environ.update(LOCAL_ENV)  # inherited by the raylet, the GCS and every worker
@@ -81,8 +102,10 @@ def local_cluster(cpus: float | None = None, address: str | None = None) -> Iter
         try:
             ray.init(num_cpus=int(cpus or os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
                      configure_logging=False, runtime_env={"env_vars": env})
-        except Exception as exc:
-            _release(watchdog)
+        except BaseException as exc:  # also Ctrl-C while Ray starts: nothing half started is left
+            _abandon(ray, watchdog)
+            if not isinstance(exc, Exception):
+                raise
             raise RayClusterError(None, f"{type(exc).__name__}: {exc}") from exc
     try:
         yield True
@@ -145,6 +168,18 @@ def _watchdog() -> Any:
         return None
     return subprocess.Popen([sys.executable, "-c", _WATCH, str(os.getpid())], stdin=subprocess.PIPE,
                             start_new_session=True)
+
+
+def _abandon(ray: Any, watchdog: Any) -> None:
+    """Undo a ``ray.init`` that failed or was interrupted: what it started is stopped, the watchdog released."""
+    try:
+        ray.shutdown()
+    except Exception as exc:  # noqa: BLE001 - the start-up's own error is the one to report
+        import logging
+
+        logging.getLogger(__name__).warning("ray.shutdown after a failed start: %s: %s", type(exc).__name__, exc)
+    finally:
+        _release(watchdog)
 
 
 def _release(watchdog: Any) -> None:

@@ -232,3 +232,70 @@ def test_cli_ctrl_c_then_kill_9_of_the_driver_then_rerun_has_every_item_once(min
     assert report["ok"] == 300 and report["cached"] + report["computed"] + report["duplicates"] == 300
     assert report["cached"] > 0  # the committed shards of the interrupted runs were not computed again
     assert_every_item_once(out, expected)
+
+
+# -- attacks (a new user's mistakes and interruptions) ------------------------------------------
+@pytest.mark.parametrize("batch_format", ["pandas", "pyarrow"])
+def test_embed_batch_takes_pandas_and_arrow_batches(ray_cluster, batch_format):
+    import ray.data
+
+    from embedkit.ray import EmbedBatch
+
+    embedkit.export("tiny-ray")  # the actors find it in the model store (the plugin is the driver's only)
+    texts = ["a card payment", None, "where is my refund", "", "b" * 3]
+    ds = ray.data.from_items([{"n": n, "text": t} for n, t in enumerate(texts)])
+    out = ds.map_batches(EmbedBatch, fn_constructor_kwargs={"backbone": "tiny-ray", "column": "text"},
+                         concurrency=1, num_cpus=0.5, batch_size=3, batch_format=batch_format).take_all()
+    rows = sorted(out, key=lambda r: r["n"])
+    assert [bool(r["ok"]) for r in rows] == [True, False, True, True, True]
+    assert [r["error_code"] for r in rows] == ["", "not_text", "", "", ""]
+    expected = embedkit.embed([t for t in texts if isinstance(t, str)], "tiny-ray").vectors
+    got = np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in rows if r["ok"]])
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-6
+    assert np.isnan(np.asarray(rows[1]["embedding"], dtype=np.float32)).all()
+
+
+@pytest.mark.parametrize("address, reason", [("", "empty address"), ("  ", "empty address"),
+                                             ("127.0.0.1:99999", "port in 1..65535"),
+                                             ("127.0.0.1:0", "port in 1..65535"), (":6379", "HOST:PORT")])
+def test_an_empty_or_malformed_address_is_refused_never_read_as_local(ray_cluster, tmp_path: Path, address, reason):
+    (tmp_path / "t.txt").write_text("a text\n")
+    with pytest.raises(RayClusterError, match=reason):  # in process: a Ray is running, never used silently
+        embedkit.extract(tmp_path / "t.txt", "tiny-ray", tmp_path / "fs", engine="ray", address=address)
+    assert not list((tmp_path / "fs").glob("*/*/shards/*"))
+
+
+def test_cli_empty_address_is_an_error_not_a_private_local_ray(minilm, tmp_path: Path):
+    (tmp_path / "t.txt").write_text("a text\n")
+    (tmp_path / "fs").mkdir()
+    done = run_cli("extract", str(tmp_path / "t.txt"), "--out", str(tmp_path / "fs"), "--engine", "ray",
+                   "--address", "", "--no-progress", "--json")
+    assert done.returncode == 1 and "error: cannot reach the Ray cluster at '': an empty address" in done.stderr, \
+        done.stderr
+    assert done.stdout == "" and not list((tmp_path / "fs").glob("*/*/shards/*"))
+
+
+CTRL_C_DURING_START = r"""
+import signal, sys, time
+import psutil, ray
+from embedkit.raycluster import local_cluster
+
+def interrupt(*_):
+    raise KeyboardInterrupt
+signal.signal(signal.SIGALRM, interrupt)
+signal.setitimer(signal.ITIMER_REAL, float(sys.argv[1]))  # Ctrl-C while ray.init starts the local Ray
+try:
+    with local_cluster(cpus=1):
+        print("started")  # the interrupt came too late to test anything
+except KeyboardInterrupt:
+    gone, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=30)
+    print("interrupted", ray.is_initialized(), len(alive))
+"""
+
+
+def test_ctrl_c_while_the_local_ray_starts_leaves_nothing_running(tmp_path: Path):
+    done = subprocess.run([sys.executable, "-c", CTRL_C_DURING_START, "1.5"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    if done.stdout.startswith("started"):
+        pytest.skip("the local Ray started within 1.5 s: no interrupt during start-up to test")
+    assert done.stdout.split() == ["interrupted", "False", "0"], (done.stdout, done.stderr[-2000:])
