@@ -251,3 +251,13 @@ class NoBlocksError(EmbedkitError, ValueError):
 
 class InvalidAugmentError(EmbedkitError, ValueError):
     """A training augmentation setting out of range (crop scale, aspect ratio, flip probability)."""
+
+
+class RayResourcesError(EmbedkitError, ValueError):
+    """One Ray actor asks for more CPUs or GPUs than any node of the cluster has: it would wait forever."""
+
+    def __init__(self, resource: str, wanted: float, largest: float):
+        self.resource, self.wanted, self.largest = resource, wanted, largest
+        option = {"CPU": "--cpus-per-worker (cpus_per_worker=)", "GPU": "--gpus-per-worker (gpus_per_worker=)"}[resource]
+        super().__init__(f"an actor of {wanted:g} {resource} fits no node of the Ray cluster (the largest has "
+                         f"{largest:g}); lower {option}, or add a node that has it before the run")

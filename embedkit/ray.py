@@ -166,10 +166,21 @@ class RayRunner:
         if self.workers is None:
             self.workers = max(1, int(total // self.cpus)) if self.address else max(1, int(total))
         self.options.setdefault("threads", max(1, int(self.cpus)))
+        self._check_fits(ray)
         if self.gpus and self.options.get("device", "cpu") == "cpu":
             self.options["device"] = "cuda"
         logger.info("Ray engine: %d actor(s), %.2f CPU and %.2f GPU each, of %.1f CPUs", self.workers, self.cpus,
                     self.gpus, total)
+
+    def _check_fits(self, ray: Any) -> None:
+        """Refuse an actor that no alive node can hold: Ray would wait for one forever, silently."""
+        from .errors import RayResourcesError
+
+        nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+        for resource, wanted in (("CPU", self.cpus), ("GPU", self.gpus)):
+            largest = max((float(n.get(resource, 0)) for n in nodes), default=0.0)
+            if wanted and wanted > largest + 1e-9:
+                raise RayResourcesError(resource, wanted, largest)
 
     def _execute(self, jobs: list[ShardJob]) -> dict[str, ShardOutcome]:
         """One Ray Data run over ``jobs``; outcomes of the jobs whose block came back."""

@@ -299,3 +299,30 @@ def test_ctrl_c_while_the_local_ray_starts_leaves_nothing_running(tmp_path: Path
     if done.stdout.startswith("started"):
         pytest.skip("the local Ray started within 1.5 s: no interrupt during start-up to test")
     assert done.stdout.split() == ["interrupted", "False", "0"], (done.stdout, done.stderr[-2000:])
+
+
+@pytest.mark.parametrize("option, resource", [({"cpus_per_worker": 4}, "4 CPU"), ({"gpus_per_worker": 1}, "1 GPU")])
+def test_an_actor_no_node_can_hold_is_refused_not_waited_for_forever(ray_cluster, tmp_path: Path, option, resource):
+    from embedkit.errors import RayResourcesError
+
+    (tmp_path / "t.txt").write_text("a text\n")
+    start = time.monotonic()
+    with pytest.raises(RayResourcesError, match=f"an actor of {resource} fits no node .* largest has"):
+        embedkit.extract(tmp_path / "t.txt", "tiny-ray", tmp_path / "fs", engine="ray", **option)
+    assert time.monotonic() - start < 30
+
+
+def test_cli_cpus_per_worker_above_the_machine_is_an_error_not_a_hang(minilm, tmp_path: Path):
+    (tmp_path / "t.txt").write_text("a text\n")
+    (tmp_path / "fs").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "embedkit.cli", "extract", str(tmp_path / "t.txt"), "--out",
+                             str(tmp_path / "fs"), "--engine", "ray", "--cpus-per-worker", "64", "--no-progress",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)  # before the fix: waited forever for a 64-CPU node
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1 and "error: an actor of 64 CPU fits no node of the Ray cluster" in stderr, stderr
+    assert stdout == ""
