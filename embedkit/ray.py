@@ -112,12 +112,12 @@ class RayRunner:
     def __init__(self, artifact: Any, store: Any, options: dict[str, Any], models: Any = None,
                  address: str | None = None, workers: int | None = None, cpus_per_worker: float | None = None,
                  gpus_per_worker: float | None = None, window: int = WINDOW_JOBS) -> None:
-        for name, value, low in (("workers", workers, 1), ("cpus_per_worker", cpus_per_worker, 0),
-                                 ("gpus_per_worker", gpus_per_worker, -1)):
+        for name, value, zero_ok in (("workers", workers, False), ("cpus_per_worker", cpus_per_worker, False),
+                                     ("gpus_per_worker", gpus_per_worker, True)):
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < low or (value == 0 and low == 0) or (name == "workers" and not isinstance(value, int)):
+                    or value < 0 or (value == 0 and not zero_ok) or (name == "workers" and not isinstance(value, int)):
                 wanted = {"workers": "a positive int", "cpus_per_worker": "a positive number",
                           "gpus_per_worker": "a number >= 0"}[name]
                 raise ValueError(f"{name} must be {wanted} or None, got {value!r}")

@@ -326,3 +326,12 @@ def test_cli_cpus_per_worker_above_the_machine_is_an_error_not_a_hang(minilm, tm
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 1 and "error: an actor of 64 CPU fits no node of the Ray cluster" in stderr, stderr
     assert stdout == ""
+
+
+@pytest.mark.parametrize("option", [{"gpus_per_worker": -0.5}, {"gpus_per_worker": -1}, {"cpus_per_worker": -1},
+                                    {"workers": 0}, {"workers": 2.0}, {"cpus_per_worker": float("nan")}])
+def test_a_bad_ray_option_value_is_refused_naming_it_before_ray_starts(tmp_path: Path, option):
+    (name, value), = option.items()
+    (tmp_path / "fs").mkdir()
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        embedkit.extract(["a text"], "minilm-l6", tmp_path / "fs", engine="ray", **option)
