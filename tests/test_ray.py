@@ -216,6 +216,7 @@ def test_cli_ctrl_c_then_kill_9_of_the_driver_then_rerun_has_every_item_once(min
             family = descendants(proc.pid)
             os.kill(proc.pid, sig)
             proc.wait(timeout=120)
+            stderr = proc.stderr.read()
             gone, alive = psutil.wait_procs(family, timeout=60)
             leftover = [(p.pid, p.name()) for p in alive]
             for p in alive:
@@ -224,6 +225,9 @@ def test_cli_ctrl_c_then_kill_9_of_the_driver_then_rerun_has_every_item_once(min
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
         assert proc.returncode != 0, sig
+        if sig == signal.SIGINT:  # one line and exit 130, no traceback; the Ray it started is stopped
+            assert proc.returncode == 130 and "error: interrupted (Ctrl-C)" in stderr, stderr[-2000:]
+            assert "Traceback" not in stderr, stderr[-2000:]
         assert not leftover, f"Ray processes outlived their driver ({sig.name}): {leftover}"
     rerun = start_cli(source, out)
     stdout, stderr = rerun.communicate(timeout=300)
