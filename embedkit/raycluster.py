@@ -62,6 +62,7 @@ def _check_reachable(address: str) -> None:
 def local_cluster(cpus: float | None = None, address: str | None = None) -> Iterator[bool]:
     """Connect to ``address``, or start a private local Ray, for the duration of the block.
 
+    No ``address`` but ``RAY_ADDRESS`` set in the environment: that cluster (as ``ray.init`` does).
     Local: bound to 127.0.0.1, ``cpus`` CPUs (default: this machine's), dashboard and usage stats
     off, workers importing what this process imports (its ``sys.path``); shut down on exit, also
     on an exception or Ctrl-C. An already initialised Ray is used as it is and left running.
@@ -82,6 +83,8 @@ def local_cluster(cpus: float | None = None, address: str | None = None) -> Iter
         yield False
         return
     watchdog = None
+    if address is None and os.environ.get("RAY_ADDRESS", "").strip():
+        address = os.environ["RAY_ADDRESS"]  # Ray's own convention (ray.init reads it too): that cluster, no private one
     if address is not None:
         _check_reachable(address)
         try:

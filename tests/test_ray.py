@@ -339,3 +339,12 @@ def test_a_bad_ray_option_value_is_refused_naming_it_before_ray_starts(tmp_path:
     (tmp_path / "fs").mkdir()
     with pytest.raises(ValueError, match=f"^{name} must be"):
         embedkit.extract(["a text"], "minilm-l6", tmp_path / "fs", engine="ray", **option)
+
+
+def test_cli_ray_address_in_the_environment_counts_as_address(minilm, tmp_path: Path):
+    (tmp_path / "t.txt").write_text("a text\n")
+    (tmp_path / "fs").mkdir()
+    done = run_cli("extract", str(tmp_path / "t.txt"), "--out", str(tmp_path / "fs"), "--engine", "ray",
+                   "--no-progress", env={"RAY_ADDRESS": "127.0.0.1:9"})
+    # before: "cannot reach a local Ray instance: ValueError: When connecting to an existing cluster, num_cpus ..."
+    assert done.returncode == 1 and "error: cannot reach the Ray cluster at '127.0.0.1:9'" in done.stderr, done.stderr
