@@ -83,7 +83,9 @@ def local_cluster(cpus: float | None = None, address: str | None = None) -> Iter
         yield False
         return
     watchdog = None
-    if address is None and os.environ.get("RAY_ADDRESS", "").strip():
+    if address == "local":  # Ray's "start a new local one": this module's private one, bound to loopback
+        address = None
+    elif address is None and os.environ.get("RAY_ADDRESS", "").strip():
         address = os.environ["RAY_ADDRESS"]  # Ray's own convention (ray.init reads it too): that cluster, no private one
     if address is not None:
         _check_reachable(address)

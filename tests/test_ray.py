@@ -348,3 +348,27 @@ def test_cli_ray_address_in_the_environment_counts_as_address(minilm, tmp_path: 
                    "--no-progress", env={"RAY_ADDRESS": "127.0.0.1:9"})
     # before: "cannot reach a local Ray instance: ValueError: When connecting to an existing cluster, num_cpus ..."
     assert done.returncode == 1 and "error: cannot reach the Ray cluster at '127.0.0.1:9'" in done.stderr, done.stderr
+
+
+LOCAL_ADDRESS = r"""
+import psutil
+from embedkit.raycluster import local_cluster
+
+with local_cluster(cpus=1, address="local") as started:
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            found += [c.laddr.ip for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    print(started, len(found), sorted(set(found)))
+"""
+
+
+def test_address_local_is_the_private_ray_bound_to_loopback(tmp_path: Path):
+    done = subprocess.run([sys.executable, "-c", LOCAL_ADDRESS], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    started, count, ips = done.stdout.split(" ", 2)
+    assert started == "True" and int(count) > 0, done.stdout + done.stderr[-2000:]
+    import ast
+
+    assert set(ast.literal_eval(ips)) <= set(LOOPBACK), ips  # before: '::', '0.0.0.0' and the machine's address
