@@ -123,8 +123,9 @@ def local_cluster(cpus: float | None = None, address: str | None = None) -> Iter
 
 # Ray fate-shares its raylet and GCS with the driver, but its per-node agents poll for their
 # parent and can outlive a driver killed with SIGKILL. This watchdog (its own session, so Ctrl-C
-# in the terminal does not reach it) records the driver's descendants twice a second; when the
-# driver is gone (its pipe closes, however it ended) it kills those still alive.
+# in the terminal does not reach it) records the driver's Ray descendants twice a second (new since
+# it started, and Ray's by their command line: the caller's own children are never touched); when
+# the driver is gone (its pipe closes, however it ended) it kills those still alive.
 _WATCH = r"""
 import os, select, signal, sys
 driver, me = int(sys.argv[1]), os.getpid()
@@ -151,12 +152,22 @@ def started(pid):
             return f.read().rsplit(")", 1)[1].split()[19]
     except OSError:
         return None
+def is_ray(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+    except OSError:
+        return False
+    first = os.path.basename(cmd.split(b"\0", 1)[0])
+    return cmd.startswith(b"ray::") or b"/ray/" in cmd or first in (b"raylet", b"gcs_server")
+before = family()  # the driver's own children (not Ray's): never touched
 seen = {}
 while True:
     ready, _, _ = select.select([0], [], [], 0.5)
     if ready and not os.read(0, 1):
         break
-    seen.update(family())
+    seen.update((pid, start) for pid, start in family().items()
+                if pid not in seen and before.get(pid) != start and is_ray(pid))
 for pid, start in seen.items():
     if started(pid) == start:
         try:

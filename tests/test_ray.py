@@ -372,3 +372,21 @@ def test_address_local_is_the_private_ray_bound_to_loopback(tmp_path: Path):
     import ast
 
     assert set(ast.literal_eval(ips)) <= set(LOOPBACK), ips  # before: '::', '0.0.0.0' and the machine's address
+
+
+OWN_CHILD = r"""
+import subprocess, time
+from embedkit.raycluster import local_cluster
+
+mine = subprocess.Popen(["sleep", "120"])  # the caller's own child, started before the run ...
+with local_cluster(cpus=1):
+    during = subprocess.Popen(["sleep", "120"])  # ... and during it: neither is Ray's to kill
+time.sleep(1.5)
+print(mine.poll(), during.poll())
+mine.kill(), during.kill()
+"""
+
+
+def test_the_watchdog_never_kills_the_callers_own_processes(tmp_path: Path):
+    done = subprocess.run([sys.executable, "-c", OWN_CHILD], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.stdout.split() == ["None", "None"], done.stdout + done.stderr[-2000:]  # before: -9 -9
