@@ -103,8 +103,9 @@ def local_cluster(cpus: float | None = None, address: str | None = None) -> Iter
         constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported before the variable was set
         path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
         env = {k: v for k, v in {"PYTHONPATH": path, "EMBEDKIT_HOME": os.environ.get("EMBEDKIT_HOME")}.items() if v}
-        watchdog = _watchdog()
+        watchdog = None
         try:
+            watchdog = _watchdog()
             ray.init(num_cpus=int(cpus or os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
                      configure_logging=False, runtime_env={"env_vars": env})
         except BaseException as exc:  # also Ctrl-C while Ray starts: nothing half started is left
@@ -161,13 +162,17 @@ def is_ray(pid):
     first = os.path.basename(cmd.split(b"\0", 1)[0])
     return cmd.startswith(b"ray::") or b"/ray/" in cmd or first in (b"raylet", b"gcs_server")
 before = family()  # the driver's own children (not Ray's): never touched
+os.write(1, b"r")  # the driver starts Ray only after this
 seen = {}
+def look():
+    seen.update((pid, start) for pid, start in family().items()
+                if pid not in seen and before.get(pid) != start and is_ray(pid))
 while True:
     ready, _, _ = select.select([0], [], [], 0.5)
     if ready and not os.read(0, 1):
         break
-    seen.update((pid, start) for pid, start in family().items()
-                if pid not in seen and before.get(pid) != start and is_ray(pid))
+    look()
+look()  # what started since the last look (a start-up cut short) and is still the driver's
 for pid, start in seen.items():
     if started(pid) == start:
         try:
@@ -182,8 +187,10 @@ def _watchdog() -> Any:
 
     if not os.path.isdir("/proc"):
         return None
-    return subprocess.Popen([sys.executable, "-c", _WATCH, str(os.getpid())], stdin=subprocess.PIPE,
-                            start_new_session=True)
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCH, str(os.getpid())], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, start_new_session=True)
+    watchdog.stdout.read(1)  # it has recorded the driver's own children: what comes next is Ray's
+    return watchdog
 
 
 def _abandon(ray: Any, watchdog: Any) -> None:
@@ -207,3 +214,5 @@ def _release(watchdog: Any) -> None:
         watchdog.wait(timeout=30)
     except Exception:  # noqa: BLE001 - never leave it behind
         watchdog.kill()
+    finally:
+        watchdog.stdout.close()
