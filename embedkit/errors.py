@@ -217,9 +217,9 @@ class RayClusterError(EmbedkitError, ConnectionError):
 
     def __init__(self, address: str | None, reason: str):
         self.address = address
-        where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
+        where = f"the Ray cluster at {address!r}" if address is not None else "a local Ray instance"
         fix = ("check the address (host:port of the head's GCS, or 'auto' inside a cluster) and that the head is "
-               "running (`ray status`)") if address else "run without --engine ray, or see the Ray logs"
+               "running (`ray status`)") if address is not None else "run without --engine ray, or see the Ray logs"
         super().__init__(f"cannot reach {where}: {reason}; {fix}")
 
 
@@ -265,3 +265,13 @@ class HeadBackboneMismatchError(ArtifactError, ValueError):
 
 class InvalidAugmentError(EmbedkitError, ValueError):
     """A training augmentation setting out of range (crop scale, aspect ratio, flip probability)."""
+
+
+class RayResourcesError(EmbedkitError, ValueError):
+    """One Ray actor asks for more CPUs or GPUs than any node of the cluster has: it would wait forever."""
+
+    def __init__(self, resource: str, wanted: float, largest: float):
+        self.resource, self.wanted, self.largest = resource, wanted, largest
+        option = {"CPU": "--cpus-per-worker (cpus_per_worker=)", "GPU": "--gpus-per-worker (gpus_per_worker=)"}[resource]
+        super().__init__(f"an actor of {wanted:g} {resource} fits no node of the Ray cluster (the largest has "
+                         f"{largest:g}); lower {option}, or add a node that has it before the run")

@@ -123,6 +123,7 @@ def extract(
             or lies inside ``source``, or it exists and is not a feature store (nor empty).
         ValueError: an unknown ``engine``, or Ray options with the local engine.
         RayClusterError: (engine ``ray``) the cluster at ``address`` cannot be reached.
+        RayResourcesError: (engine ``ray``) ``cpus_per_worker`` / ``gpus_per_worker`` fit no node.
         IncompleteExtractionError: (engine ``ray``) planned shards are neither committed nor failed.
     """
     from .encoder import encoder_for

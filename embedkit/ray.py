@@ -112,12 +112,12 @@ class RayRunner:
     def __init__(self, artifact: Any, store: Any, options: dict[str, Any], models: Any = None,
                  address: str | None = None, workers: int | None = None, cpus_per_worker: float | None = None,
                  gpus_per_worker: float | None = None, window: int = WINDOW_JOBS) -> None:
-        for name, value, low in (("workers", workers, 1), ("cpus_per_worker", cpus_per_worker, 0),
-                                 ("gpus_per_worker", gpus_per_worker, -1)):
+        for name, value, zero_ok in (("workers", workers, False), ("cpus_per_worker", cpus_per_worker, False),
+                                     ("gpus_per_worker", gpus_per_worker, True)):
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < low or (value == 0 and low == 0) or (name == "workers" and not isinstance(value, int)):
+                    or value < 0 or (value == 0 and not zero_ok) or (name == "workers" and not isinstance(value, int)):
                 wanted = {"workers": "a positive int", "cpus_per_worker": "a positive number",
                           "gpus_per_worker": "a number >= 0"}[name]
                 raise ValueError(f"{name} must be {wanted} or None, got {value!r}")
@@ -166,10 +166,21 @@ class RayRunner:
         if self.workers is None:
             self.workers = max(1, int(total // self.cpus)) if self.address else max(1, int(total))
         self.options.setdefault("threads", max(1, int(self.cpus)))
+        self._check_fits(ray)
         if self.gpus and self.options.get("device", "cpu") == "cpu":
             self.options["device"] = "cuda"
         logger.info("Ray engine: %d actor(s), %.2f CPU and %.2f GPU each, of %.1f CPUs", self.workers, self.cpus,
                     self.gpus, total)
+
+    def _check_fits(self, ray: Any) -> None:
+        """Refuse an actor that no alive node can hold: Ray would wait for one forever, silently."""
+        from .errors import RayResourcesError
+
+        nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+        for resource, wanted in (("CPU", self.cpus), ("GPU", self.gpus)):
+            largest = max((float(n.get(resource, 0)) for n in nodes), default=0.0)
+            if wanted and wanted > largest + 1e-9:
+                raise RayResourcesError(resource, wanted, largest)
 
     def _execute(self, jobs: list[ShardJob]) -> dict[str, ShardOutcome]:
         """One Ray Data run over ``jobs``; outcomes of the jobs whose block came back."""
@@ -285,6 +296,8 @@ class EmbedBatch:
         self.encoder = encoder_for(self.artifact, **options)
 
     def __call__(self, batch: Any) -> Any:
+        if type(batch).__module__.startswith("pyarrow"):  # batch_format="pyarrow": answered as pandas
+            batch = batch.to_pandas()
         if isinstance(batch, dict):
             out = dict(batch)
             payloads = list(batch[self.column]) if self.column in batch else None
@@ -312,5 +325,7 @@ class EmbedBatch:
                 except Exception as row_exc:  # noqa: BLE001
                     codes[n] = "encode_failed"
                     logger.warning("EmbedBatch: row %d: %s: %s", n, type(row_exc).__name__, row_exc)
-        out["embedding"], out["ok"], out["error_code"] = vectors, ok, codes
+        # a DataFrame column takes one object per row, a numpy batch the (N, dim) array
+        out["embedding"] = vectors if isinstance(batch, dict) else list(vectors)
+        out["ok"], out["error_code"] = ok, codes
         return out

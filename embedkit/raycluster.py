@@ -29,15 +29,31 @@ def _ray() -> Any:
     return ray
 
 
+def _split(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``HOST:PORT`` address, None for ``auto``/``local``/``ray://...``.
+
+    Raises:
+        RayClusterError: not a string, empty, or not ``HOST:PORT`` with a port in 1..65535.
+    """
+    if not isinstance(address, str) or not address.strip():
+        raise RayClusterError(address, "an empty address; leave the address out for a private local Ray, "
+                                       "or give HOST:PORT")
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not host.strip("[]") or host != host.strip() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RayClusterError(address, "expected HOST:PORT (a port in 1..65535)")
+    return host, int(port)
+
+
 def _check_reachable(address: str) -> None:
     """Fail fast (a few seconds, not Ray's long reconnect loop) when ``host:port`` does not answer."""
-    if address in ("auto", "local") or address.startswith("ray://"):
+    split = _split(address)
+    if split is None:
         return
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise RayClusterError(address, "expected HOST:PORT")
+    host, port = split
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        socket.create_connection((host.strip("[]"), port), timeout=5).close()
     except OSError as exc:
         raise RayClusterError(address, f"{type(exc).__name__}: {exc}") from None
 
@@ -46,6 +62,7 @@ def _check_reachable(address: str) -> None:
 def local_cluster(cpus: float | None = None, address: str | None = None) -> Iterator[bool]:
     """Connect to ``address``, or start a private local Ray, for the duration of the block.
 
+    No ``address`` but ``RAY_ADDRESS`` set in the environment: that cluster (as ``ray.init`` does).
     Local: bound to 127.0.0.1, ``cpus`` CPUs (default: this machine's), dashboard and usage stats
     off, workers importing what this process imports (its ``sys.path``); shut down on exit, also
     on an exception or Ctrl-C. An already initialised Ray is used as it is and left running.
@@ -56,6 +73,8 @@ def local_cluster(cpus: float | None = None, address: str | None = None) -> Iter
         MissingDependencyError: ray is not installed (``pip install 'embedkit[ray]'``).
     """
     ray = _ray()
+    if address is not None:
+        _split(address)  # a malformed address is refused, never read as "no address"
     if ray.is_initialized():
         connected = ray.get_runtime_context().gcs_address
         if address and address not in ("auto", connected):
@@ -64,11 +83,18 @@ def local_cluster(cpus: float | None = None, address: str | None = None) -> Iter
         yield False
         return
     watchdog = None
-    if address:
+    if address == "local":  # Ray's "start a new local one": this module's private one, bound to loopback
+        address = None
+    elif address is None and os.environ.get("RAY_ADDRESS", "").strip():
+        address = os.environ["RAY_ADDRESS"]  # Ray's own convention (ray.init reads it too): that cluster, no private one
+    if address is not None:
         _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
-        except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError here
+        except BaseException as exc:  # Ray raises ConnectionError, RuntimeError, ValueError here
+            _abandon(ray, None)
+            if not isinstance(exc, Exception):  # Ctrl-C: re-raised as it is
+                raise
             raise RayClusterError(address, f"{type(exc).__name__}: {exc}") from exc
     else:
         os.environ.update(LOCAL_ENV)  # inherited by the raylet, the GCS and every worker
@@ -77,12 +103,15 @@ def local_cluster(cpus: float | None = None, address: str | None = None) -> Iter
         constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported before the variable was set
         path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
         env = {k: v for k, v in {"PYTHONPATH": path, "EMBEDKIT_HOME": os.environ.get("EMBEDKIT_HOME")}.items() if v}
-        watchdog = _watchdog()
+        watchdog = None
         try:
+            watchdog = _watchdog()
             ray.init(num_cpus=int(cpus or os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
                      configure_logging=False, runtime_env={"env_vars": env})
-        except Exception as exc:
-            _release(watchdog)
+        except BaseException as exc:  # also Ctrl-C while Ray starts: nothing half started is left
+            _abandon(ray, watchdog)
+            if not isinstance(exc, Exception):
+                raise
             raise RayClusterError(None, f"{type(exc).__name__}: {exc}") from exc
     try:
         yield True
@@ -95,8 +124,9 @@ def local_cluster(cpus: float | None = None, address: str | None = None) -> Iter
 
 # Ray fate-shares its raylet and GCS with the driver, but its per-node agents poll for their
 # parent and can outlive a driver killed with SIGKILL. This watchdog (its own session, so Ctrl-C
-# in the terminal does not reach it) records the driver's descendants twice a second; when the
-# driver is gone (its pipe closes, however it ended) it kills those still alive.
+# in the terminal does not reach it) records the driver's Ray descendants twice a second (new since
+# it started, and Ray's by their command line: the caller's own children are never touched); when
+# the driver is gone (its pipe closes, however it ended) it kills those still alive.
 _WATCH = r"""
 import os, select, signal, sys
 driver, me = int(sys.argv[1]), os.getpid()
@@ -123,12 +153,26 @@ def started(pid):
             return f.read().rsplit(")", 1)[1].split()[19]
     except OSError:
         return None
+def is_ray(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+    except OSError:
+        return False
+    first = os.path.basename(cmd.split(b"\0", 1)[0])
+    return cmd.startswith(b"ray::") or b"/ray/" in cmd or first in (b"raylet", b"gcs_server")
+before = family()  # the driver's own children (not Ray's): never touched
+os.write(1, b"r")  # the driver starts Ray only after this
 seen = {}
+def look():
+    seen.update((pid, start) for pid, start in family().items()
+                if pid not in seen and before.get(pid) != start and is_ray(pid))
 while True:
     ready, _, _ = select.select([0], [], [], 0.5)
     if ready and not os.read(0, 1):
         break
-    seen.update(family())
+    look()
+look()  # what started since the last look (a start-up cut short) and is still the driver's
 for pid, start in seen.items():
     if started(pid) == start:
         try:
@@ -143,8 +187,22 @@ def _watchdog() -> Any:
 
     if not os.path.isdir("/proc"):
         return None
-    return subprocess.Popen([sys.executable, "-c", _WATCH, str(os.getpid())], stdin=subprocess.PIPE,
-                            start_new_session=True)
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCH, str(os.getpid())], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, start_new_session=True)
+    watchdog.stdout.read(1)  # it has recorded the driver's own children: what comes next is Ray's
+    return watchdog
+
+
+def _abandon(ray: Any, watchdog: Any) -> None:
+    """Undo a ``ray.init`` that failed or was interrupted: what it started is stopped, the watchdog released."""
+    try:
+        ray.shutdown()
+    except Exception as exc:  # noqa: BLE001 - the start-up's own error is the one to report
+        import logging
+
+        logging.getLogger(__name__).warning("ray.shutdown after a failed start: %s: %s", type(exc).__name__, exc)
+    finally:
+        _release(watchdog)
 
 
 def _release(watchdog: Any) -> None:
@@ -156,3 +214,5 @@ def _release(watchdog: Any) -> None:
         watchdog.wait(timeout=30)
     except Exception:  # noqa: BLE001 - never leave it behind
         watchdog.kill()
+    finally:
+        watchdog.stdout.close()

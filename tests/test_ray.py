@@ -216,6 +216,7 @@ def test_cli_ctrl_c_then_kill_9_of_the_driver_then_rerun_has_every_item_once(min
             family = descendants(proc.pid)
             os.kill(proc.pid, sig)
             proc.wait(timeout=120)
+            stderr = proc.stderr.read()
             gone, alive = psutil.wait_procs(family, timeout=60)
             leftover = [(p.pid, p.name()) for p in alive]
             for p in alive:
@@ -224,6 +225,9 @@ def test_cli_ctrl_c_then_kill_9_of_the_driver_then_rerun_has_every_item_once(min
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
         assert proc.returncode != 0, sig
+        if sig == signal.SIGINT:  # one line and exit 130, no traceback; the Ray it started is stopped
+            assert proc.returncode == 130 and "error: interrupted (Ctrl-C)" in stderr, stderr[-2000:]
+            assert "Traceback" not in stderr, stderr[-2000:]
         assert not leftover, f"Ray processes outlived their driver ({sig.name}): {leftover}"
     rerun = start_cli(source, out)
     stdout, stderr = rerun.communicate(timeout=300)
@@ -232,3 +236,157 @@ def test_cli_ctrl_c_then_kill_9_of_the_driver_then_rerun_has_every_item_once(min
     assert report["ok"] == 300 and report["cached"] + report["computed"] + report["duplicates"] == 300
     assert report["cached"] > 0  # the committed shards of the interrupted runs were not computed again
     assert_every_item_once(out, expected)
+
+
+# -- attacks (a new user's mistakes and interruptions) ------------------------------------------
+@pytest.mark.parametrize("batch_format", ["pandas", "pyarrow"])
+def test_embed_batch_takes_pandas_and_arrow_batches(ray_cluster, batch_format):
+    import ray.data
+
+    from embedkit.ray import EmbedBatch
+
+    embedkit.export("tiny-ray")  # the actors find it in the model store (the plugin is the driver's only)
+    texts = ["a card payment", None, "where is my refund", "", "b" * 3]
+    ds = ray.data.from_items([{"n": n, "text": t} for n, t in enumerate(texts)])
+    out = ds.map_batches(EmbedBatch, fn_constructor_kwargs={"backbone": "tiny-ray", "column": "text"},
+                         concurrency=1, num_cpus=0.5, batch_size=3, batch_format=batch_format).take_all()
+    rows = sorted(out, key=lambda r: r["n"])
+    assert [bool(r["ok"]) for r in rows] == [True, False, True, True, True]
+    assert [r["error_code"] for r in rows] == ["", "not_text", "", "", ""]
+    expected = embedkit.embed([t for t in texts if isinstance(t, str)], "tiny-ray").vectors
+    got = np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in rows if r["ok"]])
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-6
+    assert np.isnan(np.asarray(rows[1]["embedding"], dtype=np.float32)).all()
+
+
+@pytest.mark.parametrize("address, reason", [("", "empty address"), ("  ", "empty address"),
+                                             ("127.0.0.1:99999", "port in 1..65535"),
+                                             ("127.0.0.1:0", "port in 1..65535"), (":6379", "HOST:PORT")])
+def test_an_empty_or_malformed_address_is_refused_never_read_as_local(ray_cluster, tmp_path: Path, address, reason):
+    (tmp_path / "t.txt").write_text("a text\n")
+    with pytest.raises(RayClusterError, match=reason):  # in process: a Ray is running, never used silently
+        embedkit.extract(tmp_path / "t.txt", "tiny-ray", tmp_path / "fs", engine="ray", address=address)
+    assert not list((tmp_path / "fs").glob("*/*/shards/*"))
+
+
+def test_cli_empty_address_is_an_error_not_a_private_local_ray(minilm, tmp_path: Path):
+    (tmp_path / "t.txt").write_text("a text\n")
+    (tmp_path / "fs").mkdir()
+    done = run_cli("extract", str(tmp_path / "t.txt"), "--out", str(tmp_path / "fs"), "--engine", "ray",
+                   "--address", "", "--no-progress", "--json")
+    assert done.returncode == 1 and "error: cannot reach the Ray cluster at '': an empty address" in done.stderr, \
+        done.stderr
+    assert done.stdout == "" and not list((tmp_path / "fs").glob("*/*/shards/*"))
+
+
+CTRL_C_DURING_START = r"""
+import signal, sys, time
+import psutil, ray
+from embedkit.raycluster import local_cluster
+
+def interrupt(*_):
+    raise KeyboardInterrupt
+signal.signal(signal.SIGALRM, interrupt)
+signal.setitimer(signal.ITIMER_REAL, float(sys.argv[1]))  # Ctrl-C while ray.init starts the local Ray
+try:
+    with local_cluster(cpus=1):
+        print("started")  # the interrupt came too late to test anything
+except KeyboardInterrupt:
+    gone, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=30)
+    print("interrupted", ray.is_initialized(), len(alive))
+"""
+
+
+def test_ctrl_c_while_the_local_ray_starts_leaves_nothing_running(tmp_path: Path):
+    done = subprocess.run([sys.executable, "-c", CTRL_C_DURING_START, "1.5"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    if done.stdout.startswith("started"):
+        pytest.skip("the local Ray started within 1.5 s: no interrupt during start-up to test")
+    assert done.stdout.split() == ["interrupted", "False", "0"], (done.stdout, done.stderr[-2000:])
+
+
+@pytest.mark.parametrize("option, resource", [({"cpus_per_worker": 4}, "4 CPU"), ({"gpus_per_worker": 1}, "1 GPU")])
+def test_an_actor_no_node_can_hold_is_refused_not_waited_for_forever(ray_cluster, tmp_path: Path, option, resource):
+    from embedkit.errors import RayResourcesError
+
+    (tmp_path / "t.txt").write_text("a text\n")
+    start = time.monotonic()
+    with pytest.raises(RayResourcesError, match=f"an actor of {resource} fits no node .* largest has"):
+        embedkit.extract(tmp_path / "t.txt", "tiny-ray", tmp_path / "fs", engine="ray", **option)
+    assert time.monotonic() - start < 30
+
+
+def test_cli_cpus_per_worker_above_the_machine_is_an_error_not_a_hang(minilm, tmp_path: Path):
+    (tmp_path / "t.txt").write_text("a text\n")
+    (tmp_path / "fs").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "embedkit.cli", "extract", str(tmp_path / "t.txt"), "--out",
+                             str(tmp_path / "fs"), "--engine", "ray", "--cpus-per-worker", "64", "--no-progress",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)  # before the fix: waited forever for a 64-CPU node
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1 and "error: an actor of 64 CPU fits no node of the Ray cluster" in stderr, stderr
+    assert stdout == ""
+
+
+@pytest.mark.parametrize("option", [{"gpus_per_worker": -0.5}, {"gpus_per_worker": -1}, {"cpus_per_worker": -1},
+                                    {"workers": 0}, {"workers": 2.0}, {"cpus_per_worker": float("nan")}])
+def test_a_bad_ray_option_value_is_refused_naming_it_before_ray_starts(tmp_path: Path, option):
+    (name, value), = option.items()
+    (tmp_path / "fs").mkdir()
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        embedkit.extract(["a text"], "minilm-l6", tmp_path / "fs", engine="ray", **option)
+
+
+def test_cli_ray_address_in_the_environment_counts_as_address(minilm, tmp_path: Path):
+    (tmp_path / "t.txt").write_text("a text\n")
+    (tmp_path / "fs").mkdir()
+    done = run_cli("extract", str(tmp_path / "t.txt"), "--out", str(tmp_path / "fs"), "--engine", "ray",
+                   "--no-progress", env={"RAY_ADDRESS": "127.0.0.1:9"})
+    # before: "cannot reach a local Ray instance: ValueError: When connecting to an existing cluster, num_cpus ..."
+    assert done.returncode == 1 and "error: cannot reach the Ray cluster at '127.0.0.1:9'" in done.stderr, done.stderr
+
+
+LOCAL_ADDRESS = r"""
+import psutil
+from embedkit.raycluster import local_cluster
+
+with local_cluster(cpus=1, address="local") as started:
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            found += [c.laddr.ip for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    print(started, len(found), sorted(set(found)))
+"""
+
+
+def test_address_local_is_the_private_ray_bound_to_loopback(tmp_path: Path):
+    done = subprocess.run([sys.executable, "-c", LOCAL_ADDRESS], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    started, count, ips = done.stdout.split(" ", 2)
+    assert started == "True" and int(count) > 0, done.stdout + done.stderr[-2000:]
+    import ast
+
+    assert set(ast.literal_eval(ips)) <= set(LOOPBACK), ips  # before: '::', '0.0.0.0' and the machine's address
+
+
+OWN_CHILD = r"""
+import subprocess, time
+from embedkit.raycluster import local_cluster
+
+mine = subprocess.Popen(["sleep", "120"])  # the caller's own child, started before the run ...
+with local_cluster(cpus=1):
+    during = subprocess.Popen(["sleep", "120"])  # ... and during it: neither is Ray's to kill
+time.sleep(1.5)
+print(mine.poll(), during.poll())
+mine.kill(), during.kill()
+"""
+
+
+def test_the_watchdog_never_kills_the_callers_own_processes(tmp_path: Path):
+    done = subprocess.run([sys.executable, "-c", OWN_CHILD], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.stdout.split() == ["None", "None"], done.stdout + done.stderr[-2000:]  # before: -9 -9

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from ..errors import EmbedkitError, UsageError  # light: no heavy imports behind it
 from . import features, finetune, heads, models, search, serve
-from .common import EXIT_FAILED_ITEMS, EXIT_USAGE, OUTPUT_SUFFIXES, Parser
+from .common import EXIT_FAILED_ITEMS, EXIT_INTERRUPTED, EXIT_USAGE, OUTPUT_SUFFIXES, Parser
 
 __all__ = ["COMMANDS", "EXIT_FAILED_ITEMS", "EXIT_USAGE", "OUTPUT_SUFFIXES", "build_parser", "main"]
 
@@ -53,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(COMMANDS[args.command](args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: what the command started is stopped (finally blocks ran); no traceback
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `embedkit ... | head`: the reader left; not an error of ours
         sys.stdout = open(os.devnull, "w")
         return 0

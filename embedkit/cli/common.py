@@ -18,6 +18,7 @@ from ..errors import UsageError
 EXIT_USAGE = 1
 EXIT_FAILED_ITEMS = 2
 EXIT_INCOMPLETE = 3  # extract --engine ray: planned items neither stored nor failed (workers lost); rerun
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 OUTPUT_SUFFIXES = (".npy", ".parquet")
 GLOB_CHARS = "*?["
 
