@@ -17,10 +17,13 @@ run (also on Ctrl-C). ``ray`` is imported on first use only: ``import embedkit``
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import pickle
+import signal
 import sys
+import threading
 import warnings
 from typing import Any
 
@@ -38,6 +41,39 @@ MAX_TASK_RETRIES = 2  # a job is tried 1 + this many times per pass (two passes:
 MAX_RESTARTS = 4  # per actor; each pass starts fresh actors
 CLOCK_MARGIN_NS = 600 * 10**9  # 10 minutes
 WINDOW_JOBS = 64  # shard jobs planned ahead per Ray Data run (bounds the driver's memory)
+
+
+@contextlib.contextmanager
+def _ctrl_c_kept() -> Any:
+    """Ctrl-C during a Ray Data run always ends the run with ``KeyboardInterrupt``.
+
+    Ray Data's iterators can swallow a ``KeyboardInterrupt`` (seen in CI: the interrupted window
+    looked like blocks lost to crashes, was rerun item by item, and the run ended with exit 0), so
+    the signal is recorded here and raised again once Ray returns. Main thread only (where Python
+    delivers signals); a SIGINT the caller ignores stays ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        yield
+        return
+    hit: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        hit.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hit:
+        raise KeyboardInterrupt
 
 
 def _in_process_plugins() -> list[str]:
@@ -230,15 +266,16 @@ class RayRunner:
         jobs, self.jobs = self.jobs, []
         if not jobs:
             return
-        outcomes = self._execute(jobs)
-        done = committed_keys(self.namespace, self.since_ns)  # jobs committed whose answer was lost with their worker
-        for job in jobs:
-            if job.key not in outcomes and job.key in done:
-                outcomes[job.key] = outcome_from_record(job, done[job.key])
-        lost = [job for job in jobs if job.key not in outcomes]
-        if lost:
-            logger.warning("%d shard job(s) lost their worker on every attempt: running them item by item", len(lost))
-            self._isolate(lost, outcomes)
+        with _ctrl_c_kept():
+            outcomes = self._execute(jobs)
+            done = committed_keys(self.namespace, self.since_ns)  # jobs committed whose answer was lost with their worker
+            for job in jobs:
+                if job.key not in outcomes and job.key in done:
+                    outcomes[job.key] = outcome_from_record(job, done[job.key])
+            lost = [job for job in jobs if job.key not in outcomes]
+            if lost:
+                logger.warning("%d shard job(s) lost their worker on every attempt: running them item by item", len(lost))
+                self._isolate(lost, outcomes)
         for job in jobs:
             if job.key in outcomes:
                 settle(job, outcomes[job.key], self.run)
