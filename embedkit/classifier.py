@@ -145,6 +145,8 @@ def _labels(y: Any, n: int) -> np.ndarray:
     """``y`` as a 1-D array of class labels, refusing what a classifier cannot learn."""
     from sklearn.utils.multiclass import type_of_target
 
+    from .finetune import check_labels
+
     if y is None:
         raise DatasetError("FinetunedClassifier.fit needs labels y (one per item)")
     if isinstance(y, (str, bytes)):
@@ -154,12 +156,7 @@ def _labels(y: Any, n: int) -> np.ndarray:
         values = values[:, 0]
     if values.ndim != 1:
         raise DatasetError(f"y must be one label per item (1-D), got shape {values.shape}")
-    if len(values) != n:
-        raise DatasetError(f"{len(values)} labels for {n} items: give exactly one label per item")
-    missing = [i for i, v in enumerate(values.tolist()) if v is None or (isinstance(v, float) and v != v)]
-    if missing:
-        raise DatasetError(f"{len(missing)} of {n} labels are missing (None or NaN), e.g. at index "
-                           f"{', '.join(map(str, missing[:5]))}; label every item or leave those items out")
+    check_labels(values, n)  # finetune's own checks: one label per item, none missing
     try:
         kind = type_of_target(values)
     except (TypeError, ValueError) as exc:
