@@ -78,16 +78,24 @@ def setfit_worker(job: Path) -> None:
 
     hf_logging.set_verbosity_error()
     model = SetFitModel.from_pretrained(spec["folder"], local_files_only=True)
-    args = TrainingArguments(num_iterations=spec["iterations"], num_epochs=1, batch_size=16,
-                             body_learning_rate=2e-5, seed=spec["seed"], show_progress_bar=False,
-                             report_to="none", output_dir=spec["tmp"], save_strategy="no", logging_strategy="no")
-    train = Dataset.from_dict({"text": spec["texts"], "label": spec["labels"]})
+    common = dict(body_learning_rate=spec["lr"], seed=spec["seed"], show_progress_bar=False, report_to="none",
+                  output_dir=spec["tmp"], save_strategy="no", logging_strategy="no")
+    if spec["loss"] == "cosine":  # SetFit's default: CosineSimilarityLoss on its sampled pairs
+        args = TrainingArguments(num_iterations=spec["iterations"], num_epochs=1, batch_size=spec["batch_size"], **common)
+    else:  # SetFit's own in-batch loss on labelled sentences: SupConLoss, batches grouped by label,
+        # the same number of steps and texts per step as embedkit's in-batch run
+        from setfit.losses import SupConLoss
+
+        args = TrainingArguments(loss=SupConLoss, num_epochs=2 * spec["iterations"], batch_size=2 * spec["batch_size"],
+                                 **common)
+    classes = sorted(set(spec["labels"]))  # integer labels: sentence-transformers' collator stacks them
+    train = Dataset.from_dict({"text": spec["texts"], "label": [classes.index(y) for y in spec["labels"]]})
     trainer = Trainer(model=model, args=args, train_dataset=train)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     pred = model.predict(spec["test_texts"], batch_size=64, show_progress_bar=False)
-    accuracy = sum(str(p) == y for p, y in zip(pred, spec["test_labels"])) / len(spec["test_labels"])
+    accuracy = sum(classes[int(p)] == y for p, y in zip(pred, spec["test_labels"])) / len(spec["test_labels"])
     print(json.dumps({"accuracy": accuracy, "train_seconds": seconds}))
 
 
@@ -103,7 +111,8 @@ def run_frozen(train_vectors, labels, test_vectors, test_labels) -> dict:
     return {"accuracy": float((head.predict(test_vectors) == np.asarray(test_labels)).mean()), "train_seconds": seconds}
 
 
-def run_direct(texts, labels, test_texts, test_labels, iterations: int, seed: int) -> dict:
+def run_direct(texts, labels, test_texts, test_labels, iterations: int, seed: int, loss: str = "cosine",
+               batch_size: int = 16, lr: float = 2e-5) -> dict:
     """The recipe without the store: ``finetune_contrastive`` on ``backbone.build()``, then the head."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
@@ -115,8 +124,8 @@ def run_direct(texts, labels, test_texts, test_labels, iterations: int, seed: in
     module = backbone.build()
     tokenize = text_tokenizer(backbone.preprocess)
     start = time.perf_counter()
-    history = finetune_contrastive(module, tokenize, texts, labels, iterations=iterations, epochs=1, batch_size=16,
-                                   lr=2e-5, seed=seed)
+    history = finetune_contrastive(module, tokenize, texts, labels, iterations=iterations, epochs=1,
+                                   batch_size=batch_size, lr=lr, seed=seed, loss=loss)
     head = LogisticRegression().fit(encode(module, tokenize, texts), labels)
     seconds = time.perf_counter() - start
     pred = head.predict(encode(module, tokenize, test_texts))
@@ -124,17 +133,18 @@ def run_direct(texts, labels, test_texts, test_labels, iterations: int, seed: in
             "tuning_seconds": history[0]["seconds"], "path": "finetune_contrastive"}
 
 
-def run_embedkit(texts, labels, test_texts, test_labels, iterations: int, seed: int, store: str) -> dict:
+def run_embedkit(texts, labels, test_texts, test_labels, iterations: int, seed: int, store: str, loss: str = "cosine",
+                 batch_size: int = 16, lr: float = 2e-5) -> dict:
     import numpy as np
 
     import embedkit
 
     if not hasattr(embedkit, "finetune"):
-        return run_direct(texts, labels, test_texts, test_labels, iterations, seed)
+        return run_direct(texts, labels, test_texts, test_labels, iterations, seed, loss, batch_size, lr)
 
     start = time.perf_counter()
     result = embedkit.finetune("minilm-l6", texts, labels, objective="contrastive", unfreeze="all",
-                               iterations=iterations, epochs=1, batch_size=16, lr=2e-5, seed=seed,
+                               iterations=iterations, loss=loss, epochs=1, batch_size=batch_size, lr=lr, seed=seed,
                                validation=None, store=store)
     seconds = time.perf_counter() - start
     pred = result.model.predict(test_texts)
@@ -150,7 +160,7 @@ def embedkit_worker(job: Path) -> None:
 
     torch.set_num_threads(spec["threads"])
     row = run_embedkit(spec["texts"], spec["labels"], spec["test_texts"], spec["test_labels"], spec["iterations"],
-                       spec["seed"], spec["store"])
+                       spec["seed"], spec["store"], spec["loss"], spec["batch_size"], spec["lr"])
     print(json.dumps(row))
 
 
@@ -176,7 +186,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setfit-worker", help=argparse.SUPPRESS)
     parser.add_argument("--embedkit-worker", help=argparse.SUPPRESS)
-    parser.add_argument("--iterations", type=int, default=1, help="pairs per item and kind (SetFit's num_iterations)")
+    parser.add_argument("--iterations", type=int, default=1,
+                        help="cosine: pairs per item and kind (SetFit's num_iterations); in-batch: anchors per item")
+    parser.add_argument("--loss", choices=["cosine", "in-batch"], default="cosine",
+                        help="cosine: SetFit's recipe on both sides; in-batch: embedkit's in-batch negatives vs "
+                             "setfit's SupConLoss (batches of twice --batch-size texts, 2 x iterations epochs)")
+    parser.add_argument("--batch-size", type=int, default=16, help="cosine: pairs per step; in-batch: classes per step")
+    parser.add_argument("--lr", type=float, default=2e-5, help="body learning rate (SetFit's default 2e-5)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--only-seeds", help="comma-separated seeds to run (default: 0 .. seeds-1)")
     parser.add_argument("--per-class", type=int, default=8)
@@ -221,7 +237,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
         jobs = [(tool, {"texts": texts, "labels": labels, "test_texts": test_texts, "test_labels": test_labels,
                         "folder": folder, "iterations": args.iterations, "seed": seed, "threads": args.threads,
-                        "store": store})
+                        "store": store, "loss": args.loss, "batch_size": args.batch_size, "lr": args.lr})
                 for seed, (texts, labels) in samples.items() for tool in tools if tool != "frozen"]
         unknown = {t for t, _ in jobs} - {"embedkit", "setfit"}
         if unknown:
@@ -245,9 +261,14 @@ def main() -> None:
         if tuning:
             summary[tool]["tuning_seconds_mean"] = statistics.mean(tuning)
     n = args.per_class * len(set(train_labels))
+    if args.loss == "cosine":
+        budget = (f"loss cosine (SetFit's recipe): num_iterations={args.iterations} -> {2 * args.iterations * n} "
+                  f"pairs ({int(np.ceil(2 * args.iterations * n / args.batch_size))} steps of {args.batch_size})")
+    else:
+        budget = (f"loss in-batch: {args.iterations} anchors per item, {args.batch_size} classes per step; setfit: "
+                  f"SupConLoss, {2 * args.iterations} epochs of batches of {2 * args.batch_size} texts")
     print(f"\nBanking77, {args.per_class} per class ({n} texts), seeds {seeds}, scored on all {len(test_texts)} "
-          f"test texts; pair budget: num_iterations={args.iterations} -> {2 * args.iterations * n} pairs "
-          f"({int(np.ceil(2 * args.iterations * n / 16))} steps of 16), {args.threads} torch thread(s) per tool, "
+          f"test texts; {budget}; body lr {args.lr}; {args.threads} torch thread(s) per tool, "
           f"{args.parallel} runs at once")
     print(f"{'tool':<10} {'accuracy':>18} {'train s (mean)':>15} {'train s (all)':>14} {'body tuning s':>14}")
     for tool, s in summary.items():
@@ -261,7 +282,8 @@ def main() -> None:
     if "setfit" in summary and "embedkit" in summary:
         print(f"embedkit - setfit: {100 * (summary['embedkit']['accuracy_mean'] - summary['setfit']['accuracy_mean']):+.2f} points")
     if args.out:
-        Path(args.out).write_text(json.dumps({"iterations": args.iterations, "threads": args.threads,
+        Path(args.out).write_text(json.dumps({"iterations": args.iterations, "threads": args.threads, "loss": args.loss,
+                                              "batch_size": args.batch_size, "lr": args.lr,
                                               "rows": rows, "summary": summary}, indent=2))
 
 

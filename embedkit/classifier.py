@@ -27,6 +27,8 @@ class FinetunedClassifier(ClassifierMixin, BaseEstimator):
         objective: ``classify`` (cross-entropy with a linear head) or ``contrastive`` (SetFit's
             recipe, texts only: ``iterations`` pairs per item and kind, then LogisticRegression).
         iterations: contrastive only: SetFit's ``num_iterations`` (ignored for ``classify``).
+        loss: contrastive only: ``cosine`` (SetFit's pairs) or ``in-batch`` (in-batch negatives,
+            ``batch_size`` classes per batch); see :mod:`embedkit.contrastive`.
         epochs, batch_size, lr, head_lr, layer_decay, weight_decay, warmup, max_grad_norm,
         validation, patience, class_weight, seed, device, augment, store: as :func:`embedkit.finetune`.
 
@@ -44,6 +46,7 @@ class FinetunedClassifier(ClassifierMixin, BaseEstimator):
         unfreeze: str = "last:2",
         objective: str = "classify",
         iterations: int = 20,
+        loss: str = "cosine",
         epochs: int = 3,
         batch_size: int = 32,
         lr: float = 2e-5,
@@ -64,6 +67,7 @@ class FinetunedClassifier(ClassifierMixin, BaseEstimator):
         self.unfreeze = unfreeze
         self.objective = objective
         self.iterations = iterations
+        self.loss = loss
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
@@ -97,7 +101,7 @@ class FinetunedClassifier(ClassifierMixin, BaseEstimator):
         modality = getattr(parent, "modality", "text")
         items = _as_items(X, modality)
         labels = _labels(y, len(items))
-        options = {"iterations": self.iterations} if self.objective == "contrastive" else {}
+        options = {"iterations": self.iterations, "loss": self.loss} if self.objective == "contrastive" else {}
         result = finetune(
             self.backbone, items, labels, unfreeze=self.unfreeze, objective=self.objective, epochs=self.epochs,
             batch_size=self.batch_size, lr=self.lr, head_lr=self.head_lr, layer_decay=self.layer_decay,

@@ -14,6 +14,15 @@ starting over from the front of a list it has used up. :func:`sample_pairs` draw
 distribution without listing every pair (which is ``n^2 / 2`` of them): the first ``k`` pairs of
 a random order are ``k`` pairs drawn without replacement, and a used-up list repeats its order.
 
+``loss="in-batch"`` swaps the pair loss for in-batch negatives (sentence-transformers'
+``MultipleNegativesRankingLoss``, Henderson et al. 2017, "Efficient Natural Language Response
+Suggestion for Smart Reply", arXiv:1705.00652; scale 20 as sentence-transformers' default): each
+batch holds one (anchor, positive) pair from each of up to ``batch_size`` *different* classes
+(:func:`sample_anchor_batches`), and each anchor must pick its own positive out of all the
+batch's positives by softmax cross-entropy over the scaled cosines, so every other class in the
+batch is a negative. With many classes and few items each (Banking77: 77 intents, 8 items each)
+it measured 0.848 against SetFit's cosine pairs' 0.797 (``benchmarks/fewshot.py``).
+
 torch is imported inside the functions that need it.
 """
 from __future__ import annotations
@@ -143,6 +152,73 @@ def sample_pairs(labels: Sequence[Any], iterations: int = 20, seed: int = 0) -> 
     return Pairs(left, right, target)
 
 
+@dataclass(frozen=True)
+class AnchorBatch:
+    """One in-batch-negatives batch: ``anchors[k]`` and ``positives[k]`` (int64 item indices, shape
+    (B,)) share a label, and no two ``k`` share one (so every other positive is a true negative)."""
+
+    anchors: np.ndarray
+    positives: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.anchors.shape[0])
+
+
+def sample_anchor_batches(labels: Sequence[Any], iterations: int = 1, batch_size: int = 64,
+                          seed: int = 0) -> list[AnchorBatch]:
+    """Batches for ``loss="in-batch"``: every item is an anchor ``iterations`` times.
+
+    Each round shuffles the items of every class; the classes that still have anchors are then
+    taken in a random order, ``batch_size`` at a time, one anchor each, until every anchor of
+    the round is used: a pass over the classes is split into batches of near-equal size, and when
+    a single class still has anchors (classes of unequal size), each of its anchors is batched
+    with random items of up to ``batch_size - 1`` other classes, so every batch has negatives. An
+    anchor's positive is another item of its class drawn at random (itself when its class has
+    one item).
+
+    Args:
+        labels: one label per item, any hashable values.
+        iterations: rounds (anchors per item), >= 1.
+        batch_size: classes per batch (pairs per batch) at most, >= 2.
+        seed: seeds a :class:`numpy.random.Generator`; the same seed gives the same batches.
+
+    Returns:
+        list of :class:`AnchorBatch`.
+
+    Raises:
+        DatasetError: fewer than 2 items, a missing label, or a single class.
+        UsageError: ``iterations`` < 1 or ``batch_size`` < 2 (a ValueError).
+    """
+    for name, value, least in (("iterations", iterations, 1), ("batch_size", batch_size, 2)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise UsageError(f"{name} must be an int >= {least} for in-batch negatives, got {value!r}")
+    codes = _label_codes(labels)
+    classes = np.unique(codes)
+    if len(classes) < 2:
+        raise DatasetError(f"all {len(codes)} items have the same label; in-batch negatives need at least 2 classes")
+    members = {int(c): np.flatnonzero(codes == c) for c in classes}
+    rng = np.random.default_rng(seed)
+    batches: list[AnchorBatch] = []
+    for _ in range(int(iterations)):
+        queues = {c: list(rng.permutation(m)) for c, m in members.items()}
+        while queues:
+            order = rng.permutation(sorted(queues))
+            for chunk in np.array_split(order, -(-len(order) // int(batch_size))):  # near-equal sizes
+                anchors = [int(queues[int(c)].pop()) for c in chunk]
+                classes = [int(c) for c in chunk]
+                if len(classes) == 1:  # one class left with anchors: other classes lend theirs
+                    lenders = rng.permutation([c for c in members if c != classes[0]])[: int(batch_size) - 1]
+                    classes += [int(c) for c in lenders]
+                    anchors += [int(rng.choice(members[int(c)])) for c in lenders]
+                positives = []
+                for c, a in zip(classes, anchors):
+                    others = members[c][members[c] != a]
+                    positives.append(int(rng.choice(others)) if len(others) else a)
+                batches.append(AnchorBatch(np.asarray(anchors, dtype=np.int64), np.asarray(positives, dtype=np.int64)))
+            queues = {c: q for c, q in queues.items() if q}
+    return batches
+
+
 def text_tokenizer(preprocess: Any) -> Tokenize:
     """A ``tokenize`` callable for :func:`finetune_contrastive` from a backbone's
     :class:`~embedkit.TextPreprocess`: the inference tokenizer (:class:`embedkit.text.TextTokenizer`,
@@ -218,6 +294,37 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1.0, total - warmup))
 
 
+LOSSES = ("cosine", "in-batch")
+
+
+@dataclass(frozen=True)
+class _Batch:
+    left: np.ndarray  # (B,) item indices: the first side (cosine) or the anchors (in-batch)
+    right: np.ndarray  # (B,) the second side, or the positives
+    target: np.ndarray  # (B,) float32 cosine targets (cosine loss only)
+
+    def __len__(self) -> int:
+        return int(self.left.shape[0])
+
+
+def _draw_epoch(labels: Sequence[Any], loss: str, iterations: Any,
+                batch_size: int) -> Callable[[int, int], list[_Batch]]:
+    """``draw(seed, epoch)``: one epoch's batches for ``loss``, the same for the same arguments
+    (and as many for every epoch)."""
+    if loss == "cosine":
+        def draw(seed: int, epoch: int) -> list[_Batch]:
+            pairs = sample_pairs(labels, iterations, seed + epoch)
+            shuffle = np.random.default_rng([seed, epoch]).permutation(len(pairs))
+            return [_Batch(pairs.left[b], pairs.right[b], pairs.target[b])
+                    for b in (shuffle[i:i + batch_size] for i in range(0, len(pairs), batch_size))]
+        return draw
+
+    def draw_anchors(seed: int, epoch: int) -> list[_Batch]:
+        return [_Batch(b.anchors, b.positives, np.ones(len(b), dtype=np.float32))
+                for b in sample_anchor_batches(labels, iterations, batch_size, seed + epoch)]
+    return draw_anchors
+
+
 def finetune_contrastive(
     module: Any,
     tokenize: Tokenize,
@@ -235,8 +342,11 @@ def finetune_contrastive(
     max_grad_norm: float = 1.0,
     device: str = "cpu",
     train_mode: Callable[[Any], Any] | None = None,
+    loss: str = "cosine",
+    scale: float = 20.0,
 ) -> list[dict[str, Any]]:
-    """Tune a text body in place on SetFit's sentence pairs with a cosine-similarity loss.
+    """Tune a text body in place on SetFit's sentence pairs with a cosine-similarity loss
+    (``loss="cosine"``) or on label-drawn pairs with in-batch negatives (``loss="in-batch"``).
 
     Pairs come from :func:`sample_pairs` (``2 * iterations * len(texts)`` of them, fresh for each
     epoch: seed ``seed + epoch``), shuffled into batches of ``batch_size`` pairs. Each step embeds
@@ -249,6 +359,11 @@ def finetune_contrastive(
     ``FreezePlan.train``) sets the modes, else ``module.train()``. Seeded: same seed, same weights
     on CPU. The module is left in eval mode.
 
+    ``loss="in-batch"`` (see the module docstring): batches from :func:`sample_anchor_batches`
+    (``iterations`` anchors per item, ``batch_size`` classes per batch at most, fresh for each
+    epoch), loss = cross-entropy of ``scale * cos(anchor_i, positive_j)`` over ``j`` with target
+    ``i``. Schedule, optimiser and clipping as above.
+
     Args:
         module: torch module, ``module(input_ids, attention_mask) -> (N, D)`` embeddings.
         tokenize: texts -> ``{"input_ids", "attention_mask"}`` (N, L) int64, right-padded
@@ -259,12 +374,13 @@ def finetune_contrastive(
 
     Returns:
         One dict per epoch: ``epoch`` (1-based), ``loss`` (mean over the epoch's steps),
-        ``pairs``, ``positives``, ``negatives``, ``steps``, ``seconds``.
+        ``pairs``, ``positives``, ``negatives`` (cosine: pairs of each kind; in-batch: the
+        anchor-positive pairs and the negatives they were contrasted with), ``steps``, ``seconds``.
 
     Raises:
         DatasetError: labels of another length than texts, a missing label, a single class.
-        UsageError: a non-positive iterations, epochs, batch_size, or lr; no trainable parameter
-            (a ValueError).
+        UsageError: a non-positive iterations, epochs, batch_size, lr or scale; an unknown
+            ``loss``; ``batch_size`` < 2 with in-batch negatives; no trainable parameter (a ValueError).
     """
     import torch
 
@@ -275,7 +391,13 @@ def finetune_contrastive(
             raise UsageError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or not math.isfinite(lr):
         raise UsageError(f"lr must be a positive number, got {lr!r}")
-    sample_pairs(labels, iterations, seed)  # refuses bad labels before any work
+    if loss not in LOSSES:
+        raise UsageError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0 or not math.isfinite(scale):
+        raise UsageError(f"scale must be a positive number, got {scale!r}")
+    draw = _draw_epoch(labels, loss, int(iterations) if isinstance(iterations, (int, np.integer)) else iterations,
+                       batch_size)
+    per_epoch = len(draw(seed, 0))  # refuses bad labels and options before any work
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if not params:
         raise UsageError("the module has no trainable parameter (all frozen): unfreeze some blocks, e.g. "
@@ -286,8 +408,6 @@ def finetune_contrastive(
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
     ids, mask = _tokens(tokenize, texts)
     module.to(device)
-    n_pairs = 2 * int(iterations) * len(texts)
-    per_epoch = math.ceil(n_pairs / batch_size)
     total = per_epoch * int(epochs)
     warm = int(warmup) if warmup >= 1 else math.ceil(total * warmup)  # a whole number of steps, or a fraction
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, total, warm))
@@ -296,30 +416,35 @@ def finetune_contrastive(
     done = 0
     for epoch in range(int(epochs)):
         start = time.perf_counter()
-        pairs = sample_pairs(labels, iterations, seed + epoch)
-        shuffle = np.random.default_rng([seed, epoch]).permutation(len(pairs))
+        batches = draw(seed, epoch)
         (train_mode or (lambda m: m.train()))(module)
         losses = []
-        for begin in range(0, len(pairs), batch_size):
-            batch = shuffle[begin:begin + batch_size]
-            both = torch.as_tensor(np.concatenate([pairs.left[batch], pairs.right[batch]]))
+        for batch in batches:
+            both = torch.as_tensor(np.concatenate([batch.left, batch.right]))
             vectors = module(*_rows(ids, mask, both, device)).float()
             u, v = vectors[: len(batch)], vectors[len(batch):]
-            cosine = torch.nn.functional.cosine_similarity(u, v, dim=-1)
-            target = torch.as_tensor(pairs.target[batch], device=cosine.device)
-            loss = torch.nn.functional.mse_loss(cosine, target)
+            if loss == "cosine":
+                cosine = torch.nn.functional.cosine_similarity(u, v, dim=-1)
+                target = torch.as_tensor(batch.target, device=cosine.device)
+                value = torch.nn.functional.mse_loss(cosine, target)
+            else:
+                u, v = torch.nn.functional.normalize(u, dim=-1), torch.nn.functional.normalize(v, dim=-1)
+                value = torch.nn.functional.cross_entropy(scale * u @ v.T, torch.arange(len(batch), device=u.device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for _, p in params], max_grad_norm)
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(value.detach()))
             done += 1
             if progress is not None:
                 progress(done, total)
-        metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "pairs": len(pairs),
-                   "positives": pairs.positives, "negatives": pairs.negatives, "steps": len(losses),
+        pairs = sum(len(b) for b in batches)
+        positives = sum(int(b.target.sum()) for b in batches) if loss == "cosine" else pairs
+        negatives = pairs - positives if loss == "cosine" else sum(len(b) * (len(b) - 1) for b in batches)
+        metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "pairs": pairs,
+                   "positives": positives, "negatives": negatives, "steps": len(losses),
                    "seconds": time.perf_counter() - start}
         logger.info("contrastive epoch %d/%d: loss %.4f over %d pairs (%d steps, %.1fs)", epoch + 1, epochs,
                     metrics["loss"], metrics["pairs"], metrics["steps"], metrics["seconds"])

@@ -26,6 +26,7 @@ from .errors import DatasetError, DeviceUnavailableError, OutputExistsError, Usa
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("classify", "contrastive")
+CONTRASTIVE_OPTIONS = ("iterations", "loss", "scale")  # keyword options of embedkit.contrastive.finetune_contrastive
 
 
 @dataclass
@@ -224,7 +225,10 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
         labels: one label per item (str or int), no missing values.
         unfreeze: ``head`` | ``last:N`` | ``all`` (:mod:`embedkit.blocks`).
         objective: ``classify`` (cross-entropy with a linear head) or ``contrastive`` (SetFit's
-            recipe, texts only; ``iterations`` etc. go in ``objective_options``).
+            recipe, texts only). Its options go in ``objective_options``: ``iterations`` (pairs,
+            or anchors, per item), ``loss`` (``cosine``: SetFit's pairs; ``in-batch``: in-batch
+            negatives, ``batch_size`` classes per batch) and ``scale`` (in-batch: 20), as
+            :func:`embedkit.contrastive.finetune_contrastive` takes them.
         epochs, batch_size: passes over the training items; items per optimiser step.
         lr, head_lr: peak learning rates of the backbone and of the head.
         layer_decay: lr of a block at depth d (0 = last) is ``lr * layer_decay ** d``; None: off.
@@ -290,6 +294,13 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
         raise UsageError("objective='contrastive' (SetFit) is for text backbones; use objective='classify'")
     if objective == "contrastive" and checkpoint_dir is not None:
         raise UsageError("checkpoint_dir / resume are for objective='classify' (a contrastive run is short: rerun it)")
+    if objective == "contrastive":
+        unknown = sorted(set(objective_options) - set(CONTRASTIVE_OPTIONS))
+        if unknown:
+            raise UsageError(f"objective='contrastive' takes the options {', '.join(CONTRASTIVE_OPTIONS)}, "
+                             f"not {', '.join(unknown)}")
+        if objective_options.get("loss", "cosine") not in ("cosine", "in-batch"):
+            raise UsageError(f"loss must be one of cosine, in-batch, got {objective_options['loss']!r}")
     payloads, ids, sources = items_of(items, parent.modality)
     y_raw = check_labels(labels, len(payloads))
     check_classes(y_raw)

@@ -152,3 +152,75 @@ def test_encode_gives_input_order_and_shape(tokenize):
     assert together.shape == (6, 8) and together.dtype == np.float32
     alone = np.stack([encode(module, tokenize, [t])[0] for t in TEXTS])
     np.testing.assert_allclose(together, alone, atol=1e-6)
+
+
+# -- loss="in-batch": label-drawn pairs with in-batch negatives ---------------------------------
+from embedkit.contrastive import sample_anchor_batches  # noqa: E402
+
+
+def test_anchor_batches_hold_distinct_classes_and_use_every_anchor_each_round():
+    labels = np.repeat([f"intent-{k}" for k in range(7)], [8, 8, 8, 8, 8, 3, 1])  # unequal classes
+    batches = sample_anchor_batches(labels, iterations=2, batch_size=4, seed=5)
+    anchors = Counter(a for b in batches for a in b.anchors.tolist())
+    # every item is an anchor twice; once the small classes are used up, the last big class's
+    # anchors are batched with items lent by other classes (so at least twice)
+    assert all(anchors[i] >= 2 for i in range(len(labels)))
+    assert sum(len(b) for b in batches) >= 2 * len(labels)
+    for b in batches:
+        classes = labels[b.anchors]
+        assert len(set(classes)) == len(b) >= 2  # one pair per class: every other positive is a true negative
+        assert (labels[b.positives] == classes).all()
+        big = [k for k, a in enumerate(b.anchors) if (labels == labels[a]).sum() > 1]
+        assert all(b.positives[k] != b.anchors[k] for k in big)  # another item of the class when there is one
+        assert len(b) <= 4
+    again = sample_anchor_batches(labels, iterations=2, batch_size=4, seed=5)
+    assert all(np.array_equal(x.anchors, y.anchors) and np.array_equal(x.positives, y.positives)
+               for x, y in zip(batches, again))
+    other = sample_anchor_batches(labels, iterations=2, batch_size=4, seed=6)
+    assert not all(np.array_equal(x.anchors, y.anchors) for x, y in zip(batches, other))
+    # Banking77's few-shot shape: 77 classes of 8 in batches of all 77 -> 8 batches a round
+    few = sample_anchor_batches(np.repeat(np.arange(77), 8), iterations=1, batch_size=77, seed=0)
+    assert [len(b) for b in few] == [77] * 8
+
+
+def test_anchor_batches_refuse_what_gives_no_negative():
+    with pytest.raises(embedkit.DatasetError, match="same label"):
+        sample_anchor_batches(["x"] * 4, 1, 4, 0)
+    with pytest.raises(embedkit.DatasetError, match="missing"):
+        sample_anchor_batches(["a", None, "b"], 1, 4, 0)
+    for name, kwargs in (("batch_size", {"batch_size": 1}), ("iterations", {"iterations": 0}),
+                         ("batch_size", {"batch_size": 2.5})):
+        with pytest.raises(embedkit.UsageError, match=name):
+            sample_anchor_batches(LABELS, **{"iterations": 1, "batch_size": 4, **kwargs})
+
+
+def test_in_batch_loss_pulls_positives_together_and_pushes_negatives_apart(tokenize):
+    module = Pooled(dim=8, seed=0)
+    pos_before, neg_before = cosines(module, tokenize)
+    history = finetune_contrastive(module, tokenize, TEXTS, TOY, loss="in-batch", iterations=8, epochs=2,
+                                   batch_size=2, lr=5e-2, seed=0)
+    pos_after, neg_after = cosines(module, tokenize)
+    assert pos_after > pos_before + 0.1 and neg_after < neg_before - 0.1
+    # 2 classes of 3, batch of 2 classes: 3 batches a round, 8 rounds; each pair meets 1 negative
+    assert all(h["steps"] == 24 and h["pairs"] == 48 and h["positives"] == 48 and h["negatives"] == 48
+               for h in history)
+    assert history[1]["loss"] < history[0]["loss"]
+
+    def run(seed):
+        m = Pooled(dim=8, seed=0)
+        finetune_contrastive(m, tokenize, TEXTS, TOY, loss="in-batch", iterations=2, batch_size=2, lr=1e-2, seed=seed)
+        return m.emb.weight.detach().clone()
+
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+
+
+def test_in_batch_options_are_refused_before_training(tokenize):
+    module = Pooled(dim=8, seed=0)
+    before = module.emb.weight.detach().clone()
+    for kwargs, match in (({"loss": "triplet"}, "loss must be one of cosine, in-batch"),
+                          ({"loss": "in-batch", "batch_size": 1}, "batch_size"),
+                          ({"loss": "in-batch", "scale": 0.0}, "scale"),
+                          ({"loss": "in-batch", "scale": float("inf")}, "scale")):
+        with pytest.raises(embedkit.UsageError, match=match):
+            finetune_contrastive(module, tokenize, TEXTS, TOY, **kwargs)
+    assert torch.equal(module.emb.weight, before)

@@ -101,3 +101,26 @@ def test_bad_rows_exit_2_with_records_and_parent_head_refused_by_predict(tmp_pat
     refused = _cli("predict", str(tmp_path / "parent-model"), "good film", "--backbone", summary["backbone"])
     assert refused.returncode == 1 and refused.stdout == ""
     assert summary["digest"] in refused.stderr and summary["parent_digest"] in refused.stderr
+
+
+def test_contrastive_from_the_cli_with_in_batch_negatives(tmp_path):
+    data = _table(tmp_path / "train.csv", ROWS[:24])
+    out = tmp_path / "run"
+    done = _cli("finetune", "ft-tiny-text", str(data), "--labels", str(data), "--out", str(out), "--objective",
+                "contrastive", "--loss", "in-batch", "--iterations", "2", "--unfreeze", "all", "--epochs", "1",
+                "--batch-size", "2", "--validation", "0", "--no-progress", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["history"][0]["steps"] > 0 and (out / "model" / "model.json").is_file()
+    assert not (out / "checkpoints").exists()  # a contrastive run takes no checkpoints
+    lineage = embedkit.export(summary["backbone"]).manifest["lineage"]  # resolves by name in this process
+    assert lineage["hyperparameters"]["loss"] == "in-batch" and lineage["hyperparameters"]["iterations"] == 2
+    assert lineage["hyperparameters"]["objective"] == "contrastive"
+    for flags, match in ((["--resume"], "--resume is for --objective classify"),
+                         (["--checkpoint-every", "3"], "--checkpoint-every is for --objective classify")):
+        refused = _cli("finetune", "ft-tiny-text", str(data), "--labels", str(data), "--out", str(tmp_path / "r2"),
+                       "--objective", "contrastive", "--no-progress", *flags)
+        assert refused.returncode == 1 and match in refused.stderr, refused.stderr[-2000:]
+    refused = _cli("finetune", "ft-tiny-text", str(data), "--labels", str(data), "--out", str(tmp_path / "r3"),
+                   "--loss", "in-batch", "--no-progress")
+    assert refused.returncode == 1 and "--loss is an option of --objective contrastive" in refused.stderr

@@ -93,6 +93,11 @@ def test_contrastive_objective_trains_setfit_pairs():
     assert epoch["pairs"] == 2 * 2 * 16 and epoch["positives"] == epoch["negatives"] == 32
     assert clf.predict_proba(TEXTS).shape == (16, 2)
     assert clf.score(TEXTS, LABELS) >= 0.75
+    batched = embedkit.FinetunedClassifier(**{**FAST, "objective": "contrastive", "loss": "in-batch", "iterations": 2,
+                                              "epochs": 1, "unfreeze": "all", "batch_size": 2}).fit(TEXTS, LABELS)
+    (epoch,) = batched.history_
+    assert epoch["pairs"] == 2 * 16 and epoch["steps"] == 16  # 2 anchors per item, one per class in a batch
+    assert batched.get_params()["loss"] == "in-batch" and batched.score(TEXTS, LABELS) >= 0.75
 
 
 def test_bad_input_is_a_typed_error_before_training():

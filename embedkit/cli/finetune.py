@@ -63,6 +63,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--unfreeze", type=_unfreeze, default="last:2", help="head | last:N | all (default last:2)")
     p.add_argument("--objective", choices=["classify", "contrastive"], default="classify")
     p.add_argument("--iterations", type=positive_int, help="contrastive: pair-sampling iterations (SetFit's)")
+    p.add_argument("--loss", choices=["cosine", "in-batch"],
+                   help="contrastive: cosine (SetFit's pairs, default) or in-batch (in-batch negatives; "
+                        "--batch-size classes per batch)")
     p.add_argument("--epochs", type=positive_int, default=3, help="default 3")
     p.add_argument("--batch-size", type=positive_int, default=32, help="default 32")
     p.add_argument("--lr", type=positive_float, default=2e-5, help="backbone learning rate (default 2e-5)")
@@ -122,8 +125,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     out = check_output(args.out, "finetune", inputs=[args.source, args.validation_source])
     if args.resume and not (out / "checkpoints" / "checkpoint.json").is_file():
         print(f"note: no checkpoint in {out} yet: starting from the beginning", file=sys.stderr)
-    if args.iterations and args.objective != "contrastive":
-        raise UsageError("--iterations is an option of --objective contrastive")
+    for flag, value in (("--iterations", args.iterations), ("--loss", args.loss)):
+        if value and args.objective != "contrastive":
+            raise UsageError(f"{flag} is an option of --objective contrastive")
+    for flag, value in (("--resume", args.resume), ("--checkpoint-every", args.checkpoint_every)):
+        if value and args.objective == "contrastive":
+            raise UsageError(f"{flag} is for --objective classify (a contrastive run is short: rerun it)")
     modality = get_backbone(args.backbone).modality
     items, labels, unreadable = _labelled(args.source, args.labels, modality, args)
     validation: Any = args.validation
@@ -135,7 +142,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     out.mkdir(exist_ok=True)
     marker = {**stamp("finetune"), "status": "running", "backbone": args.backbone, "source": str(args.source)}
     write_atomic(out / "finetune.json", json.dumps(marker, indent=2).encode())
-    options = {"iterations": args.iterations} if args.iterations else {}
+    options = {k: v for k, v in (("iterations", args.iterations), ("loss", args.loss)) if v}
     with progress_bar("finetune", None, "step", not args.no_progress) as bar:
         def progress(done: int, total: int, info: dict[str, Any]) -> None:
             bar.update_to(done, total)
@@ -147,7 +154,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, layer_decay=args.layer_decay,
             weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
             validation=validation, patience=args.patience, class_weight=args.class_weight, seed=args.seed,
-            device=args.device, augment=not args.no_augment, checkpoint_dir=out / "checkpoints",
+            device=args.device, augment=not args.no_augment,
+            checkpoint_dir=out / "checkpoints" if args.objective == "classify" else None,
             checkpoint_every=args.checkpoint_every, resume=args.resume, name=args.name, store=args.store,
             out=out / "model", progress=progress, **options)
     failures = unreadable + result.failures
