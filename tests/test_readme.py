@@ -111,3 +111,18 @@ def test_readme_shows_the_onnx_only_plugin_as_it_ships():
     assert len(blocks) == 1
     rel, code = blocks[0]
     assert (ROOT / rel).read_text() == code
+
+
+def test_fine_tuning_in_batch_example_builds_the_estimator_it_names():
+    """The in-batch contrastive example constructs (fitting it is benchmarks/fewshot.py's job) with
+    exactly the settings the README names, and they pass scikit-learn's clone."""
+    from sklearn.base import clone
+
+    import embedkit
+
+    (code,) = [b for b in _python_blocks("Fine-tuning") if "FinetunedClassifier" in b]
+    scope = {"embedkit": embedkit}
+    exec(compile(code, "README.md", "exec"), scope)
+    params = clone(scope["clf"]).get_params()
+    assert params["objective"] == "contrastive" and params["loss"] == "in-batch"
+    assert (params["iterations"], params["batch_size"], params["lr"]) == (10, 77, 5e-5)
