@@ -354,7 +354,8 @@ def finetune_contrastive(
     its target (1 same label, 0 different). AdamW (``weight_decay`` off for biases and norms) at
     ``lr`` with linear warm-up over ``warmup`` (a fraction of the steps, or a number of steps >= 1)
     then linear decay, gradients clipped
-    to ``max_grad_norm``: SetFit's defaults. Only parameters with ``requires_grad`` are trained
+    to ``max_grad_norm``: SetFit's defaults. On CUDA the forward pass runs under automatic mixed
+    precision (:func:`embedkit.trainer.mixed_precision`), the loss in float32. Only parameters with ``requires_grad`` are trained
     (a freeze plan applied before the call is honoured); ``train_mode(module)`` (e.g.
     ``FreezePlan.train``) sets the modes, else ``module.train()``. Seeded: same seed, same weights
     on CPU. The module is left in eval mode.
@@ -411,6 +412,9 @@ def finetune_contrastive(
     total = per_epoch * int(epochs)
     warm = int(warmup) if warmup >= 1 else math.ceil(total * warmup)  # a whole number of steps, or a fraction
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, total, warm))
+    from .trainer import mixed_precision
+
+    amp, scaler = mixed_precision(torch, device)  # CUDA: autocast (+ a gradient scaler for float16)
     torch.manual_seed(seed)  # dropout masks
     history: list[dict[str, Any]] = []
     done = 0
@@ -421,7 +425,9 @@ def finetune_contrastive(
         losses = []
         for batch in batches:
             both = torch.as_tensor(np.concatenate([batch.left, batch.right]))
-            vectors = module(*_rows(ids, mask, both, device)).float()
+            with amp():
+                vectors = module(*_rows(ids, mask, both, device))
+            vectors = vectors.float()  # the loss in float32
             u, v = vectors[: len(batch)], vectors[len(batch):]
             if loss == "cosine":
                 cosine = torch.nn.functional.cosine_similarity(u, v, dim=-1)
@@ -431,10 +437,16 @@ def finetune_contrastive(
                 u, v = torch.nn.functional.normalize(u, dim=-1), torch.nn.functional.normalize(v, dim=-1)
                 value = torch.nn.functional.cross_entropy(scale * u @ v.T, torch.arange(len(batch), device=u.device))
             optimizer.zero_grad(set_to_none=True)
-            value.backward()
+            (scaler.scale(value) if scaler else value).backward()
+            if scaler:
+                scaler.unscale_(optimizer)
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for _, p in params], max_grad_norm)
-            optimizer.step()
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
             losses.append(float(value.detach()))
             done += 1

@@ -99,7 +99,9 @@ def evaluate(torch: Any, module: Any, head: Any, data: Any, index: np.ndarray, y
             "val_macro_f1": float(f1_score(y[index], pred, average="macro", zero_division=0))}
 
 
-def _amp(torch: Any, device: str) -> tuple[Callable[[], Any], Any]:
+def mixed_precision(torch: Any, device: str) -> tuple[Callable[[], Any], Any]:
+    """``(context, scaler)``: automatic mixed precision on CUDA (bfloat16 where supported, else
+    float16 with a :class:`torch.amp.GradScaler`); on other devices a null context and no scaler."""
     import contextlib
 
     if not device.startswith("cuda"):
@@ -128,7 +130,7 @@ def train(module: Any, plan: Any, data: Any, y: np.ndarray, train_idx: np.ndarra
     device = torch.device(s.device)
     module.to(device)
     head.to(device)
-    amp, scaler = _amp(torch, s.device)
+    amp, scaler = mixed_precision(torch, s.device)
     steps_per_epoch = math.ceil(len(train_idx) / s.batch_size)
     total = s.epochs * steps_per_epoch
     warm = int(round(s.warmup * total)) if s.warmup < 1 else int(s.warmup)
