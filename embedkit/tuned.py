@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import staged_file, write_atomic
+from .atomic import write_atomic
 from .backbone import NAME_PATTERN, Backbone, preprocess_from_json
 from .errors import InvalidBackboneError, OutputExistsError
 
@@ -71,11 +71,10 @@ def load_weights(module: Any, path: str | os.PathLike[str]) -> None:
 
 def save_weights(module: Any, path: Path, metadata: dict[str, str] | None = None) -> None:
     """The module's whole state dict as safetensors at ``path``, atomically (shared tensors copied)."""
-    from safetensors.torch import save_file
+    from .checkpoint import write_safetensors
 
     state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    with staged_file(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+    write_safetensors(path, state, metadata)
 
 
 def default_name(parent: str, weights: Path) -> str:
