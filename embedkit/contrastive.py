@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import DatasetError, UsageError
+from .errors import DatasetError, TrainingDivergedError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -315,9 +315,13 @@ def finetune_contrastive(
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
+            if not math.isfinite(losses[-1]):
+                raise TrainingDivergedError(f"the contrastive loss at epoch {epoch + 1}, step {done + 1}", "lr")
             done += 1
             if progress is not None:
                 progress(done, total)
+        if not all(bool(torch.isfinite(p).all()) for _, p in params):
+            raise TrainingDivergedError(f"a trained weight after contrastive epoch {epoch + 1}", "lr")
         metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "pairs": len(pairs),
                    "positives": pairs.positives, "negatives": pairs.negatives, "steps": len(losses),
                    "seconds": time.perf_counter() - start}

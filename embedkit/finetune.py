@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import DatasetError, DeviceUnavailableError, OutputExistsError, UsageError
+from .errors import (DatasetError, DeviceUnavailableError, ExportError, NonFiniteOutputError, OutputExistsError,
+                     TrainingDivergedError, UsageError)
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ def _positive(name: str, value: Any, kind: type = int, allow_none: bool = False)
 def check_settings(*, objective: str, epochs: Any, batch_size: Any, lr: Any, head_lr: Any, layer_decay: Any,
                    weight_decay: Any, warmup: Any, max_grad_norm: Any, validation: Any, patience: Any,
                    class_weight: Any, device: str, checkpoint_every: Any, resume: bool,
-                   checkpoint_dir: Any) -> str:
+                   checkpoint_dir: Any, seed: Any = 0) -> str:
     """Refuse bad settings before any work; returns the device to train on.
 
     Raises:
@@ -132,6 +134,14 @@ def check_settings(*, objective: str, epochs: Any, batch_size: Any, lr: Any, hea
         raise UsageError("patience (early stopping) needs validation data: give validation=0.1 or (items, labels)")
     if class_weight is not None and class_weight != "balanced" and not isinstance(class_weight, dict):
         raise UsageError(f"class_weight must be None, 'balanced' or a dict label -> weight, got {class_weight!r}")
+    if isinstance(class_weight, dict):  # a zero, negative or NaN weight trains to NaN weights, found only at export
+        bad = {k: w for k, w in class_weight.items() if not isinstance(w, numbers.Real) or isinstance(w, bool)
+               or not math.isfinite(w) or not w > 0}
+        if bad:
+            raise UsageError(f"class_weight weights must be positive finite numbers, got {bad!r}; "
+                             "give each listed label a weight > 0 (1 is unweighted) or use 'balanced'")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise UsageError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if (resume or checkpoint_every) and checkpoint_dir is None:
         raise UsageError("resume and checkpoint_every need a checkpoint_dir")
     if device == "auto":
@@ -146,6 +156,48 @@ def check_settings(*, objective: str, epochs: Any, batch_size: Any, lr: Any, hea
     elif device != "cpu":
         raise UsageError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
     return device
+
+
+def _check_objective_options(objective: str, options: dict[str, Any], **settings: Any) -> None:
+    """Refuse, before any work, an option the objective does not take and a setting it would ignore.
+
+    Raises:
+        UsageError: ``classify`` with options, ``contrastive`` with another option than
+            ``iterations`` or a bad ``iterations``, or ``contrastive`` with ``patience`` or
+            ``layer_decay`` (it has no validation-driven early stop nor per-block learning rates;
+            ``head_lr``, which always has a value, is classify's and unused by contrastive).
+    """
+    if objective == "classify":
+        if options:
+            raise UsageError(f"objective='classify' takes no options {sorted(options)}; "
+                             "iterations is an option of objective='contrastive'")
+        return
+    unknown = sorted(set(options) - {"iterations"})
+    if unknown:
+        raise UsageError(f"objective='contrastive' takes only the option iterations, got {unknown}")
+    iterations = options.get("iterations", 20)
+    if not isinstance(iterations, numbers.Integral) or isinstance(iterations, bool) or iterations < 1:
+        raise UsageError(f"iterations must be a positive int (pairs per item and kind), got {iterations!r}")
+    ignored = [k for k, v in settings.items() if v is not None]
+    if ignored:
+        raise UsageError(f"objective='contrastive' does not use {', '.join(ignored)} (its head is a LogisticRegression "
+                         "fitted after the body is tuned): leave them out, or use objective='classify'")
+
+
+def _check_finite(module: Any, data: Any, index: np.ndarray) -> None:
+    """Refuse a tuned body whose output on a few training items is NaN or infinite (weights that
+    overflow stay finite themselves: the export's probes were the first to see it).
+
+    Raises:
+        TrainingDivergedError: such an output.
+    """
+    import torch
+
+    module.eval()
+    with torch.no_grad():
+        out = module(*data.batch(index, None))
+    if not bool(torch.isfinite(out.float()).all()):
+        raise TrainingDivergedError("the tuned backbone's output on training items")
 
 
 def _class_weights(class_weight: Any, classes: np.ndarray, y: np.ndarray) -> np.ndarray | None:
@@ -180,7 +232,8 @@ def sklearn_head(head: Any, classes: np.ndarray) -> Any:
 
 
 def _contrastive(module: Any, plan: Any, preprocess: Any, texts: list[str], y: np.ndarray, val: Any,
-                 settings: Any, progress: Any, options: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
+                 settings: Any, progress: Any, options: dict[str, Any],
+                 class_weight: Any = None) -> tuple[Any, list[dict[str, Any]]]:
     """SetFit's recipe (:mod:`embedkit.contrastive`), then a LogisticRegression on the tuned embeddings."""
     try:
         from .contrastive import encode, finetune_contrastive, text_tokenizer
@@ -195,7 +248,8 @@ def _contrastive(module: Any, plan: Any, preprocess: Any, texts: list[str], y: n
         max_grad_norm=settings.max_grad_norm or 0.0, device=settings.device, train_mode=plan.train,
         progress=(lambda done, total: progress(done, total, {})) if progress else None, **options)
     module.eval()
-    clf = LogisticRegression(max_iter=2000, random_state=settings.seed).fit(encode(module, tokenize, texts), y)
+    clf = LogisticRegression(max_iter=2000, random_state=settings.seed, class_weight=class_weight)
+    clf.fit(encode(module, tokenize, texts), y)
     if val is not None:
         v_texts, v_y = val
         acc = float((clf.predict(encode(module, tokenize, v_texts)) == v_y).mean())
@@ -234,7 +288,8 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
         validation: a fraction held out (stratified), ``(items, labels)``, or None / 0 (none).
         patience: stop after this many epochs without a better validation accuracy (the best
             epoch's weights are kept whenever there is validation).
-        class_weight: None, ``"balanced"``, or a dict label -> weight of the loss.
+        class_weight: None, ``"balanced"``, or a dict label -> weight (> 0) of the loss (contrastive:
+            of its LogisticRegression head).
         seed: everything random (split, init, order, augmentation, dropout) follows it; the same
             seed gives the same weights on CPU.
         device: ``cpu``, ``cuda[:N]`` (automatic mixed precision) or ``auto``.
@@ -255,7 +310,9 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
             (also after bad items are excluded).
         InvalidUnfreezeError: a bad ``unfreeze`` or ``last:N`` beyond the backbone's blocks.
         NoBlocksError: ``last:N`` on a backbone without blocks.
-        UsageError: a setting out of range. CheckpointError: ``resume`` from another run's folder.
+        UsageError: a setting out of range, an option or setting the objective does not use.
+        CheckpointError: ``resume`` from another run's folder.
+        TrainingDivergedError: the loss or a trained weight became NaN / infinite (no backbone saved).
         OutputError: ``out`` or ``checkpoint_dir`` refused (:func:`embedkit.outputs.check_output`).
     """
     import torch
@@ -275,7 +332,7 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
                             layer_decay=layer_decay, weight_decay=weight_decay, warmup=warmup,
                             max_grad_norm=max_grad_norm, validation=validation, patience=patience,
                             class_weight=class_weight, device=device, checkpoint_every=checkpoint_every,
-                            resume=resume, checkpoint_dir=checkpoint_dir)
+                            resume=resume, checkpoint_dir=checkpoint_dir, seed=seed)
     spec = parse_unfreeze(unfreeze)
     models = store if isinstance(store, ModelStore) else ModelStore(store)
     if name is not None and (not isinstance(name, str) or not NAME_PATTERN.match(name)):
@@ -290,6 +347,7 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
         raise UsageError("objective='contrastive' (SetFit) is for text backbones; use objective='classify'")
     if objective == "contrastive" and checkpoint_dir is not None:
         raise UsageError("checkpoint_dir / resume are for objective='classify' (a contrastive run is short: rerun it)")
+    _check_objective_options(objective, objective_options, patience=patience, layer_decay=layer_decay)
     payloads, ids, sources = items_of(items, parent.modality)
     y_raw = check_labels(labels, len(payloads))
     check_classes(y_raw)
@@ -358,10 +416,8 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
             off = len(payloads) if isinstance(validation, tuple) else 0
             val = ([src[i - off] for i in val_idx], classes[y_all[val_idx]])
         clf, history = _contrastive(module, plan, preprocess, texts, classes[y_all[train_idx]], val, settings, progress,
-                                    objective_options)
+                                    objective_options, class_weight)
     else:
-        if objective_options:
-            raise UsageError(f"objective='classify' takes no options {sorted(objective_options)}")
         resume_state = None
         if ckpt is not None:
             config = {"parent": parent_artifact.digest, "data": fingerprint, "hyperparameters": hyper,
@@ -370,6 +426,7 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
         head, history = trainer.train(module, plan, data, y_all, train_idx, val_idx, len(classes), parent.dim,
                                       settings, weights, ckpt, resume_state, progress)
         clf = sklearn_head(head.cpu(), classes)
+    _check_finite(module, data, train_idx[:8])
     module.cpu().eval()
     from .persistence import _portable_spec
 
@@ -382,8 +439,17 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
         "hyperparameters": hyper, "metrics": history,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    new = tuned.persist(models.root, name or "", parent, parent_spec, module, lineage, user_named=name is not None)
-    artifact = export(new, models)
+    new, created = tuned.persist(models.root, name or "", parent, parent_spec, module, lineage,
+                                 user_named=name is not None)
+    try:
+        artifact = export(new, models)
+    except ExportError as exc:  # not left in the store as a backbone that lists but never exports
+        if created:
+            tuned.discard(new)
+        if isinstance(exc, NonFiniteOutputError):
+            raise TrainingDivergedError("the tuned backbone's output on the export's probes",
+                                        "lr" if objective == "contrastive" else "lr / head_lr") from exc
+        raise
     from sklearn.pipeline import Pipeline
 
     from .embedder import Embedder

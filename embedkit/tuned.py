@@ -86,8 +86,9 @@ def default_name(parent: str, weights: Path) -> str:
 
 
 def persist(root: Path, name: str, parent: Backbone, parent_spec: str, module: Any, lineage: dict[str, Any],
-            user_named: bool) -> TunedBackbone:
-    """Write the tuned weights and record into the store at ``root`` and return the backbone.
+            user_named: bool) -> tuple[TunedBackbone, bool]:
+    """Write the tuned weights and record into the store at ``root``; return the backbone and
+    whether this call created it (False: the same fine-tune was already there).
 
     With no user name the name derives from the weights' hash, so the same fine-tune gives the
     same name. A user name already holding another fine-tune is refused; one holding another
@@ -128,6 +129,7 @@ def persist(root: Path, name: str, parent: Backbone, parent_spec: str, module: A
             hint = "" if user_named else " (same name from the same weights hash: delete the folder to redo)"
             raise OutputExistsError(f"a fine-tuned backbone {name!r} with other weights is already in the model store "
                                     f"{root}; choose another name{hint}")
+    created = not (folder / RECORD).is_file()
     folder.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, weights)
     record = {
@@ -135,7 +137,20 @@ def persist(root: Path, name: str, parent: Backbone, parent_spec: str, module: A
         "weights": WEIGHTS, "weights_sha256": digest, "spec": _declaration(parent), "lineage": lineage,
     }
     write_atomic(folder / RECORD, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
-    return _backbone(folder, record)
+    return _backbone(folder, record), created
+
+
+def discard(backbone: TunedBackbone) -> None:
+    """Remove a fine-tuned backbone that :func:`persist` just created and that failed its export:
+    the record first (it is no longer found nor listed), then the weights, then its folder when
+    nothing else is left in it."""
+    folder = Path(backbone.weight_files[0]).parent
+    (folder / RECORD).unlink(missing_ok=True)
+    (folder / WEIGHTS).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # something else is in it (e.g. a lock file): leave the folder
+        pass
 
 
 def _subfolders(folder: Path) -> list[Path]:

@@ -43,3 +43,119 @@ def test_a_checkpoint_killed_mid_write_leaves_only_files_embedkit_names(tmp_path
     assert "best.safetensors" in seen  # it did write, several times
     unknown = sorted(n for n in seen if n != "best.safetensors" and debris_of(n, "best.safetensors") is None)
     assert unknown == []
+
+
+# -- settings refused before training, never found out after it ------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    from finetune_support import LABELS, TEXTS, register
+
+    register()
+    return TEXTS, LABELS
+
+
+@pytest.mark.parametrize("weights", [{"pos": -1.0, "neg": 1.0}, {"pos": float("nan")}, {"pos": 0, "neg": 0},
+                                     {"pos": "2"}, {"pos": True}])
+def test_class_weights_that_are_not_positive_numbers_are_refused_before_training(tiny, weights, tmp_path):
+    """Were accepted: the loss became NaN and the run failed only at the export, after training."""
+    import embedkit
+    from embedkit.errors import UsageError
+
+    texts, labels = tiny
+    with pytest.raises(UsageError, match="class_weight weights must be positive finite numbers"):
+        embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="head", epochs=1, class_weight=weights,
+                          store=tmp_path / "store")
+    assert not (tmp_path / "store").exists()  # refused before the store (or anything) was touched
+
+
+@pytest.mark.parametrize("seed", ["x", 1.5, -1, True, 2**32])
+def test_a_seed_that_is_not_a_whole_number_in_range_is_a_usage_error(tiny, seed, tmp_path):
+    """seed='x' was a bare ValueError from int() (no typed error, no fix named)."""
+    import embedkit
+    from embedkit.errors import UsageError
+
+    texts, labels = tiny
+    with pytest.raises(UsageError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+        embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="head", epochs=1, seed=seed, store=tmp_path / "s")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"foo": 1}, r"takes only the option iterations, got \['foo'\]"),  # was a bare TypeError
+    ({"patience": 1}, "does not use patience"),  # was silently ignored
+    ({"layer_decay": 0.5}, "does not use layer_decay"),
+    ({"iterations": 0}, "iterations must be a positive int"),
+])
+def test_contrastive_refuses_options_and_settings_it_would_not_use(tiny, settings, message, tmp_path):
+    import embedkit
+    from embedkit.errors import UsageError
+
+    texts, labels = tiny
+    with pytest.raises(UsageError, match=message):
+        embedkit.finetune("ft-tiny-text", texts, labels, objective="contrastive", epochs=1, store=tmp_path / "s",
+                          **settings)
+    assert not (tmp_path / "s").exists()
+
+
+def test_contrastive_class_weight_weights_its_logistic_regression(tiny, tmp_path):
+    """class_weight was silently ignored by the contrastive objective."""
+    import embedkit
+
+    texts, labels = tiny
+    result = embedkit.finetune("ft-tiny-text", texts, labels, objective="contrastive", unfreeze="last:1", epochs=1,
+                               iterations=1, validation=None, class_weight={"pos": 5.0}, store=tmp_path / "s")
+    assert result.model.steps[-1][1].class_weight == {"pos": 5.0}
+
+
+@pytest.mark.parametrize("objective, options", [("classify", {"head_lr": 1e30}), ("contrastive", {"iterations": 1})])
+def test_a_diverged_training_is_a_typed_error_and_leaves_no_backbone(tiny, objective, options, tmp_path):
+    """lr=1e30 trained to weights whose output overflows: the run ended in an ExportError about
+    'probes' after persisting the broken backbone, which `embedkit backbones` then listed."""
+    import embedkit
+    from embedkit import tuned
+    from embedkit.errors import TrainingDivergedError
+
+    texts, labels = tiny
+    store = tmp_path / "store"
+    with pytest.raises(TrainingDivergedError, match=r"training diverged: .* lower lr"):
+        embedkit.finetune("ft-tiny-text", texts, labels, objective=objective, unfreeze="all", epochs=1, lr=1e30,
+                          max_grad_norm=None, validation=None, store=store, **options)
+    assert tuned.listing(store) == []
+    assert [p.name for p in store.iterdir() if (p / tuned.RECORD).exists() or (p / tuned.WEIGHTS).exists()] == []
+
+
+def test_empty_texts_are_excluded_and_counted_not_trained_on(tiny, tmp_path):
+    """'' and '   ' with a label were trained on silently (no record, failed_items 0)."""
+    import embedkit
+
+    texts, labels = tiny
+    result = embedkit.finetune("ft-tiny-text", [*texts, "", " \u200b "], [*labels, "pos", "neg"], unfreeze="all",
+                               epochs=1, validation=None, store=tmp_path / "s")
+    assert [(f["index"], f["code"], f["split"]) for f in result.failures] == [(16, "empty_text", "train"),
+                                                                             (17, "empty_text", "train")]
+    assert result.lineage["data"]["items"] == 16 and result.lineage["data"]["excluded"] == 2
+    clean = embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="all", epochs=1, validation=None,
+                              store=tmp_path / "s")
+    assert result.backbone == clean.backbone  # the same weights: the empty texts took no part
+
+
+def test_embedkit_finetune_stays_the_function_after_its_module_is_imported():
+    """FinetunedClassifier.fit (and report --finetune) import the module embedkit/finetune.py; the
+    import system then bound it as `embedkit.finetune`: embedkit.finetune(...) -> TypeError
+    "'module' object is not callable" for the rest of the process."""
+    code = ("import embedkit\n"
+            "from embedkit.errors import DatasetError\n"
+            "try:\n"
+            "    embedkit.FinetunedClassifier('minilm-l6').fit(['a', 'b'], ['x', 'x'])\n"
+            "except DatasetError:\n"
+            "    pass\n"
+            "import sys, embedkit.finetune\n"
+            "assert sys.modules['embedkit.finetune'].__file__.endswith('finetune.py')\n"
+            "try:\n"
+            "    embedkit.finetune('minilm-l6', ['a', 'b'], ['x', 'x'])\n"
+            "except DatasetError as exc:\n"
+            "    print('refused:', exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("refused: all 2 labelled items have the label 'x'")
