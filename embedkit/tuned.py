@@ -46,13 +46,33 @@ class TunedBackbone(Backbone):
 
     parent: str = ""
     lineage: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    weights_sha256: str = field(default="", compare=False, hash=False, repr=False)
 
     def build(self) -> Any:
         from .plugins import get_backbone
 
+        self.verify()
         module = get_backbone(self.parent).build()
         load_weights(module, self.weight_files[0])
         return module
+
+    def verify(self) -> None:
+        """Check the weights file against the sha256 its record names (before it is used).
+
+        Raises:
+            ArtifactError: the file is missing or changed since the fine-tune wrote it.
+        """
+        from .artifacts import sha256_file
+        from .errors import ArtifactError
+
+        path = Path(self.weight_files[0])
+        if not path.is_file():
+            raise ArtifactError(f"the weights of fine-tuned backbone {self.name!r} are missing ({path}); "
+                                "run the fine-tune again, or delete the folder to forget it")
+        if self.weights_sha256 and sha256_file(path) != self.weights_sha256:
+            raise ArtifactError(f"the weights of fine-tuned backbone {self.name!r} ({path}) changed since the "
+                                f"fine-tune wrote them (their sha256 is not the {self.weights_sha256[:12]}... its "
+                                f"{RECORD} records); run the fine-tune again, or delete the folder {path.parent}")
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "parent": self.parent}
@@ -192,7 +212,8 @@ def _backbone(folder: Path, record: dict[str, Any]) -> TunedBackbone:
         preprocess=preprocess_from_json(spec["preprocess"]), license=spec["license"],
         weights=f"fine-tuned from {record['parent']} ({parent_digest[:12]})",
         weight_files=(str(folder / record["weights"]),),
-        description=f"fine-tune of {record['parent']}", parent=record["parent"], lineage=lineage, **extra,
+        description=f"fine-tune of {record['parent']}", parent=record["parent"], lineage=lineage,
+        weights_sha256=str(record.get("weights_sha256") or ""), **extra,
     )
 
 

@@ -159,3 +159,33 @@ def test_embedkit_finetune_stays_the_function_after_its_module_is_imported():
                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("refused: all 2 labelled items have the label 'x'")
+
+
+def test_tampered_fine_tuned_weights_in_the_model_store_are_refused_not_used(tiny, tmp_path):
+    """finetuned.json records the weights' sha256 but nothing checked it: a changed
+    finetuned.safetensors was built, exported (a new artifact) and embedded with, silently."""
+    import embedkit
+    from embedkit import tuned
+    from embedkit.errors import ArtifactError
+
+    texts, labels = tiny
+    store = tmp_path / "store"
+    result = embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="last:1", epochs=1, validation=None,
+                               store=store)
+    backbone = tuned.find(result.backbone, store)
+    backbone.build()  # untouched: builds
+    weights = Path(backbone.weight_files[0])
+    data = bytearray(weights.read_bytes())
+    data[-40] ^= 0x40  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="changed since the fine-tune wrote them.*run the fine-tune again"):
+        backbone.build()
+    for export in [p for p in weights.parent.iterdir() if p.is_dir()]:  # as if never exported on this machine
+        import shutil
+
+        shutil.rmtree(export)
+    with pytest.raises(ArtifactError, match="changed since the fine-tune wrote them"):
+        embedkit.export(result.backbone, store=store)
+    weights.unlink()
+    with pytest.raises(ArtifactError, match="are missing"):
+        tuned.find(result.backbone, store).build()
