@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import locks
 from .atomic import write_atomic
 from .backbone import NAME_PATTERN, Backbone, preprocess_from_json
 from .errors import InvalidBackboneError, OutputExistsError
@@ -118,46 +119,61 @@ def persist(root: Path, name: str, parent: Backbone, parent_spec: str, module: A
         InvalidBackboneError: ``name`` breaks the naming rule.
         OutputExistsError: ``name`` is taken by a registered backbone or another fine-tune.
     """
+    import uuid
+
     from .artifacts import sha256_file
-    from .plugins import registry
 
     root.mkdir(parents=True, exist_ok=True)
     tmp_dir = root / ".finetune-staging"
     tmp_dir.mkdir(exist_ok=True)
     _sweep(tmp_dir)
-    tmp = tmp_dir / f"{os.getpid()}.safetensors"
+    tmp = tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"  # two threads of one process too
     save_weights(module, tmp)
     if not name:
         name = default_name(parent.name, tmp)
     if not NAME_PATTERN.match(name):
         tmp.unlink(missing_ok=True)
         raise InvalidBackboneError("name", f"name {name!r} must match {NAME_PATTERN.pattern}")
+    with locks.held(tmp_dir / "persist.lock", exclusive=True):  # check-then-write, one run at a time
+        try:
+            created = _claim(root, name, tmp, user_named)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        folder = root / name
+        record = {
+            "format": FORMAT, "kind": "finetuned-backbone", "name": name, "parent": parent_spec,
+            "weights": WEIGHTS, "weights_sha256": sha256_file(folder / WEIGHTS), "spec": _declaration(parent),
+            "lineage": lineage,
+        }
+        write_atomic(folder / RECORD, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
+    return _backbone(folder, record), created
+
+
+def _claim(root: Path, name: str, tmp: Path, user_named: bool) -> bool:
+    """Move the staged weights ``tmp`` to ``<root>/<name>`` if the name is free (or holds these very
+    weights); returns whether the name was free. Called with the store's persist lock held.
+
+    Raises:
+        OutputExistsError: ``name`` is a registered backbone, other artifacts, or another fine-tune.
+    """
+    from .artifacts import sha256_file
+    from .plugins import registry
+
     if name in registry().backbones:
-        tmp.unlink(missing_ok=True)
         raise OutputExistsError(f"{name!r} is a registered backbone; give the fine-tune another name")
     folder = root / name
-    weights = folder / WEIGHTS
     if not (folder / RECORD).is_file() and any((sub / "manifest.json").is_file() for sub in _subfolders(folder)):
-        tmp.unlink(missing_ok=True)
         raise OutputExistsError(f"{name!r} already names other artifacts in the model store {root}; give the "
                                 "fine-tune another name")
-    digest = sha256_file(tmp)
-    if (folder / RECORD).is_file():
-        old = _read(folder / RECORD)
-        if old.get("weights_sha256") != digest:
-            tmp.unlink(missing_ok=True)
-            hint = "" if user_named else " (same name from the same weights hash: delete the folder to redo)"
-            raise OutputExistsError(f"a fine-tuned backbone {name!r} with other weights is already in the model store "
-                                    f"{root}; choose another name{hint}")
     created = not (folder / RECORD).is_file()
+    if not created and _read(folder / RECORD).get("weights_sha256") != sha256_file(tmp):
+        hint = "" if user_named else " (same name from the same weights hash: delete the folder to redo)"
+        raise OutputExistsError(f"a fine-tuned backbone {name!r} with other weights is already in the model store "
+                                f"{root}; choose another name{hint}")
     folder.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, weights)
-    record = {
-        "format": FORMAT, "kind": "finetuned-backbone", "name": name, "parent": parent_spec,
-        "weights": WEIGHTS, "weights_sha256": digest, "spec": _declaration(parent), "lineage": lineage,
-    }
-    write_atomic(folder / RECORD, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
-    return _backbone(folder, record), created
+    os.replace(tmp, folder / WEIGHTS)
+    return created
 
 
 def discard(backbone: TunedBackbone) -> None:
@@ -178,11 +194,12 @@ def _subfolders(folder: Path) -> list[Path]:
 
 
 def _sweep(folder: Path) -> None:
-    """Remove staged weights of fine-tunes whose process died (named ``<pid>.safetensors``)."""
+    """Remove staged weights of fine-tunes whose process died (named ``<pid>[-<random>].safetensors``)."""
     from .atomic import _alive
 
     for path in folder.glob("*.safetensors"):
-        if path.stem.isdigit() and not _alive(int(path.stem)):
+        pid = path.stem.split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
             path.unlink(missing_ok=True)
 
 

@@ -189,3 +189,50 @@ def test_tampered_fine_tuned_weights_in_the_model_store_are_refused_not_used(tin
     weights.unlink()
     with pytest.raises(ArtifactError, match="are missing"):
         tuned.find(result.backbone, store).build()
+
+
+def _persist_many(root, names, seed, barrier, results):
+    import torch
+
+    from embedkit import tuned
+    from embedkit.errors import OutputExistsError
+    from finetune_support import TEXT
+
+    torch.manual_seed(seed)
+    module = torch.nn.Linear(4, 4)  # weights of this process only
+    for name in names:
+        barrier.wait()
+        try:
+            tuned.persist(Path(root), name, TEXT, "ft-tiny-text", module, {}, user_named=True)
+            results.put((name, seed))
+        except OutputExistsError:
+            pass
+
+
+def test_two_fine_tunes_saving_under_one_name_at_once_one_wins_whole(tmp_path):
+    """persist checked 'is the name free?' and then wrote weights and record without a lock: two
+    runs given the same name= could both pass the check, and the store ended with one run's
+    weights under the other's record (or both reported success)."""
+    import multiprocessing
+
+    from embedkit import tuned
+    from embedkit.artifacts import sha256_file
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    names = [f"race-{i}" for i in range(60)]
+    procs = [ctx.Process(target=_persist_many, args=(str(tmp_path), names, seed, barrier, results)) for seed in (1, 2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    winners: dict[str, list[int]] = {}
+    while not results.empty():
+        name, seed = results.get()
+        winners.setdefault(name, []).append(seed)
+    assert sorted(winners) == sorted(names)
+    assert {n: w for n, w in winners.items() if len(w) != 1} == {}  # exactly one run saved each name
+    for name in names:  # and the record names the weights that are there
+        found = tuned.find(name, tmp_path)
+        assert sha256_file(found.weight_files[0]) == found.weights_sha256
