@@ -236,3 +236,24 @@ def test_two_fine_tunes_saving_under_one_name_at_once_one_wins_whole(tmp_path):
     for name in names:  # and the record names the weights that are there
         found = tuned.find(name, tmp_path)
         assert sha256_file(found.weight_files[0]) == found.weights_sha256
+
+
+def test_a_cli_run_refused_once_the_backbone_is_built_leaves_no_run_folder(tmp_path):
+    """`--unfreeze last:99` was refused (exit 1) only after --out was created with a finetune.json
+    saying "running": litter that looked like an interrupted run."""
+    import csv
+
+    from finetune_support import LABELS, TEXTS
+
+    data = tmp_path / "train.csv"
+    with open(data, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *zip(TEXTS, LABELS)])
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "finetune_support.py"), "finetune", "ft-tiny-text",
+                           str(data), "--labels", str(data), "--out", str(out), "--unfreeze", "last:99",
+                           "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: unfreeze='last:99' asks for more blocks than backbone 'ft-tiny-text' has: it has 3 blocks; "
+        "use last:1 .. last:3, or 'all'"]
+    assert not out.exists()

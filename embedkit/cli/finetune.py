@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
-from typing import Any
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
 from ..errors import DatasetError, UsageError
 from .common import (EXIT_FAILED_ITEMS, existing_or_glob, fraction, labels_source, non_negative_float, positive_float,
@@ -113,6 +116,23 @@ def _labelled(source: str, labels: str, modality: str, args: argparse.Namespace,
     return [items[n].payload for n in keep], [values[n] for n in keep], bad
 
 
+@contextmanager
+def _removed_if_refused(out: Path, created: bool) -> Iterator[None]:
+    """Remove the run folder this run created when the run stops before its first checkpoint
+    (a setting refused once the backbone is built, e.g. ``last:N`` beyond its blocks, or Ctrl-C):
+    a folder of a run that never trained, marked "running", is only litter. A folder holding a
+    checkpoint stays for ``--resume``; one holding anything embedkit did not write stays too."""
+    from ..checkpoint import LAST
+    from ..outputs import foreign_entries
+
+    try:
+        yield
+    except BaseException:
+        if created and not (out / "checkpoints" / LAST).exists() and foreign_entries(out, "finetune") == []:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from ..atomic import write_atomic
     from ..finetune import finetune
@@ -132,11 +152,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                            "validation")
         unreadable += v_bad
         validation = (v_items, v_labels)
+    created = not out.exists()
     out.mkdir(exist_ok=True)
     marker = {**stamp("finetune"), "status": "running", "backbone": args.backbone, "source": str(args.source)}
     write_atomic(out / "finetune.json", json.dumps(marker, indent=2).encode())
     options = {"iterations": args.iterations} if args.iterations else {}
-    with progress_bar("finetune", None, "step", not args.no_progress) as bar:
+    with _removed_if_refused(out, created), progress_bar("finetune", None, "step", not args.no_progress) as bar:
         def progress(done: int, total: int, info: dict[str, Any]) -> None:
             bar.update_to(done, total)
             shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items() if v is not None}
