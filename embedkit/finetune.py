@@ -74,7 +74,8 @@ def check_labels(labels: Sequence[Any], n: int, what: str = "items") -> np.ndarr
 
     Raises:
         DatasetError: not one label per item; a None / NaN / empty label (the message names
-            how many and the first indices).
+            how many and the first indices); labels of mixed types (1 and "1", True and 1);
+            continuous values (a float that is not a whole number).
     """
     if isinstance(labels, (str, bytes)):
         raise DatasetError("labels must be a sequence with one label per item, not a single string")
@@ -86,8 +87,13 @@ def check_labels(labels: Sequence[Any], n: int, what: str = "items") -> np.ndarr
         raise DatasetError(f"{len(bad)} of {n} labels are missing (None, NaN or empty), e.g. at index "
                            f"{', '.join(map(str, bad[:5]))}; label every item or leave those items out")
     kinds = {type(v.item() if isinstance(v, np.generic) else v).__name__ for v in labels}
-    if len(kinds - {"int", "float"}) > 1 or ("str" in kinds and kinds & {"int", "float"}):
+    numbers_ = {"int", "float"}
+    if len(kinds - numbers_) > 1 or (kinds - numbers_ and kinds & numbers_):  # 1 and "1", True and 1: one class?
         raise DatasetError(f"labels mix types ({', '.join(sorted(kinds))}); use one type, e.g. all strings")
+    fractional = [v for v in labels if isinstance(v, (float, np.floating)) and not float(v).is_integer()]
+    if fractional:
+        raise DatasetError(f"labels hold continuous values (e.g. {fractional[0]!r}); a classifier needs class labels "
+                           "such as strings or integers")
     out = np.empty(n, dtype=object)
     out[:] = [v.item() if isinstance(v, np.generic) else v for v in labels]
     return out

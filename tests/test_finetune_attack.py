@@ -257,3 +257,23 @@ def test_a_cli_run_refused_once_the_backbone_is_built_leaves_no_run_folder(tmp_p
         "error: unfreeze='last:99' asks for more blocks than backbone 'ft-tiny-text' has: it has 3 blocks; "
         "use last:1 .. last:3, or 'all'"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([1] * 7 + ["1"] + [2] * 8, r"labels mix types \(int, str\)"),  # the classifier merged 1 and "1" silently
+    ([True] * 7 + [1] + [False] * 8, r"labels mix types \(bool, int\)"),  # True == 1: merged silently
+    ([0.5] * 8 + [1.5] * 8, "labels hold continuous values"),  # finetune() trained two 'classes' 0.5 and 1.5
+])
+@pytest.mark.parametrize("api", ["finetune", "FinetunedClassifier"])
+def test_labels_that_would_merge_or_are_continuous_are_refused_by_both_apis(tiny, labels, message, api, tmp_path):
+    import embedkit
+    from embedkit.errors import DatasetError
+
+    texts, _ = tiny
+    with pytest.raises(DatasetError, match=message):
+        if api == "finetune":
+            embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="head", epochs=1, store=tmp_path / "s")
+        else:
+            embedkit.FinetunedClassifier("ft-tiny-text", unfreeze="head", epochs=1, store=str(tmp_path / "s")).fit(
+                texts, labels)
+    assert not (tmp_path / "s").exists()
