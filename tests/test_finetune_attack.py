@@ -277,3 +277,32 @@ def test_labels_that_would_merge_or_are_continuous_are_refused_by_both_apis(tiny
             embedkit.FinetunedClassifier("ft-tiny-text", unfreeze="head", epochs=1, store=str(tmp_path / "s")).fit(
                 texts, labels)
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--finetune", "classify", "--iterations", "3"], "--iterations is an option of --finetune contrastive"),
+    (["--finetune-max-items", "4"], "add --finetune contrastive|classify"),
+])
+def test_report_refuses_finetune_options_it_would_ignore(flags, message, tmp_path):
+    """`report --finetune classify --iterations 3` and `--finetune-max-items` without --finetune
+    ran and exited 0, the option silently ignored (`finetune` itself refuses --iterations there)."""
+    import csv
+
+    from finetune_support import LABELS, TEXTS
+
+    support = str(ROOT / "tests" / "finetune_support.py")
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *zip(TEXTS, LABELS)])
+    store = tmp_path / "features"
+    store.mkdir()
+    extract = subprocess.run([sys.executable, support, "extract", str(labels), "--backbone", "ft-tiny-text", "--column",
+                              "text", "--out", str(store)], capture_output=True, text=True, timeout=120)
+    assert extract.returncode == 0, extract.stderr[-2000:]
+    proc = subprocess.run([sys.executable, support, "report", str(store), "--backbone", "ft-tiny-text", "--labels",
+                           str(labels), "--column", "text", "--out", str(tmp_path / "rep"), "--no-progress", *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert not (tmp_path / "rep").exists()
