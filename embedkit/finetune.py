@@ -12,6 +12,7 @@ backbone :mod:`embedkit.tuned`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -425,12 +426,14 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
                                     objective_options, class_weight)
     else:
         resume_state = None
-        if ckpt is not None:
-            config = {"parent": parent_artifact.digest, "data": fingerprint, "hyperparameters": hyper,
-                      "device": device}
-            resume_state = checkpoint.start(ckpt, config, resume)
-        head, history = trainer.train(module, plan, data, y_all, train_idx, val_idx, len(classes), parent.dim,
-                                      settings, weights, ckpt, resume_state, progress)
+        with contextlib.ExitStack() as stack:
+            if ckpt is not None:
+                _own_checkpoints(stack, ckpt)
+                config = {"parent": parent_artifact.digest, "data": fingerprint, "hyperparameters": hyper,
+                          "device": device}
+                resume_state = checkpoint.start(ckpt, config, resume)
+            head, history = trainer.train(module, plan, data, y_all, train_idx, val_idx, len(classes), parent.dim,
+                                          settings, weights, ckpt, resume_state, progress)
         clf = sklearn_head(head.cpu(), classes)
     _check_finite(module, data, train_idx[:8])
     module.cpu().eval()
@@ -470,6 +473,21 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
                           parent_digest=parent_artifact.digest, history=history, model=model, model_path=saved,
                           failures=failures, classes=classes.tolist(), lineage=lineage,
                           seconds=round(time.perf_counter() - started, 3))
+
+
+def _own_checkpoints(stack: contextlib.ExitStack, folder: Path) -> None:
+    """Hold ``folder``'s writer lock until ``stack`` closes: two runs never write one checkpoint folder.
+
+    Raises:
+        OutputError: another live run holds it.
+    """
+    from .errors import OutputError
+    from .locks import owned
+
+    folder.mkdir(exist_ok=True)
+    if not stack.enter_context(owned(folder / "checkpoint.lock")):
+        raise OutputError(f"another fine-tune is writing the checkpoints in {folder} now; wait for it to end, or "
+                          "choose another checkpoint_dir (--out)")
 
 
 def _check_checkpoints(folder: Path, inputs: list[Any]) -> None:

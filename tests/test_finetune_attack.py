@@ -306,3 +306,69 @@ def test_report_refuses_finetune_options_it_would_ignore(flags, message, tmp_pat
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert not (tmp_path / "rep").exists()
+
+
+def test_two_cli_runs_into_one_out_folder_the_second_is_refused(tmp_path):
+    """Both ran to the end and exited 0, both saying 'model -> OUT/model': the second replaced the
+    first's checkpoints mid-run (checkpoint.start cleared them) and then its model."""
+    import csv
+    import json
+
+    from finetune_support import LABELS, TEXTS
+
+    words = ["really", "quite", "so", "very", "truly", "rather", "most", "just"]
+    data = tmp_path / "train.csv"
+    with open(data, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *((f"{w} {t}", label) for w in words
+                                                         for t, label in zip(TEXTS, LABELS))])
+    out = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "tests" / "finetune_support.py"), "finetune", "ft-tiny-text", str(data),
+            "--labels", str(data), "--out", str(out), "--epochs", "40", "--batch-size", "2", "--no-progress"]
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "metrics.json").exists() and first.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert first.poll() is None  # still training
+        second = subprocess.run([*argv, "--seed", "9"], capture_output=True, text=True, timeout=120)
+        assert first.poll() is None
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    assert second.returncode == 1
+    assert second.stderr.strip().splitlines() == [
+        f"error: another `embedkit finetune` is writing {out} now; wait for it to end, or choose another --out"]
+    # the first run's checkpoints are its own: resumable with its own settings
+    assert json.loads((out / "checkpoints" / "checkpoint.json").read_text())["config"]["hyperparameters"]["seed"] == 0
+
+
+def test_a_checkpoint_folder_in_use_by_another_process_is_refused(tiny, tmp_path):
+    import embedkit
+    from embedkit.errors import OutputError
+
+    texts, labels = tiny
+    ckpt = tmp_path / "ckpt"
+    embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="head", epochs=1, checkpoint_dir=ckpt,
+                      store=tmp_path / "s")  # a run's checkpoint folder
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               "f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True)\n"
+                               "time.sleep(60)\n", str(ckpt / "checkpoint.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputError, match="another fine-tune is writing the checkpoints in"):
+            embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="head", epochs=1, checkpoint_dir=ckpt,
+                              store=tmp_path / "s")
+        assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before  # nothing of this run written
+    finally:
+        holder.kill()
+        holder.wait()
+    result = embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="head", epochs=1, checkpoint_dir=ckpt,
+                               store=tmp_path / "s", resume=True)  # free again: runs (here: resumes)
+    assert result.history and (ckpt / "last.safetensors").is_file()
+    only_locks = tmp_path / "stopped"  # a run killed right after taking its lock: the folder is still usable
+    only_locks.mkdir()
+    (only_locks / "checkpoint.lock").touch()
+    assert embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="head", epochs=1, checkpoint_dir=only_locks,
+                             store=tmp_path / "s").history

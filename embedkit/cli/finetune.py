@@ -6,6 +6,7 @@ The source and the label join are train-head's (:func:`embedkit.sources.iter_ite
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -13,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import DatasetError, UsageError
+from ..errors import DatasetError, OutputError, UsageError
+from ..locks import owned
 from .common import (EXIT_FAILED_ITEMS, existing_or_glob, fraction, labels_source, non_negative_float, positive_float,
                      positive_int, progress_bar, store_arg)
 
@@ -134,9 +136,7 @@ def _removed_if_refused(out: Path, created: bool) -> Iterator[None]:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from ..atomic import write_atomic
-    from ..finetune import finetune
-    from ..outputs import check_output, stamp
+    from ..outputs import check_output
     from ..plugins import get_backbone
 
     out = check_output(args.out, "finetune", inputs=[args.source, args.validation_source])
@@ -154,6 +154,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         validation = (v_items, v_labels)
     created = not out.exists()
     out.mkdir(exist_ok=True)
+    writer = contextlib.ExitStack()
+    if not writer.enter_context(owned(out / "finetune.lock")):  # held until the command ends
+        writer.close()
+        raise OutputError(f"another `embedkit finetune` is writing {out} now; wait for it to end, or choose "
+                          "another --out")
+    with writer:
+        return _run(args, out, created, items, labels, unreadable, validation)
+
+
+def _run(args: argparse.Namespace, out: Path, created: bool, items: list[Any], labels: list[Any],
+         unreadable: list[dict[str, Any]], validation: Any) -> int:
+    """The fine-tune itself, its outputs and summary (the caller holds ``out``'s writer lock)."""
+    from ..atomic import write_atomic
+    from ..finetune import finetune
+    from ..outputs import stamp
+
     marker = {**stamp("finetune"), "status": "running", "backbone": args.backbone, "source": str(args.source)}
     write_atomic(out / "finetune.json", json.dumps(marker, indent=2).encode())
     options = {"iterations": args.iterations} if args.iterations else {}
