@@ -124,7 +124,8 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             meta = json.loads((f.metadata() or {}).get("embedkit", "{}"))
         return load_file(str(path)), meta
     except Exception as exc:  # a foreign or damaged file: say which, do not guess
-        raise CheckpointError(f"{path} is not a readable embedkit checkpoint: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"{path} is not a readable embedkit checkpoint ({type(exc).__name__}: {exc}); it cannot "
+                              "be resumed from: run without resume to start over") from exc
 
 
 def restore_weights(tensors: dict[str, Any], module: Any, head: Any) -> None:

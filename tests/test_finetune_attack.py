@@ -372,3 +372,19 @@ def test_a_checkpoint_folder_in_use_by_another_process_is_refused(tiny, tmp_path
     (only_locks / "checkpoint.lock").touch()
     assert embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="head", epochs=1, checkpoint_dir=only_locks,
                              store=tmp_path / "s").history
+
+
+def test_resume_from_a_truncated_checkpoint_names_the_way_out(tiny, tmp_path):
+    import embedkit
+    from embedkit.errors import CheckpointError
+
+    texts, labels = tiny
+    ckpt = tmp_path / "ckpt"
+    settings = dict(unfreeze="last:1", epochs=2, validation=None, checkpoint_dir=ckpt, store=tmp_path / "s")
+    embedkit.finetune("ft-tiny-text", texts, labels, **settings)
+    last = ckpt / "last.safetensors"
+    last.write_bytes(last.read_bytes()[:1000])  # a disk that filled, a copy cut short
+    with pytest.raises(CheckpointError, match="last.safetensors is not a readable embedkit checkpoint .*"
+                                              "run without resume to start over"):
+        embedkit.finetune("ft-tiny-text", texts, labels, resume=True, **settings)
+    assert embedkit.finetune("ft-tiny-text", texts, labels, **settings).history[-1]["epoch"] == 2  # the way out
