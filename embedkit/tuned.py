@@ -67,6 +67,9 @@ class TunedBackbone(Backbone):
         from .errors import ArtifactError
 
         path = Path(self.weight_files[0])
+        if path.is_symlink():
+            raise ArtifactError(f"the weights of fine-tuned backbone {self.name!r} ({path}) are a symbolic link; only "
+                                "a regular file inside its folder is used: run the fine-tune again")
         if not path.is_file():
             raise ArtifactError(f"the weights of fine-tuned backbone {self.name!r} are missing ({path}); "
                                 "run the fine-tune again, or delete the folder to forget it")
@@ -216,6 +219,9 @@ def _read(path: Path) -> dict[str, Any]:
         raise InvalidBackboneError("finetuned", f"unreadable fine-tune record {path}: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("kind") != "finetuned-backbone":
         raise InvalidBackboneError("finetuned", f"{path} is not a fine-tune record of format {FORMAT}")
+    if data.get("weights") != WEIGHTS:  # files named by metadata stay inside their folder: exactly this one
+        raise InvalidBackboneError("finetuned", f"{path} names the weights {data.get('weights')!r}; a fine-tune record "
+                                   f"names only {WEIGHTS!r} beside it (edited by hand? run the fine-tune again)")
     return data
 
 

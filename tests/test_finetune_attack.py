@@ -388,3 +388,33 @@ def test_resume_from_a_truncated_checkpoint_names_the_way_out(tiny, tmp_path):
                                               "run without resume to start over"):
         embedkit.finetune("ft-tiny-text", texts, labels, resume=True, **settings)
     assert embedkit.finetune("ft-tiny-text", texts, labels, **settings).history[-1]["epoch"] == 2  # the way out
+
+
+def test_a_fine_tune_record_naming_weights_outside_its_folder_is_refused(tiny, tmp_path):
+    """finetuned.json's "weights" was joined to the folder unchecked: an absolute path or '../'
+    made the store load (and export) a file outside it; a symlink did the same."""
+    import json
+    import shutil
+
+    import embedkit
+    from embedkit import tuned
+    from embedkit.errors import ArtifactError, InvalidBackboneError
+
+    texts, labels = tiny
+    store = tmp_path / "store"
+    name = embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="last:1", epochs=1, validation=None,
+                             store=store).backbone
+    folder = store / name
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(folder / tuned.WEIGHTS, outside)  # the same bytes: the sha256 check alone would pass
+    record = json.loads((folder / tuned.RECORD).read_text())
+    for weights in (str(outside), "../../outside.safetensors"):
+        (folder / tuned.RECORD).write_text(json.dumps({**record, "weights": weights}))
+        with pytest.raises(InvalidBackboneError, match="names only 'finetuned.safetensors' beside it"):
+            tuned.find(name, store)
+        assert tuned.listing(store) == []  # skipped (with a warning), not listed
+    (folder / tuned.RECORD).write_text(json.dumps(record))
+    (folder / tuned.WEIGHTS).unlink()
+    (folder / tuned.WEIGHTS).symlink_to(outside)
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        tuned.find(name, store).build()
