@@ -340,6 +340,9 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
                             max_grad_norm=max_grad_norm, validation=validation, patience=patience,
                             class_weight=class_weight, device=device, checkpoint_every=checkpoint_every,
                             resume=resume, checkpoint_dir=checkpoint_dir, seed=seed)
+    for flag, value in (("augment", augment), ("resume", resume), ("train_batchnorm", train_batchnorm)):
+        if not isinstance(value, (bool, np.bool_)):  # "false" would be taken as True
+            raise UsageError(f"{flag} must be True or False, got {value!r}")
     spec = parse_unfreeze(unfreeze)
     models = store if isinstance(store, ModelStore) else ModelStore(store)
     if name is not None and (not isinstance(name, str) or not NAME_PATTERN.match(name)):
@@ -361,6 +364,9 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
     if isinstance(validation, tuple):
         v_payloads, v_ids, _ = items_of(validation[0], parent.modality)
         v_raw = check_labels(validation[1], len(v_payloads), "validation items")
+        if not v_payloads:
+            raise DatasetError("validation=(items, labels) holds no items; give validation items, a fraction such as "
+                               "0.1, or None for no validation")
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     outputs = [p for p in (items,) if isinstance(p, (str, Path))]
     if ckpt is not None:
@@ -387,6 +393,9 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
     notes: list[str] = []
     if isinstance(validation, tuple):
         v_data, v_kept, v_fail = prepare(parent.modality, v_payloads, preprocess, False, device, "validation")
+        if not v_kept:  # training on with no validation would drop early stopping and best-epoch silently
+            raise DatasetError(f"none of the {len(v_payloads)} validation items could be used: "
+                               f"{v_fail[0]['message']}; fix them, or give validation=None")
         failures += v_fail
         unknown = sorted({str(v) for v in v_raw if v not in lookup})
         if unknown:

@@ -418,3 +418,45 @@ def test_a_fine_tune_record_naming_weights_outside_its_folder_is_refused(tiny, t
     (folder / tuned.WEIGHTS).symlink_to(outside)
     with pytest.raises(ArtifactError, match="symbolic link"):
         tuned.find(name, store).build()
+
+
+def test_a_head_only_fine_tune_keeps_the_parents_artifact_as_the_readme_says(tiny, tmp_path):
+    import embedkit
+
+    texts, labels = tiny
+    result = embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="head", epochs=1, validation=None,
+                               store=tmp_path / "s")
+    assert result.digest == result.parent_digest
+    tuned = embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="last:1", epochs=1, validation=None,
+                              store=tmp_path / "s")
+    assert tuned.digest != tuned.parent_digest == result.parent_digest
+
+
+@pytest.mark.parametrize("items, message", [
+    ([3, None], "none of the 2 validation items could be used: expected str"),
+    (["", "  "], "none of the 2 validation items could be used: empty text"),
+    ([], r"validation=\(items, labels\) holds no items"),
+])
+def test_validation_data_with_no_usable_item_is_refused_not_dropped(tiny, items, message, tmp_path):
+    """The run trained on with no validation at all: patience (early stopping) and the best-epoch
+    choice were dropped silently, val_accuracy None."""
+    import embedkit
+    from embedkit.errors import DatasetError
+
+    texts, labels = tiny
+    with pytest.raises(DatasetError, match=message):
+        embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="head", epochs=2, patience=1,
+                          validation=(items, ["pos", "neg"][:len(items)]), store=tmp_path / "s")
+
+
+@pytest.mark.parametrize("flag", ["augment", "resume", "train_batchnorm"])
+def test_on_off_settings_take_only_booleans(tiny, flag, tmp_path):
+    """augment="false" (a string from a config file) was truthy: augmentation on, silently."""
+    import embedkit
+    from embedkit.errors import UsageError
+
+    texts, labels = tiny
+    with pytest.raises(UsageError, match=f"{flag} must be True or False, got 'false'"):
+        embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="head", epochs=1, store=tmp_path / "s",
+                          checkpoint_dir=tmp_path / "c", **{flag: "false"})
+    assert not (tmp_path / "s").exists() and not (tmp_path / "c").exists()
