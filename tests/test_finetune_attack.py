@@ -460,3 +460,26 @@ def test_on_off_settings_take_only_booleans(tiny, flag, tmp_path):
         embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="head", epochs=1, store=tmp_path / "s",
                           checkpoint_dir=tmp_path / "c", **{flag: "false"})
     assert not (tmp_path / "s").exists() and not (tmp_path / "c").exists()
+
+
+def test_cli_failure_records_point_at_the_source_item(tmp_path):
+    """With a bad row before it, an excluded item's record gave its index among the readable rows
+    (one too low: another item) and no locator."""
+    import csv
+    import json
+
+    from finetune_support import LABELS, TEXTS
+
+    source = tmp_path / "rows.csv"
+    source.write_text("\n".join(["text", '"a","b","c"', *TEXTS[:8], "   ", *TEXTS[8:]]) + "\n")
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *zip(TEXTS, LABELS), ("   ", "pos")])
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "finetune_support.py"), "finetune", "ft-tiny-text",
+                           str(source), "--labels", str(labels), "--out", str(out), "--unfreeze", "head", "--epochs",
+                           "1", "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["code"], r["source"]) for r in records] == [
+        (0, "invalid_row", f"{source.name}:row 1"), (9, "empty_text", f"{source.name}:row 10")]

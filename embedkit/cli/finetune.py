@@ -91,7 +91,8 @@ def add_parsers(sub: Any) -> None:
     store_arg(p)
 
 
-def _labelled(source: str, labels: str, modality: str, args: argparse.Namespace, split: str = "train") -> tuple[list[Any], list[Any], list[dict[str, Any]]]:
+def _labelled(source: str, labels: str, modality: str, args: argparse.Namespace, split: str = "train"
+              ) -> tuple[list[Any], list[Any], list[dict[str, Any]], list[tuple[int, str]]]:
     """``(payloads, labels, unreadable rows)`` of a source joined to its labels as train-head joins them."""
     import numpy as np
 
@@ -115,7 +116,8 @@ def _labelled(source: str, labels: str, modality: str, args: argparse.Namespace,
         raise DatasetError(f"{len(missing)} of {len(items)} items of {source} have no label in {labels} (e.g. "
                            f"{', '.join(missing[:3])}); label them or leave them out of the source")
     keep = [n for n in range(len(items)) if n not in skip]
-    return [items[n].payload for n in keep], [values[n] for n in keep], bad
+    where = [(n, str(items[n].source)) for n in keep]  # each kept item's index and locator in the source
+    return [items[n].payload for n in keep], [values[n] for n in keep], bad, where
 
 
 @contextmanager
@@ -145,11 +147,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.iterations and args.objective != "contrastive":
         raise UsageError("--iterations is an option of --objective contrastive")
     modality = get_backbone(args.backbone).modality
-    items, labels, unreadable = _labelled(args.source, args.labels, modality, args)
+    items, labels, unreadable, where = _labelled(args.source, args.labels, modality, args)
+    located = {"train": where}
     validation: Any = args.validation
     if args.validation_source:
-        v_items, v_labels, v_bad = _labelled(args.validation_source, args.validation_labels or args.labels, modality, args,
-                                           "validation")
+        v_items, v_labels, v_bad, located["validation"] = _labelled(
+            args.validation_source, args.validation_labels or args.labels, modality, args, "validation")
         unreadable += v_bad
         validation = (v_items, v_labels)
     created = not out.exists()
@@ -160,11 +163,21 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise OutputError(f"another `embedkit finetune` is writing {out} now; wait for it to end, or choose "
                           "another --out")
     with writer:
-        return _run(args, out, created, items, labels, unreadable, validation)
+        return _run(args, out, created, items, labels, unreadable, validation, located)
+
+
+def _located(failure: dict[str, Any], located: dict[str, list[tuple[int, str]]]) -> dict[str, Any]:
+    """A failure record of :func:`embedkit.finetune` (index into the items it was given, which
+    leave out the source's unreadable rows) with the item's index and locator in its source."""
+    where = located.get(failure.get("split", "train"))
+    if where is None or not 0 <= failure.get("index", -1) < len(where):
+        return failure
+    index, source = where[failure["index"]]
+    return {**failure, "index": index, "source": source}
 
 
 def _run(args: argparse.Namespace, out: Path, created: bool, items: list[Any], labels: list[Any],
-         unreadable: list[dict[str, Any]], validation: Any) -> int:
+         unreadable: list[dict[str, Any]], validation: Any, located: dict[str, list[tuple[int, str]]]) -> int:
     """The fine-tune itself, its outputs and summary (the caller holds ``out``'s writer lock)."""
     from ..atomic import write_atomic
     from ..finetune import finetune
@@ -187,7 +200,7 @@ def _run(args: argparse.Namespace, out: Path, created: bool, items: list[Any], l
             device=args.device, augment=not args.no_augment, checkpoint_dir=out / "checkpoints",
             checkpoint_every=args.checkpoint_every, resume=args.resume, name=args.name, store=args.store,
             out=out / "model", progress=progress, **options)
-    failures = unreadable + result.failures
+    failures = unreadable + [_located(f, located) for f in result.failures]
     write_atomic(out / "metrics.json", json.dumps(result.history, indent=2).encode())
     write_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures).encode())
     summary = {"backbone": result.backbone, "digest": result.digest, "parent": result.parent,
