@@ -483,3 +483,30 @@ def test_cli_failure_records_point_at_the_source_item(tmp_path):
     records = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert [(r["index"], r["code"], r["source"]) for r in records] == [
         (0, "invalid_row", f"{source.name}:row 1"), (9, "empty_text", f"{source.name}:row 10")]
+
+
+def test_cli_contrastive_runs_and_refuses_resume(tmp_path):
+    """`embedkit finetune --objective contrastive` always failed: the CLI passed its checkpoint
+    folder, which the contrastive objective refuses ("checkpoint_dir / resume are for classify")."""
+    import csv
+    import json
+
+    from finetune_support import LABELS, TEXTS
+
+    data = tmp_path / "train.csv"
+    with open(data, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *zip(TEXTS, LABELS)])
+    out = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "tests" / "finetune_support.py"), "finetune", "ft-tiny-text", str(data),
+            "--labels", str(data), "--out", str(out), "--objective", "contrastive", "--iterations", "1",
+            "--epochs", "1", "--unfreeze", "all", "--no-progress", "--json"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary["backbone"].startswith("ft-tiny-text+ft-") and summary["history"][0]["pairs"] == 2 * 1 * 14
+    assert (out / "model" / "model.json").is_file() and not (out / "checkpoints").exists()
+    again = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines() == [
+        "error: --resume and --checkpoint-every are for --objective classify (a contrastive run is short and keeps "
+        "no checkpoints: rerun it)"]

@@ -142,10 +142,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ..plugins import get_backbone
 
     out = check_output(args.out, "finetune", inputs=[args.source, args.validation_source])
-    if args.resume and not (out / "checkpoints" / "checkpoint.json").is_file():
-        print(f"note: no checkpoint in {out} yet: starting from the beginning", file=sys.stderr)
     if args.iterations and args.objective != "contrastive":
         raise UsageError("--iterations is an option of --objective contrastive")
+    if args.objective == "contrastive" and (args.resume or args.checkpoint_every):
+        raise UsageError("--resume and --checkpoint-every are for --objective classify (a contrastive run is "
+                         "short and keeps no checkpoints: rerun it)")
+    if args.resume and not (out / "checkpoints" / "checkpoint.json").is_file():
+        print(f"note: no checkpoint in {out} yet: starting from the beginning", file=sys.stderr)
     modality = get_backbone(args.backbone).modality
     items, labels, unreadable, where = _labelled(args.source, args.labels, modality, args)
     located = {"train": where}
@@ -197,7 +200,7 @@ def _run(args: argparse.Namespace, out: Path, created: bool, items: list[Any], l
             batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, layer_decay=args.layer_decay,
             weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
             validation=validation, patience=args.patience, class_weight=args.class_weight, seed=args.seed,
-            device=args.device, augment=not args.no_augment, checkpoint_dir=out / "checkpoints",
+            device=args.device, augment=not args.no_augment, checkpoint_dir=out / "checkpoints" if args.objective == "classify" else None,
             checkpoint_every=args.checkpoint_every, resume=args.resume, name=args.name, store=args.store,
             out=out / "model", progress=progress, **options)
     failures = unreadable + [_located(f, located) for f in result.failures]
