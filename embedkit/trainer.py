@@ -160,6 +160,12 @@ def train(module: Any, plan: Any, data: Any, y: np.ndarray, train_idx: np.ndarra
         return {"epoch": epoch_, "step_in_epoch": in_epoch, "step": step, "stale": stale, "history": history,
                 "best_key": best["key"], "best_epoch": best["epoch"], "losses": losses if in_epoch else []}
 
+    stopped = bool(s.patience) and stale >= (s.patience or 0) and skip == 0 and 0 < epoch < s.epochs
+    if resume_state is not None and history and stopped:
+        # the run had stopped early at this checkpoint (killed before it ended): stop here again,
+        # not one epoch later than the uninterrupted run
+        history[-1]["early_stop"] = True
+        epoch = s.epochs
     while epoch < s.epochs:
         started = time.perf_counter()
         order = train_idx[np.random.default_rng([s.seed, epoch]).permutation(len(train_idx))]

@@ -510,3 +510,19 @@ def test_cli_contrastive_runs_and_refuses_resume(tmp_path):
     assert again.stderr.strip().splitlines() == [
         "error: --resume and --checkpoint-every are for --objective classify (a contrastive run is short and keeps "
         "no checkpoints: rerun it)"]
+
+
+def test_resuming_a_run_killed_after_it_stopped_early_ends_where_it_would_have(tiny, tmp_path):
+    """The last checkpoint of an early-stopped run holds the stop condition; resuming from it (a
+    kill -9 after that checkpoint, or --resume of a finished run) trained one more epoch."""
+    import embedkit
+
+    texts, labels = tiny
+    settings = dict(unfreeze="all", epochs=15, patience=1, validation=0.25, lr=1e-2, head_lr=1e-2, batch_size=4,
+                    checkpoint_dir=tmp_path / "ckpt", store=tmp_path / "s")
+    clean = embedkit.finetune("ft-tiny-text", texts * 2, labels * 2, **settings)
+    assert clean.history[-1].get("early_stop") and len(clean.history) < 15
+    resumed = embedkit.finetune("ft-tiny-text", texts * 2, labels * 2, resume=True, **settings)
+    assert [h["epoch"] for h in resumed.history] == [h["epoch"] for h in clean.history]
+    assert resumed.history[-1]["early_stop"] is True
+    assert resumed.backbone == clean.backbone
