@@ -378,6 +378,9 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
     torch.manual_seed(seed)
     module = parent.build()
     plan = plan_freeze(parent, module, spec, train_batchnorm=train_batchnorm)
+    if layer_decay is not None and spec.kind == "all" and not plan.blocks:  # every depth 0: it would do nothing
+        raise UsageError(f"layer_decay needs the backbone's blocks, and {parent.name!r} has none (declared or "
+                         "inferred): leave layer_decay out, or declare its blocks (Backbone(..., blocks=...))")
     parent_artifact = export(parent if not isinstance(backbone, str) else backbone, models)
     preprocess = parent_artifact.preprocess
 

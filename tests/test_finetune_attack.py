@@ -526,3 +526,13 @@ def test_resuming_a_run_killed_after_it_stopped_early_ends_where_it_would_have(t
     assert [h["epoch"] for h in resumed.history] == [h["epoch"] for h in clean.history]
     assert resumed.history[-1]["early_stop"] is True
     assert resumed.backbone == clean.backbone
+
+
+def test_layer_decay_on_a_backbone_without_blocks_is_refused_not_ignored(tiny, tmp_path):
+    import embedkit
+    from embedkit.errors import UsageError
+
+    texts, labels = tiny
+    with pytest.raises(UsageError, match="layer_decay needs the backbone's blocks, and 'ft-tiny-noblocks' has none"):
+        embedkit.finetune("ft-tiny-noblocks", texts, labels, unfreeze="all", layer_decay=0.5, epochs=1,
+                          store=tmp_path / "s")
