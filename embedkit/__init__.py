@@ -4,7 +4,9 @@ Heavy modules load on first use, so ``import embedkit`` stays fast and never imp
 """
 from __future__ import annotations
 
+import sys
 from importlib import import_module
+from types import ModuleType
 from typing import Any
 
 __version__ = "0.1.0"
@@ -88,6 +90,8 @@ _EXPORTS = {
     "InvalidUnfreezeError": "errors",
     "NoBlocksError": "errors",
     "InvalidAugmentError": "errors",
+    "TrainingDivergedError": "errors",
+    "NonFiniteOutputError": "errors",
     "ImageAugment": "augment",
 }
 
@@ -105,3 +109,19 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+class _Package(ModuleType):
+    """``embedkit`` itself. A public function named like the submodule that defines it
+    (``embedkit.finetune``, from ``embedkit/finetune.py``) stays the function when the import
+    system binds that submodule on the package: importing it first (``from embedkit.finetune
+    import ...``, as ``FinetunedClassifier.fit`` and ``report --finetune`` do) used to turn
+    ``embedkit.finetune(...)`` into "'module' object is not callable"."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, ModuleType) and _EXPORTS.get(name) == name and value.__name__ == f"{__name__}.{name}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -4,7 +4,7 @@
 optimiser's per-parameter state, torch's RNG state(s); its metadata (safetensors keeps a
 str -> str map) holds the JSON part: step, epoch, step within the epoch, the scheduler's state,
 the optimiser's parameter groups, the history so far, early-stopping counters. One file is
-replaced in one atomic step (:func:`embedkit.atomic.staged_file`), so a ``kill -9`` at any
+replaced in one atomic step (:func:`write_safetensors`), so a ``kill -9`` at any
 moment leaves the previous checkpoint or the new one, never a mix. ``best.safetensors`` holds
 the weights of the best validation epoch. ``checkpoint.json`` (written when the run starts) is
 the folder's marker: the run's hyperparameters and data fingerprint, which ``resume`` must match.
@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .atomic import staged_file, write_atomic
+from .atomic import write_atomic
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -86,20 +86,28 @@ def start(folder: Path, config: dict[str, Any], resume: bool) -> dict[str, Any] 
 
 def save(folder: Path, module: Any, head: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> None:
     """Replace ``last.safetensors`` with the run's state now (atomically)."""
-    from safetensors.torch import save_file
-
     tensors, meta = _tensors(module, head, optimizer)
     meta.update(state, scheduler=scheduler.state_dict(), format=FORMAT)
-    with staged_file(folder / LAST) as tmp:
-        save_file(tensors, str(tmp), metadata={"embedkit": json.dumps(meta, default=float)})
+    write_safetensors(folder / LAST, tensors, {"embedkit": json.dumps(meta, default=float)})
 
 
 def save_best(folder: Path, module: Any, head: Any) -> None:
-    from safetensors.torch import save_file
-
     tensors, _ = _tensors(module, head)
-    with staged_file(folder / BEST) as tmp:
-        save_file(tensors, str(tmp))
+    write_safetensors(folder / BEST, tensors)
+
+
+def write_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """``tensors`` as a safetensors file at ``path``, replaced in one atomic step.
+
+    Serialised in memory and written through :func:`embedkit.atomic.write_atomic`, never with
+    ``safetensors.torch.save_file``: that one writes a temporary ``.tmpXXXXXX`` file of its own
+    beside the target, which a ``kill -9`` leaves behind under a name embedkit does not know
+    (a folder holding it then looks like it holds a user's file and is refused, e.g. by
+    ``--resume``).
+    """
+    from safetensors.torch import save
+
+    write_atomic(path, save(tensors, metadata=metadata))
 
 
 def write_metrics(folder: Path, history: list[dict[str, Any]]) -> None:
@@ -116,7 +124,8 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             meta = json.loads((f.metadata() or {}).get("embedkit", "{}"))
         return load_file(str(path)), meta
     except Exception as exc:  # a foreign or damaged file: say which, do not guess
-        raise CheckpointError(f"{path} is not a readable embedkit checkpoint: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"{path} is not a readable embedkit checkpoint ({type(exc).__name__}: {exc}); it cannot "
+                              "be resumed from: run without resume to start over") from exc
 
 
 def restore_weights(tensors: dict[str, Any], module: Any, head: Any) -> None:

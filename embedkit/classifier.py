@@ -155,12 +155,14 @@ def _labels(y: Any, n: int) -> np.ndarray:
         raise DatasetError("FinetunedClassifier.fit needs labels y (one per item)")
     if isinstance(y, (str, bytes)):
         raise DatasetError("y must be a sequence with one label per item, not a single string")
-    values = np.asarray(getattr(y, "to_numpy", lambda: y)())
+    raw = getattr(y, "to_numpy", lambda: y)()
+    values = np.asarray(raw, dtype=object) if isinstance(raw, (list, tuple)) else np.asarray(raw)
     if values.ndim == 2 and values.shape[1] == 1:
         values = values[:, 0]
     if values.ndim != 1:
         raise DatasetError(f"y must be one label per item (1-D), got shape {values.shape}")
-    check_labels(values, n)  # finetune's own checks: one label per item, none missing
+    check_labels(values, n)  # finetune's own checks (before numpy could turn [1, "1"] into two "1"s)
+    values = np.asarray(values.tolist()) if values.dtype == object else values
     try:
         kind = type_of_target(values)
     except (TypeError, ValueError) as exc:

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import DatasetError, UsageError
+from .errors import DatasetError, TrainingDivergedError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -449,9 +449,13 @@ def finetune_contrastive(
                 optimizer.step()
             scheduler.step()
             losses.append(float(value.detach()))
+            if not math.isfinite(losses[-1]):
+                raise TrainingDivergedError(f"the contrastive loss at epoch {epoch + 1}, step {done + 1}", "lr")
             done += 1
             if progress is not None:
                 progress(done, total)
+        if not all(bool(torch.isfinite(p).all()) for _, p in params):
+            raise TrainingDivergedError(f"a trained weight after contrastive epoch {epoch + 1}", "lr")
         pairs = sum(len(b) for b in batches)
         positives = sum(int(b.target.sum()) for b in batches) if loss == "cosine" else pairs
         negatives = pairs - positives if loss == "cosine" else sum(len(b) * (len(b) - 1) for b in batches)

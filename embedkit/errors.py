@@ -275,3 +275,16 @@ class RayResourcesError(EmbedkitError, ValueError):
         option = {"CPU": "--cpus-per-worker (cpus_per_worker=)", "GPU": "--gpus-per-worker (gpus_per_worker=)"}[resource]
         super().__init__(f"an actor of {wanted:g} {resource} fits no node of the Ray cluster (the largest has "
                          f"{largest:g}); lower {option}, or add a node that has it before the run")
+
+
+class TrainingDivergedError(EmbedkitError, RuntimeError):
+    """Fine-tuning's loss or weights became NaN or infinite (a learning rate too high for the data)."""
+
+    def __init__(self, where: str, settings: str = "lr / head_lr"):
+        self.where = where
+        super().__init__(f"training diverged: {where} is NaN or infinite; lower {settings} (e.g. by 10x) or keep "
+                         "gradient clipping on (max_grad_norm=1.0); no backbone was saved")
+
+
+class NonFiniteOutputError(ExportError):
+    """The exported (or reference) model produced NaN or inf on the export's probes."""

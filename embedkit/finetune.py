@@ -12,8 +12,10 @@ backbone :mod:`embedkit.tuned`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import DatasetError, DeviceUnavailableError, OutputExistsError, UsageError
+from .errors import (DatasetError, DeviceUnavailableError, ExportError, NonFiniteOutputError, OutputExistsError,
+                     TrainingDivergedError, UsageError)
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +76,8 @@ def check_labels(labels: Sequence[Any], n: int, what: str = "items") -> np.ndarr
 
     Raises:
         DatasetError: not one label per item; a None / NaN / empty label (the message names
-            how many and the first indices).
+            how many and the first indices); labels of mixed types (1 and "1", True and 1);
+            continuous values (a float that is not a whole number).
     """
     if isinstance(labels, (str, bytes)):
         raise DatasetError("labels must be a sequence with one label per item, not a single string")
@@ -85,8 +89,13 @@ def check_labels(labels: Sequence[Any], n: int, what: str = "items") -> np.ndarr
         raise DatasetError(f"{len(bad)} of {n} labels are missing (None, NaN or empty), e.g. at index "
                            f"{', '.join(map(str, bad[:5]))}; label every item or leave those items out")
     kinds = {type(v.item() if isinstance(v, np.generic) else v).__name__ for v in labels}
-    if len(kinds - {"int", "float"}) > 1 or ("str" in kinds and kinds & {"int", "float"}):
+    numbers_ = {"int", "float"}
+    if len(kinds - numbers_) > 1 or (kinds - numbers_ and kinds & numbers_):  # 1 and "1", True and 1: one class?
         raise DatasetError(f"labels mix types ({', '.join(sorted(kinds))}); use one type, e.g. all strings")
+    fractional = [v for v in labels if isinstance(v, (float, np.floating)) and not float(v).is_integer()]
+    if fractional:
+        raise DatasetError(f"labels hold continuous values (e.g. {fractional[0]!r}); a classifier needs class labels "
+                           "such as strings or integers")
     out = np.empty(n, dtype=object)
     out[:] = [v.item() if isinstance(v, np.generic) else v for v in labels]
     return out
@@ -103,7 +112,7 @@ def _positive(name: str, value: Any, kind: type = int, allow_none: bool = False)
 def check_settings(*, objective: str, epochs: Any, batch_size: Any, lr: Any, head_lr: Any, layer_decay: Any,
                    weight_decay: Any, warmup: Any, max_grad_norm: Any, validation: Any, patience: Any,
                    class_weight: Any, device: str, checkpoint_every: Any, resume: bool,
-                   checkpoint_dir: Any) -> str:
+                   checkpoint_dir: Any, seed: Any = 0) -> str:
     """Refuse bad settings before any work; returns the device to train on.
 
     Raises:
@@ -133,6 +142,14 @@ def check_settings(*, objective: str, epochs: Any, batch_size: Any, lr: Any, hea
         raise UsageError("patience (early stopping) needs validation data: give validation=0.1 or (items, labels)")
     if class_weight is not None and class_weight != "balanced" and not isinstance(class_weight, dict):
         raise UsageError(f"class_weight must be None, 'balanced' or a dict label -> weight, got {class_weight!r}")
+    if isinstance(class_weight, dict):  # a zero, negative or NaN weight trains to NaN weights, found only at export
+        bad = {k: w for k, w in class_weight.items() if not isinstance(w, numbers.Real) or isinstance(w, bool)
+               or not math.isfinite(w) or not w > 0}
+        if bad:
+            raise UsageError(f"class_weight weights must be positive finite numbers, got {bad!r}; "
+                             "give each listed label a weight > 0 (1 is unweighted) or use 'balanced'")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise UsageError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if (resume or checkpoint_every) and checkpoint_dir is None:
         raise UsageError("resume and checkpoint_every need a checkpoint_dir")
     if device == "auto":
@@ -147,6 +164,53 @@ def check_settings(*, objective: str, epochs: Any, batch_size: Any, lr: Any, hea
     elif device != "cpu":
         raise UsageError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
     return device
+
+
+def _check_objective_options(objective: str, options: dict[str, Any], **settings: Any) -> None:
+    """Refuse, before any work, an option the objective does not take and a setting it would ignore.
+
+    Raises:
+        UsageError: ``classify`` with options, ``contrastive`` with another option than
+            ``iterations``, ``loss`` and ``scale`` or a bad value of one, or ``contrastive`` with ``patience`` or
+            ``layer_decay`` (it has no validation-driven early stop nor per-block learning rates;
+            ``head_lr``, which always has a value, is classify's and unused by contrastive).
+    """
+    if objective == "classify":
+        if options:
+            raise UsageError(f"objective='classify' takes no options {sorted(options)}; "
+                             "iterations is an option of objective='contrastive'")
+        return
+    unknown = sorted(set(options) - set(CONTRASTIVE_OPTIONS))
+    if unknown:
+        raise UsageError(f"objective='contrastive' takes the options {', '.join(CONTRASTIVE_OPTIONS)}, got {unknown}")
+    iterations = options.get("iterations", 20)
+    if not isinstance(iterations, numbers.Integral) or isinstance(iterations, bool) or iterations < 1:
+        raise UsageError(f"iterations must be a positive int (pairs, or anchors, per item), got {iterations!r}")
+    if options.get("loss", "cosine") not in ("cosine", "in-batch"):
+        raise UsageError(f"loss must be one of cosine, in-batch, got {options['loss']!r}")
+    scale = options.get("scale", 20.0)
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not 0 < scale < float("inf"):
+        raise UsageError(f"scale must be a positive number (in-batch negatives), got {scale!r}")
+    ignored = [k for k, v in settings.items() if v is not None]
+    if ignored:
+        raise UsageError(f"objective='contrastive' does not use {', '.join(ignored)} (its head is a LogisticRegression "
+                         "fitted after the body is tuned): leave them out, or use objective='classify'")
+
+
+def _check_finite(module: Any, data: Any, index: np.ndarray) -> None:
+    """Refuse a tuned body whose output on a few training items is NaN or infinite (weights that
+    overflow stay finite themselves: the export's probes were the first to see it).
+
+    Raises:
+        TrainingDivergedError: such an output.
+    """
+    import torch
+
+    module.eval()
+    with torch.no_grad():
+        out = module(*data.batch(index, None))
+    if not bool(torch.isfinite(out.float()).all()):
+        raise TrainingDivergedError("the tuned backbone's output on training items")
 
 
 def _class_weights(class_weight: Any, classes: np.ndarray, y: np.ndarray) -> np.ndarray | None:
@@ -181,7 +245,8 @@ def sklearn_head(head: Any, classes: np.ndarray) -> Any:
 
 
 def _contrastive(module: Any, plan: Any, preprocess: Any, texts: list[str], y: np.ndarray, val: Any,
-                 settings: Any, progress: Any, options: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
+                 settings: Any, progress: Any, options: dict[str, Any],
+                 class_weight: Any = None) -> tuple[Any, list[dict[str, Any]]]:
     """SetFit's recipe (:mod:`embedkit.contrastive`), then a LogisticRegression on the tuned embeddings."""
     try:
         from .contrastive import encode, finetune_contrastive, text_tokenizer
@@ -196,7 +261,8 @@ def _contrastive(module: Any, plan: Any, preprocess: Any, texts: list[str], y: n
         max_grad_norm=settings.max_grad_norm or 0.0, device=settings.device, train_mode=plan.train,
         progress=(lambda done, total: progress(done, total, {})) if progress else None, **options)
     module.eval()
-    clf = LogisticRegression(max_iter=2000, random_state=settings.seed).fit(encode(module, tokenize, texts), y)
+    clf = LogisticRegression(max_iter=2000, random_state=settings.seed, class_weight=class_weight)
+    clf.fit(encode(module, tokenize, texts), y)
     if val is not None:
         v_texts, v_y = val
         acc = float((clf.predict(encode(module, tokenize, v_texts)) == v_y).mean())
@@ -238,7 +304,8 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
         validation: a fraction held out (stratified), ``(items, labels)``, or None / 0 (none).
         patience: stop after this many epochs without a better validation accuracy (the best
             epoch's weights are kept whenever there is validation).
-        class_weight: None, ``"balanced"``, or a dict label -> weight of the loss.
+        class_weight: None, ``"balanced"``, or a dict label -> weight (> 0) of the loss (contrastive:
+            of its LogisticRegression head).
         seed: everything random (split, init, order, augmentation, dropout) follows it; the same
             seed gives the same weights on CPU.
         device: ``cpu``, ``cuda[:N]`` (automatic mixed precision) or ``auto``.
@@ -259,7 +326,9 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
             (also after bad items are excluded).
         InvalidUnfreezeError: a bad ``unfreeze`` or ``last:N`` beyond the backbone's blocks.
         NoBlocksError: ``last:N`` on a backbone without blocks.
-        UsageError: a setting out of range. CheckpointError: ``resume`` from another run's folder.
+        UsageError: a setting out of range, an option or setting the objective does not use.
+        CheckpointError: ``resume`` from another run's folder.
+        TrainingDivergedError: the loss or a trained weight became NaN / infinite (no backbone saved).
         OutputError: ``out`` or ``checkpoint_dir`` refused (:func:`embedkit.outputs.check_output`).
     """
     import torch
@@ -279,7 +348,10 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
                             layer_decay=layer_decay, weight_decay=weight_decay, warmup=warmup,
                             max_grad_norm=max_grad_norm, validation=validation, patience=patience,
                             class_weight=class_weight, device=device, checkpoint_every=checkpoint_every,
-                            resume=resume, checkpoint_dir=checkpoint_dir)
+                            resume=resume, checkpoint_dir=checkpoint_dir, seed=seed)
+    for flag, value in (("augment", augment), ("resume", resume), ("train_batchnorm", train_batchnorm)):
+        if not isinstance(value, (bool, np.bool_)):  # "false" would be taken as True
+            raise UsageError(f"{flag} must be True or False, got {value!r}")
     spec = parse_unfreeze(unfreeze)
     models = store if isinstance(store, ModelStore) else ModelStore(store)
     if name is not None and (not isinstance(name, str) or not NAME_PATTERN.match(name)):
@@ -294,19 +366,16 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
         raise UsageError("objective='contrastive' (SetFit) is for text backbones; use objective='classify'")
     if objective == "contrastive" and checkpoint_dir is not None:
         raise UsageError("checkpoint_dir / resume are for objective='classify' (a contrastive run is short: rerun it)")
-    if objective == "contrastive":
-        unknown = sorted(set(objective_options) - set(CONTRASTIVE_OPTIONS))
-        if unknown:
-            raise UsageError(f"objective='contrastive' takes the options {', '.join(CONTRASTIVE_OPTIONS)}, "
-                             f"not {', '.join(unknown)}")
-        if objective_options.get("loss", "cosine") not in ("cosine", "in-batch"):
-            raise UsageError(f"loss must be one of cosine, in-batch, got {objective_options['loss']!r}")
+    _check_objective_options(objective, objective_options, patience=patience, layer_decay=layer_decay)
     payloads, ids, sources = items_of(items, parent.modality)
     y_raw = check_labels(labels, len(payloads))
     check_classes(y_raw)
     if isinstance(validation, tuple):
         v_payloads, v_ids, _ = items_of(validation[0], parent.modality)
         v_raw = check_labels(validation[1], len(v_payloads), "validation items")
+        if not v_payloads:
+            raise DatasetError("validation=(items, labels) holds no items; give validation items, a fraction such as "
+                               "0.1, or None for no validation")
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     outputs = [p for p in (items,) if isinstance(p, (str, Path))]
     if ckpt is not None:
@@ -318,6 +387,9 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
     torch.manual_seed(seed)
     module = parent.build()
     plan = plan_freeze(parent, module, spec, train_batchnorm=train_batchnorm)
+    if layer_decay is not None and spec.kind == "all" and not plan.blocks:  # every depth 0: it would do nothing
+        raise UsageError(f"layer_decay needs the backbone's blocks, and {parent.name!r} has none (declared or "
+                         "inferred): leave layer_decay out, or declare its blocks (Backbone(..., blocks=...))")
     parent_artifact = export(parent if not isinstance(backbone, str) else backbone, models)
     preprocess = parent_artifact.preprocess
 
@@ -333,6 +405,9 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
     notes: list[str] = []
     if isinstance(validation, tuple):
         v_data, v_kept, v_fail = prepare(parent.modality, v_payloads, preprocess, False, device, "validation")
+        if not v_kept:  # training on with no validation would drop early stopping and best-epoch silently
+            raise DatasetError(f"none of the {len(v_payloads)} validation items could be used: "
+                               f"{v_fail[0]['message']}; fix them, or give validation=None")
         failures += v_fail
         unknown = sorted({str(v) for v in v_raw if v not in lookup})
         if unknown:
@@ -369,18 +444,19 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
             off = len(payloads) if isinstance(validation, tuple) else 0
             val = ([src[i - off] for i in val_idx], classes[y_all[val_idx]])
         clf, history = _contrastive(module, plan, preprocess, texts, classes[y_all[train_idx]], val, settings, progress,
-                                    objective_options)
+                                    objective_options, class_weight)
     else:
-        if objective_options:
-            raise UsageError(f"objective='classify' takes no options {sorted(objective_options)}")
         resume_state = None
-        if ckpt is not None:
-            config = {"parent": parent_artifact.digest, "data": fingerprint, "hyperparameters": hyper,
-                      "device": device}
-            resume_state = checkpoint.start(ckpt, config, resume)
-        head, history = trainer.train(module, plan, data, y_all, train_idx, val_idx, len(classes), parent.dim,
-                                      settings, weights, ckpt, resume_state, progress)
+        with contextlib.ExitStack() as stack:
+            if ckpt is not None:
+                _own_checkpoints(stack, ckpt)
+                config = {"parent": parent_artifact.digest, "data": fingerprint, "hyperparameters": hyper,
+                          "device": device}
+                resume_state = checkpoint.start(ckpt, config, resume)
+            head, history = trainer.train(module, plan, data, y_all, train_idx, val_idx, len(classes), parent.dim,
+                                          settings, weights, ckpt, resume_state, progress)
         clf = sklearn_head(head.cpu(), classes)
+    _check_finite(module, data, train_idx[:8])
     module.cpu().eval()
     from .persistence import _portable_spec
 
@@ -393,8 +469,17 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
         "hyperparameters": hyper, "metrics": history,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    new = tuned.persist(models.root, name or "", parent, parent_spec, module, lineage, user_named=name is not None)
-    artifact = export(new, models)
+    new, created = tuned.persist(models.root, name or "", parent, parent_spec, module, lineage,
+                                 user_named=name is not None)
+    try:
+        artifact = export(new, models)
+    except ExportError as exc:  # not left in the store as a backbone that lists but never exports
+        if created:
+            tuned.discard(new)
+        if isinstance(exc, NonFiniteOutputError):
+            raise TrainingDivergedError("the tuned backbone's output on the export's probes",
+                                        "lr" if objective == "contrastive" else "lr / head_lr") from exc
+        raise
     from sklearn.pipeline import Pipeline
 
     from .embedder import Embedder
@@ -409,6 +494,21 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
                           parent_digest=parent_artifact.digest, history=history, model=model, model_path=saved,
                           failures=failures, classes=classes.tolist(), lineage=lineage,
                           seconds=round(time.perf_counter() - started, 3))
+
+
+def _own_checkpoints(stack: contextlib.ExitStack, folder: Path) -> None:
+    """Hold ``folder``'s writer lock until ``stack`` closes: two runs never write one checkpoint folder.
+
+    Raises:
+        OutputError: another live run holds it.
+    """
+    from .errors import OutputError
+    from .locks import owned
+
+    folder.mkdir(exist_ok=True)
+    if not stack.enter_context(owned(folder / "checkpoint.lock")):
+        raise OutputError(f"another fine-tune is writing the checkpoints in {folder} now; wait for it to end, or "
+                          "choose another checkpoint_dir (--out)")
 
 
 def _check_checkpoints(folder: Path, inputs: list[Any]) -> None:

@@ -82,3 +82,28 @@ def held(path: Path, exclusive: bool = False, wait: float | None = None) -> Iter
         if gate is not None:
             os.close(gate)
         os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextmanager
+def owned(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock at ``path`` for the block, without waiting; yields whether it is held
+    (False: another live process holds it now). For one writer per output folder (a fine-tune's
+    run folder, its checkpoints). A process killed with ``kill -9`` releases it; the lock file stays
+    (an expected entry of the folder). Without ``fcntl``, or on a file system without ``flock``,
+    yields True."""
+    fd = _open(path) if fcntl is not None else None
+    if fd is None:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            got = True
+        except BlockingIOError:
+            got = False
+        except OSError as exc:  # a file system without flock support
+            logger.debug("no lock: %s", exc)
+            got = True
+        yield got
+    finally:
+        os.close(fd)

@@ -36,8 +36,9 @@ MARKERS = {"model": "model.json", "index": "index.json", "train-head": "report.j
 KINDS = ("embeddings", "feature-store", *MARKERS)
 # files a folder output holds besides its marker (model and index folders list theirs in the marker)
 _FIXED = {"train-head": {"confusion.png", "model"}, "report": {"learning_curve.csv", "learning_curve.png"},
-          "checkpoints": {"last.safetensors", "best.safetensors", "metrics.json"},
-          "finetune": {"model", "checkpoints", "metrics.json", "failures.jsonl"}}
+          "checkpoints": {"last.safetensors", "best.safetensors", "metrics.json", "checkpoint.lock"},
+          "finetune": {"model", "checkpoints", "metrics.json", "failures.jsonl", "finetune.lock"}}
+_LOCKS = {"finetune.lock", "checkpoint.lock"}  # writer locks (embedkit.locks.owned) of the fine-tune folders
 NAMES = {"embeddings": "embeddings file", "feature-store": "feature store", "model": "saved model",
          "index": "search index", "train-head": "train-head output folder", "report": "report folder",
          "checkpoints": "checkpoint folder", "finetune": "finetune output folder"}
@@ -109,7 +110,7 @@ def foreign_entries(path: Path, kind: str) -> list[str] | None:
     """The entries of folder ``path`` that an earlier output of ``kind`` would not hold, or
     None when ``path`` is not such an output at all (no marker of that kind)."""
     entries = sorted(p.name for p in path.iterdir())
-    if not entries:
+    if set(entries) <= _LOCKS:  # empty, or a run that stopped right after taking its writer lock
         return []
     if kind == "feature-store":
         if not any(path.glob("*/*/namespace.json")):

@@ -12,7 +12,7 @@ import numpy as np
 
 from .artifacts import sha256_file
 from .backbone import Backbone
-from .errors import ExportError
+from .errors import ExportError, NonFiniteOutputError
 
 # max_abs_diff is compared after dividing by max(1, largest |torch output|): for normalised or
 # unit-scale embeddings that is the absolute difference; a randomly initialised deep CNN
@@ -91,7 +91,7 @@ class Probes:
                     f"output shape: {got.shape}, {against} {ref.shape}, declared ({len(batch)}, {self.backbone.dim}){hint}"
                 )
             if not (np.isfinite(got).all() and np.isfinite(ref).all()):
-                raise ExportError("the model produced NaN or inf on the probes")
+                raise NonFiniteOutputError("the model produced NaN or inf on the probes")
             max_diff = max(max_diff, float(np.abs(got - ref).max()))
             scale = max(scale, float(np.abs(ref).max()))
             min_cos = min(min_cos, float(cosine(got, ref).min()))

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import checkpoint
+from .errors import TrainingDivergedError
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,12 @@ def train(module: Any, plan: Any, data: Any, y: np.ndarray, train_idx: np.ndarra
         return {"epoch": epoch_, "step_in_epoch": in_epoch, "step": step, "stale": stale, "history": history,
                 "best_key": best["key"], "best_epoch": best["epoch"], "losses": losses if in_epoch else []}
 
+    stopped = bool(s.patience) and stale >= (s.patience or 0) and skip == 0 and 0 < epoch < s.epochs
+    if resume_state is not None and history and stopped:
+        # the run had stopped early at this checkpoint (killed before it ended): stop here again,
+        # not one epoch later than the uninterrupted run
+        history[-1]["early_stop"] = True
+        epoch = s.epochs
     while epoch < s.epochs:
         started = time.perf_counter()
         order = train_idx[np.random.default_rng([s.seed, epoch]).permutation(len(train_idx))]
@@ -193,11 +200,15 @@ def train(module: Any, plan: Any, data: Any, y: np.ndarray, train_idx: np.ndarra
             scheduler.step()
             step += 1
             losses.append(loss.item())
+            if not math.isfinite(losses[-1]) and scaler is None:  # mixed precision skips such steps itself
+                raise TrainingDivergedError(f"the loss at epoch {epoch + 1}, step {step}")
             if progress is not None:
                 progress(step, total, {"epoch": epoch + 1, "loss": float(np.mean(losses[-20:]))})
             if folder is not None and s.checkpoint_every and step % s.checkpoint_every == 0 and k + 1 < steps_per_epoch:
                 checkpoint.save(folder, module, head, optimizer, scheduler, state(epoch, k + 1))
         skip = 0
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise TrainingDivergedError(f"a trained weight after epoch {epoch + 1}")
         row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)) if losses else None,
                                "lr": float(optimizer.param_groups[0]["lr"])}
         if val_idx is not None and len(val_idx):

@@ -61,7 +61,9 @@ def prepare(modality: str, payloads: list[Any], preprocess: Any, augment: bool, 
     if modality == "text":
         from .text import TextTokenizer
 
-        out = TextTokenizer(preprocess).encode(payloads)
+        # a labelled empty text teaches nothing but "" -> that label: a record, not a training item
+        # (inference keeps embedding such texts, as sentence-transformers does)
+        out = TextTokenizer(preprocess, empty="error").encode(payloads)
         failures = [{**e.to_json(), "split": split} for e in out.errors]
         ids = {i: t for i, t in zip(out.indices, out.ids)}
         kept = sorted(ids)

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import staged_file, write_atomic
+from . import locks
+from .atomic import write_atomic
 from .backbone import NAME_PATTERN, Backbone, preprocess_from_json
 from .errors import InvalidBackboneError, OutputExistsError
 
@@ -46,13 +47,36 @@ class TunedBackbone(Backbone):
 
     parent: str = ""
     lineage: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    weights_sha256: str = field(default="", compare=False, hash=False, repr=False)
 
     def build(self) -> Any:
         from .plugins import get_backbone
 
+        self.verify()
         module = get_backbone(self.parent).build()
         load_weights(module, self.weight_files[0])
         return module
+
+    def verify(self) -> None:
+        """Check the weights file against the sha256 its record names (before it is used).
+
+        Raises:
+            ArtifactError: the file is missing or changed since the fine-tune wrote it.
+        """
+        from .artifacts import sha256_file
+        from .errors import ArtifactError
+
+        path = Path(self.weight_files[0])
+        if path.is_symlink():
+            raise ArtifactError(f"the weights of fine-tuned backbone {self.name!r} ({path}) are a symbolic link; only "
+                                "a regular file inside its folder is used: run the fine-tune again")
+        if not path.is_file():
+            raise ArtifactError(f"the weights of fine-tuned backbone {self.name!r} are missing ({path}); "
+                                "run the fine-tune again, or delete the folder to forget it")
+        if self.weights_sha256 and sha256_file(path) != self.weights_sha256:
+            raise ArtifactError(f"the weights of fine-tuned backbone {self.name!r} ({path}) changed since the "
+                                f"fine-tune wrote them (their sha256 is not the {self.weights_sha256[:12]}... its "
+                                f"{RECORD} records); run the fine-tune again, or delete the folder {path.parent}")
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "parent": self.parent}
@@ -71,11 +95,10 @@ def load_weights(module: Any, path: str | os.PathLike[str]) -> None:
 
 def save_weights(module: Any, path: Path, metadata: dict[str, str] | None = None) -> None:
     """The module's whole state dict as safetensors at ``path``, atomically (shared tensors copied)."""
-    from safetensors.torch import save_file
+    from .checkpoint import write_safetensors
 
     state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    with staged_file(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+    write_safetensors(path, state, metadata)
 
 
 def default_name(parent: str, weights: Path) -> str:
@@ -87,8 +110,9 @@ def default_name(parent: str, weights: Path) -> str:
 
 
 def persist(root: Path, name: str, parent: Backbone, parent_spec: str, module: Any, lineage: dict[str, Any],
-            user_named: bool) -> TunedBackbone:
-    """Write the tuned weights and record into the store at ``root`` and return the backbone.
+            user_named: bool) -> tuple[TunedBackbone, bool]:
+    """Write the tuned weights and record into the store at ``root``; return the backbone and
+    whether this call created it (False: the same fine-tune was already there).
 
     With no user name the name derives from the weights' hash, so the same fine-tune gives the
     same name. A user name already holding another fine-tune is refused; one holding another
@@ -98,45 +122,74 @@ def persist(root: Path, name: str, parent: Backbone, parent_spec: str, module: A
         InvalidBackboneError: ``name`` breaks the naming rule.
         OutputExistsError: ``name`` is taken by a registered backbone or another fine-tune.
     """
+    import uuid
+
     from .artifacts import sha256_file
-    from .plugins import registry
 
     root.mkdir(parents=True, exist_ok=True)
     tmp_dir = root / ".finetune-staging"
     tmp_dir.mkdir(exist_ok=True)
     _sweep(tmp_dir)
-    tmp = tmp_dir / f"{os.getpid()}.safetensors"
+    tmp = tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"  # two threads of one process too
     save_weights(module, tmp)
     if not name:
         name = default_name(parent.name, tmp)
     if not NAME_PATTERN.match(name):
         tmp.unlink(missing_ok=True)
         raise InvalidBackboneError("name", f"name {name!r} must match {NAME_PATTERN.pattern}")
+    with locks.held(tmp_dir / "persist.lock", exclusive=True):  # check-then-write, one run at a time
+        try:
+            created = _claim(root, name, tmp, user_named)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        folder = root / name
+        record = {
+            "format": FORMAT, "kind": "finetuned-backbone", "name": name, "parent": parent_spec,
+            "weights": WEIGHTS, "weights_sha256": sha256_file(folder / WEIGHTS), "spec": _declaration(parent),
+            "lineage": lineage,
+        }
+        write_atomic(folder / RECORD, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
+    return _backbone(folder, record), created
+
+
+def _claim(root: Path, name: str, tmp: Path, user_named: bool) -> bool:
+    """Move the staged weights ``tmp`` to ``<root>/<name>`` if the name is free (or holds these very
+    weights); returns whether the name was free. Called with the store's persist lock held.
+
+    Raises:
+        OutputExistsError: ``name`` is a registered backbone, other artifacts, or another fine-tune.
+    """
+    from .artifacts import sha256_file
+    from .plugins import registry
+
     if name in registry().backbones:
-        tmp.unlink(missing_ok=True)
         raise OutputExistsError(f"{name!r} is a registered backbone; give the fine-tune another name")
     folder = root / name
-    weights = folder / WEIGHTS
     if not (folder / RECORD).is_file() and any((sub / "manifest.json").is_file() for sub in _subfolders(folder)):
-        tmp.unlink(missing_ok=True)
         raise OutputExistsError(f"{name!r} already names other artifacts in the model store {root}; give the "
                                 "fine-tune another name")
-    digest = sha256_file(tmp)
-    if (folder / RECORD).is_file():
-        old = _read(folder / RECORD)
-        if old.get("weights_sha256") != digest:
-            tmp.unlink(missing_ok=True)
-            hint = "" if user_named else " (same name from the same weights hash: delete the folder to redo)"
-            raise OutputExistsError(f"a fine-tuned backbone {name!r} with other weights is already in the model store "
-                                    f"{root}; choose another name{hint}")
+    created = not (folder / RECORD).is_file()
+    if not created and _read(folder / RECORD).get("weights_sha256") != sha256_file(tmp):
+        hint = "" if user_named else " (same name from the same weights hash: delete the folder to redo)"
+        raise OutputExistsError(f"a fine-tuned backbone {name!r} with other weights is already in the model store "
+                                f"{root}; choose another name{hint}")
     folder.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, weights)
-    record = {
-        "format": FORMAT, "kind": "finetuned-backbone", "name": name, "parent": parent_spec,
-        "weights": WEIGHTS, "weights_sha256": digest, "spec": _declaration(parent), "lineage": lineage,
-    }
-    write_atomic(folder / RECORD, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
-    return _backbone(folder, record)
+    os.replace(tmp, folder / WEIGHTS)
+    return created
+
+
+def discard(backbone: TunedBackbone) -> None:
+    """Remove a fine-tuned backbone that :func:`persist` just created and that failed its export:
+    the record first (it is no longer found nor listed), then the weights, then its folder when
+    nothing else is left in it."""
+    folder = Path(backbone.weight_files[0]).parent
+    (folder / RECORD).unlink(missing_ok=True)
+    (folder / WEIGHTS).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # something else is in it (e.g. a lock file): leave the folder
+        pass
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -144,11 +197,12 @@ def _subfolders(folder: Path) -> list[Path]:
 
 
 def _sweep(folder: Path) -> None:
-    """Remove staged weights of fine-tunes whose process died (named ``<pid>.safetensors``)."""
+    """Remove staged weights of fine-tunes whose process died (named ``<pid>[-<random>].safetensors``)."""
     from .atomic import _alive
 
     for path in folder.glob("*.safetensors"):
-        if path.stem.isdigit() and not _alive(int(path.stem)):
+        pid = path.stem.split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
             path.unlink(missing_ok=True)
 
 
@@ -165,6 +219,9 @@ def _read(path: Path) -> dict[str, Any]:
         raise InvalidBackboneError("finetuned", f"unreadable fine-tune record {path}: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("kind") != "finetuned-backbone":
         raise InvalidBackboneError("finetuned", f"{path} is not a fine-tune record of format {FORMAT}")
+    if data.get("weights") != WEIGHTS:  # files named by metadata stay inside their folder: exactly this one
+        raise InvalidBackboneError("finetuned", f"{path} names the weights {data.get('weights')!r}; a fine-tune record "
+                                   f"names only {WEIGHTS!r} beside it (edited by hand? run the fine-tune again)")
     return data
 
 
@@ -178,7 +235,8 @@ def _backbone(folder: Path, record: dict[str, Any]) -> TunedBackbone:
         preprocess=preprocess_from_json(spec["preprocess"]), license=spec["license"],
         weights=f"fine-tuned from {record['parent']} ({parent_digest[:12]})",
         weight_files=(str(folder / record["weights"]),),
-        description=f"fine-tune of {record['parent']}", parent=record["parent"], lineage=lineage, **extra,
+        description=f"fine-tune of {record['parent']}", parent=record["parent"], lineage=lineage,
+        weights_sha256=str(record.get("weights_sha256") or ""), **extra,
     )
 
 

@@ -6,11 +6,16 @@ The source and the label join are train-head's (:func:`embedkit.sources.iter_ite
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import sys
-from typing import Any
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
-from ..errors import DatasetError, UsageError
+from ..errors import DatasetError, OutputError, UsageError
+from ..locks import owned
 from .common import (EXIT_FAILED_ITEMS, existing_or_glob, fraction, labels_source, non_negative_float, positive_float,
                      positive_int, progress_bar, store_arg)
 
@@ -89,7 +94,8 @@ def add_parsers(sub: Any) -> None:
     store_arg(p)
 
 
-def _labelled(source: str, labels: str, modality: str, args: argparse.Namespace, split: str = "train") -> tuple[list[Any], list[Any], list[dict[str, Any]]]:
+def _labelled(source: str, labels: str, modality: str, args: argparse.Namespace, split: str = "train"
+              ) -> tuple[list[Any], list[Any], list[dict[str, Any]], list[tuple[int, str]]]:
     """``(payloads, labels, unreadable rows)`` of a source joined to its labels as train-head joins them."""
     import numpy as np
 
@@ -113,37 +119,81 @@ def _labelled(source: str, labels: str, modality: str, args: argparse.Namespace,
         raise DatasetError(f"{len(missing)} of {len(items)} items of {source} have no label in {labels} (e.g. "
                            f"{', '.join(missing[:3])}); label them or leave them out of the source")
     keep = [n for n in range(len(items)) if n not in skip]
-    return [items[n].payload for n in keep], [values[n] for n in keep], bad
+    where = [(n, str(items[n].source)) for n in keep]  # each kept item's index and locator in the source
+    return [items[n].payload for n in keep], [values[n] for n in keep], bad, where
+
+
+@contextmanager
+def _removed_if_refused(out: Path, created: bool) -> Iterator[None]:
+    """Remove the run folder this run created when the run stops before its first checkpoint
+    (a setting refused once the backbone is built, e.g. ``last:N`` beyond its blocks, or Ctrl-C):
+    a folder of a run that never trained, marked "running", is only litter. A folder holding a
+    checkpoint stays for ``--resume``; one holding anything embedkit did not write stays too."""
+    from ..checkpoint import LAST
+    from ..outputs import foreign_entries
+
+    try:
+        yield
+    except BaseException:
+        if created and not (out / "checkpoints" / LAST).exists() and foreign_entries(out, "finetune") == []:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from ..atomic import write_atomic
-    from ..finetune import finetune
-    from ..outputs import check_output, stamp
+    from ..outputs import check_output
     from ..plugins import get_backbone
 
     out = check_output(args.out, "finetune", inputs=[args.source, args.validation_source])
-    if args.resume and not (out / "checkpoints" / "checkpoint.json").is_file():
-        print(f"note: no checkpoint in {out} yet: starting from the beginning", file=sys.stderr)
     for flag, value in (("--iterations", args.iterations), ("--loss", args.loss)):
         if value and args.objective != "contrastive":
             raise UsageError(f"{flag} is an option of --objective contrastive")
-    for flag, value in (("--resume", args.resume), ("--checkpoint-every", args.checkpoint_every)):
-        if value and args.objective == "contrastive":
-            raise UsageError(f"{flag} is for --objective classify (a contrastive run is short: rerun it)")
+    if args.objective == "contrastive" and (args.resume or args.checkpoint_every):
+        raise UsageError("--resume and --checkpoint-every are for --objective classify (a contrastive run is "
+                         "short and keeps no checkpoints: rerun it)")
+    if args.resume and not (out / "checkpoints" / "checkpoint.json").is_file():
+        print(f"note: no checkpoint in {out} yet: starting from the beginning", file=sys.stderr)
     modality = get_backbone(args.backbone).modality
-    items, labels, unreadable = _labelled(args.source, args.labels, modality, args)
+    items, labels, unreadable, where = _labelled(args.source, args.labels, modality, args)
+    located = {"train": where}
     validation: Any = args.validation
     if args.validation_source:
-        v_items, v_labels, v_bad = _labelled(args.validation_source, args.validation_labels or args.labels, modality, args,
-                                           "validation")
+        v_items, v_labels, v_bad, located["validation"] = _labelled(
+            args.validation_source, args.validation_labels or args.labels, modality, args, "validation")
         unreadable += v_bad
         validation = (v_items, v_labels)
+    created = not out.exists()
     out.mkdir(exist_ok=True)
+    writer = contextlib.ExitStack()
+    if not writer.enter_context(owned(out / "finetune.lock")):  # held until the command ends
+        writer.close()
+        raise OutputError(f"another `embedkit finetune` is writing {out} now; wait for it to end, or choose "
+                          "another --out")
+    with writer:
+        return _run(args, out, created, items, labels, unreadable, validation, located)
+
+
+def _located(failure: dict[str, Any], located: dict[str, list[tuple[int, str]]]) -> dict[str, Any]:
+    """A failure record of :func:`embedkit.finetune` (index into the items it was given, which
+    leave out the source's unreadable rows) with the item's index and locator in its source."""
+    where = located.get(failure.get("split", "train"))
+    if where is None or not 0 <= failure.get("index", -1) < len(where):
+        return failure
+    index, source = where[failure["index"]]
+    return {**failure, "index": index, "source": source}
+
+
+def _run(args: argparse.Namespace, out: Path, created: bool, items: list[Any], labels: list[Any],
+         unreadable: list[dict[str, Any]], validation: Any, located: dict[str, list[tuple[int, str]]]) -> int:
+    """The fine-tune itself, its outputs and summary (the caller holds ``out``'s writer lock)."""
+    from ..atomic import write_atomic
+    from ..finetune import finetune
+    from ..outputs import stamp
+
     marker = {**stamp("finetune"), "status": "running", "backbone": args.backbone, "source": str(args.source)}
     write_atomic(out / "finetune.json", json.dumps(marker, indent=2).encode())
     options = {k: v for k, v in (("iterations", args.iterations), ("loss", args.loss)) if v}
-    with progress_bar("finetune", None, "step", not args.no_progress) as bar:
+    with _removed_if_refused(out, created), progress_bar("finetune", None, "step", not args.no_progress) as bar:
         def progress(done: int, total: int, info: dict[str, Any]) -> None:
             bar.update_to(done, total)
             shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items() if v is not None}
@@ -158,7 +208,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             checkpoint_dir=out / "checkpoints" if args.objective == "classify" else None,
             checkpoint_every=args.checkpoint_every, resume=args.resume, name=args.name, store=args.store,
             out=out / "model", progress=progress, **options)
-    failures = unreadable + result.failures
+    failures = unreadable + [_located(f, located) for f in result.failures]
     write_atomic(out / "metrics.json", json.dumps(result.history, indent=2).encode())
     write_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures).encode())
     summary = {"backbone": result.backbone, "digest": result.digest, "parent": result.parent,

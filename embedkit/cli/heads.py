@@ -65,12 +65,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--finetune", choices=["contrastive", "classify"],
                    help="also fine-tune the backbone at the affordable sizes (one subset each): contrastive "
                    "(SetFit, texts) or classify; needs the backbone's torch module")
-    p.add_argument("--finetune-max-items", type=positive_int, default=256,
+    p.add_argument("--finetune-max-items", type=positive_int,
                    help="fine-tune only at sizes of at most this many training items (default 256)")
     p.add_argument("--unfreeze", help="with --finetune: head, last:N or all (default: all for contrastive, "
                    "last:2 for classify)")
     p.add_argument("--epochs", type=positive_int, help="with --finetune: epochs (default: 1 contrastive, 3 classify)")
-    p.add_argument("--iterations", type=positive_int, default=5,
+    p.add_argument("--iterations", type=positive_int,
                    help="with --finetune contrastive: sentence pairs per item and kind (SetFit's num_iterations; "
                    "default 5)")
     p.add_argument("--out", required=True, help="folder for learning_curve.csv and learning_curve.png")
@@ -253,8 +253,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     labels = np.asarray(y[known]).astype(str)
     with contextlib.ExitStack() as stack:
         finetuned = None
-        if not args.finetune and (args.unfreeze or args.epochs):
-            raise UsageError("--unfreeze and --epochs set how the report fine-tunes: add --finetune contrastive|classify")
+        if not args.finetune and (args.unfreeze or args.epochs or args.finetune_max_items or args.iterations):
+            raise UsageError("--unfreeze, --epochs, --finetune-max-items and --iterations set how the report "
+                             "fine-tunes: add --finetune contrastive|classify")
+        if args.iterations and args.finetune != "contrastive":  # was ignored silently
+            raise UsageError("--iterations is an option of --finetune contrastive")
+        args.finetune_max_items = args.finetune_max_items or 256
         if args.finetune:
             import tempfile
 
@@ -262,7 +266,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
             options: dict[str, Any] = {"epochs": args.epochs or (1 if args.finetune == "contrastive" else 3)}
             if args.finetune == "contrastive":
-                options.update(iterations=args.iterations, batch_size=16)
+                options.update(iterations=args.iterations or 5, batch_size=16)
             # the fine-tuned backbones are the report's scratch work: a store thrown away at the end
             scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="embedkit-report-"))
             finetuned = FinetunedCurve(namespace.name, [p for p, k in zip(payloads, known) if k], labels, scratch,
