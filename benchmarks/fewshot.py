@@ -97,9 +97,12 @@ def setfit_worker(job: Path) -> None:
         args = TrainingArguments(num_iterations=spec["iterations"], num_epochs=1, batch_size=spec["batch_size"], **common)
     else:  # SetFit's own in-batch loss on labelled sentences: SupConLoss, batches grouped by label,
         # the same number of steps and texts per step as embedkit's in-batch run
+        from sentence_transformers import losses
         from setfit.losses import SupConLoss
 
-        args = TrainingArguments(loss=SupConLoss, num_epochs=2 * spec["iterations"], batch_size=2 * spec["batch_size"],
+        loss = {"supcon": SupConLoss, "batch-all": losses.BatchAllTripletLoss,
+                "batch-hard": losses.BatchHardTripletLoss}[spec["setfit_loss"]]
+        args = TrainingArguments(loss=loss, num_epochs=2 * spec["iterations"], batch_size=2 * spec["batch_size"],
                                  **common)
     classes = sorted(set(spec["labels"]))  # integer labels: sentence-transformers' collator stacks them
     train = Dataset.from_dict({"text": spec["texts"], "label": [classes.index(y) for y in spec["labels"]]})
@@ -209,6 +212,9 @@ def main() -> None:
                         help="cosine: SetFit's recipe on both sides; in-batch: embedkit's in-batch negatives vs "
                              "setfit's SupConLoss (batches of twice --batch-size texts, 2 x iterations epochs)")
     parser.add_argument("--batch-size", type=int, default=16, help="cosine: pairs per step; in-batch: classes per step")
+    parser.add_argument("--setfit-loss", choices=["supcon", "batch-all", "batch-hard"], default="supcon",
+                        help="--loss in-batch: setfit's loss on labelled sentences (SupConLoss, or "
+                             "sentence-transformers' BatchAll/BatchHardTripletLoss)")
     parser.add_argument("--lr", type=float, default=2e-5, help="body learning rate (SetFit's default 2e-5)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--only-seeds", help="comma-separated seeds to run (default: 0 .. seeds-1)")
@@ -254,7 +260,8 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
         jobs = [(tool, {"texts": texts, "labels": labels, "test_texts": test_texts, "test_labels": test_labels,
                         "folder": folder, "iterations": args.iterations, "seed": seed, "threads": args.threads,
-                        "store": store, "loss": args.loss, "batch_size": args.batch_size, "lr": args.lr})
+                        "store": store, "loss": args.loss, "batch_size": args.batch_size, "lr": args.lr,
+                        "setfit_loss": args.setfit_loss})
                 for seed, (texts, labels) in samples.items() for tool in tools if tool != "frozen"]
         unknown = {t for t, _ in jobs} - {"embedkit", "setfit"}
         if unknown:
