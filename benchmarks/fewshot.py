@@ -22,6 +22,7 @@ seeded samples, each scored on all of test (3,080). For every sample, interleave
     turns the body's weights to NaN on Banking77 at lr 5e-5 and at 2e-5 (its ``mean_log_prob_pos
     = (mask * log_prob).sum(1) / mask.sum(1)`` divides by zero for an anchor that is the only one
     of its label in a batch); the script reports such a run as failed and goes on.
+    ``--setfit-loss batch-all`` (sentence-transformers' ``BatchAllTripletLoss``) trains cleanly.
 
 Training time: setfit's is ``Trainer.train`` (pairs, body tuning, head); embedkit's is the whole
 ``embedkit.finetune`` call (the same, plus saving the new backbone and its ONNX export through
