@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -295,6 +296,23 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 
 
 LOSSES = ("cosine", "in-batch")
+OPTIONS = ("iterations", "loss", "scale")  # what embedkit.finetune passes on for objective="contrastive"
+
+
+def check_options(iterations: Any = 20, loss: str = "cosine", scale: Any = 20.0) -> None:
+    """Refuse bad contrastive options before any work (:func:`finetune_contrastive` and
+    :func:`embedkit.finetune` both call it).
+
+    Raises:
+        UsageError: ``iterations`` not a positive int, ``loss`` not one of :data:`LOSSES`, or
+            ``scale`` not a positive finite number (a ValueError).
+    """
+    if not isinstance(iterations, numbers.Integral) or isinstance(iterations, bool) or iterations < 1:
+        raise UsageError(f"iterations must be a positive int (pairs, or anchors, per item), got {iterations!r}")
+    if loss not in LOSSES:
+        raise UsageError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not 0 < scale < float("inf"):
+        raise UsageError(f"scale must be a positive number (in-batch negatives), got {scale!r}")
 
 
 @dataclass(frozen=True)
@@ -392,13 +410,10 @@ def finetune_contrastive(
             raise UsageError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or not math.isfinite(lr):
         raise UsageError(f"lr must be a positive number, got {lr!r}")
-    if loss not in LOSSES:
-        raise UsageError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0 or not math.isfinite(scale):
-        raise UsageError(f"scale must be a positive number, got {scale!r}")
-    draw = _draw_epoch(labels, loss, int(iterations) if isinstance(iterations, (int, np.integer)) else iterations,
-                       batch_size)
-    per_epoch = len(draw(seed, 0))  # refuses bad labels and options before any work
+    check_options(iterations, loss, scale)
+    draw = _draw_epoch(labels, loss, int(iterations), batch_size)
+    first = draw(seed, 0)  # refuses bad labels before any work; every epoch has as many batches
+    per_epoch = len(first)
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if not params:
         raise UsageError("the module has no trainable parameter (all frozen): unfreeze some blocks, e.g. "
@@ -420,7 +435,7 @@ def finetune_contrastive(
     done = 0
     for epoch in range(int(epochs)):
         start = time.perf_counter()
-        batches = draw(seed, epoch)
+        batches = first if epoch == 0 else draw(seed, epoch)
         (train_mode or (lambda m: m.train()))(module)
         losses = []
         for batch in batches:

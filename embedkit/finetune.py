@@ -29,7 +29,6 @@ from .errors import (DatasetError, DeviceUnavailableError, ExportError, NonFinit
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("classify", "contrastive")
-CONTRASTIVE_OPTIONS = ("iterations", "loss", "scale")  # keyword options of embedkit.contrastive.finetune_contrastive
 
 
 @dataclass
@@ -180,17 +179,12 @@ def _check_objective_options(objective: str, options: dict[str, Any], **settings
             raise UsageError(f"objective='classify' takes no options {sorted(options)}; "
                              "iterations is an option of objective='contrastive'")
         return
-    unknown = sorted(set(options) - set(CONTRASTIVE_OPTIONS))
+    from .contrastive import OPTIONS, check_options
+
+    unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise UsageError(f"objective='contrastive' takes the options {', '.join(CONTRASTIVE_OPTIONS)}, got {unknown}")
-    iterations = options.get("iterations", 20)
-    if not isinstance(iterations, numbers.Integral) or isinstance(iterations, bool) or iterations < 1:
-        raise UsageError(f"iterations must be a positive int (pairs, or anchors, per item), got {iterations!r}")
-    if options.get("loss", "cosine") not in ("cosine", "in-batch"):
-        raise UsageError(f"loss must be one of cosine, in-batch, got {options['loss']!r}")
-    scale = options.get("scale", 20.0)
-    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not 0 < scale < float("inf"):
-        raise UsageError(f"scale must be a positive number (in-batch negatives), got {scale!r}")
+        raise UsageError(f"objective='contrastive' takes the options {', '.join(OPTIONS)}, got {unknown}")
+    check_options(**options)
     ignored = [k for k, v in settings.items() if v is not None]
     if ignored:
         raise UsageError(f"objective='contrastive' does not use {', '.join(ignored)} (its head is a LogisticRegression "
