@@ -27,6 +27,15 @@ def model_store() -> Path:
     return root
 
 
+@pytest.fixture()
+def no_tuning_records_left(model_store):
+    """Other tests expect no recorded runtime choice (ONNX Runtime on CPU): drop what a test that
+    runs ``tune`` measured. Use with ``pytestmark = pytest.mark.usefixtures("no_tuning_records_left")``."""
+    yield
+    for path in (model_store / "tuning").glob("*.json"):
+        path.unlink()
+
+
 @pytest.fixture(scope="session")
 def minilm(model_store: Path):
     import embedkit

@@ -60,12 +60,7 @@ class TinyConv(torch.nn.Module):
         return self.body(pixel_values).mean((2, 3))
 
 
-@pytest.fixture(autouse=True)
-def no_records_left(model_store):
-    """Other tests expect no recorded choice (ONNX Runtime on CPU); drop what these tests measured."""
-    yield
-    for path in (model_store / "tuning").glob("*.json"):
-        path.unlink()
+pytestmark = pytest.mark.usefixtures("no_tuning_records_left")  # tests here run tune: drop its records
 
 
 def register(backbone):

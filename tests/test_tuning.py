@@ -16,12 +16,7 @@ from support import read_banking, run_cli
 from tiny import Pooled, text_backbone
 
 
-@pytest.fixture(autouse=True)
-def no_records_left(model_store):
-    """Other tests expect the default (no record: ONNX Runtime on CPU); drop what these tests measured."""
-    yield
-    for path in (model_store / "tuning").glob("*.json"):
-        path.unlink()
+pytestmark = pytest.mark.usefixtures("no_tuning_records_left")  # tests here run tune: drop its records
 
 
 def test_torch_runtime_matches_onnx_runtime_on_real_sentences(minilm):
