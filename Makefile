@@ -44,6 +44,8 @@ demo: $(STAMP)
 test: test-main test-zoo
 
 test-main: $(STAMP)
+	# The linter first (pyproject.toml's [tool.ruff]); the layers are kept by tests/test_layers.py.
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 test-zoo: $(ZOO_STAMP)

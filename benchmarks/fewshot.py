@@ -135,7 +135,7 @@ def run_direct(texts, labels, test_texts, test_labels, iterations: int, seed: in
     from sklearn.linear_model import LogisticRegression
 
     import embedkit
-    from embedkit.contrastive import encode, finetune_contrastive, text_tokenizer
+    from embedkit.finetuning.contrastive import encode, finetune_contrastive, text_tokenizer
 
     backbone = embedkit.get_backbone("minilm-l6")
     module = backbone.build()

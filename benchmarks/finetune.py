@@ -28,7 +28,7 @@ DATA = ROOT.parent / "shared" / "data"
 
 
 def _images(split: str) -> tuple[list[str], list[str]]:
-    from embedkit.sources import image_folder
+    from embedkit.inputs.folders import image_folder
 
     found = image_folder(DATA / "images" / "hymenoptera" / split)
     return found.paths, found.labels

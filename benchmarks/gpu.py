@@ -56,7 +56,7 @@ def sentences(n: int) -> list[str]:
             with open(path, newline="", encoding="utf-8") as f:
                 texts += [r["text"] for r in csv.DictReader(f)]
     if not texts:
-        from embedkit.demo import load_split
+        from embedkit.inputs.samples import load_split
 
         texts = load_split("train")[0] + load_split("test")[0]
     while len(texts) < n:
@@ -121,7 +121,7 @@ def text_section(args: argparse.Namespace, store: str, work: Path) -> None:
 
     import embedkit
     from embedkit.encoder import encoder_for
-    from embedkit.probes import cosine
+    from embedkit.models.probes import cosine
 
     folder, weights = minilm(args.skeleton, work)
     texts = sentences(args.texts)
@@ -169,8 +169,8 @@ def cnn_section(args: argparse.Namespace, store: str) -> None:
     import torch
 
     import embedkit
-    from embedkit.image import ImageProcessor, probe_images
-    from embedkit.tuning import make_runtime
+    from embedkit.inputs.image import ImageProcessor, probe_images
+    from embedkit.runtimes.select import make_runtime
 
     half = args.device == "cuda"
     try:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from embedkit.encoders.tuning import tune_table
 from embedkit.testing import torch_preprocess
-from embedkit.tuning import tune_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "images" / "hymenoptera"
@@ -93,7 +93,7 @@ def torch_loader(module, paths, preprocess, batch, torch, workers):
 def where_time_goes(encoder, paths, batch):
     """Seconds per image for decode (read + JPEG decode + EXIF), resize (resample, crop, normalise)
     and the model (the encoder's runtime on stacked batches), each measured alone on one thread."""
-    from embedkit.image import stack
+    from embedkit.inputs.image import stack
 
     processor = encoder.processor
     t = time.perf_counter()
@@ -157,11 +157,11 @@ def main() -> int:
     import torch
 
     import embedkit
-    from embedkit.cpu import describe
     from embedkit.encoder import encoder_for
-    from embedkit.probes import cosine
-    from embedkit.runtime import cpu_count
-    from embedkit.tuning import candidates_for, machine
+    from embedkit.encoders.tuning import machine
+    from embedkit.models.probes import cosine
+    from embedkit.runtimes.candidates import candidates_for
+    from embedkit.runtimes.cpu import cpu_count, describe
 
     folder = embedkit.image_folder(DATA)
     paths = [p for p in folder.paths if p.lower().endswith((".jpg", ".jpeg"))]

@@ -160,6 +160,7 @@ def free_port() -> int:
 def infinity(python: str) -> Iterator[tuple[str, str, str, str] | None]:
     """infinity-emb serving the same MiniLM folder by path, on CPU; yields its target or None."""
     import httpx
+
     from embedkit_text import minilm_folder
 
     port = free_port()
@@ -257,8 +258,9 @@ async def image_load(url: str, files: list[bytes], clients: int, per_request: in
 
 def images(args: argparse.Namespace) -> None:
     """mobilenet-v2 images/s through /embed (multipart JPEGs, 8 clients) vs embedkit.embed in process."""
-    import embedkit
     from serving import Server
+
+    import embedkit
 
     paths = sorted((ROOT.parent / "shared" / "data" / "images" / "hymenoptera").rglob("*.jpg"))[: args.images]
     files = [p.read_bytes() for p in paths]

@@ -12,7 +12,7 @@ by that path, scored on the test sentences) with its delta to fp32. Paths:
   fastembed loading the very same ``model.onnx`` + tokenizer from a local folder, run in its own
   virtual environment (``.bench/fastembed``: its pins clash with this one's huggingface_hub) as a
   worker process that times each round when told to, so it is interleaved too;
-- embedkit: every candidate of :func:`embedkit.tuning.candidates_for` (ONNX Runtime, torch and
+- embedkit: every candidate of :func:`embedkit.runtimes.candidates.candidates_for` (ONNX Runtime, torch and
   OpenVINO fp32; OpenVINO bf16 and torch bf16 autocast when the CPU has bf16; the int8 variants);
   then ``embedkit.tune`` on a sample and what ``runtime="auto"`` picks.
 
@@ -96,11 +96,11 @@ def main() -> None:
     from sklearn.linear_model import LogisticRegression
 
     import embedkit
-    from embedkit.cpu import describe
     from embedkit.encoder import encoder_for
-    from embedkit.probes import cosine
-    from embedkit.runtime import cpu_count
-    from embedkit.tuning import candidates_for, machine, tune_table
+    from embedkit.encoders.tuning import machine, tune_table
+    from embedkit.models.probes import cosine
+    from embedkit.runtimes.candidates import candidates_for
+    from embedkit.runtimes.cpu import cpu_count, describe
     from embedkit_text import minilm_folder
 
     texts, labels = read("test")

@@ -4,61 +4,61 @@ Heavy modules load on first use, so ``import embedkit`` stays fast and never imp
 """
 from __future__ import annotations
 
-import sys
 from importlib import import_module
-from types import ModuleType
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _EXPORTS = {
-    "Backbone": "backbone",
-    "TextPreprocess": "backbone",
-    "ImagePreprocess": "backbone",
-    "OnnxModel": "backbone",
+    "Backbone": "backbones.backbone",
+    "TextPreprocess": "backbones.backbone",
+    "ImagePreprocess": "backbones.backbone",
+    "OnnxModel": "backbones.backbone",
     "hookimpl": "hookspecs",
     "hookspec": "hookspecs",
-    "get_backbone": "plugins",
-    "list_backbones": "plugins",
-    "plugin_report": "plugins",
-    "register_plugin": "plugins",
-    "Artifact": "artifacts",
-    "ModelStore": "artifacts",
-    "export": "exporter",
-    "resolve": "exporter",
-    "Runtime": "runtime",
-    "TextEncoder": "encoder",
-    "ImageEncoder": "encoder",
-    "ImageProcessor": "image",
-    "Embeddings": "encoder",
+    "get_backbone": "backbones.registry",
+    "list_backbones": "backbones.registry",
+    "plugin_report": "backbones.registry",
+    "register_plugin": "backbones.registry",
+    "Artifact": "models.store",
+    "ModelStore": "models.store",
+    "export": "models.exporter",
+    "resolve": "models.resolve",
+    "Runtime": "runtimes.onnx_runtime",
+    "TextEncoder": "encoders.text",
+    "ImageEncoder": "encoders.image",
+    "ImageProcessor": "inputs.image",
+    "Embeddings": "encoders.embeddings",
     "embed": "encoder",
     "encoder_for": "encoder",
-    "ItemError": "text",
-    "image_folder": "sources",
-    "ImageFolder": "sources",
-    "file_list": "sources",
-    "FeatureStore": "store",
-    "save": "persistence",
-    "train_head": "training",
-    "finetune": "finetune",
-    "FinetuneResult": "finetune",
-    "FinetunedClassifier": "classifier",
+    "ItemError": "inputs.items",
+    "image_folder": "inputs.folders",
+    "ImageFolder": "inputs.folders",
+    "file_list": "inputs.sources",
+    "FeatureStore": "features.store",
+    "save": "heads.persistence",
+    "train_head": "heads.training",
+    "report": "evaluation",
+    "CurveReport": "evaluation",
+    "finetune": "finetuning.finetune",
+    "FinetuneResult": "finetuning.finetune",
+    "FinetunedClassifier": "finetuning.classifier",
     "CheckpointError": "errors",
     "HeadBackboneMismatchError": "errors",
-    "search": "persistence",
-    "save_index": "persistence",
-    "load": "persistence",
+    "search": "heads.persistence",
+    "save_index": "heads.persistence",
+    "load": "heads.persistence",
     "UnsafeModelError": "errors",
-    "FaissKNNClassifier": "heads",
-    "FaissNearestNeighbors": "heads",
-    "quantize": "quantization",
-    "half": "precision",
-    "tune": "tuning",
-    "TorchRuntime": "torch_runtime",
-    "OpenVINORuntime": "openvino_runtime",
-    "quantization_report": "quantization",
-    "extract": "extraction",
-    "ExtractReport": "extraction",
+    "FaissKNNClassifier": "heads.knn",
+    "FaissNearestNeighbors": "heads.knn",
+    "quantize": "models.quantization",
+    "half": "models.precision",
+    "tune": "encoders.tuning",
+    "TorchRuntime": "runtimes.torch_runtime",
+    "OpenVINORuntime": "runtimes.openvino_runtime",
+    "quantization_report": "encoders.quantization",
+    "extract": "features.extraction",
+    "ExtractReport": "features.run",
     "StoreError": "errors",
     "StoreWriteError": "errors",
     "Embedder": "embedder",
@@ -92,7 +92,7 @@ _EXPORTS = {
     "InvalidAugmentError": "errors",
     "TrainingDivergedError": "errors",
     "NonFiniteOutputError": "errors",
-    "ImageAugment": "augment",
+    "ImageAugment": "finetuning.augment",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -109,19 +109,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
-
-
-class _Package(ModuleType):
-    """``embedkit`` itself. A public function named like the submodule that defines it
-    (``embedkit.finetune``, from ``embedkit/finetune.py``) stays the function when the import
-    system binds that submodule on the package: importing it first (``from embedkit.finetune
-    import ...``, as ``FinetunedClassifier.fit`` and ``report --finetune`` do) used to turn
-    ``embedkit.finetune(...)`` into "'module' object is not callable"."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, ModuleType) and _EXPORTS.get(name) == name and value.__name__ == f"{__name__}.{name}":
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

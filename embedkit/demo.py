@@ -1,27 +1,17 @@
 """The built-in demo: real MiniLM weights on a shipped Banking77 sample."""
 from __future__ import annotations
 
-import csv
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
-DATA = Path(__file__).parent / "data" / "banking77"
-
-
-def load_split(split: str) -> tuple[list[str], list[str]]:
-    """Texts and intent labels of the shipped sample (``train`` or ``test``)."""
-    with open(DATA / f"{split}.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    return [r["text"] for r in rows], [r["category"] for r in rows]
+from .embedder import Embedder
+from .inputs.samples import load_split
 
 
 def run(out: TextIO, backbone: str = "minilm-l6", store: str | None = None) -> dict[str, Any]:
     """Embed, train LogisticRegression on the train sample, score the test sample."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score
-
-    from .embedder import Embedder
 
     train_x, train_y = load_split("train")
     test_x, test_y = load_split("test")

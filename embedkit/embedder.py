@@ -7,7 +7,10 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .errors import InvalidInputError
+from .encoder import encoder_for
+from .errors import ArtifactError, InvalidInputError
+from .models.resolve import resolve
+from .models.store import Artifact
 
 
 class Embedder(TransformerMixin, BaseEstimator):
@@ -32,10 +35,10 @@ class Embedder(TransformerMixin, BaseEstimator):
         store: model store folder (default ``$EMBEDKIT_HOME``, else the user cache folder).
         runtime: ``auto`` (the one :func:`embedkit.tune` measured faster here; ONNX Runtime
             when nothing was measured on a CPU), ``onnxruntime``, ``torch``, ``torch-compile``,
-            ``openvino``, ``openvino-bf16``, ``torch-bf16`` or ``int8-<variant>`` (see :mod:`embedkit.tuning`).
+            ``openvino``, ``openvino-bf16``, ``torch-bf16`` or ``int8-<variant>`` (see :mod:`embedkit.encoders.tuning`).
 
     Images may be paths, bytes, PIL images or numpy arrays (H, W[, C]); see
-    :mod:`embedkit.image` for the decoding policy.
+    :mod:`embedkit.inputs.image` for the decoding policy.
 
     Raises (from ``transform``):
         InvalidInputError: some items could not be embedded; ``.errors`` lists every one.
@@ -71,7 +74,6 @@ class Embedder(TransformerMixin, BaseEstimator):
 
     def fit(self, X: Any = None, y: Any = None) -> "Embedder":
         """Resolve the backbone's artifact (export it if needed); X and y are ignored."""
-        from .exporter import resolve
 
         artifact = resolve(self.backbone, self.store)
         self.artifact_path_ = str(artifact.path)
@@ -85,12 +87,9 @@ class Embedder(TransformerMixin, BaseEstimator):
     def _get_encoder(self) -> Any:
         encoder = getattr(self, "_encoder", None)
         if encoder is None:
-            from .artifacts import Artifact
-            from .encoder import encoder_for
 
             artifact = Artifact.open(self.artifact_path_)
             if artifact.digest != self.digest_:
-                from .errors import ArtifactError
 
                 raise ArtifactError(f"artifact at {self.artifact_path_} changed: {artifact.digest} != {self.digest_}")
             options: dict[str, Any] = {"device": self.device, "threads": self.threads, "runtime": self.runtime}
@@ -107,7 +106,7 @@ class Embedder(TransformerMixin, BaseEstimator):
         """Embed ``X``: a sequence of texts or images, a 1-D array or Series, or a one-column frame
         (an (N, H, W[, C]) array is N images)."""
         check_is_fitted(self, "digest_")
-        items = _as_items(X, getattr(self, "modality_", "text"))
+        items = as_items(X, getattr(self, "modality_", "text"))
         if len(items) == 0:
             return np.empty((0, self.n_features_out_), dtype=np.float32)
         result = self._get_encoder().encode(items)
@@ -133,7 +132,7 @@ class Embedder(TransformerMixin, BaseEstimator):
         return tags
 
 
-def _as_items(X: Any, modality: str) -> list[Any]:
+def as_items(X: Any, modality: str) -> list[Any]:
     if isinstance(X, (str, bytes)) or hasattr(X, "getpixel"):
         what = "string" if isinstance(X, str) else "bytes object" if isinstance(X, bytes) else "image"
         raise TypeError(f"Embedder.transform takes a sequence of {modality}s, not a single {what}; wrap it in a list")

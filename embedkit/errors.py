@@ -150,7 +150,7 @@ class BackboneNotAvailableError(ArtifactError, LookupError):
         super().__init__(
             f"{what}{by} is not in the model store {store}.{why} To get it: copy the folder "
             f"<store>/{name or '<name>'}/{digest} from the machine that made it into {store} "
-            f"(or point --models / $EMBEDKIT_HOME at a store holding it), or make it again with "
+            f"(or point store= / --models / $EMBEDKIT_HOME at a store holding it), or make it again with "
             f"the same backbone, weights and tool versions ({remake})"
         )
 
@@ -219,7 +219,8 @@ class RayClusterError(EmbedkitError, ConnectionError):
         self.address = address
         where = f"the Ray cluster at {address!r}" if address is not None else "a local Ray instance"
         fix = ("check the address (host:port of the head's GCS, or 'auto' inside a cluster) and that the head is "
-               "running (`ray status`)") if address is not None else "run without --engine ray, or see the Ray logs"
+               "running (`ray status`)") if address is not None else ("run with engine='local' (--engine local), or see "
+                                                                              "the Ray logs")
         super().__init__(f"cannot reach {where}: {reason}; {fix}")
 
 
@@ -272,7 +273,7 @@ class RayResourcesError(EmbedkitError, ValueError):
 
     def __init__(self, resource: str, wanted: float, largest: float):
         self.resource, self.wanted, self.largest = resource, wanted, largest
-        option = {"CPU": "--cpus-per-worker (cpus_per_worker=)", "GPU": "--gpus-per-worker (gpus_per_worker=)"}[resource]
+        option = {"CPU": "cpus_per_worker (--cpus-per-worker)", "GPU": "gpus_per_worker (--gpus-per-worker)"}[resource]
         super().__init__(f"an actor of {wanted:g} {resource} fits no node of the Ray cluster (the largest has "
                          f"{largest:g}); lower {option}, or add a node that has it before the run")
 

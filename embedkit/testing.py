@@ -19,9 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import ModelStore
-from .backbone import Backbone, preprocess_from_json
-from .errors import BackboneCheckError, ExportError, ExportParityError, InvalidBackboneError
+from .backbones.backbone import Backbone, preprocess_from_json
+from .backbones.blocks import blocks_of, plan_freeze
+from .backbones.registry import get_backbone
+from .encoder import ImageEncoder, TextEncoder
+from .errors import BackboneCheckError, ExportError, ExportParityError, InvalidBackboneError, NoBlocksError
+from .models.exporter import export
+from .models.probes import TextProbes, probes_for
+from .models.store import ModelStore
 
 INVARIANCE_LIMIT = 1e-5
 RULES = (
@@ -63,7 +68,6 @@ def check_backbone(backbone: Backbone | str, store: str | Path | None = None) ->
         BackboneCheckError: the first rule broken, with the measured numbers.
     """
     if isinstance(backbone, str):
-        from .plugins import get_backbone
 
         backbone = get_backbone(backbone)
     if store is None:
@@ -90,8 +94,6 @@ def _check(backbone: Backbone, root: Path) -> dict[str, Any]:
 
 def _check_onnx(backbone: Backbone, root: Path, report: dict[str, Any]) -> dict[str, Any]:
     """The rules that hold without torch: the import gate's, then those on the stored artifact."""
-    from .exporter import export
-    from .probes import TextProbes
 
     report["skipped"]["build"] = "ONNX-only backbone: there is no torch module to build or compare with"
     report["skipped"]["finetune"] = "ONNX-only backbone: there is no torch module to fine-tune (unfreeze='head' only)"
@@ -112,9 +114,6 @@ def _check_onnx(backbone: Backbone, root: Path, report: dict[str, Any]) -> dict[
 
 def _check_torch(backbone: Backbone, root: Path, report: dict[str, Any]) -> dict[str, Any]:
     import torch
-
-    from .exporter import export
-    from .probes import probes_for
 
     try:
         module = backbone.build()
@@ -169,9 +168,6 @@ def _check_finetune(backbone: Backbone, module: Any, tensors: list[Any]) -> dict
 
     import torch
 
-    from .blocks import plan_freeze
-    from .errors import NoBlocksError
-
     clone = copy.deepcopy(module)  # a builder may hand out one shared module: never train it
     try:
         plan = plan_freeze(backbone, clone, "last:1")
@@ -214,14 +210,12 @@ def _check_finetune(backbone: Backbone, module: Any, tensors: list[Any]) -> dict
 
 
 def _last_block(backbone: Backbone, module: Any, plan: Any) -> list[Any]:
-    from .blocks import blocks_of
 
     return list(blocks_of(backbone, module)[-1][1].parameters()) if plan.blocks else []
 
 
 def _check_artifact(backbone: Backbone, artifact: Any, probes: Any, root: Path, report: dict[str, Any]) -> dict[str, Any]:
     """The rules on the stored artifact, whatever made it: batch invariance, export determinism, round trip."""
-    from .exporter import export
 
     items = probes.items
     encoder = _encoder(artifact)
@@ -265,7 +259,6 @@ def _check_artifact(backbone: Backbone, artifact: Any, probes: Any, root: Path, 
 
 
 def _encoder(artifact: Any, small: bool = False) -> Any:
-    from .encoder import ImageEncoder, TextEncoder
 
     if artifact.modality == "image":
         return ImageEncoder(artifact, threads=1, batch_size=2 if small else None)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-
 # The test run's model store: inside the checkout's ignored models/ folder (never the user's
 # real cache), kept between runs so the real MiniLM export is paid once per checkout. It is laid
 # out as a user cache folder (<XDG_CACHE_HOME>/embedkit) so tests can also reach it the way a

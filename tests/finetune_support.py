@@ -62,7 +62,7 @@ class Plugin:
 
 def register() -> None:
     """Register the tiny backbones once per process (as an installed plugin would be)."""
-    from embedkit.plugins import registry
+    from embedkit.backbones.registry import registry
 
     if "ft-tiny-text" not in registry().backbones:
         embedkit.register_plugin(Plugin(), "finetune-tiny")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 
-import embedkit
 from tiny import Pooled, text_backbone
+
+import embedkit
 
 MARKER = "zeppelin"
 MARKER_TOKEN = 22116  # "zeppelin" in the MiniLM (BERT uncased) vocabulary

@@ -1,9 +1,9 @@
-"""Folders and files published through embedkit.atomic are complete or untouched."""
+"""Folders and files published through embedkit.fs.atomic are complete or untouched."""
 from __future__ import annotations
 
 import pytest
 
-from embedkit.atomic import staged_folder, write_atomic
+from embedkit.fs.atomic import staged_folder, write_atomic
 
 
 def test_staged_folder_replaces_the_old_folder_only_when_the_block_succeeds(tmp_path):
@@ -50,7 +50,7 @@ def test_current_puts_back_the_version_a_dead_writer_set_aside(tmp_path):
     import subprocess
     import sys
 
-    from embedkit.atomic import current
+    from embedkit.fs.atomic import current
 
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True).stdout)

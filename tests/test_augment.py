@@ -9,10 +9,10 @@ import pytest
 
 import embedkit
 from embedkit import ImageProcessor
-from embedkit.augment import Augmenter, ImageAugment, View, sample_view
 from embedkit.errors import InvalidAugmentError
-from embedkit.image import probe_images
-from embedkit.text import ItemFailure
+from embedkit.finetuning.augment import Augmenter, ImageAugment, View, sample_view
+from embedkit.inputs.image import probe_images
+from embedkit.inputs.items import ItemFailure
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "images" / "hymenoptera" / "val"
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import embedkit
-from embedkit.batching import Batcher, Job, QueueFullError
-from embedkit.runtime import Runtime
-from embedkit.text import pad
+from embedkit.inputs.text import pad
+from embedkit.runtimes.onnx_runtime import Runtime
+from embedkit.serve.batching import Batcher, Job, QueueFullError
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
+from tiny import Pooled, text_backbone
 from torch import nn
 
 import embedkit
-from embedkit.blocks import FreezePlan, Unfreeze, blocks_of, infer_blocks, parse_unfreeze, plan_freeze
+from embedkit.backbones.blocks import FreezePlan, Unfreeze, blocks_of, infer_blocks, parse_unfreeze, plan_freeze
 from embedkit.errors import InvalidBackboneError, InvalidUnfreezeError, NoBlocksError
-from embedkit.exporter import export_key
-
-from tiny import Pooled, text_backbone
+from embedkit.models.exporter import export_key
 
 
 class Stack(nn.Module):

@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 import numpy as np
+from support import run_cli
 
 import embedkit
-from support import run_cli
 
 
 def test_import_and_help_do_not_import_torch():

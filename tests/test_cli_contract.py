@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support import run_cli
 
 import embedkit
 import embedkit.cli
-from support import run_cli
 
 MISSING = "/nonexistent/embedkit-test/path"
 
@@ -146,7 +146,7 @@ def test_the_library_refuses_zero_instead_of_reading_it_as_the_default(minilm, t
     import numpy as np
 
     from embedkit.encoder import encoder_for
-    from embedkit.training import evaluate, holdout_split, learning_curve
+    from embedkit.heads.training import evaluate, holdout_split, learning_curve
 
     with pytest.raises(ValueError, match="shard_size must be a positive int"):
         embedkit.extract(["a", "b"], minilm, tmp_path / "fs", shard_size=0)

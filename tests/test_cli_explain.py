@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import BANKING, run_cli
 
 import embedkit
-from support import BANKING, run_cli
 
 INTENTS = ("card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed")
 
@@ -185,9 +185,9 @@ def test_load_plugins_naming_nothing_warns_with_the_choices():
 def test_cuda_without_cuda_is_one_error_and_auto_warns_once(minilm, caplog):
     import onnxruntime as ort
 
-    from embedkit import runtime
     from embedkit.encoder import encoder_for
     from embedkit.errors import DeviceUnavailableError
+    from embedkit.runtimes import onnx_runtime as runtime
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has CUDA")

@@ -1,13 +1,13 @@
-"""SetFit's contrastive recipe (embedkit.contrastive): pair sampling and the cosine-similarity step."""
+"""SetFit's contrastive recipe (embedkit.finetuning.contrastive): pair sampling and the cosine-similarity step."""
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+from tiny import TOKENIZER, Pooled
 
 import embedkit
-from embedkit.contrastive import encode, finetune_contrastive, sample_pairs, text_tokenizer
-from tiny import TOKENIZER, Pooled
+from embedkit.finetuning.contrastive import encode, finetune_contrastive, sample_pairs, text_tokenizer
 
 LABELS = ["a", "a", "a", "b", "b", "c"]  # 3 + 2 + 1 items
 
@@ -155,7 +155,7 @@ def test_encode_gives_input_order_and_shape(tokenize):
 
 
 # -- loss="in-batch": label-drawn pairs with in-batch negatives ---------------------------------
-from embedkit.contrastive import sample_anchor_batches  # noqa: E402
+from embedkit.finetuning.contrastive import sample_anchor_batches  # noqa: E402
 
 
 def test_anchor_batches_hold_distinct_classes_and_use_every_anchor_each_round():

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from finetune_support import NEG, POS, register
 
 HERE = Path(__file__).resolve().parent
@@ -39,7 +38,7 @@ def features(tmp_path_factory):
 
 def test_report_adds_fine_tuned_points_at_affordable_sizes_only(features, tmp_path):
     register()
-    from embedkit import tuned
+    from embedkit.models import finetuned as tuned
 
     table, fs = features
     before = sorted(b.name for b in tuned.listing())

@@ -8,9 +8,9 @@ from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
+from support import read_banking
 
 import embedkit
-from support import read_banking
 
 
 @pytest.fixture(scope="module")

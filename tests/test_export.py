@@ -7,14 +7,13 @@ import sys
 
 import pytest
 import torch
-
-import embedkit
-from embedkit.artifacts import sha256_file
-from embedkit_text import minilm_folder
-from embedkit_text.folder import folder_backbone
-
 from support import ROOT
 from tiny import text_backbone
+
+import embedkit
+from embedkit.models.store import sha256_file
+from embedkit_text import minilm_folder
+from embedkit_text.folder import folder_backbone
 
 
 def test_manifest_records_identity_and_parity(minilm):

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import SHARED, read_banking, run_cli
 
 import embedkit
 from embedkit import FeatureStore
-from embedkit.sources import content_id
-from support import SHARED, read_banking, run_cli
+from embedkit.inputs.files import content_id
 
 
 def sorted_store(path: Path, backbone: str = "minilm-l6") -> tuple[list[str], np.ndarray]:

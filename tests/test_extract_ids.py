@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from store_support import tiny_fixture  # noqa: F401 (the tiny fixture)
 
 import embedkit
-from embedkit.store import FeatureStore
-from embedkit.training import labels_for
-from store_support import tiny_fixture  # noqa: F401 (the tiny fixture)
+from embedkit.features.store import FeatureStore
+from embedkit.heads.training import labels_for
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from finetune_support import IMAGE, LABELS, TEXT, TEXTS, register
 
 import embedkit
-from embedkit.errors import (DatasetError, HeadBackboneMismatchError, InvalidUnfreezeError, NoBlocksError,
-                             UsageError)
-from finetune_support import IMAGE, LABELS, TEXT, TEXTS, register
+from embedkit.errors import DatasetError, HeadBackboneMismatchError, InvalidUnfreezeError, NoBlocksError, UsageError
 
 FAST = dict(epochs=2, batch_size=4, lr=1e-2, head_lr=1e-2, validation=0.25)
 
@@ -51,8 +50,8 @@ def test_last_n_trains_only_the_last_blocks_and_makes_a_new_backbone(tuned):
 
 
 def test_lineage_is_in_the_exported_manifest(tuned):
-    from embedkit.trainset import data_fingerprint
-    from embedkit.sources import fingerprint
+    from embedkit.finetuning.dataset import data_fingerprint
+    from embedkit.inputs.fingerprints import fingerprint
 
     artifact = embedkit.resolve(tuned.backbone)
     lineage = artifact.manifest["lineage"]
@@ -80,8 +79,8 @@ def test_head_matches_the_trained_torch_head():
     """The saved LogisticRegression is the trained linear head (softmax probabilities equal)."""
     import torch
 
-    from embedkit import trainer
-    from embedkit.finetune import sklearn_head
+    from embedkit.finetuning import objectives as trainer
+    from embedkit.finetuning.finetune import sklearn_head
 
     for classes in (["a", "b"], ["a", "b", "c"]):
         torch.manual_seed(0)
@@ -108,7 +107,7 @@ import json, sys
 from finetune_support import register
 register()
 import embedkit
-from embedkit.store import FeatureStore
+from embedkit.features.store import FeatureStore
 b = embedkit.get_backbone({tuned.backbone!r})
 report = embedkit.check_backbone({tuned.backbone!r})
 embedkit.extract(["good movie", "bad film"], backbone={tuned.backbone!r}, store={str(tmp_path / 'fs')!r})

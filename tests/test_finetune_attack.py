@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from embedkit.atomic import debris_of
+from embedkit.fs.atomic import debris_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def test_a_checkpoint_killed_mid_write_leaves_only_files_embedkit_names(tmp_path
     folder.mkdir()
     script = ("import sys, torch\n"
               "from pathlib import Path\n"
-              "from embedkit.checkpoint import save_best\n"
+              "from embedkit.finetuning.checkpoints import save_best\n"
               "module, head = torch.nn.Linear(5000, 5000), torch.nn.Linear(8, 2)\n"
               "print('ready', flush=True)\n"
               "while True:\n"
@@ -114,8 +114,8 @@ def test_a_diverged_training_is_a_typed_error_and_leaves_no_backbone(tiny, objec
     """lr=1e30 trained to weights whose output overflows: the run ended in an ExportError about
     'probes' after persisting the broken backbone, which `embedkit backbones` then listed."""
     import embedkit
-    from embedkit import tuned
     from embedkit.errors import TrainingDivergedError
+    from embedkit.models import finetuned as tuned
 
     texts, labels = tiny
     store = tmp_path / "store"
@@ -151,8 +151,8 @@ def test_embedkit_finetune_stays_the_function_after_its_module_is_imported():
             "    embedkit.FinetunedClassifier('minilm-l6').fit(['a', 'b'], ['x', 'x'])\n"
             "except DatasetError:\n"
             "    pass\n"
-            "import sys, embedkit.finetune\n"
-            "assert sys.modules['embedkit.finetune'].__file__.endswith('finetune.py')\n"
+            "import sys, embedkit.finetuning.finetune\n"
+            "assert sys.modules['embedkit.finetuning.finetune'].__file__.endswith('finetune.py')\n"
             "try:\n"
             "    embedkit.finetune('minilm-l6', ['a', 'b'], ['x', 'x'])\n"
             "except DatasetError as exc:\n"
@@ -167,8 +167,8 @@ def test_tampered_fine_tuned_weights_in_the_model_store_are_refused_not_used(tin
     """finetuned.json records the weights' sha256 but nothing checked it: a changed
     finetuned.safetensors was built, exported (a new artifact) and embedded with, silently."""
     import embedkit
-    from embedkit import tuned
     from embedkit.errors import ArtifactError
+    from embedkit.models import finetuned as tuned
 
     texts, labels = tiny
     store = tmp_path / "store"
@@ -195,10 +195,10 @@ def test_tampered_fine_tuned_weights_in_the_model_store_are_refused_not_used(tin
 
 def _persist_many(root, names, seed, barrier, results):
     import torch
-
-    from embedkit import tuned
-    from embedkit.errors import OutputExistsError
     from finetune_support import TEXT
+
+    from embedkit.errors import OutputExistsError
+    from embedkit.models import finetuned as tuned
 
     torch.manual_seed(seed)
     module = torch.nn.Linear(4, 4)  # weights of this process only
@@ -217,8 +217,8 @@ def test_two_fine_tunes_saving_under_one_name_at_once_one_wins_whole(tmp_path):
     weights under the other's record (or both reported success)."""
     import multiprocessing
 
-    from embedkit import tuned
-    from embedkit.artifacts import sha256_file
+    from embedkit.models import finetuned as tuned
+    from embedkit.models.store import sha256_file
 
     ctx = multiprocessing.get_context("fork")
     barrier, results = ctx.Barrier(2), ctx.Queue()
@@ -399,8 +399,8 @@ def test_a_fine_tune_record_naming_weights_outside_its_folder_is_refused(tiny, t
     import shutil
 
     import embedkit
-    from embedkit import tuned
     from embedkit.errors import ArtifactError, InvalidBackboneError
+    from embedkit.models import finetuned as tuned
 
     texts, labels = tiny
     store = tmp_path / "store"

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from finetune_support import LABELS, TEXTS, register
 
 import embedkit
 from embedkit.errors import CheckpointError
-from finetune_support import LABELS, TEXTS, register
 
 SUPPORT = str(Path(__file__).with_name("finetune_support.py"))
 WORDS = ["really", "quite", "so", "very", "truly", "rather", "most", "just"]

@@ -3,6 +3,7 @@ import pickle
 
 import numpy as np
 import pytest
+from finetune_support import LABELS, TEXTS, register
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
@@ -10,7 +11,6 @@ from sklearn.utils import estimator_checks
 
 import embedkit
 from embedkit.errors import DatasetError, InvalidUnfreezeError
-from finetune_support import LABELS, TEXTS, register
 
 FAST = dict(backbone="ft-tiny-text", unfreeze="all", epochs=3, batch_size=4, lr=1e-2, head_lr=0.1,
             validation=None)

@@ -8,7 +8,7 @@ import pytest
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from embedkit.heads import FaissKNNClassifier, FaissNearestNeighbors
+from embedkit.heads.knn import FaissKNNClassifier, FaissNearestNeighbors
 
 pytest.importorskip("faiss")
 

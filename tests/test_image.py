@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from embedkit import ImagePreprocess, ImageProcessor
-from embedkit.image import ItemFailure
+from embedkit.inputs.items import ItemFailure
 
 # Identity normalisation (mean 0, std 1/255 * 255 = 1 over 0..255 pixels) keeps values readable.
 RAW = ImagePreprocess(crop=(32, 32), resize=32, interpolation="bilinear", mean=(0, 0, 0), std=(1 / 255,) * 3)

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from support import run_cli
 
 import embedkit
 from embedkit import FeatureStore
-from support import run_cli
 
 
 class Pool(object):

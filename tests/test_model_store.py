@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from support import ROOT
 from test_onnx_backbones import TOKENIZER, write_graph
 
@@ -44,7 +43,7 @@ def test_the_store_is_the_user_cache_folder_not_the_working_directory(tmp_path):
     cwd = tmp_path / "somewhere"
     cwd.mkdir()
     env = user_env(tmp_path / "cache")
-    done = python("from embedkit.artifacts import default_root; print(default_root())", cwd, env)
+    done = python("from embedkit.fs.home import default_root; print(default_root())", cwd, env)
     assert done.stdout.strip() == str(tmp_path / "cache" / "embedkit"), done.stderr
     helped = subprocess.run([sys.executable, "-m", "embedkit.cli", "--help"], capture_output=True, text=True, cwd=cwd, env=env)
     assert f"model store: {tmp_path / 'cache' / 'embedkit'} (user cache folder" in helped.stdout
@@ -73,7 +72,7 @@ def test_readme_example_from_two_folders_and_two_processes_exports_once(model_st
         assert done.returncode == 0, done.stderr[-3000:]
         assert "['card_arrival']" in done.stdout and "[(1, 'not_text'), (2, 'invalid_utf8')]" in done.stdout
         assert not (cwd / "models").exists()
-        runs.append(len(re.findall(r"LOG embedkit.exporter: exported minilm-l6 ", done.stderr)))
+        runs.append(len(re.findall(r"LOG embedkit.models.exporter: exported minilm-l6 ", done.stderr)))
     after = artifacts(model_store, "minilm-l6")
     assert runs[1] == 0 and sum(runs) <= 1 and sum(runs) == len(after) - len(before)
     assert len(after) - len(before) <= 1
@@ -172,8 +171,8 @@ def test_a_missing_backbone_is_named_and_no_other_backbone_is_kept(saved, tmp_pa
 def test_backbones_lists_exports_and_variants_with_their_parent(minilm, tmp_path):
     import json
 
-    from embedkit.precision import half
-    from embedkit.quantization import quantize
+    from embedkit.models.precision import half
+    from embedkit.models.quantization import quantize
 
     store = tmp_path / "store"
     shutil.copytree(minilm.path, store / "minilm-l6" / minilm.digest)
@@ -214,7 +213,7 @@ def test_one_graph_stored_under_two_names_is_still_found_by_digest(tmp_path):
     import json
 
     import embedkit
-    from embedkit.artifacts import ModelStore
+    from embedkit.models.store import ModelStore
 
     store = tmp_path / "store"
     digests = []

@@ -1,4 +1,4 @@
-"""ONNX-only backbones: an ONNX file + tokenizer, no torch builder (embedkit.importer).
+"""ONNX-only backbones: an ONNX file + tokenizer, no torch builder (embedkit.models.importer).
 
 Small real ONNX graphs are written with onnx.helper: token states are rows of a fixed random
 table (``E[input_ids]``), so every expected embedding is computed here independently in numpy.

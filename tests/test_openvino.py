@@ -10,18 +10,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-import embedkit
-from embedkit.cpu import has_bf16
-from embedkit.encoder import encoder_for
-from embedkit.errors import MissingDependencyError
-from embedkit.probes import BF16_LIMITS, LIMITS, cosine, onnx_runner, passes, probes_for
-from embedkit.tuning import make_runtime, recorded
 from support import read_banking
 from tiny import Pooled, text_backbone
 
+import embedkit
+from embedkit.encoder import encoder_for
+from embedkit.errors import MissingDependencyError
+from embedkit.models.probes import BF16_LIMITS, LIMITS, cosine, onnx_runner, passes, probes_for
+from embedkit.runtimes.cpu import has_bf16
+from embedkit.runtimes.records import recorded
+from embedkit.runtimes.select import make_runtime
+
 pytest.importorskip("openvino")
-from embedkit.openvino_runtime import OpenVINORuntime, cache_dir  # noqa: E402
+from embedkit.runtimes.openvino_runtime import OpenVINORuntime, cache_dir  # noqa: E402
 
 
 class Cancelling(torch.nn.Module):
@@ -76,7 +77,7 @@ def register(backbone):
 
 @pytest.fixture(scope="module")
 def tiny_text(tmp_path_factory):
-    from embedkit import plugins
+    from embedkit.backbones import registry as plugins
 
     backbone = text_backbone("tiny-ov-text", Pooled)
     register(backbone)
@@ -164,7 +165,7 @@ def test_tune_record_and_compiled_model_cache_survive_a_second_process(tiny_text
     script = (
         "import json, sys, embedkit\n"
         "from embedkit.encoder import encoder_for\n"
-        "from embedkit.tuning import recorded\n"
+        "from embedkit.runtimes.records import recorded\n"
         "a = embedkit.Artifact.open(sys.argv[1])\n"
         "rt = encoder_for(a).runtime\n"
         "print(json.dumps({'choice': recorded(a, 'cpu')['choice'], 'kind': type(rt).__name__, "
@@ -217,7 +218,7 @@ def test_missing_openvino_is_a_typed_error_naming_the_extra(tiny_text, monkeypat
     # runtime="auto" with a recorded choice of openvino falls back to ONNX Runtime instead
     record_dir = Path(tiny_text.path).parents[1] / "tuning"
     record_dir.mkdir(exist_ok=True)
-    from embedkit.tuning import device_key
+    from embedkit.runtimes.records import device_key
 
     (record_dir / f"{tiny_text.digest}.json").write_text(json.dumps({device_key("cpu"): {"choice": "openvino"}}))
     try:
@@ -227,7 +228,7 @@ def test_missing_openvino_is_a_typed_error_naming_the_extra(tiny_text, monkeypat
 
 
 def test_int8_variants_that_exist_are_candidates_gated_like_bf16(tiny_text):
-    from embedkit.tuning import candidates_for
+    from embedkit.runtimes.candidates import candidates_for
 
     assert not any(c.startswith("int8-") for c in candidates_for("cpu", tiny_text))
     variant = embedkit.quantize(tiny_text, "dynamic", store=Path(tiny_text.path).parents[1])

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import read_banking, run_cli
 
 import embedkit
 from embedkit.errors import OutputExistsError, OutputFolderMissingError, OutputIsInputError
-from support import read_banking, run_cli
 
 pytest.importorskip("faiss")
 
@@ -163,7 +163,7 @@ def test_earlier_outputs_of_the_same_kind_are_replaced(corpus, tmp_path):
 CRASH = r"""
 import os, sys
 import embedkit
-from embedkit import atomic
+from embedkit.fs import atomic
 
 step, mode = int(sys.argv[1]), sys.argv[2]
 count = 0
@@ -244,7 +244,7 @@ def test_a_model_left_aside_by_a_crash_between_the_two_renames_is_put_back_by_lo
 
 
 def test_check_output_rules_without_a_model(tmp_path):
-    from embedkit.outputs import check_output
+    from embedkit.fs.outputs import check_output
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -285,7 +285,7 @@ def test_check_output_rules_without_a_model(tmp_path):
 def test_files_of_yours_inside_an_earlier_train_head_model_folder_are_never_deleted(tmp_path):
     """train-head replaces its whole output folder, run/model included: a file of yours in
     run/model must refuse the replacement as one in run/ does (it was silently deleted)."""
-    from embedkit.outputs import check_output, is_output
+    from embedkit.fs.outputs import check_output, is_output
 
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)
@@ -311,14 +311,15 @@ def test_an_unwritable_output_folder_is_refused_up_front_and_a_failed_write_is_o
     import errno
     import os as os_module
 
-    from embedkit import atomic, cli
+    from embedkit import cli
     from embedkit.errors import OutputError
-    from embedkit.outputs import check_output
+    from embedkit.fs import atomic
+    from embedkit.fs.outputs import check_output
 
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os_module.access
-    monkeypatch.setattr("embedkit.outputs.os.access",
+    monkeypatch.setattr("embedkit.fs.outputs.os.access",
                         lambda path, mode: False if Path(path) == locked else real_access(path, mode))
     for kind in ("embeddings", "index", "model", "train-head", "report"):
         with pytest.raises(OutputError, match="not writable"):

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from embedkit.errors import ArtifactError, UnsafeModelError
-from embedkit.paths import member, within
+from embedkit.fs.paths import member, within
 
 
 def test_member_accepts_only_regular_files_inside_the_folder(tmp_path):

@@ -10,12 +10,12 @@ import pytest
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
+from support import read_banking
 
 import embedkit
 from embedkit import Embedder
-from embedkit.heads import FaissKNNClassifier
-from embedkit.training import make_head
-from support import read_banking
+from embedkit.heads.knn import FaissKNNClassifier
+from embedkit.heads.training import make_head
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def _crafted(tmp_path, data, kind: str, name: str):
     (path / "head.skops").unlink()
     (path / name).write_bytes(blob)
     manifest = json.loads((path / "model.json").read_text())
-    manifest["head"] = {"kind": kind, "class": "x", "files": {name: embedkit.artifacts.sha256_file(path / name)}}
+    manifest["head"] = {"kind": kind, "class": "x", "files": {name: embedkit.models.store.sha256_file(path / name)}}
     (path / "model.json").write_text(json.dumps(manifest))
     return path, marker
 
@@ -112,7 +112,7 @@ def test_skops_head_with_an_untrusted_type_is_refused(data, tmp_path):
     path = embedkit.save(pipe, tmp_path / "model")
     sio.dump(FunctionTransformer(os.system).fit(np.zeros((2, 2))), path / "head.skops")
     manifest = json.loads((path / "model.json").read_text())
-    manifest["head"]["files"]["head.skops"] = embedkit.artifacts.sha256_file(path / "head.skops")
+    manifest["head"]["files"]["head.skops"] = embedkit.models.store.sha256_file(path / "head.skops")
     (path / "model.json").write_text(json.dumps(manifest))
     with pytest.raises(embedkit.UnsafeModelError, match="system"):
         embedkit.load(path)
@@ -197,7 +197,7 @@ def _rename_files(path, files):
 
 
 def test_files_named_by_model_json_stay_inside_the_folder(data, tmp_path):
-    from embedkit.artifacts import sha256_file
+    from embedkit.models.store import sha256_file
 
     path = _saved(tmp_path, data)
     outside = tmp_path / "secret.txt"
@@ -228,6 +228,6 @@ def test_files_named_by_model_json_stay_inside_the_folder(data, tmp_path):
 def test_a_head_file_model_json_does_not_list_is_never_read_unchecked(data, tmp_path):
     path = _saved(tmp_path, data)
     (path / "other.txt").write_text("x")
-    _rename_files(path, {"other.txt": embedkit.artifacts.sha256_file(path / "other.txt")})  # head.skops now unchecked
+    _rename_files(path, {"other.txt": embedkit.models.store.sha256_file(path / "other.txt")})  # head.skops now unchecked
     with pytest.raises(embedkit.UnsafeModelError, match="expected"):
         embedkit.load(path)

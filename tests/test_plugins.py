@@ -2,7 +2,7 @@
 import pytest
 
 import embedkit
-from embedkit import plugins
+from embedkit.backbones import registry as plugins
 from embedkit_text import minilm_folder
 
 
@@ -114,7 +114,7 @@ def test_preprocess_validation():
         with pytest.raises(embedkit.InvalidBackboneError, match=rule):
             pre.validate()
     pre = embedkit.TextPreprocess(tokenizer="t.json", max_length=64, pooling="cls", normalize=False)
-    from embedkit.backbone import preprocess_from_json
+    from embedkit.backbones.backbone import preprocess_from_json
 
     assert preprocess_from_json(pre.to_json()) == pre
 

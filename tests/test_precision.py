@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-import embedkit
-from embedkit.probes import cosine
 from support import read_banking, run_cli
 from tiny import text_backbone
+
+import embedkit
+from embedkit.models.probes import cosine
 
 
 def test_fp16_variant_is_its_own_gated_artifact_close_to_fp32(minilm):

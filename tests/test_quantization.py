@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from support import read_banking, run_cli
 
 import embedkit
-from support import read_banking, run_cli
 
 
 def test_dynamic_int8_is_its_own_artifact_and_stays_close(minilm):
@@ -49,7 +49,7 @@ def test_report_cli_measures_cosine_speed_and_accuracy(minilm, tmp_path):
 
 
 def test_recommendation_keeps_fp32_when_no_variant_qualifies_and_names_why():
-    from embedkit.quantization import recommend
+    from embedkit.encoders.quantization import recommend
 
     def row(variant, rate, cos, acc):
         return {"variant": variant, "name": f"m-{variant}", "items_per_s": rate, "mean_cosine": cos, "accuracy": acc,

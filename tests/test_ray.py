@@ -21,10 +21,11 @@ import pytest
 pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
+from support import ROOT, read_banking, run_cli  # noqa: E402
+
 import embedkit  # noqa: E402
 from embedkit import FeatureStore  # noqa: E402
 from embedkit.errors import RayClusterError  # noqa: E402
-from support import ROOT, read_banking, run_cli  # noqa: E402
 
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
@@ -34,7 +35,7 @@ def ray_cluster(tmp_path_factory, model_store):
     """One private local Ray for the module, started the way the engine starts it; gone after."""
     import ray_plugin
 
-    from embedkit.ray import local_cluster
+    from embedkit.features.ray import local_cluster
 
     log = tmp_path_factory.mktemp("poison") / "attempts.log"
     os.environ["EMBEDKIT_TEST_POISON_LOG"] = str(log)  # before Ray starts: its workers inherit it
@@ -44,7 +45,7 @@ def ray_cluster(tmp_path_factory, model_store):
         assert started
         children = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         yield log
-    from embedkit import plugins
+    from embedkit.backbones import registry as plugins
 
     plugins.reset()  # later modules see the installed plugins only
     gone, alive = psutil.wait_procs(children, timeout=30)
@@ -92,7 +93,7 @@ def test_a_poison_item_is_recorded_as_worker_crashed_in_bounded_time(ray_cluster
     ids, _ = sorted_store(tmp_path / "fs", "tiny-ray-poison")
     assert len(ids) == 40 and len(set(ids.tolist())) == 40
     attempts = ray_cluster.read_text().split()
-    from embedkit.ray import MAX_TASK_RETRIES
+    from embedkit.features.ray import MAX_TASK_RETRIES
 
     assert 2 <= len(attempts) <= 2 * (1 + MAX_TASK_RETRIES), attempts  # bounded: never retried forever
     assert took < 240, took
@@ -101,7 +102,7 @@ def test_a_poison_item_is_recorded_as_worker_crashed_in_bounded_time(ray_cluster
 def test_embed_batch_adds_columns_and_never_raises_for_a_bad_row(ray_cluster, tmp_path: Path):
     import ray.data
 
-    from embedkit.ray import EmbedBatch
+    from embedkit.features.ray import EmbedBatch
 
     texts = ["a card payment", None, "", "where is my refund", None, "b" * 3]  # None: a missing cell
     ds = ray.data.from_items([{"n": n, "text": t} for n, t in enumerate(texts)])
@@ -127,7 +128,7 @@ def test_an_unreachable_address_is_a_typed_error_naming_it(ray_cluster, tmp_path
 
 # -- the CLI, with its own private Ray, killed at moments that matter -------------------------
 def banking_file(tmp_path: Path, n: int) -> tuple[Path, set[str]]:
-    from embedkit.sources import content_id
+    from embedkit.inputs.files import content_id
 
     texts, _ = read_banking("train", limit=n)
     texts = [" ".join(t.split()) for t in texts]
@@ -243,7 +244,7 @@ def test_cli_ctrl_c_then_kill_9_of_the_driver_then_rerun_has_every_item_once(min
 def test_embed_batch_takes_pandas_and_arrow_batches(ray_cluster, batch_format):
     import ray.data
 
-    from embedkit.ray import EmbedBatch
+    from embedkit.features.ray import EmbedBatch
 
     embedkit.export("tiny-ray")  # the actors find it in the model store (the plugin is the driver's only)
     texts = ["a card payment", None, "where is my refund", "", "b" * 3]
@@ -282,7 +283,7 @@ def test_cli_empty_address_is_an_error_not_a_private_local_ray(minilm, tmp_path:
 CTRL_C_DURING_START = r"""
 import signal, sys, time
 import psutil, ray
-from embedkit.raycluster import local_cluster
+from embedkit.features.ray_cluster import local_cluster
 
 def interrupt(*_):
     raise KeyboardInterrupt
@@ -352,7 +353,7 @@ def test_cli_ray_address_in_the_environment_counts_as_address(minilm, tmp_path: 
 
 LOCAL_ADDRESS = r"""
 import psutil
-from embedkit.raycluster import local_cluster
+from embedkit.features.ray_cluster import local_cluster
 
 with local_cluster(cpus=1, address="local") as started:
     found = []
@@ -376,7 +377,7 @@ def test_address_local_is_the_private_ray_bound_to_loopback(tmp_path: Path):
 
 OWN_CHILD = r"""
 import subprocess, time
-from embedkit.raycluster import local_cluster
+from embedkit.features.ray_cluster import local_cluster
 
 mine = subprocess.Popen(["sleep", "120"])  # the caller's own child, started before the run ...
 with local_cluster(cpus=1):

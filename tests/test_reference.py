@@ -4,13 +4,14 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score
 from sklearn.pipeline import Pipeline
+from support import read_banking
 
 import embedkit
-from support import read_banking
 
 
 def test_matches_sentence_transformers_on_1000_banking_texts(minilm):
     from sentence_transformers import SentenceTransformer
+
     from embedkit_text import minilm_folder
 
     texts, _ = read_banking("test", 1000)

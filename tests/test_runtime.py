@@ -3,9 +3,9 @@ import logging
 
 import numpy as np
 import pytest
+from support import read_banking
 
 import embedkit
-from support import read_banking
 
 
 def test_cuda_request_without_cuda_is_a_typed_error(minilm):
@@ -16,10 +16,10 @@ def test_cuda_request_without_cuda_is_a_typed_error(minilm):
 
 
 def test_auto_falls_back_with_a_logged_warning(minilm, caplog):
-    from embedkit import runtime as runtime_module
+    from embedkit.runtimes import onnx_runtime as runtime_module
 
     runtime_module._warned.clear()  # device="auto" warns once per process: an earlier test may have had it
-    with caplog.at_level(logging.WARNING, logger="embedkit.runtime"):
+    with caplog.at_level(logging.WARNING, logger="embedkit.runtimes.onnx_runtime"):
         runtime = embedkit.Runtime(minilm.onnx_path, device="auto")
     assert runtime.device == "cpu" and runtime.providers == ["CPUExecutionProvider"]
     assert any("CUDA" in r.getMessage() for r in caplog.records)
@@ -73,7 +73,7 @@ def test_results_come_back_in_input_order(minilm):
 
 OOM_SCRIPT = """
 import resource, sys, numpy as np
-from embedkit.runtime import Runtime
+from embedkit.runtimes.onnx_runtime import Runtime
 rt = Runtime(sys.argv[1], threads=1, streams=1, io_binding=sys.argv[2] == "bound")
 x = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)
 one = rt.run({"pixel_values": x})

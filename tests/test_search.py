@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from support import read_banking, run_cli
 
 
@@ -47,7 +46,7 @@ def test_search_reads_no_file_outside_its_index_folder(minilm, tmp_path: Path):
     import subprocess
     import sys
 
-    from embedkit.artifacts import sha256_file
+    from embedkit.models.store import sha256_file
 
     idx = _index(tmp_path)
     secret = Path("/etc/hostname") if Path("/etc/hostname").is_file() else Path(__file__)
@@ -76,8 +75,9 @@ def test_search_reads_no_file_outside_its_index_folder(minilm, tmp_path: Path):
 def test_indexing_a_namespace_whose_every_item_failed_is_a_store_error_not_a_crash(minilm, tmp_path):
     """`extract` of inputs that all failed leaves a namespace of 0 rows; `index` on it crashed
     with scikit-learn's 'Found array with 0 sample(s)' traceback."""
-    import embedkit
     from support import run_cli
+
+    import embedkit
 
     report = embedkit.extract([None, 5], minilm, tmp_path / "fs")
     assert report.ok == 0 and report.failed == 2

@@ -22,9 +22,10 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 torch = pytest.importorskip("torch")
 
-import embedkit  # noqa: E402
 from serving import ROOT, Server  # noqa: E402
 from tiny import Pooled, text_backbone  # noqa: E402
+
+import embedkit  # noqa: E402
 
 KEY = "s3cret-key-for-tests"
 SECRET = "PRIVATE-CONTENT-7f3a"  # sent inside bad requests; must never come back in an error body

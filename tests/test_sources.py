@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 import embedkit
-from embedkit.sources import content_id, count_items, file_list, iter_items, read_texts
+from embedkit.inputs.files import content_id
+from embedkit.inputs.sources import count_items, file_list, iter_items, read_texts
 
 
 def payloads(source, modality="text", column=None):
@@ -36,7 +37,7 @@ def test_image_folder_refuses_a_file(tmp_path: Path):
 
 
 def test_every_line_of_a_file_list_is_an_item(tmp_path: Path):
-    from embedkit.text import ItemFailure
+    from embedkit.inputs.items import ItemFailure
 
     # A photo named "#2.jpg" is a file, not a comment; a blank line keeps its row (a not_found record).
     listing = tmp_path / "list.txt"
@@ -87,10 +88,10 @@ def test_broken_csv_quoting_is_refused_not_guessed(tmp_path: Path):
 
 
 def test_records_over_the_limit_are_refused_unread(tmp_path: Path, monkeypatch):
-    from embedkit import sources
-    from embedkit.text import ItemFailure
+    from embedkit.inputs import tables
+    from embedkit.inputs.items import ItemFailure
 
-    monkeypatch.setattr(sources, "MAX_RECORD_CHARS", 1000)  # the bound, small for the test
+    monkeypatch.setattr(tables, "MAX_RECORD_CHARS", 1000)  # the bound, small for the test
     lines = tmp_path / "t.jsonl"
     lines.write_text('{"text": "a"}\n{"text": "' + "x" * 5000 + '"}\n{"text": "b"}\n')
     got = payloads(lines)
@@ -114,7 +115,7 @@ def test_count_items_counts_rows_not_lines(tmp_path: Path):
 
 
 def test_a_bad_jsonl_line_is_that_items_failure(tmp_path: Path):
-    from embedkit.text import ItemFailure
+    from embedkit.inputs.items import ItemFailure
 
     lines = tmp_path / "t.jsonl"
     lines.write_text('{"text": "a"}\n{"text": \n[1, 2]\n{"text": "b"}\n')
@@ -127,7 +128,7 @@ def test_a_bad_jsonl_line_is_that_items_failure(tmp_path: Path):
 
 
 def test_a_file_name_that_is_not_utf8(tmp_path: Path):
-    from embedkit.sources import read_regular
+    from embedkit.inputs.files import read_regular
 
     name = os.fsdecode(b"caf\xe9.png")
     (tmp_path / name).write_bytes(b"data")
@@ -141,8 +142,7 @@ def test_a_file_name_that_is_not_utf8(tmp_path: Path):
 
 
 def test_a_long_txt_line_is_clipped_while_read_and_hashed_whole(tmp_path: Path):
-    from embedkit.text import MAX_TEXT_BYTES
-    from embedkit.text import Clipped
+    from embedkit.inputs.items import MAX_TEXT_BYTES, Clipped
 
     line = ("é" * 10 + " ") * (MAX_TEXT_BYTES // 10)  # 2 bytes per é: clipped at a character boundary
     text = tmp_path / "t.txt"
@@ -156,8 +156,9 @@ def test_a_long_txt_line_is_clipped_while_read_and_hashed_whole(tmp_path: Path):
 
 FIFO_SCRIPT = """
 import json, sys
-from embedkit.sources import iter_items, read_regular
-from embedkit.text import ItemFailure
+from embedkit.inputs.files import read_regular
+from embedkit.inputs.sources import iter_items
+from embedkit.inputs.items import ItemFailure
 out = {}
 for source in sys.argv[1:]:
     out[source] = [item.id[:4] for item in iter_items(source, "image")]
@@ -187,7 +188,7 @@ def test_fifos_and_devices_are_refused_before_any_read(tmp_path: Path):
 
 
 def test_in_memory_image_ids_cover_what_defines_the_image():
-    from embedkit.sources import image_id
+    from embedkit.inputs.fingerprints import image_id
 
     indices = np.arange(64, dtype=np.uint8).reshape(8, 8)
     a, b = Image.fromarray(indices, "P"), Image.fromarray(indices, "P")
@@ -220,8 +221,8 @@ def test_a_parquet_table_whose_name_is_not_utf8_is_read(tmp_path: Path):
 
 
 def test_csv_and_tsv_rows_with_the_wrong_number_of_cells_are_row_errors(tmp_path):
-    from embedkit.sources import iter_items
-    from embedkit.text import ItemFailure
+    from embedkit.inputs.items import ItemFailure
+    from embedkit.inputs.sources import iter_items
 
     table = tmp_path / "t.csv"
     table.write_text("text,label\nfine text,a\nhello, world,b\ncut row\nlast,c\n")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import embedkit
-from embedkit.store import FeatureStore
+from embedkit.features.store import FeatureStore
 
 
 class FakeArtifact:
@@ -118,7 +118,7 @@ WRITER = """
 import sys, numpy as np
 sys.path.insert(0, {tests!r})
 from test_store import FakeArtifact
-from embedkit.store import FeatureStore
+from embedkit.features.store import FeatureStore
 ns = FeatureStore({root!r}).namespace(FakeArtifact())
 k = int(sys.argv[1])
 for i in range(20):

@@ -9,16 +9,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from store_support import tiny_fixture  # noqa: F401 (the tiny fixture)
 
 import embedkit
-from embedkit.sources import content_id
-from embedkit.store import FeatureStore
-from store_support import tiny_fixture  # noqa: F401 (the tiny fixture)
+from embedkit.features.store import FeatureStore
+from embedkit.inputs.files import content_id
 
 LOOP = """
 import json, sys, time, traceback
 from pathlib import Path
-from embedkit.store import FeatureStore
+from embedkit.features.store import FeatureStore
 root, action, stop, out = sys.argv[1:5]
 stats = {{"runs": 0, "gc_ran": [], "gc_busy": 0, "rows": [], "problems": [], "errors": []}}
 while not Path(stop).exists() or stats["runs"] == 0:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import embedkit
-from embedkit.locks import held
-from embedkit.store import FeatureStore
 from support import run_cli
 from test_store import FakeArtifact, vectors
+
+import embedkit
+from embedkit.features.store import FeatureStore
+from embedkit.fs.locks import held
 
 
 def two_namespaces(root: Path):

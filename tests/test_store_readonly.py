@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from store_support import confined, python, tiny_fixture  # noqa: F401 (the tiny fixture)
 
 import embedkit
-from embedkit.store import FeatureStore
-from store_support import confined, python, tiny_fixture  # noqa: F401 (the tiny fixture)
+from embedkit.features.store import FeatureStore
 
 TESTS = str(Path(__file__).parent)
 
@@ -65,7 +65,7 @@ WRITER = """
 import sys, numpy as np
 sys.path.insert(0, {tests!r})
 from test_store import FakeArtifact
-from embedkit.store import FeatureStore
+from embedkit.features.store import FeatureStore
 from embedkit.errors import StoreWriteError
 ns = FeatureStore({root!r}).namespace(FakeArtifact(dim=1024))
 ns.commit(["small"], np.ones((1, 1024), np.float32))

@@ -1,10 +1,10 @@
 """check_backbone passes a good backbone and names the rule each broken one breaks."""
 import pytest
 import torch
+from tiny import Pooled, text_backbone
 
 import embedkit
 from embedkit.testing import check_backbone
-from tiny import Pooled, text_backbone
 
 
 class IgnoresMask(Pooled):

@@ -84,7 +84,7 @@ def test_the_invisible_class_matches_unicode_categories():
     import sys
     import unicodedata
 
-    from embedkit.text import is_blank
+    from embedkit.inputs.text import is_blank
 
     fillers = {0x115F, 0x1160, 0x3164, 0xFFA0}
     wrong = [cp for cp in range(sys.maxunicode + 1)
@@ -96,7 +96,7 @@ def test_the_invisible_class_matches_unicode_categories():
 BIG_LINE = r"""
 import json, resource, sys, time
 import embedkit
-from embedkit.sources import iter_items
+from embedkit.inputs.sources import iter_items
 path, route = sys.argv[1:]
 enc = embedkit.TextEncoder(embedkit.export("minilm-l6"), threads=1)
 enc.encode(["warm up"])

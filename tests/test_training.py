@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from support import BANKING, SHARED, run_cli
 
 
@@ -176,9 +175,9 @@ def _inside(fig, artist) -> bool:
 
 def test_confusion_matrix_is_normalised_with_a_colour_bar_and_scales_with_classes(tmp_path: Path):
     import numpy as np
-
-    from embedkit.plots import plot_confusion
     from support import read_banking
+
+    from embedkit.heads.plots import plot_confusion
 
     names = np.array(sorted(set(read_banking("train")[1])))
     assert len(names) == 77
@@ -205,7 +204,7 @@ def test_confusion_matrix_is_normalised_with_a_colour_bar_and_scales_with_classe
 
 
 def test_learning_curve_plot_keeps_its_title_and_labels_inside(tmp_path: Path):
-    from embedkit.plots import plot_learning_curve
+    from embedkit.heads.plots import plot_learning_curve
 
     rows = [{"per_class": s, "train_items": n, "repeat": 0, "model": m, "accuracy": a, "train_seconds": t}
             for s, n in ((1, 77), (2, 154), ("all", 350))
@@ -226,7 +225,7 @@ def test_more_neighbours_than_training_items_is_an_input_error_not_a_crash(kind)
     import numpy as np
 
     from embedkit.errors import UnsupportedInputError
-    from embedkit.training import evaluate
+    from embedkit.heads.training import evaluate
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((40, 8)).astype(np.float32)
@@ -245,7 +244,7 @@ def test_learning_curve_of_a_knn_head_leaves_out_sizes_smaller_than_k(kind):
     import numpy as np
 
     from embedkit.errors import UnsupportedInputError
-    from embedkit.training import learning_curve
+    from embedkit.heads.training import learning_curve
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((40, 8)).astype(np.float32)
@@ -262,8 +261,8 @@ def test_one_text_in_rows_with_different_labels_stays_unlabelled(tmp_path):
     as README says, an id with rows of different labels stays unlabelled."""
     import numpy as np
 
-    from embedkit.sources import iter_items
-    from embedkit.training import labels_for
+    from embedkit.heads.training import labels_for
+    from embedkit.inputs.sources import iter_items
 
     table = tmp_path / "labels.csv"
     table.write_text("text,category\nmy card is lost,lost\nwhat rate,rate\nmy card is lost,rate\n"

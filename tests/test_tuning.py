@@ -6,15 +6,15 @@ import json
 import numpy as np
 import pytest
 import torch
-
-import embedkit
-from embedkit.encoder import encoder_for
-from embedkit.probes import cosine
-from embedkit.torch_runtime import TorchRuntime
-from embedkit.tuning import candidates_for, device_key, recorded
 from support import read_banking, run_cli
 from tiny import Pooled, text_backbone
 
+import embedkit
+from embedkit.encoder import encoder_for
+from embedkit.models.probes import cosine
+from embedkit.runtimes.candidates import candidates_for
+from embedkit.runtimes.records import device_key, recorded
+from embedkit.runtimes.torch_runtime import TorchRuntime
 
 pytestmark = pytest.mark.usefixtures("no_tuning_records_left")  # tests here run tune: drop its records
 

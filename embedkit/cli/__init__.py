@@ -23,7 +23,7 @@ COMMANDS = {name: fn for group in GROUPS for name, fn in group.COMMANDS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..artifacts import describe_root
+    from ..models.store import describe_root
 
     parser = Parser(
         prog="embedkit", description="Frozen backbones -> ONNX -> fast embeddings.",

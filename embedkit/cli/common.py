@@ -125,7 +125,7 @@ def namespace_of(features: str | Path, backbone: str | None) -> Any:
         StoreError: no namespace, or several and no ``backbone`` (the message lists them).
     """
     from ..errors import StoreError
-    from ..store import FeatureStore
+    from ..features.store import FeatureStore
 
     store = FeatureStore(features)
     if backbone is not None:

@@ -8,8 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UnsupportedInputError
-from .common import (EXIT_FAILED_ITEMS, EXIT_INCOMPLETE, OUTPUT_SUFFIXES, existing_dir, existing_or_glob, existing_path,
-                     non_negative_float, non_negative_int, positive_float, positive_int, store_arg)
+from ..runtimes.table import RUNTIMES, help_text
+from .common import (
+    EXIT_FAILED_ITEMS,
+    EXIT_INCOMPLETE,
+    OUTPUT_SUFFIXES,
+    existing_dir,
+    existing_or_glob,
+    existing_path,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    store_arg,
+)
 
 
 def add_parsers(sub: Any) -> None:
@@ -22,8 +34,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--out", required=True, help=".npy or .parquet")
     p.add_argument("--column", help="column holding the texts or image paths (tables; default text / path)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "torch-compile", "openvino", "openvino-bf16", "torch-bf16"],
-                   help="auto: the faster one measured by `embedkit tune` on this device")
+    p.add_argument("--runtime", default="auto", choices=("auto",) + RUNTIMES,
+                   help="auto: the faster one measured by `embedkit tune` on this device; " + help_text())
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--no-truncate", action="store_true", help="text: texts over max length become errors")
     p.add_argument("--empty", default="embed", choices=["embed", "error"], help="text: empty texts")
@@ -47,8 +59,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--max-failures", type=non_negative_int, default=0, help="exit 2 when more items fail (default 0)")
     p.add_argument("--no-verify", action="store_true", help="skip checksumming the committed shards first")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch", "torch-compile", "openvino", "openvino-bf16", "torch-bf16"],
-                   help="auto: the faster one measured by `embedkit tune` on this device")
+    p.add_argument("--runtime", default="auto", choices=("auto",) + RUNTIMES,
+                   help="auto: the faster one measured by `embedkit tune` on this device; " + help_text())
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--batch-size", type=positive_int, help="images per batch")
     p.add_argument("--workers", type=positive_int,
@@ -76,10 +88,12 @@ def add_parsers(sub: Any) -> None:
 def read_items(path: Path, modality: str, column: str | None) -> tuple[list[Any], dict[str, list[Any]]]:
     """Payloads, one per input row, and extra output columns, through the one reader of ``extract``.
 
-    Images get a ``path`` column (valid UTF-8, see :func:`embedkit.sources.display`) and, from a
+    Images get a ``path`` column (valid UTF-8, see :func:`embedkit.inputs.sources.display`) and, from a
     folder, a ``label`` column (the class subfolder).
     """
-    from ..sources import display, folder_label, iter_items
+    from ..inputs.files import display
+    from ..inputs.folders import folder_label
+    from ..inputs.sources import iter_items
 
     items = list(iter_items(path, modality, column))
     payloads = [item.payload for item in items]
@@ -116,10 +130,10 @@ def _parquet_table(result: Any, extra: dict[str, list[Any]], artifact: Any) -> A
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..atomic import staged_file
     from ..encoder import encoder_for
-    from ..exporter import resolve
-    from ..outputs import check_output, errors_path, remember
+    from ..fs.atomic import staged_file
+    from ..fs.outputs import check_output, errors_path, remember
+    from ..models.resolve import resolve
 
     out = Path(args.out)
     if out.suffix not in OUTPUT_SUFFIXES:  # checked before any work; np.save would append .npy
@@ -176,12 +190,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from ..exporter import resolve
-    from ..extraction import extract
-    from ..outputs import check_output
-    from ..sources import count_items
-
     from ..errors import IncompleteExtractionError, UsageError
+    from ..features.extraction import extract
+    from ..fs.outputs import check_output
+    from ..inputs.sources import count_items
+    from ..models.resolve import resolve
 
     ray = args.engine == "ray"
     if not ray:
@@ -221,7 +234,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2))
     print(extract_summary(report), file=sys.stderr)
     if report.total and not report.ok and Path(args.source).is_file():
-        from ..store import FeatureStore
+        from ..features.store import FeatureStore
 
         codes = [f["code"] for f in FeatureStore(args.out).find(artifact.digest).failures()]
         hint = missing_files_hint(codes, Path(args.source))
@@ -257,7 +270,7 @@ def missing_files_hint(codes: list[str], source: Path) -> str | None:
 
 def cmd_store(args: argparse.Namespace) -> int:
     from ..errors import StoreError
-    from ..store import FeatureStore
+    from ..features.store import FeatureStore
 
     store = FeatureStore(args.path)
     root = Path(args.path)

@@ -14,14 +14,38 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import DatasetError, OutputError, UsageError
-from ..locks import owned
-from .common import (EXIT_FAILED_ITEMS, existing_or_glob, fraction, labels_source, non_negative_float, positive_float,
-                     positive_int, progress_bar, store_arg)
+from ..errors import DatasetError, EmbedkitError, OutputError, UsageError
+from ..fs.locks import owned
+from .common import (
+    EXIT_FAILED_ITEMS,
+    existing_or_glob,
+    fraction,
+    labels_source,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    progress_bar,
+    store_arg,
+)
+
+# What :func:`embedkit.finetune`'s messages say in Python parameters, said in this command's flags
+# (its checkpoint_dir is <--out>/checkpoints, its resume is --resume).
+FLAGS = {"choose another checkpoint_dir": "choose another --out",
+         "without resume to start over": "without --resume to start over",
+         "start without resume": "start without --resume"}
+
+
+def _in_flags(exc: EmbedkitError) -> None:
+    """Replace, in ``exc``'s message, the Python parameters it names with this command's flags."""
+    if len(exc.args) == 1 and isinstance(exc.args[0], str):
+        message = exc.args[0]
+        for parameter, flag in FLAGS.items():
+            message = message.replace(parameter, flag)
+        exc.args = (message,)
 
 
 def _unfreeze(text: str) -> str:
-    from ..blocks import parse_unfreeze
+    from ..backbones.blocks import parse_unfreeze
 
     try:
         return str(parse_unfreeze(text))
@@ -99,9 +123,10 @@ def _labelled(source: str, labels: str, modality: str, args: argparse.Namespace,
     """``(payloads, labels, unreadable rows)`` of a source joined to its labels as train-head joins them."""
     import numpy as np
 
-    from ..sources import fingerprint, iter_items
-    from ..text import ItemFailure
-    from ..training import labels_for
+    from ..heads.training import labels_for
+    from ..inputs.fingerprints import fingerprint
+    from ..inputs.items import ItemFailure
+    from ..inputs.sources import iter_items
 
     items = list(iter_items(source, modality, args.column, args.id_column))
     if not items:
@@ -129,8 +154,8 @@ def _removed_if_refused(out: Path, created: bool) -> Iterator[None]:
     (a setting refused once the backbone is built, e.g. ``last:N`` beyond its blocks, or Ctrl-C):
     a folder of a run that never trained, marked "running", is only litter. A folder holding a
     checkpoint stays for ``--resume``; one holding anything embedkit did not write stays too."""
-    from ..checkpoint import LAST
-    from ..outputs import foreign_entries
+    from ..finetuning.checkpoints import LAST
+    from ..fs.outputs import foreign_entries
 
     try:
         yield
@@ -141,8 +166,8 @@ def _removed_if_refused(out: Path, created: bool) -> Iterator[None]:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from ..outputs import check_output
-    from ..plugins import get_backbone
+    from ..backbones.registry import get_backbone
+    from ..fs.outputs import check_output
 
     out = check_output(args.out, "finetune", inputs=[args.source, args.validation_source])
     for flag, value in (("--iterations", args.iterations), ("--loss", args.loss)):
@@ -186,9 +211,9 @@ def _located(failure: dict[str, Any], located: dict[str, list[tuple[int, str]]])
 def _run(args: argparse.Namespace, out: Path, created: bool, items: list[Any], labels: list[Any],
          unreadable: list[dict[str, Any]], validation: Any, located: dict[str, list[tuple[int, str]]]) -> int:
     """The fine-tune itself, its outputs and summary (the caller holds ``out``'s writer lock)."""
-    from ..atomic import write_atomic
-    from ..finetune import finetune
-    from ..outputs import stamp
+    from ..finetuning.finetune import finetune
+    from ..fs.atomic import write_atomic
+    from ..fs.outputs import stamp
 
     marker = {**stamp("finetune"), "status": "running", "backbone": args.backbone, "source": str(args.source)}
     write_atomic(out / "finetune.json", json.dumps(marker, indent=2).encode())
@@ -199,15 +224,19 @@ def _run(args: argparse.Namespace, out: Path, created: bool, items: list[Any], l
             shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items() if v is not None}
             bar.set_postfix(shown, refresh=False)
 
-        result = finetune(
-            args.backbone, items, labels, unfreeze=args.unfreeze, objective=args.objective, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, layer_decay=args.layer_decay,
-            weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
-            validation=validation, patience=args.patience, class_weight=args.class_weight, seed=args.seed,
-            device=args.device, augment=not args.no_augment,
-            checkpoint_dir=out / "checkpoints" if args.objective == "classify" else None,
-            checkpoint_every=args.checkpoint_every, resume=args.resume, name=args.name, store=args.store,
-            out=out / "model", progress=progress, **options)
+        try:
+            result = finetune(
+                args.backbone, items, labels, unfreeze=args.unfreeze, objective=args.objective, epochs=args.epochs,
+                batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, layer_decay=args.layer_decay,
+                weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
+                validation=validation, patience=args.patience, class_weight=args.class_weight, seed=args.seed,
+                device=args.device, augment=not args.no_augment,
+                checkpoint_dir=out / "checkpoints" if args.objective == "classify" else None,
+                checkpoint_every=args.checkpoint_every, resume=args.resume, name=args.name, store=args.store,
+                out=out / "model", progress=progress, **options)
+        except EmbedkitError as exc:  # said in this command's flags
+            _in_flags(exc)
+            raise
     failures = unreadable + [_located(f, located) for f in result.failures]
     write_atomic(out / "metrics.json", json.dumps(result.history, indent=2).encode())
     write_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures).encode())

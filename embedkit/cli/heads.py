@@ -3,19 +3,70 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import importlib.abc
 import json
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import UnsupportedInputError, UsageError
-from ..sources import read_texts
-from .common import (backbone_arg, existing_dir, folds, fraction, input_or_stdin, labels_source, namespace_of,
-                     positive_int, progress_bar, store_arg)
+from ..errors import EmbedkitError, UnsupportedInputError, UsageError
+from ..inputs.sources import read_texts
+from .common import (
+    backbone_arg,
+    existing_dir,
+    folds,
+    fraction,
+    input_or_stdin,
+    labels_source,
+    namespace_of,
+    positive_int,
+    progress_bar,
+    store_arg,
+)
 
 HEAD_CHOICES = ["logreg", "linear-svm", "ridge", "mlp", "knn", "faiss-knn"]
+
+# The library's errors name its Python parameters: one about a single parameter starts with its
+# name ("params: ..."), a keyword to pass is written name=value. The user typed flags: name those.
+FLAGS = {"params": "--param", "labels": "--labels", "label_column": "--label-column", "id_column": "--id-column",
+         "column": "--column", "head": "--head", "cv": "--cv", "test_size": "--test-size", "repeats": "--repeats",
+         "finetune": "--finetune", "unfreeze": "--unfreeze", "epochs": "--epochs", "iterations": "--iterations",
+         "finetune_max_items": "--finetune-max-items"}
+KEYWORDS = {"trust_pickle=True": "--trust-pickle", "objective='contrastive'": "--finetune contrastive",
+            "objective='classify'": "--finetune classify", "objective must be": "--finetune must be",
+            "draw the learning curve without a fine-tuned line": "leave out --finetune"}
+
+
+@contextlib.contextmanager
+def flag_errors() -> Iterator[None]:
+    """Re-raise a library error with the CLI's flags in place of the Python parameters it names."""
+    try:
+        yield
+    except EmbedkitError as exc:
+        message = str(exc)
+        if exc.args == (message,):  # a plain message (not one an exception class formats itself)
+            name, sep, rest = message.partition(": ")
+            if sep and name in FLAGS:
+                message = f"{FLAGS[name]}: {rest}"
+            for keyword, flag in KEYWORDS.items():
+                message = message.replace(keyword, flag)
+            exc.args = (message,)
+        raise
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """``--param`` values, ``["C=10", "weights=distance"]`` -> ``{"C": 10, "weights": "distance"}``
+    (JSON values when they parse)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UnsupportedInputError(f"--param takes key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def add_parsers(sub: Any) -> None:
@@ -80,11 +131,11 @@ def add_parsers(sub: Any) -> None:
 def cmd_train_head(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..training import parse_params, train_head
+    from ..heads.training import train_head
 
     namespace = namespace_of(args.features, args.backbone)
     params = parse_params(args.param)
-    with progress_bar("train-head", 1 + args.cv, "fit", not args.no_progress) as bar:
+    with flag_errors(), progress_bar("train-head", 1 + args.cv, "fit", not args.no_progress) as bar:
         report, model = train_head(
             args.features, namespace.digest, args.labels, head=args.head, params=params, out=args.out,
             label_column=args.label_column, id_column=args.id_column, column=args.column, cv=args.cv,
@@ -160,9 +211,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     with _skops_without_torch():
-        from ..persistence import load
+        from ..heads.persistence import load
 
-        model = load(args.model, store=args.store, trust_pickle=args.trust_pickle, backbone=args.backbone)
+        with flag_errors():
+            model = load(args.model, store=args.store, trust_pickle=args.trust_pickle, backbone=args.backbone)
     items = _read_inputs(args, getattr(model.steps[0][1], "modality_", "text"))
     head = model.steps[-1][1]
     if args.proba and not hasattr(head, "predict_proba"):
@@ -222,80 +274,26 @@ def _predict(model: Any, head: Any, items: list[Any], with_proba: bool) -> tuple
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    import numpy as np
+    from ..evaluation import report
 
-    from ..atomic import staged_folder
-    from ..errors import DatasetError
-    from ..outputs import check_output, replaceable, stamp
-    from ..sources import iter_items
-    from ..plots import plot_learning_curve
-    from ..training import _baseline_features, labels_for, learning_curve, parse_params
-
-    out = check_output(args.out, "report", inputs=[args.features] + ([] if args.labels == "folder" else [args.labels]))
+    if not args.finetune and (args.unfreeze or args.epochs or args.finetune_max_items or args.iterations):
+        raise UsageError("--unfreeze, --epochs, --finetune-max-items and --iterations set how the report "
+                         "fine-tunes: add --finetune contrastive|classify")
+    if args.iterations and args.finetune != "contrastive":  # was ignored silently
+        raise UsageError("--iterations is an option of --finetune contrastive")
     namespace = namespace_of(args.features, args.backbone)
     params = parse_params(args.param)
-    modality = namespace.info.get("modality", "text")
-    if modality != "image" and args.labels == "folder":
-        raise UnsupportedInputError("text reports need --labels TABLE (its text column feeds the TF-IDF baseline)")
-    ids, X, sources, contents = namespace.load_all()
-    y = labels_for(ids, sources, args.labels, modality, args.label_column, None, args.column, contents=contents)
-    if modality == "image":
-        payloads = [str(s) for s in sources]
-    else:
-        by_id = {item.id: item.payload for item in iter_items(Path(args.labels), modality, args.column)}
-        payloads = [by_id.get(str(i)) for i in ids]
-    known = np.asarray([v is not None and v == v and v != "" for v in y], dtype=bool)
-    known &= np.asarray([p is not None for p in payloads], dtype=bool)
-    if known.sum() < 2:
-        raise DatasetError(f"only {int(known.sum())} of {len(ids)} stored items have a label in {args.labels} "
-                           f"(column {args.label_column!r}); a learning curve needs labelled items of 2 classes or more")
-    raw = _baseline_features(modality, [p for p, k in zip(payloads, known) if k])
-    labels = np.asarray(y[known]).astype(str)
-    with contextlib.ExitStack() as stack:
-        finetuned = None
-        if not args.finetune and (args.unfreeze or args.epochs or args.finetune_max_items or args.iterations):
-            raise UsageError("--unfreeze, --epochs, --finetune-max-items and --iterations set how the report "
-                             "fine-tunes: add --finetune contrastive|classify")
-        if args.iterations and args.finetune != "contrastive":  # was ignored silently
-            raise UsageError("--iterations is an option of --finetune contrastive")
-        args.finetune_max_items = args.finetune_max_items or 256
-        if args.finetune:
-            import tempfile
-
-            from ..curves import FinetunedCurve
-
-            options: dict[str, Any] = {"epochs": args.epochs or (1 if args.finetune == "contrastive" else 3)}
-            if args.finetune == "contrastive":
-                options.update(iterations=args.iterations or 5, batch_size=16)
-            # the fine-tuned backbones are the report's scratch work: a store thrown away at the end
-            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="embedkit-report-"))
-            finetuned = FinetunedCurve(namespace.name, [p for p, k in zip(payloads, known) if k], labels, scratch,
-                                       args.finetune, args.unfreeze, options)
-        with progress_bar("report", None, "fit", not args.no_progress) as bar:
-            rows = learning_curve(np.asarray(X)[known], raw, labels, modality, args.head, params, repeats=args.repeats,
-                                  progress=bar.update_to, finetuned=finetuned,
-                                  finetune_max_items=args.finetune_max_items)
-    with staged_folder(out, replaceable("report")) as staging:  # the earlier report stays until this one is whole
-        with open(staging / "learning_curve.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        tuned = f", {finetuned.name}" if finetuned is not None else ""
-        plot_learning_curve(rows, staging / "learning_curve.png",
-                            f"{namespace.name}: {args.head} vs from-scratch baseline{tuned}")
-        (staging / "learning_curve.json").write_text(json.dumps({
-            **stamp("report"), "backbone": namespace.name, "digest": namespace.digest, "head": args.head, "rows": rows,
-            **({"finetune": {"objective": finetuned.objective, "unfreeze": finetuned.unfreeze,
-                             "max_items": args.finetune_max_items, **finetuned.options}} if finetuned else {}),
-        }, indent=2))
+    with flag_errors(), progress_bar("report", None, "fit", not args.no_progress) as bar:
+        result = report(args.features, namespace.digest, args.labels, args.out, head=args.head, params=params,
+                        label_column=args.label_column, column=args.column, repeats=args.repeats,
+                        finetune=args.finetune, unfreeze=args.unfreeze, epochs=args.epochs,
+                        iterations=args.iterations, finetune_max_items=args.finetune_max_items,
+                        progress=bar.update_to)
     print(f"{'per class':>9} {'items':>6}  {'model':<34} {'accuracy':>8} {'train s':>8}")
-    summary: dict[tuple[Any, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        summary.setdefault((r["per_class"], r["model"]), []).append(r)
-    for (size, model), group in summary.items():
-        print(f"{size!s:>9} {group[0]['train_items']:>6}  {model:<34} {np.mean([g['accuracy'] for g in group]):8.4f} "
-              f"{np.mean([g['train_seconds'] for g in group]):8.3f}")
-    print(f"-> {out / 'learning_curve.csv'}, {out / 'learning_curve.png'}")
+    for row in result.summary():
+        print(f"{row['per_class']!s:>9} {row['train_items']:>6}  {row['model']:<34} {row['accuracy']:8.4f} "
+              f"{row['train_seconds']:8.3f}")
+    print(f"-> {result.files['csv']}, {result.files['png']}")
     return 0
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UnsupportedInputError
-from ..sources import read_texts
+from ..inputs.sources import read_texts
+from ..runtimes.table import INT8, RUNTIMES
 from .common import existing_file, positive_float, positive_int, progress_bar, store_arg
 
 
@@ -36,8 +37,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("backbone", help="name, digest, or a variant's name (e.g. minilm-l6-fp16)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--runtime", action="append", type=runtime_name,
-                   help="repeatable: onnxruntime, torch, torch-compile, openvino, openvino-bf16, torch-bf16, "
-                        "int8-<variant> (default: every candidate for this device and CPU, see embedkit.tuning)")
+                   help=f"repeatable: {', '.join(RUNTIMES)}, int8-<variant> (default: every candidate for this "
+                        "device and CPU, see embedkit.runtimes.candidates)")
     p.add_argument("--data", type=existing_file, help="a sample of your items (.txt, .csv, .tsv, .jsonl, .parquet); default: shipped sentences / probe images")
     p.add_argument("--column", help="payload column (default text / path)")
     p.add_argument("--limit", type=positive_int, default=1000, help="items used from --data (default 1000)")
@@ -64,12 +65,12 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from ..artifacts import ModelStore, describe_root
-    from ..plugins import list_backbones, registry
+    from ..backbones.registry import list_backbones, registry
+    from ..models.store import ModelStore, describe_root
 
     store = ModelStore(args.store)
     inventory = store.inventory()
-    from ..tuned import listing
+    from ..models.finetuned import listing
 
     rows = [dict(b.spec(), plugin=registry().owner.get(b.name)) for b in list_backbones()]
     registered = {r["name"] for r in rows}
@@ -117,7 +118,7 @@ def _artifact_lines(r: dict, indent: str = "") -> None:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from ..plugins import plugin_report
+    from ..backbones.registry import plugin_report
 
     report = [p.to_json() for p in plugin_report()]
     if args.json:
@@ -131,7 +132,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..exporter import export
+    from ..models.exporter import export
 
     artifact = export(args.backbone, args.store, exporter=args.exporter, force=args.force)
     parity = artifact.manifest["parity"]
@@ -139,7 +140,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"  path     {artifact.path}")
     print(f"  exporter {parity['exporter']}  max|diff| {parity['max_abs_diff']:.3g}  min cosine {parity['min_cosine']:.8f}")
     if args.fp16:
-        from ..precision import half
+        from ..models.precision import half
 
         variant = half(artifact, args.store)
         parity = variant.manifest["precision"]["parity"]
@@ -168,9 +169,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def runtime_name(value: str) -> str:
     """A ``--runtime`` value of ``tune``: a runtime name or ``int8-<variant>`` (argparse type)."""
-    from ..quantization import VARIANTS
-    from ..tuning import INT8, RUNTIMES
-
+    from ..models.quantization import VARIANTS
     if value in RUNTIMES or (value.startswith(INT8) and value[len(INT8):] in VARIANTS):
         return value
     raise argparse.ArgumentTypeError(f"invalid runtime {value!r}: choose from {', '.join(RUNTIMES)} or "
@@ -178,9 +177,9 @@ def runtime_name(value: str) -> str:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ..exporter import resolve
-    from ..sources import iter_items
-    from ..tuning import tune, tune_table
+    from ..encoders.tuning import tune, tune_table
+    from ..inputs.sources import iter_items
+    from ..models.resolve import resolve
 
     artifact = resolve(args.backbone, args.store)
     items = None
@@ -201,10 +200,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from ..exporter import resolve
-    from ..quantization import (MAX_ACCURACY_DROP, MIN_MEAN_COSINE, MIN_SPEEDUP, VARIANTS, quantization_report,
-                                quantize, recommend)
-    from ..sources import iter_items
+    from ..encoders.quantization import MAX_ACCURACY_DROP, MIN_MEAN_COSINE, MIN_SPEEDUP, quantization_report, recommend
+    from ..inputs.sources import iter_items
+    from ..models.quantization import VARIANTS, quantize
+    from ..models.resolve import resolve
 
     variants = args.variant or list(VARIANTS)
     base = resolve(args.backbone, args.store)

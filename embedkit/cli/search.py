@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import EmbedkitError
 from .common import backbone_arg, existing_dir, existing_file, positive_float, positive_int, store_arg
 
-# Locators written by extraction (embedkit.sources.iter_items): "file.csv:row 12" (1-based data row),
+# Locators written by extraction (embedkit.inputs.sources.iter_items): "file.csv:row 12" (1-based data row),
 # "file.txt:line 3", an image path, or "item 4" for an in-memory iterable.
 _LOCATOR = re.compile(r"^(?P<file>.+):(?P<unit>row|line) (?P<n>\d+)$")
 _CONTENT_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -40,7 +40,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from ..persistence import save_index
+    from ..heads.persistence import save_index
     from .common import namespace_of
 
     namespace = namespace_of(args.features, args.backbone)
@@ -68,7 +68,7 @@ def matched_texts(hits: list[dict[str, Any]], source: str | None, column: str | 
     The file named by ``source`` (else the one the locator names, from the current folder) is
     read item by item exactly as extraction read it, so the position is ``df.iloc``'s row.
     """
-    from ..sources import iter_items
+    from ..inputs.sources import iter_items
 
     wanted: dict[str, set[str]] = {}
     for hit in hits:
@@ -109,7 +109,7 @@ def describe(hit: dict[str, Any], metric: str, texts: dict[str, tuple[int, Any, 
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from ..persistence import search
+    from ..heads.persistence import search
 
     results = search(args.index, list(args.queries), k=args.k, store=args.store)
     metric = json.loads((Path(args.index) / "index.json").read_text()).get("metric", "cosine")

@@ -1,4 +1,4 @@
-"""The ``serve`` command: the HTTP embedding service (see :mod:`embedkit.serve`)."""
+"""The ``serve`` command: the HTTP embedding service (see :mod:`embedkit.serve.app`)."""
 from __future__ import annotations
 
 import argparse
@@ -65,8 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..errors import MissingDependencyError
 
         raise MissingDependencyError("uvicorn", "serve", "embedkit serve") from None
-    from ..image import DEFAULT_MAX_PIXELS
-    from ..serve import Limits, Settings, create_app
+    from ..inputs.image import DEFAULT_MAX_PIXELS
+    from ..serve.app import Limits, Settings, create_app
 
     limits = Limits(max_body_bytes=args.max_body_bytes, max_items=args.max_items, max_chars=args.max_chars,
                     max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)

@@ -1,0 +1,3 @@
+"""Features: the feature store (namespaces, shards, commit records) and extraction into it,
+locally or on Ray Data.
+"""

@@ -1,0 +1,197 @@
+"""Extraction at scale: source -> skip what is stored -> encode -> commit shards, exactly once.
+
+Shards are consecutive runs of ``shard_size`` source items (cached and duplicate items
+included), so a rerun after a crash recomputes the interrupted shard with exactly the batches
+of an uninterrupted run: the final store is the same, bit for bit. Within a shard only the
+missing items are encoded (decoding / tokenising in parallel workers overlapped with ONNX
+Runtime, see :mod:`embedkit.encoder`); each shard is committed atomically with the failure
+records of its items. Planning happens here for every engine; the shard worker that encodes and
+commits a planned shard is :func:`embedkit.features.shards.compute_shard`, run in this process by the
+local engine and in Ray actors by :mod:`embedkit.features.ray`.
+
+With user ids (``id_column``) each row's content fingerprint is stored beside its id: a rerun
+recomputes an id whose content changed (``changed`` in the report; the new vector is served),
+and two rows of one run with one id and different contents are a conflict: both rows count as
+failed, with an ``id_conflict`` failure record, and the id serves no vector until the input is
+fixed and extracted again.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from ..encoder import encoder_for
+from ..fs.outputs import check_output
+from ..inputs.sources import Item, iter_items
+from ..models.resolve import resolve
+from .ray import RayRunner
+from .run import ExtractReport, Run, advance, settle
+from .shards import ShardJob, compute_shard
+from .store import FeatureStore, Namespace
+
+logger = logging.getLogger(__name__)
+
+SHARD_SIZE = {"text": 4096, "image": 512}
+
+
+class _Shard:
+    def __init__(self) -> None:
+        self.items: list[Item] = []  # to compute
+        self.contents: list[str | None] = []  # their content fingerprints (user ids only)
+        self.size = 0  # source items in this shard, computed or not
+
+
+def extract(
+    source: Any,
+    backbone: str = "minilm-l6",
+    store: str = "features",
+    *,
+    column: str | None = None,
+    id_column: str | None = None,
+    shard_size: int | None = None,
+    verify: bool = True,
+    models: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None,
+    **options: Any,
+) -> ExtractReport:
+    """Extract features of every item of ``source`` into a :class:`FeatureStore`.
+
+    Args:
+        source: folder, glob, ``.txt`` / table file, or an iterable (see
+            :func:`embedkit.inputs.sources.iter_items`).
+        backbone: registered name, spec, artifact folder or digest.
+        store: the feature store folder.
+        column, id_column: the table columns of the payload and of user ids.
+        shard_size: source items per shard (default 4096 texts / 512 images); keep it
+            between a run and its reruns for bit-identical results.
+        verify: check every committed shard's checksum first; damaged ones are set aside
+            and their items recomputed.
+        models: the model store (default ``$EMBEDKIT_HOME``, else the user cache folder).
+        engine: ``local`` (this process) or ``ray`` (Ray Data actors, see :mod:`embedkit.features.ray`);
+            both run the same shard worker (:func:`embedkit.features.shards.compute_shard`).
+        address, workers, cpus_per_worker, gpus_per_worker: the Ray engine's cluster address
+            (default: a private local Ray on 127.0.0.1), actors (encoders), and resources per actor.
+        options: encoder options (device, threads, batch_tokens, batch_size, workers, ...).
+
+    Raises:
+        OutputError: ``store`` is refused before any work: its folder is missing, it is, holds
+            or lies inside ``source``, or it exists and is not a feature store (nor empty).
+        ValueError: an unknown ``engine``, or Ray options with the local engine.
+        RayClusterError: (engine ``ray``) the cluster at ``address`` cannot be reached.
+        RayResourcesError: (engine ``ray``) ``cpus_per_worker`` / ``gpus_per_worker`` fit no node.
+        IncompleteExtractionError: (engine ``ray``) planned shards are neither committed nor failed.
+    """
+
+    if shard_size is not None and (not isinstance(shard_size, int) or shard_size < 1):  # 0 is refused, not "default"
+        raise ValueError(f"shard_size must be a positive int or None, got {shard_size!r}")
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    ray_options = {"address": address, "workers": workers, "cpus_per_worker": cpus_per_worker,
+                   "gpus_per_worker": gpus_per_worker}
+    if engine == "local" and any(v is not None for v in ray_options.values()):
+        given = ", ".join(k for k, v in ray_options.items() if v is not None)
+        raise ValueError(f"{given} apply to engine='ray' only")
+    check_output(store, "feature-store", inputs=[source])  # before any work: not an input, not a foreign folder
+    start = time.perf_counter()
+    artifact = resolve(backbone, models)
+    if engine == "ray":
+
+        runner: Any = RayRunner(artifact, store, options, models=models, **ray_options)
+    else:
+        runner = _LocalRunner(encoder_for(artifact, **options))
+    namespace = FeatureStore(store).namespace(artifact)
+    namespace.check_writable()  # a read-only or full store fails before any compute
+    report = ExtractReport(backbone=artifact.name, digest=artifact.digest, namespace=str(namespace.path), engine=engine)
+    if verify:
+        problems = namespace.verify(deep=True)
+        namespace.quarantine(problems)
+        report.quarantined = len(problems)
+    stored = namespace.stored()  # id -> content fingerprint, from earlier runs
+    run = Run(report, progress, bool(id_column), artifact.modality)
+    size = shard_size or SHARD_SIZE[artifact.modality]
+    try:
+        runner.start(namespace, run)
+        _plan(source, artifact.modality, column, id_column, size, stored, run, runner)
+        runner.close()
+    finally:
+        runner.stop()
+    report.seconds = time.perf_counter() - start
+    if report.changed:
+        logger.info("%d ids had another content (or none recorded) in the store: recomputed", report.changed)
+    logger.info("extract %s (%s): %s", artifact.name, artifact.digest[:12], report.summary())
+    return report
+
+
+def _plan(source: Any, modality: str, column: str | None, id_column: str | None, size: int,
+          stored: dict[str, str], run: Run, runner: Any) -> None:
+    """Stream the source into shards of ``size`` source items and hand each to ``runner``."""
+    report = run.report
+    shard = _Shard()
+    for item in iter_items(source, modality, column, id_column):
+        report.total += 1
+        shard.size += 1
+        fp = run.fingerprint(item)
+        first = run.seen.setdefault(item.id, (fp, item.source)) if id_column else (None, "")
+        if first[0] != fp:
+            run.conflict(item, first[1])
+        elif item.id in run.conflicted:
+            run.count(item.id, ok=False)
+        elif item.id in run.waiting:
+            run.waiting[item.id] += 1
+        elif item.id in stored and (not id_column or stored[item.id] == fp):
+            report.cached += 1
+            run.count(item.id, ok=True)
+        elif item.id in run.done or item.id in run.failed:
+            report.duplicates += 1
+            run.count(item.id, ok=item.id in run.done)  # the same content already failed in this run
+        else:
+            if item.id in stored:
+                report.changed += 1  # the stored vector is of another content: recompute
+                logger.debug("id %r (%s): content changed since it was stored; recomputing", item.id, item.source)
+            shard.items.append(item)
+            shard.contents.append(fp if id_column else None)
+            run.waiting[item.id] = 0
+        if shard.size >= size:
+            _submit(shard, run, runner)
+            shard = _Shard()
+    _submit(shard, run, runner)
+
+
+class _LocalRunner:
+    """Runs each shard job in this process, as it is planned."""
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
+
+    def start(self, namespace: Namespace, run: Run) -> None:
+        self.namespace, self.run = namespace, run
+
+    def submit(self, job: ShardJob) -> None:
+        settle(job, compute_shard(job, self.encoder, self.namespace), self.run)
+
+    def close(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def _submit(shard: _Shard, run: Run, runner: Any) -> None:
+    """Turn a planned shard into a job (ids that conflicted since they were queued fail here)."""
+    keep = [n for n, item in enumerate(shard.items) if item.id not in run.conflicted]
+    for n, item in enumerate(shard.items):  # an id that conflicted since it was queued: not embedded
+        if item.id in run.conflicted:
+            copies = 1 + run.waiting.pop(item.id, 0)
+            run.count(item.id, ok=False, n=copies, tick=False)
+            advance(run.progress, copies)
+    items = [shard.items[n] for n in keep]
+    if not items and not run.pending:
+        return
+    conflicts, run.pending = run.pending, []
+    runner.submit(ShardJob(items, [shard.contents[n] for n in keep], conflicts, user_ids=run.user_ids))

@@ -1,0 +1,308 @@
+"""The checks :func:`embedkit.finetune` makes before any work (:func:`validate`): settings,
+names, the parent backbone, objective options, items and labels, output folders.
+
+Each refusal is a typed error whose message names the Python parameter and what it allows.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..backbones.backbone import NAME_PATTERN, Backbone
+from ..backbones.blocks import parse_unfreeze
+from ..backbones.registry import get_backbone
+from ..errors import DatasetError, DeviceUnavailableError, OutputExistsError, UsageError
+from ..fs.outputs import check_output
+from ..heads.training import check_classes
+from ..models import finetuned as tuned
+from ..models.store import ModelStore
+from .contrastive import OPTIONS, check_options
+from .dataset import items_of
+from .loop import Settings
+
+OBJECTIVES = ("classify", "contrastive")
+
+
+@dataclass(frozen=True)
+class Options:
+    """:func:`finetune`'s keyword settings, as given (``objective_options``: its ``**`` keywords)."""
+
+    unfreeze: str
+    objective: str
+    epochs: int
+    batch_size: int
+    lr: float
+    head_lr: float
+    layer_decay: float | None
+    weight_decay: float
+    warmup: float
+    max_grad_norm: float | None
+    validation: Any
+    patience: int | None
+    class_weight: Any
+    seed: int
+    device: str
+    augment: bool
+    checkpoint_dir: str | Path | None
+    checkpoint_every: int | None
+    resume: bool
+    name: str | None
+    store: Any
+    out: str | Path | None
+    train_batchnorm: bool
+    objective_options: dict[str, Any]
+
+    def hyperparameters(self, unfreeze: str) -> dict[str, Any]:
+        """What the lineage and the checkpoint marker record (``unfreeze``: its canonical form)."""
+        return {"objective": self.objective, "unfreeze": unfreeze, "epochs": self.epochs,
+                "batch_size": self.batch_size, "lr": self.lr, "head_lr": self.head_lr, "layer_decay": self.layer_decay,
+                "weight_decay": self.weight_decay, "warmup": self.warmup, "max_grad_norm": self.max_grad_norm,
+                "validation": self.validation if not isinstance(self.validation, tuple) else "given",
+                "patience": self.patience, "class_weight": self.class_weight, "seed": self.seed,
+                "augment": self.augment, "train_batchnorm": self.train_batchnorm, **self.objective_options}
+
+    def settings(self, device: str) -> Settings:
+        return Settings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, head_lr=self.head_lr,
+                             layer_decay=self.layer_decay, weight_decay=self.weight_decay, warmup=self.warmup,
+                             max_grad_norm=self.max_grad_norm, patience=self.patience, seed=self.seed, device=device,
+                             checkpoint_every=self.checkpoint_every)
+
+
+@dataclass
+class Job:
+    """What :func:`validate` settled: the parent, the checked items and labels, where outputs go."""
+
+    backbone: Any  # as given: a name or spec is exported by it (its portable spec goes in the lineage)
+    parent: Backbone
+    spec: Any  # the parsed ``unfreeze``
+    models: ModelStore
+    device: str
+    payloads: list[Any]
+    ids: list[str]
+    y_raw: np.ndarray
+    v_payloads: list[Any] | None = None  # given validation items, and their labels
+    v_raw: np.ndarray | None = None
+    checkpoints: Path | None = None
+
+
+def validate(backbone: Any, items: Any, labels: Sequence[Any], o: Options) -> Job:
+    """Refuse bad settings, names, items, labels and output folders before any work.
+
+    Raises:
+        see :func:`finetune`.
+    """
+    device = check_settings(objective=o.objective, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
+                            head_lr=o.head_lr, layer_decay=o.layer_decay, weight_decay=o.weight_decay,
+                            warmup=o.warmup, max_grad_norm=o.max_grad_norm, validation=o.validation,
+                            patience=o.patience, class_weight=o.class_weight, device=o.device,
+                            checkpoint_every=o.checkpoint_every, resume=o.resume, checkpoint_dir=o.checkpoint_dir,
+                            seed=o.seed)
+    for flag, value in (("augment", o.augment), ("resume", o.resume), ("train_batchnorm", o.train_batchnorm)):
+        if not isinstance(value, (bool, np.bool_)):  # "false" would be taken as True
+            raise UsageError(f"{flag} must be True or False, got {value!r}")
+    spec = parse_unfreeze(o.unfreeze)
+    models = o.store if isinstance(o.store, ModelStore) else ModelStore(o.store)
+    parent = _parent(backbone, o, models)
+    job = _read_items(Job(backbone, parent, spec, models, device, [], [], np.empty(0)), items, labels, o)
+    job.checkpoints = Path(o.checkpoint_dir) if o.checkpoint_dir is not None else None
+    outputs = [p for p in (items,) if isinstance(p, (str, Path))]
+    if job.checkpoints is not None:  # new, empty, or an earlier checkpoint folder (its marker's kind)
+        check_output(job.checkpoints, "checkpoints", inputs=outputs)
+    if o.out is not None:
+        check_output(o.out, "model", inputs=outputs)
+    if parent.onnx is not None:
+        raise UsageError(f"backbone {parent.name!r} is ONNX-only: it has no torch module to fine-tune")
+    return job
+
+
+def _parent(backbone: Any, o: Options, models: ModelStore) -> Backbone:
+    """The parent backbone, once the new name and the objective's options are checked against it."""
+    if o.name is not None and (not isinstance(o.name, str) or not NAME_PATTERN.match(o.name)):
+        raise UsageError(f"name must match {NAME_PATTERN.pattern}, got {o.name!r}")
+    if o.name is not None and tuned.find(o.name, models.root) is not None:
+        raise OutputExistsError(f"a fine-tuned backbone {o.name!r} is already in the model store {models.root}; "
+                                "choose another name")
+    parent = get_backbone(backbone) if isinstance(backbone, str) else backbone
+    if not isinstance(parent, Backbone):
+        raise UsageError(f"backbone must be a name, spec or embedkit.Backbone, got {type(parent).__name__}")
+    if o.objective == "contrastive" and parent.modality != "text":
+        raise UsageError("objective='contrastive' (SetFit) is for text backbones; use objective='classify'")
+    if o.objective == "contrastive" and o.checkpoint_dir is not None:
+        raise UsageError("checkpoint_dir / resume are for objective='classify' (a contrastive run is short: rerun it)")
+    check_objective_options(o.objective, o.objective_options, patience=o.patience, layer_decay=o.layer_decay)
+    return parent
+
+
+def _read_items(job: Job, items: Any, labels: Sequence[Any], o: Options) -> Job:
+    """``job`` with the items and their checked labels (and the given validation items and labels)."""
+    job.payloads, job.ids, _ = items_of(items, job.parent.modality)
+    job.y_raw = check_labels(labels, len(job.payloads))
+    check_classes(job.y_raw)
+    if isinstance(o.validation, tuple):
+        job.v_payloads, _, _ = items_of(o.validation[0], job.parent.modality)
+        job.v_raw = check_labels(o.validation[1], len(job.v_payloads), "validation items")
+        if not job.v_payloads:
+            raise DatasetError("validation=(items, labels) holds no items; give validation items, a fraction such as "
+                               "0.1, or None for no validation")
+    return job
+
+
+def _missing(value: Any) -> bool:
+    """None, NaN or a blank string: no label."""
+    if value is None:
+        return True
+    if isinstance(value, (float, np.floating)) and math.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def check_labels(labels: Sequence[Any], n: int, what: str = "items") -> np.ndarray:
+    """``labels`` as an object array, refusing another length and missing values.
+
+    Raises:
+        DatasetError: not one label per item; a None / NaN / empty label (the message names
+            how many and the first indices); labels of mixed types (1 and "1", True and 1);
+            continuous values (a float that is not a whole number).
+    """
+    if isinstance(labels, (str, bytes)):
+        raise DatasetError("labels must be a sequence with one label per item, not a single string")
+    labels = list(labels)
+    if len(labels) != n:
+        raise DatasetError(f"{len(labels)} labels for {n} {what}: give exactly one label per item")
+    bad = [i for i, v in enumerate(labels) if _missing(v)]
+    if bad:
+        raise DatasetError(f"{len(bad)} of {n} labels are missing (None, NaN or empty), e.g. at index "
+                           f"{', '.join(map(str, bad[:5]))}; label every item or leave those items out")
+    kinds = {type(v.item() if isinstance(v, np.generic) else v).__name__ for v in labels}
+    numbers_ = {"int", "float"}
+    if len(kinds - numbers_) > 1 or (kinds - numbers_ and kinds & numbers_):  # 1 and "1", True and 1: one class?
+        raise DatasetError(f"labels mix types ({', '.join(sorted(kinds))}); use one type, e.g. all strings")
+    fractional = [v for v in labels if isinstance(v, (float, np.floating)) and not float(v).is_integer()]
+    if fractional:
+        raise DatasetError(f"labels hold continuous values (e.g. {fractional[0]!r}); a classifier needs class labels "
+                           "such as strings or integers")
+    out = np.empty(n, dtype=object)
+    out[:] = [v.item() if isinstance(v, np.generic) else v for v in labels]
+    return out
+
+
+def _positive(name: str, value: Any, kind: type = int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok or not value > 0 or (kind is float and not math.isfinite(value)):
+        raise UsageError(f"{name} must be a positive {'number' if kind is float else 'integer'}, got {value!r}")
+
+
+def check_settings(*, objective: str, epochs: Any, batch_size: Any, lr: Any, head_lr: Any, layer_decay: Any,
+                   weight_decay: Any, warmup: Any, max_grad_norm: Any, validation: Any, patience: Any,
+                   class_weight: Any, device: str, checkpoint_every: Any, resume: bool,
+                   checkpoint_dir: Any, seed: Any = 0) -> str:
+    """Refuse bad settings before any work; returns the device to train on.
+
+    Raises:
+        UsageError: a value out of range (the message names it and what is allowed).
+        DeviceUnavailableError: ``device="cuda"`` without a CUDA device.
+    """
+    if objective not in OBJECTIVES:
+        raise UsageError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        _positive(name, value)
+    _positive("checkpoint_every", checkpoint_every, allow_none=True)
+    _positive("patience", patience, allow_none=True)
+    for name, value in (("lr", lr), ("head_lr", head_lr)):
+        _positive(name, value, float)
+    _positive("max_grad_norm", max_grad_norm, float, allow_none=True)
+    if layer_decay is not None and not (isinstance(layer_decay, (int, float)) and 0 < layer_decay <= 1):
+        raise UsageError(f"layer_decay must be None or a number in (0, 1], got {layer_decay!r}")
+    if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) or not weight_decay >= 0:
+        raise UsageError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    if not isinstance(warmup, (int, float)) or isinstance(warmup, bool) or not 0 <= warmup or (
+            isinstance(warmup, float) and warmup >= 1 and not warmup.is_integer()):
+        raise UsageError(f"warmup must be a fraction of the steps in [0, 1) or a whole number of steps, got {warmup!r}")
+    if not (validation is None or isinstance(validation, tuple) and len(validation) == 2
+            or isinstance(validation, (int, float)) and not isinstance(validation, bool) and 0 <= validation < 1):
+        raise UsageError(f"validation must be a fraction in [0, 1), (items, labels), or None, got {validation!r}")
+    if patience and not validation:
+        raise UsageError("patience (early stopping) needs validation data: give validation=0.1 or (items, labels)")
+    if class_weight is not None and class_weight != "balanced" and not isinstance(class_weight, dict):
+        raise UsageError(f"class_weight must be None, 'balanced' or a dict label -> weight, got {class_weight!r}")
+    if isinstance(class_weight, dict):  # a zero, negative or NaN weight trains to NaN weights, found only at export
+        bad = {k: w for k, w in class_weight.items() if not isinstance(w, numbers.Real) or isinstance(w, bool)
+               or not math.isfinite(w) or not w > 0}
+        if bad:
+            raise UsageError(f"class_weight weights must be positive finite numbers, got {bad!r}; "
+                             "give each listed label a weight > 0 (1 is unweighted) or use 'balanced'")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise UsageError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    if (resume or checkpoint_every) and checkpoint_dir is None:
+        raise UsageError("resume and checkpoint_every need a checkpoint_dir")
+    return _device(device)
+
+
+def _device(device: str) -> str:
+    """The device to train on (``auto``: CUDA when torch sees one, else CPU).
+
+    Raises:
+        DeviceUnavailableError: ``cuda[:N]`` without a CUDA device.
+        UsageError: another value.
+    """
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(f"device={device!r} but torch sees no CUDA device; use device='cpu'")
+    elif device != "cpu":
+        raise UsageError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    return device
+
+
+def check_objective_options(objective: str, options: dict[str, Any], **settings: Any) -> None:
+    """Refuse, before any work, an option the objective does not take and a setting it would ignore.
+
+    Raises:
+        UsageError: ``classify`` with options, ``contrastive`` with another option than
+            ``iterations``, ``loss`` and ``scale`` or a bad value of one, or ``contrastive`` with ``patience`` or
+            ``layer_decay`` (it has no validation-driven early stop nor per-block learning rates;
+            ``head_lr``, which always has a value, is classify's and unused by contrastive).
+    """
+    if objective == "classify":
+        if options:
+            raise UsageError(f"objective='classify' takes no options {sorted(options)}; "
+                             "iterations is an option of objective='contrastive'")
+        return
+
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise UsageError(f"objective='contrastive' takes the options {', '.join(OPTIONS)}, got {unknown}")
+    check_options(**options)
+    ignored = [k for k, v in settings.items() if v is not None]
+    if ignored:
+        raise UsageError(f"objective='contrastive' does not use {', '.join(ignored)} (its head is a LogisticRegression "
+                         "fitted after the body is tuned): leave them out, or use objective='classify'")
+
+
+def class_weights(class_weight: Any, classes: np.ndarray, y: np.ndarray) -> np.ndarray | None:
+    """The loss's weight of each class (in ``classes``' order), or None: unweighted.
+
+    Raises:
+        UsageError: ``class_weight`` names a label that is not in the data.
+    """
+    if class_weight is None:
+        return None
+    counts = np.bincount(y, minlength=len(classes)).astype(np.float64)
+    if class_weight == "balanced":  # scikit-learn's rule: n / (classes * count)
+        return (len(y) / (len(classes) * np.maximum(counts, 1))).astype(np.float32)
+    unknown = [k for k in class_weight if k not in set(classes.tolist())]
+    if unknown:
+        raise UsageError(f"class_weight names labels that are not in the data: {unknown[:5]}")
+    return np.asarray([float(class_weight.get(c, 1.0)) for c in classes], dtype=np.float32)

@@ -1,0 +1,269 @@
+"""Fine-tuned backbones in the model store: a new backbone made of its parent and tuned weights.
+
+A fine-tune (:func:`embedkit.finetune`) keeps its result beside the exports of that name::
+
+    <model store>/<name>/finetuned.json          the record: parent, lineage (see below)
+    <model store>/<name>/finetuned.safetensors   the tuned module's whole state dict
+    <model store>/<name>/<digest>/...            its exports, as for any backbone
+
+``finetuned.json`` is written last (atomically), so a record always names complete weights.
+The backbone's ``build()`` is the parent's ``build()`` with the tuned state dict loaded, so it
+exports through the same parity gate (:func:`embedkit.export`) and gets its own digest, hence
+its own feature-store namespace. The registry (:func:`embedkit.get_backbone`) finds it by name
+in any later process from the default model store; :func:`embedkit.export` /
+:func:`embedkit.resolve` with an explicit ``store`` look in that store first.
+
+The record's ``lineage``: ``parent`` (name, spec, artifact digest), ``data`` (fingerprint of
+the training items and labels, item count), ``hyperparameters``, ``metrics`` (per epoch).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..fs import locks
+from ..fs.atomic import alive, write_atomic, write_safetensors
+from ..backbones.backbone import NAME_PATTERN, Backbone, preprocess_from_json
+from ..errors import ArtifactError, InvalidBackboneError, OutputExistsError
+from ..hookspecs import hookimpl
+from .store import sha256_file
+from ..backbones.registry import get_backbone, registry
+from ..fs.home import default_root
+
+logger = logging.getLogger(__name__)
+
+RECORD = "finetuned.json"
+WEIGHTS = "finetuned.safetensors"
+FORMAT = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class TunedBackbone(Backbone):
+    """A backbone whose weights come from a fine-tune of ``parent`` (a registered name or spec).
+
+    ``build()`` builds the parent and loads the tuned state dict (``weight_files[0]``). The
+    lineage travels into the export's manifest; it is not part of the backbone's identity.
+    """
+
+    parent: str = ""
+    lineage: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    weights_sha256: str = field(default="", compare=False, hash=False, repr=False)
+
+    def build(self) -> Any:
+
+        self.verify()
+        module = get_backbone(self.parent).build()
+        load_weights(module, self.weight_files[0])
+        return module
+
+    def verify(self) -> None:
+        """Check the weights file against the sha256 its record names (before it is used).
+
+        Raises:
+            ArtifactError: the file is missing or changed since the fine-tune wrote it.
+        """
+
+        path = Path(self.weight_files[0])
+        if path.is_symlink():
+            raise ArtifactError(f"the weights of fine-tuned backbone {self.name!r} ({path}) are a symbolic link; only "
+                                "a regular file inside its folder is used: run the fine-tune again")
+        if not path.is_file():
+            raise ArtifactError(f"the weights of fine-tuned backbone {self.name!r} are missing ({path}); "
+                                "run the fine-tune again, or delete the folder to forget it")
+        if self.weights_sha256 and sha256_file(path) != self.weights_sha256:
+            raise ArtifactError(f"the weights of fine-tuned backbone {self.name!r} ({path}) changed since the "
+                                f"fine-tune wrote them (their sha256 is not the {self.weights_sha256[:12]}... its "
+                                f"{RECORD} records); run the fine-tune again, or delete the folder {path.parent}")
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "parent": self.parent}
+
+
+def load_weights(module: Any, path: str | os.PathLike[str]) -> None:
+    """Load a safetensors state dict into ``module`` (every key must match, both ways)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InvalidBackboneError("weights", f"{path} does not fit the parent's module: missing {list(missing)[:5]}, "
+                                   f"unexpected {list(unexpected)[:5]}")
+
+
+def save_weights(module: Any, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """The module's whole state dict as safetensors at ``path``, atomically (shared tensors copied)."""
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    write_safetensors(path, state, metadata)
+
+
+def default_name(parent: str, weights: Path) -> str:
+    """``<parent>+ft-<first 8 hex digits of the tuned weights' sha256>``."""
+
+    base = parent if NAME_PATTERN.match(parent) else Path(parent).name.lower()
+    return f"{base}+ft-{sha256_file(weights)[:8]}"
+
+
+def persist(root: Path, name: str, parent: Backbone, parent_spec: str, module: Any, lineage: dict[str, Any],
+            user_named: bool) -> tuple[TunedBackbone, bool]:
+    """Write the tuned weights and record into the store at ``root``; return the backbone and
+    whether this call created it (False: the same fine-tune was already there).
+
+    With no user name the name derives from the weights' hash, so the same fine-tune gives the
+    same name. A user name already holding another fine-tune is refused; one holding another
+    kind of backbone (a registered name) is refused too.
+
+    Raises:
+        InvalidBackboneError: ``name`` breaks the naming rule.
+        OutputExistsError: ``name`` is taken by a registered backbone or another fine-tune.
+    """
+    import uuid
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp_dir = root / ".finetune-staging"
+    tmp_dir.mkdir(exist_ok=True)
+    _sweep(tmp_dir)
+    tmp = tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"  # two threads of one process too
+    save_weights(module, tmp)
+    if not name:
+        name = default_name(parent.name, tmp)
+    if not NAME_PATTERN.match(name):
+        tmp.unlink(missing_ok=True)
+        raise InvalidBackboneError("name", f"name {name!r} must match {NAME_PATTERN.pattern}")
+    with locks.held(tmp_dir / "persist.lock", exclusive=True):  # check-then-write, one run at a time
+        try:
+            created = _claim(root, name, tmp, user_named)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        folder = root / name
+        record = {
+            "format": FORMAT, "kind": "finetuned-backbone", "name": name, "parent": parent_spec,
+            "weights": WEIGHTS, "weights_sha256": sha256_file(folder / WEIGHTS), "spec": _declaration(parent),
+            "lineage": lineage,
+        }
+        write_atomic(folder / RECORD, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
+    return _backbone(folder, record), created
+
+
+def _claim(root: Path, name: str, tmp: Path, user_named: bool) -> bool:
+    """Move the staged weights ``tmp`` to ``<root>/<name>`` if the name is free (or holds these very
+    weights); returns whether the name was free. Called with the store's persist lock held.
+
+    Raises:
+        OutputExistsError: ``name`` is a registered backbone, other artifacts, or another fine-tune.
+    """
+
+    if name in registry().backbones:
+        raise OutputExistsError(f"{name!r} is a registered backbone; give the fine-tune another name")
+    folder = root / name
+    if not (folder / RECORD).is_file() and any((sub / "manifest.json").is_file() for sub in _subfolders(folder)):
+        raise OutputExistsError(f"{name!r} already names other artifacts in the model store {root}; give the "
+                                "fine-tune another name")
+    created = not (folder / RECORD).is_file()
+    if not created and _read(folder / RECORD).get("weights_sha256") != sha256_file(tmp):
+        hint = "" if user_named else " (same name from the same weights hash: delete the folder to redo)"
+        raise OutputExistsError(f"a fine-tuned backbone {name!r} with other weights is already in the model store "
+                                f"{root}; choose another name{hint}")
+    folder.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, folder / WEIGHTS)
+    return created
+
+
+def discard(backbone: TunedBackbone) -> None:
+    """Remove a fine-tuned backbone that :func:`persist` just created and that failed its export:
+    the record first (it is no longer found nor listed), then the weights, then its folder when
+    nothing else is left in it."""
+    folder = Path(backbone.weight_files[0]).parent
+    (folder / RECORD).unlink(missing_ok=True)
+    (folder / WEIGHTS).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # something else is in it (e.g. a lock file): leave the folder
+        pass
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+
+
+def _sweep(folder: Path) -> None:
+    """Remove staged weights of fine-tunes whose process died (named ``<pid>[-<random>].safetensors``)."""
+
+    for path in folder.glob("*.safetensors"):
+        pid = path.stem.split("-")[0]
+        if pid.isdigit() and not alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _declaration(parent: Backbone) -> dict[str, Any]:
+    spec = parent.spec()
+    return {k: spec[k] for k in ("modality", "dim", "preprocess", "license") if k in spec} | (
+        {"blocks": list(getattr(parent, "blocks", ()) or ())})
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidBackboneError("finetuned", f"unreadable fine-tune record {path}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("kind") != "finetuned-backbone":
+        raise InvalidBackboneError("finetuned", f"{path} is not a fine-tune record of format {FORMAT}")
+    if data.get("weights") != WEIGHTS:  # files named by metadata stay inside their folder: exactly this one
+        raise InvalidBackboneError("finetuned", f"{path} names the weights {data.get('weights')!r}; a fine-tune record "
+                                   f"names only {WEIGHTS!r} beside it (edited by hand? run the fine-tune again)")
+    return data
+
+
+def _backbone(folder: Path, record: dict[str, Any]) -> TunedBackbone:
+    spec = record["spec"]
+    lineage = record.get("lineage") or {}
+    parent_digest = (lineage.get("parent") or {}).get("digest", "")
+    extra = {"blocks": tuple(spec.get("blocks") or ())} if "blocks" in Backbone.__dataclass_fields__ else {}
+    return TunedBackbone(
+        name=record["name"], modality=spec["modality"], dim=int(spec["dim"]),
+        preprocess=preprocess_from_json(spec["preprocess"]), license=spec["license"],
+        weights=f"fine-tuned from {record['parent']} ({parent_digest[:12]})",
+        weight_files=(str(folder / record["weights"]),),
+        description=f"fine-tune of {record['parent']}", parent=record["parent"], lineage=lineage,
+        weights_sha256=str(record.get("weights_sha256") or ""), **extra,
+    )
+
+
+def find(name: str, root: str | os.PathLike[str] | None = None) -> TunedBackbone | None:
+    """The fine-tuned backbone ``name`` in the model store at ``root`` (default store), or None."""
+
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        return None
+    folder = Path(root) if root is not None else default_root()
+    record = folder / name / RECORD
+    if not record.is_file():
+        return None
+    return _backbone(folder / name, _read(record))
+
+
+def listing(root: str | os.PathLike[str] | None = None) -> list[TunedBackbone]:
+    """Every fine-tuned backbone in the model store at ``root`` (default store), by name."""
+
+    folder = Path(root) if root is not None else default_root()
+    found = []
+    for record in sorted(folder.glob(f"*/{RECORD}")) if folder.is_dir() else []:
+        try:
+            found.append(_backbone(record.parent, _read(record)))
+        except (InvalidBackboneError, KeyError) as exc:
+            logger.warning("skipping fine-tune record %s: %s", record, exc)
+    return found
+
+
+@hookimpl(tryfirst=True)
+def resolve_backbone(spec: str) -> Backbone | None:
+    """embedkit's own resolver (a default plugin, see :data:`embedkit.backbones.registry.DEFAULT_PLUGINS`):
+    a fine-tune kept in the default model store, by its name."""
+    found = find(spec)
+    if found is not None:
+        found.validate()
+    return found

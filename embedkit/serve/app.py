@@ -1,0 +1,201 @@
+"""The HTTP service: ``embedkit serve`` (FastAPI + uvicorn; routes thin, batching in :mod:`embedkit.serve.batching`).
+
+Routes: ``POST /v1/embeddings`` (OpenAI-compatible), ``POST /embed`` (texts or images, per-item
+errors as :func:`embedkit.embed`), ``POST /predict`` (saved models), ``GET /v1/models``,
+``/health``, ``/ready``, ``/metrics`` (Prometheus text).
+
+Every error body is OpenAI's shape ``{"error": {"message", "type", "code"}}``; messages name
+positions, types and limits, never the content that was sent. Models come from the command
+line only: no request names a file or a model path. The request logic lives in
+:mod:`embedkit.serve.service`; this module holds the app, its middleware and the routes. It imports
+FastAPI (the ``serve`` extra), so ``import embedkit`` never imports it.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from .api_error import ApiError, error_body
+from .service import Service
+from .settings import Limits, Settings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ApiError", "Limits", "Settings", "create_app"]
+
+ROUTES = ("/v1/embeddings", "/embed", "/predict", "/v1/models", "/health", "/ready", "/metrics")
+OPEN_ROUTES = ("/health",)
+JSON = "application/json"
+
+
+async def _send_error(send: Callable, error: ApiError) -> None:
+    body = json.dumps(error_body(error)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """ASGI middleware: metrics of every request, the API key, and the body size limit.
+
+    The key is checked before the body is read; the size limit is enforced on the declared
+    ``Content-Length`` and again on the bytes as they stream in, so no body over the limit is
+    ever parsed (413).
+    """
+
+    def __init__(self, app: Any, service: Service):
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        route = path if path in ROUTES else "other"
+        status = {"code": 500}
+        started = False
+
+        async def sending(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                status["code"] = message["status"]
+            await send(message)
+
+        metrics = self.service.metrics
+        clock = metrics.timer()
+        try:
+            error = self._refuse(scope, path)
+            if error is not None:
+                await _send_error(sending, error)
+                return
+            limit = self.service.limits.max_body_bytes
+            seen = 0
+
+            async def receiving() -> dict:
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > limit:  # the route's body read fails: the app answers 413
+                        raise self._too_large()
+                return message
+
+            try:
+                await self.app(scope, receiving, sending)
+            except ApiError as error:  # raised outside the app's handlers
+                if not started:
+                    await _send_error(sending, error)
+        finally:
+            metrics.request(route, status["code"], clock)
+
+    def _too_large(self) -> ApiError:
+        limit = self.service.limits.max_body_bytes
+        return ApiError(413, "body_too_large", f"the request body is over {limit} bytes (--max-body-bytes)")
+
+    def _refuse(self, scope: dict, path: str) -> ApiError | None:
+        headers = dict(scope.get("headers") or [])
+        key = self.service.settings.api_key
+        if key and path not in OPEN_ROUTES:
+            given = headers.get(b"authorization", b"")
+            token = given[7:] if given[:7].lower() == b"bearer " else b""
+            # Digests first: equal lengths, so the comparison time says nothing about the key's length.
+            if not hmac.compare_digest(hashlib.sha256(token.strip()).digest(), hashlib.sha256(key.encode()).digest()):
+                return ApiError(401, "invalid_api_key", "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                type="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                return ApiError(400, "bad_content_length", "the Content-Length header is not a number")
+            if size > self.service.limits.max_body_bytes:
+                return self._too_large()
+        return None
+
+
+def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -> Any:
+    """The ASGI app serving ``settings`` (models load in a thread at startup; ``/ready`` says when).
+
+    ``on_fatal`` is called when a model cannot be loaded (the CLI stops the server, exit code 1).
+    """
+    service = Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Any):
+        service.start(on_fatal)
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, service.close)
+
+    app = FastAPI(title="embedkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    def error_response(error: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(error), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        # The path is not echoed: it is input too.
+        return error_response(ApiError(exc.status_code, code, f"{code.replace('_', ' ')}; routes: {', '.join(ROUTES)}"))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(ApiError(422, "invalid_request", "the request does not match the schema"))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("internal error on %s", request.url.path)
+        return error_response(ApiError(500, "internal_error", "internal server error (see the server log)",
+                                       type="server_error"))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> dict:
+        service.require_ready()
+        return {"status": "ready", "models": service.names()}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": service.describe()}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = service.metrics.render(service)
+        return Response(body, media_type=content_type)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        body = await service.json_body(request)
+        return Response(await service.openai_embeddings(body, request), media_type=JSON)
+
+    @app.post("/embed")
+    async def embed(request: Request) -> Response:
+        return Response(await service.embed(await service.payload(request), request), media_type=JSON)
+
+    @app.post("/predict")
+    async def predict(request: Request) -> Response:
+        return Response(await service.predict(await service.payload(request), request), media_type=JSON)
+
+    return Guard(app, service)
