@@ -281,8 +281,13 @@ def _contrastive(job: Job, p: Prepared, o: Options, settings: loop.Settings,
         max_grad_norm=settings.max_grad_norm or 0.0, device=settings.device, train_mode=p.plan.train,
         progress=(lambda done, total: progress(done, total, {})) if progress else None, **o.objective_options)
     p.module.eval()
+    features = encode(p.module, tokenize, texts)
+    if not np.isfinite(features).all():
+        # Whether an overflowing weight gives inf or NaN here depends on how the CPU rounds (seen
+        # on an AMD EPYC with AVX-512, not on Intel): the outputs are checked, not the loss alone.
+        raise TrainingDivergedError("the tuned backbone's output on training items")
     clf = LogisticRegression(max_iter=2000, random_state=settings.seed, class_weight=o.class_weight)
-    clf.fit(encode(p.module, tokenize, texts), y)
+    clf.fit(features, y)
     if p.val_idx is not None:
         given = job.v_payloads is not None
         source, offset = (job.v_payloads, len(job.payloads)) if given else (job.payloads, 0)
@@ -318,8 +323,6 @@ def _check_finite(module: Any, data: Any, index: np.ndarray) -> None:
         out = module(*data.batch(index, None))
     if not bool(torch.isfinite(out.float()).all()):
         raise TrainingDivergedError("the tuned backbone's output on training items")
-
-
 
 
 # -- persist: the new backbone, its export, the classifier ----------------------------------------
