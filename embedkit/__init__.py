@@ -7,7 +7,10 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from . import moved
 from .version import __version__
+
+moved.install()  # the flat layout's module paths still import (see embedkit.moved)
 
 _EXPORTS = {
     "Backbone": "backbones.backbone",

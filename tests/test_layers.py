@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("inputs",),
     ("backbones",),
     ("fs",),
-    ("errors", "hookspecs", "version"),
+    ("errors", "hookspecs", "version", "moved"),
 ]
 # Third-party packages heavy enough (or optional enough) to import inside the function that
 # needs them: everything else, and every embedkit module, is imported at the top of the module.
