@@ -6,7 +6,7 @@ import torch
 from tokenizers import Tokenizer
 
 import embedkit
-from embedkit.backbones.blocks import blocks_of, infer_blocks, plan_freeze
+from embedkit.blocks import blocks_of, infer_blocks, plan_freeze
 from embedkit_text import minilm_folder
 from embedkit_text.folder import folder_backbone
 from embedkit_text.module import PooledEncoder

@@ -7,9 +7,9 @@ import torch
 
 import embedkit
 from embedkit import ImageProcessor
-from embedkit.backbones.blocks import blocks_of, infer_blocks, plan_freeze
+from embedkit.blocks import blocks_of, infer_blocks, plan_freeze
 from embedkit.errors import InvalidUnfreezeError
-from embedkit.inputs.image import probe_images
+from embedkit.image import probe_images
 
 
 def pixels(backbone, count=2):

@@ -15,7 +15,7 @@ from sklearn.pipeline import Pipeline
 
 import embedkit
 from embedkit import Embedder, ImageProcessor, InvalidInputError, image_folder
-from embedkit.models.probes import cosine
+from embedkit.probes import cosine
 from embedkit.testing import check_backbone, torch_preprocess
 
 BACKBONES = ["mobilenet-v2", "efficientnet-lite0"]

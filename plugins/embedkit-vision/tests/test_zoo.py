@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import embedkit
-from embedkit.backbones.blocks import blocks_of, plan_freeze
 from embedkit.errors import InvalidBackboneError, MissingDependencyError
+from embedkit.blocks import blocks_of, plan_freeze
 from embedkit.testing import check_backbone
 
 HAVE_ZOO = importlib.util.find_spec("timm") is not None and importlib.util.find_spec("torchvision") is not None
