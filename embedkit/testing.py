@@ -68,7 +68,6 @@ def check_backbone(backbone: Backbone | str, store: str | Path | None = None) ->
         BackboneCheckError: the first rule broken, with the measured numbers.
     """
     if isinstance(backbone, str):
-
         backbone = get_backbone(backbone)
     if store is None:
         with tempfile.TemporaryDirectory(prefix="embedkit-check-") as tmp:

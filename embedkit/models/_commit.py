@@ -105,5 +105,4 @@ def commit_artifact(store: ModelStore, staging: Path, name: str, digest: str, ma
 def check_expected(backbone: Backbone, digest: str, expect: str | None) -> None:
     """Raise :class:`ArtifactMismatchError` when ``expect`` is given and ``digest`` is another."""
     if expect is not None and digest != expect:
-
         raise ArtifactMismatchError(backbone.name, expect, digest)

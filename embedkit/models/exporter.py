@@ -97,7 +97,6 @@ def export(
     """
     source = backbone if isinstance(backbone, str) else None
     if isinstance(backbone, str):
-
         root = store.root if isinstance(store, ModelStore) else store
         backbone = (find(backbone, root) if root is not None else None) or get_backbone(backbone)
     backbone.validate()
@@ -113,7 +112,6 @@ def export(
             logger.info("reusing export %s/%s", backbone.name, found.digest[:12])
             return found
     if backbone.onnx is not None:
-
         return import_onnx(backbone, store, key, expect)
     torch = _import_torch()
     started = time.perf_counter()

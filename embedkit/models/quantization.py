@@ -36,7 +36,6 @@ VARIANTS = ("dynamic", "dynamic-per-tensor", "static")
 
 def _calibration_batches(artifact: Artifact, items: Sequence[Any], batch: int = 16) -> list[dict[str, np.ndarray]]:
     if artifact.modality == "image":
-
         processor = ImageProcessor(artifact.preprocess)
         rows = []
         for item in items:
