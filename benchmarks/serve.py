@@ -7,7 +7,9 @@ a time (dynamic batching should give >= 3x). With ``--infinity PYTHON`` the same
 against infinity-emb (``PYTHON -m infinity_emb v2``, CPU, the same MiniLM folder by path), side
 by side: both servers run at once and the loads alternate between them. ``--images N``:
 mobilenet-v2 images/s through ``/embed`` (multipart JPEGs, 8 clients) vs ``embedkit.embed``.
-``--rss 1000,100000`` prints the server's RSS after that many small requests.
+``--rss 1000,100000`` prints the server's RSS after that many small requests. ``--mixed 64``: the
+fairness load of issue 22 at 64 clients: p50/p99 of small requests (1 text) alone, then with 10 %
+of requests carrying 2,048 texts, on every target (with ``--infinity``, side by side).
 
 Every load is bounded in requests and in seconds. The client runs on the same cores as the
 server (say so when reading the figures). The in-process ``embedkit.embed`` rate on the same
@@ -150,6 +152,56 @@ def run_suite(targets: list[tuple[str, str, str, str]], args: argparse.Namespace
     return results
 
 
+async def mixed_load(url: str, path: str, model: str, pool: list[str], clients: int, large_share: float,
+                     large_size: int, requests: int, seconds: float) -> dict[str, float]:
+    """Small (1 text) and large (``large_size`` texts, every 1/``large_share``-th request) requests
+    from ``clients`` clients: the latency of the small ones."""
+    import httpx
+
+    small: list[float] = []
+    large: list[float] = []
+    errors = 0
+    sent = 0
+    stop = time.monotonic() + seconds
+    every = round(1 / large_share) if large_share else 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal errors, sent
+        while sent < requests and time.monotonic() < stop:
+            k = sent
+            sent += 1
+            size = large_size if every and k % every == every - 1 else 1
+            start = (k * 7) % (len(pool) - size)
+            t = time.perf_counter()
+            try:
+                r = await http.post(url + path, json={"model": model, "input": pool[start:start + size]})
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            (large if size > 1 else small).append(time.perf_counter() - t)
+            errors += not ok
+
+    https = [httpx.AsyncClient(timeout=300) for _ in range(clients)]
+    try:
+        await asyncio.gather(*(client(http) for http in https))
+    finally:
+        for http in https:
+            await http.aclose()
+    small.sort()
+    n = len(small)
+    return {"small": n, "large": len(large), "errors": errors, "p50_ms": 1000 * statistics.median(small),
+            "p99_ms": 1000 * small[min(n - 1, int(0.99 * n))], "max_ms": 1000 * small[-1]}
+
+
+def run_mixed(targets: list[tuple[str, str, str, str]], args: argparse.Namespace, pool: list[str]) -> None:
+    for share in (0.0, 0.1):
+        for name, url, path, model in targets:
+            r = asyncio.run(mixed_load(url, path, model, pool, args.mixed, share, 2048, args.requests, args.seconds))
+            print(f"{name:9s} mixed {args.mixed} clients, {share:.0%} of requests 2048 texts: small requests "
+                  f"p50 {r['p50_ms']:.0f} ms p99 {r['p99_ms']:.0f} ms max {r['max_ms']:.0f} ms "
+                  f"({r['small']} small, {r['large']} large, {r['errors']} errors)", flush=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -289,6 +341,8 @@ def main() -> None:
     parser.add_argument("--infinity", help="python of a venv with infinity-emb (e.g. .bench/infinity/bin/python)")
     parser.add_argument("--images", type=int, default=0, help="also mobilenet-v2 /embed on this many JPEGs")
     parser.add_argument("--rss", default="", help="e.g. 1000,100000: RSS after that many small requests")
+    parser.add_argument("--mixed", type=int, default=0, help="clients of the mixed (fairness) load; 0: skip")
+    parser.add_argument("--no-suite", action="store_true", help="skip the 1/8/32/64-client throughput suite")
     args = parser.parse_args()
     args.clients = [int(x) for x in args.clients.split(",")]
     args.sizes = [int(x) for x in args.sizes.split(",")]
@@ -310,7 +364,10 @@ def main() -> None:
             other = stack.enter_context(infinity(args.infinity))
             if other is not None:
                 targets.append(other)
-        run_suite(targets, args, pool)
+        if not args.no_suite:
+            run_suite(targets, args, pool)
+        if args.mixed:
+            run_mixed(targets, args, pool)
         if args.rss:
             rss(server, [int(x) for x in args.rss.split(",")], pool)
     print(f"embedkit.embed in process: {ceiling(args.backbone, pool):.1f} texts/s (after)", flush=True)

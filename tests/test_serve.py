@@ -23,7 +23,7 @@ httpx = pytest.importorskip("httpx")
 torch = pytest.importorskip("torch")
 
 from serving import ROOT, Server  # noqa: E402
-from tiny import Pooled, text_backbone  # noqa: E402
+from tiny import Pooled, TinyConv, png, text_backbone  # noqa: E402
 
 import embedkit  # noqa: E402
 
@@ -31,24 +31,6 @@ KEY = "s3cret-key-for-tests"
 SECRET = "PRIVATE-CONTENT-7f3a"  # sent inside bad requests; must never come back in an error body
 TEXTS = ["the card was declined", "how do I top up?", "a", "where is my refund for the order I placed last week"]
 
-
-class TinyConv(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 3)
-
-    def forward(self, pixel_values):
-        return self.conv(pixel_values).mean((2, 3))
-
-
-def png(seed: int, size=(40, 48)) -> bytes:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -206,10 +188,11 @@ def test_binds_loopback_only_by_default(server):
     assert listening and all(a.ip == "127.0.0.1" for a in listening)
 
 
+JSON_TYPE = {"Content-Type": "application/json"}
 BAD = [
     # (path, request kwargs, status, code)
-    ("/v1/embeddings", {"content": b'{"input": ["' + SECRET.encode() + b'"'}, 400, "invalid_json"),
-    ("/v1/embeddings", {"content": b"\xff\xfe" + SECRET.encode()}, 400, "invalid_json"),
+    ("/v1/embeddings", {"content": b'{"input": ["' + SECRET.encode() + b'"', "headers": JSON_TYPE}, 400, "invalid_json"),
+    ("/v1/embeddings", {"content": b"\xff\xfe" + SECRET.encode(), "headers": JSON_TYPE}, 400, "invalid_json"),
     ("/v1/embeddings", {"json": [SECRET]}, 422, "invalid_type"),
     ("/v1/embeddings", {"json": {"input": 5}}, 422, "invalid_type"),
     ("/v1/embeddings", {"json": {"input": [SECRET, 5]}}, 422, "invalid_type"),
@@ -228,7 +211,8 @@ BAD = [
     ("/v1/embeddings", {"json": {"input": ["x"] * 33}}, 413, "too_many_items"),
     ("/v1/embeddings", {"json": {"input": [SECRET * 100]}}, 413, "text_too_long"),
     ("/v1/embeddings", {"json": {"input": [SECRET] * 10_000}}, 413, "body_too_large"),
-    ("/v1/embeddings", {"content": lambda: (SECRET.encode() * 20_000 for _ in range(3))}, 413, "body_too_large"),  # chunked
+    ("/v1/embeddings", {"content": lambda: (SECRET.encode() * 20_000 for _ in range(3)), "headers": JSON_TYPE},
+     413, "body_too_large"),  # chunked
     ("/embed", {"json": {"texts": SECRET}}, 422, "invalid_type"),
     ("/embed", {"json": {"texts": [SECRET], "images": []}}, 422, "invalid_request"),
     ("/embed", {"json": {}}, 422, "invalid_request"),

@@ -9,38 +9,68 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from .common import existing_file, non_negative_float, non_negative_int, positive_int, store_arg
+from ..serve.settings import SERVE_MAX_PIXELS
+from .common import existing_file, non_negative_float, non_negative_int, positive_float, positive_int, store_arg
 
 DEFAULT_BACKBONE = "minilm-l6"
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("serve", help="serve embeddings and saved models over HTTP (OpenAI-compatible /v1/embeddings)")
+    p = sub.add_parser("serve", help="serve embeddings and saved models over HTTP (OpenAI-compatible /v1/embeddings)",
+                       description="Serve embeddings and saved models over HTTP. Exit codes: 0 drained and "
+                       "stopped, 1 a model cannot be loaded or a bad option, 3 the address cannot be bound "
+                       "(port in use).")
     p.add_argument("--backbone", action="append", default=[],
                    help="backbone name, artifact folder or digest to serve, optionally NAME=SPEC (repeatable; "
-                   f"default {DEFAULT_BACKBONE} when no --model is given)")
+                   f"default {DEFAULT_BACKBONE} when no --model is given). A request without 'model' gets the "
+                   "first one served of its kind and modality")
     p.add_argument("--model", action="append", default=[],
                    help="saved model folder (the model/ that train-head --out writes) served by /predict, "
                    "optionally NAME=PATH (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=non_negative_int, default=8000, help="TCP port (default 8000; 0: any free port)")
+    p.add_argument("--port", type=non_negative_int, default=8000,
+                   help="TCP port (default 8000; 0: any free port, the one bound is printed)")
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (visible in ps: prefer --api-key-file "
                      "or EMBEDKIT_API_KEY)")
     key.add_argument("--api-key-file", type=existing_file, help="file holding the API key (first line)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="without an API key, a Host header this server answers besides 127.0.0.1, localhost, "
+                   "::1 and the --host address (repeatable; '*': any; default none: a guard against DNS rebinding)")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser Origin (scheme://host[:port]) allowed besides pages on an allowed host "
+                   "(repeatable; '*': any; default none)")
     p.add_argument("--max-batch-tokens", type=positive_int,
                    help="padded tokens per text batch (default: the encoder's, 384 on CPU, 16384 on CUDA)")
-    p.add_argument("--max-batch-images", type=positive_int, default=16, help="images per image batch")
-    p.add_argument("--max-wait-ms", type=non_negative_float, default=2.0, help="longest wait for a batch to fill")
-    p.add_argument("--max-queue", type=positive_int, default=4096, help="queued items per model before 429")
-    p.add_argument("--max-body-bytes", type=positive_int, default=16 * 2**20, help="request body limit (413)")
-    p.add_argument("--max-items", type=positive_int, default=2048, help="items per request (413)")
-    p.add_argument("--max-chars", type=positive_int, default=100_000, help="characters per text (413)")
-    p.add_argument("--max-pixels", type=positive_int, help="pixels per image (default: the library's); larger fail as too_large")
+    p.add_argument("--max-batch-images", type=positive_int, default=16, help="images per image batch (default 16)")
+    p.add_argument("--max-wait-ms", type=non_negative_float, default=2.0,
+                   help="longest wait for a batch to fill, in ms (default 2)")
+    p.add_argument("--max-queue", type=positive_int, default=4096,
+                   help="queued items per model before 429 (default 4096)")
+    p.add_argument("--max-body-bytes", type=positive_int, default=16 * 2**20,
+                   help="request body limit, 413 beyond (default 16777216: 16 MiB)")
+    p.add_argument("--max-inflight-bytes", type=positive_int, default=64 * 2**20,
+                   help="body bytes of all requests in flight together, 429 with Retry-After beyond "
+                   "(default 67108864: 64 MiB)")
+    p.add_argument("--max-items", type=positive_int, default=2048, help="items per request, 413 beyond (default 2048)")
+    p.add_argument("--max-chars", type=positive_int, default=100_000,
+                   help="characters per text, 413 beyond (default 100000)")
+    p.add_argument("--max-pixels", type=positive_int, default=SERVE_MAX_PIXELS,
+                   help=f"pixels per image; larger ones fail as too_large (default {SERVE_MAX_PIXELS}: 4096 x 4096)")
     p.add_argument("--threads", type=positive_int, help="ONNX Runtime threads per model (default: all cores)")
     p.add_argument("--streams", type=positive_int, help="concurrent ONNX Runtime sessions (batch workers) per model "
                    "(default: the runtime's choice)")
-    p.add_argument("--drain-seconds", type=non_negative_float, default=30.0, help="on SIGTERM, wait this long for requests in flight")
+    p.add_argument("--drain-seconds", type=non_negative_float, default=30.0,
+                   help="on SIGTERM, time for requests in flight to finish; then they get 503 shutting_down, "
+                   "queued items are dropped and the process exits (default 30)")
+    p.add_argument("--header-timeout", type=positive_float, default=10.0,
+                   help="seconds a client has to send a request's line and headers (default 10)")
+    p.add_argument("--body-timeout", type=positive_float, default=60.0,
+                   help="seconds a client has to send a request's body after its headers (default 60)")
+    p.add_argument("--keep-alive", type=positive_float, default=5.0,
+                   help="seconds an idle keep-alive connection is held (default 5)")
+    p.add_argument("--max-connections", type=positive_int, default=1000,
+                   help="open connections (and requests) at most; beyond, 503 (default 1000)")
     store_arg(p)
 
 
@@ -53,8 +83,13 @@ def _api_key(args: argparse.Namespace) -> str | None:
         key = lines[0].strip() if lines else ""
     else:
         key = args.api_key or os.environ.get("EMBEDKIT_API_KEY") or ""
+        where = "--api-key" if args.api_key else "EMBEDKIT_API_KEY"
+        if key != key.strip():  # a client could never send it: 'Bearer KEY' is read stripped
+            raise UsageError(f"{where} has leading or trailing whitespace; remove it")
     if (args.api_key_file or args.api_key) and not key:
         raise UsageError("the API key is empty")
+    if any(c.isspace() for c in key):
+        raise UsageError("the API key contains whitespace; a client cannot send it in 'Authorization: Bearer KEY'")
     return key or None
 
 
@@ -65,16 +100,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..errors import MissingDependencyError
 
         raise MissingDependencyError("uvicorn", "serve", "embedkit serve") from None
-    from ..inputs.image import DEFAULT_MAX_PIXELS
     from ..serve.app import Limits, Settings, create_app
+    from ..serve.server import FLUSH_SECONDS, Server, timed_protocol
 
     limits = Limits(max_body_bytes=args.max_body_bytes, max_items=args.max_items, max_chars=args.max_chars,
-                    max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+                    max_pixels=args.max_pixels, max_inflight_bytes=max(args.max_inflight_bytes, args.max_body_bytes))
     settings = Settings(
         backbones=args.backbone or ([] if args.model else [DEFAULT_BACKBONE]), models=args.model, store=args.store,
         api_key=_api_key(args), limits=limits, max_batch_tokens=args.max_batch_tokens,
         max_batch_images=args.max_batch_images, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        threads=args.threads, streams=args.streams,
+        threads=args.threads, streams=args.streams, host=args.host, allowed_hosts=args.allowed_host,
+        allowed_origins=args.allowed_origin,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use it "
@@ -88,17 +124,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     app = create_app(settings, on_fatal=fatal)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=args.drain_seconds, lifespan="on")
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=args.drain_seconds + FLUSH_SECONDS, lifespan="on",
+                            http=timed_protocol(args.header_timeout, args.body_timeout),
+                            timeout_keep_alive=args.keep_alive, limit_concurrency=args.max_connections)
+    service = app.service
+    server = Server(config, on_drain=lambda: service.begin_drain(args.drain_seconds))
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was there
     # before it: a no-op here, so a drained shutdown exits 0 instead of dying by the signal.
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        print(f"embedkit serve: http://{args.host}:{args.port} (SIGTERM or Ctrl-C drains and stops)", file=sys.stderr)
         server.run()
+    except SystemExit as exc:
+        if server.started:
+            raise
+        # uvicorn could not bind (port in use: exit 3) while a model may still be loading in a
+        # native thread; finalising the interpreter under that thread can abort (SIGABRT, seen on a
+        # loaded machine), so the documented exit code is given at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.code if isinstance(exc.code, int) else 1)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        # Once drained, a second SIGTERM (a supervisor's repeat) must not turn the clean exit into
+        # death by signal while the interpreter winds down: the no-op handlers stay.
+        if not server._captured_signals:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
     return 1 if failed or not server.started else 0
 
 

@@ -13,17 +13,22 @@ FastAPI (the ``serve`` extra), so ``import embedkit`` never imports it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import json
 import logging
+import math
+import time
 from contextlib import asynccontextmanager
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .api_error import ApiError, error_body
 from .service import Service
@@ -35,7 +40,49 @@ __all__ = ["ApiError", "Limits", "Settings", "create_app"]
 
 ROUTES = ("/v1/embeddings", "/embed", "/predict", "/v1/models", "/health", "/ready", "/metrics")
 OPEN_ROUTES = ("/health",)
+BODY_ROUTES = ("/v1/embeddings", "/embed", "/predict")
+FORM_ROUTES = ("/embed", "/predict")  # also take a multipart form of images
 JSON = "application/json"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ANY_ADDRESS = ("0.0.0.0", "::", "")
+
+
+def _host_name(value: str) -> str:
+    """The host of a ``Host`` header or a URL's netloc, lower case, without port or brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0].rstrip(".") if value.count(":") == 1 else value.rstrip(".")
+
+
+class Budget:
+    """The body bytes of the requests in flight, bounded; ``Retry-After`` from the bytes per second
+    served over the last ``window`` seconds (measured, not guessed)."""
+
+    def __init__(self, limit: int, window: float = 30.0):
+        self.limit, self.window = limit, window
+        self.used = 0
+        self._done: collections.deque[tuple[float, int]] = collections.deque()
+
+    def take(self, size: int) -> bool:
+        if self.used and self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+        now = time.monotonic()
+        self._done.append((now, size))
+        while self._done and self._done[0][0] < now - self.window:
+            self._done.popleft()
+
+    def retry_after(self, size: int) -> int:
+        now = time.monotonic()
+        served = sum(n for t, n in self._done if t >= now - self.window)
+        rate = served / self.window if served else 0.0
+        excess = self.used + size - self.limit
+        return max(1, math.ceil(excess / rate)) if rate else 1
 
 
 async def _send_error(send: Callable, error: ApiError) -> None:
@@ -57,6 +104,12 @@ class Guard:
     def __init__(self, app: Any, service: Service):
         self.app = app
         self.service = service
+        settings = service.settings
+        bound = _host_name(settings.host)
+        self.hosts = {*LOOPBACK, *(() if bound in ANY_ADDRESS else (bound,)),
+                      *(_host_name(h) for h in settings.allowed_hosts)}
+        self.origins = {o.strip().rstrip("/").lower() for o in settings.allowed_origins}
+        self.budget = Budget(service.limits.max_inflight_bytes)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -83,14 +136,23 @@ class Guard:
                 return
             limit = self.service.limits.max_body_bytes
             seen = 0
+            declared = _declared(scope)
+            held = declared or 0  # bytes of the in-flight budget this request holds
+            if held and not self.budget.take(held):
+                await _send_error(sending, self._busy(held))
+                return
 
             async def receiving() -> dict:
-                nonlocal seen
+                nonlocal seen, held
                 message = await receive()
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > limit:  # the route's body read fails: the app answers 413
                         raise self._too_large()
+                    if seen > held:  # a chunked body: held as it arrives
+                        if not self.budget.take(seen - held):
+                            raise self._busy(seen - held)
+                        held = seen
                 return message
 
             try:
@@ -98,8 +160,16 @@ class Guard:
             except ApiError as error:  # raised outside the app's handlers
                 if not started:
                     await _send_error(sending, error)
+            finally:
+                self.budget.give(held)
         finally:
             metrics.request(route, status["code"], clock)
+
+    def _busy(self, size: int) -> ApiError:
+        retry = self.budget.retry_after(size)
+        return ApiError(429, "server_busy", f"the requests in flight hold {self.budget.used} body bytes; the "
+                        f"limit is {self.budget.limit} (--max-inflight-bytes); retry after {retry} s",
+                        headers={"Retry-After": str(retry)})
 
     def _too_large(self) -> ApiError:
         limit = self.service.limits.max_body_bytes
@@ -108,6 +178,10 @@ class Guard:
     def _refuse(self, scope: dict, path: str) -> ApiError | None:
         headers = dict(scope.get("headers") or [])
         key = self.service.settings.api_key
+        if path not in OPEN_ROUTES:
+            error = self._cross_origin(headers, bool(key))
+            if error is not None:
+                return error
         if key and path not in OPEN_ROUTES:
             given = headers.get(b"authorization", b"")
             token = given[7:] if given[:7].lower() == b"bearer " else b""
@@ -123,7 +197,43 @@ class Guard:
                 return ApiError(400, "bad_content_length", "the Content-Length header is not a number")
             if size > self.service.limits.max_body_bytes:
                 return self._too_large()
+        if path in BODY_ROUTES and scope.get("method") == "POST":
+            media = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+            if media != JSON.encode() and not (path in FORM_ROUTES and media == b"multipart/form-data"):
+                takes = "application/json" + (" or multipart/form-data" if path in FORM_ROUTES else "")
+                return ApiError(415, "unsupported_media_type", f"Content-Type must be {takes}")
         return None
+
+    def _cross_origin(self, headers: dict[bytes, bytes], keyed: bool) -> ApiError | None:
+        """DNS rebinding and cross-site requests: without a key, the ``Host`` must be a loopback name,
+        the bound address or an ``--allowed-host``; a browser's ``Origin`` must be on such a host or
+        an ``--allowed-origin`` (with a key too: no page of another origin drives the service)."""
+        if "*" not in self.hosts and not keyed:
+            host = _host_name(headers.get(b"host", b"").decode("latin-1"))
+            if host not in self.hosts:
+                return ApiError(421, "host_not_allowed", "the Host header names no address this server answers "
+                                "for; add it with --allowed-host (a guard against DNS rebinding)")
+        origin = headers.get(b"origin")
+        if origin is not None and "*" not in self.origins:
+            text = origin.decode("latin-1").strip().rstrip("/").lower()
+            try:
+                name = urlsplit(text).hostname or ""
+            except ValueError:
+                name = ""
+            if text not in self.origins and not (name and name in self.hosts):
+                return ApiError(403, "origin_not_allowed", "requests from a web page of another origin are "
+                                "refused; allow its origin with --allowed-origin", type="permission_error")
+        return None
+
+
+def _declared(scope: dict) -> int | None:
+    for name, value in scope.get("headers") or []:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -> Any:
@@ -160,6 +270,11 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(ApiError(422, "invalid_request", "the request does not match the schema"))
+
+    @app.exception_handler(ClientDisconnect)
+    async def disconnected(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # Nobody reads this answer; it names the outcome in the metrics (499, not 500).
+        return error_response(ApiError(499, "client_closed_request", "the client closed the connection"))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -7,7 +7,9 @@ forms a batch and runs it, so inference never runs on the event loop.
 How a batch is formed (after infinity's length-sorted queue and text-embeddings-inference's
 token budget):
 
-* the oldest queued item always goes first, so no item waits behind a stream of others;
+* a batch is led by the oldest queued item of the request (job) that has led the fewest batches,
+  so requests take turns: a small request waits about one batch behind a large one, not behind
+  all of it (with one request queued: its oldest item, so no item waits behind a stream of others);
 * text: then the queued items closest in length to it, while the *padded* batch
   (items x longest) stays within ``max_tokens``: similar lengths waste little padding;
 * images: then the next items in arrival order, up to ``max_images``;
@@ -66,6 +68,7 @@ class Job:
     errors: list[ItemError] = field(default_factory=list)
     remaining: int = field(init=False)
     cancelled: bool = False
+    turns: int = 0  # batches this job's item led (fairness between requests)
 
     def __post_init__(self) -> None:
         self.vectors = np.full((self.n, self.dim), np.nan, dtype=np.float32)
@@ -133,6 +136,7 @@ class Batcher:
         self._rows = threading.Lock()  # job row accounting, shared by the worker threads
         self._closed = False
         self._idle = 0  # workers waiting for items
+        self.item_seconds = 0.05  # measured seconds per item of a batch (moving average): Retry-After
         streams = max(1, len(getattr(runtime, "sessions", [None])))
         self._threads = [
             threading.Thread(target=self._work, args=(k,), name=f"embedkit-batch-{name}-{k}", daemon=True)
@@ -168,7 +172,9 @@ class Batcher:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             if len(self._pending) + len(items) > self.max_queue:
-                wait = self.max_wait + 0.05 * len(self._pending) / max(1, len(self._threads))
+                # When the queue will have room, from the measured time per item on every stream.
+                wait = self.max_wait + self.item_seconds * (len(self._pending) + len(items) - self.max_queue
+                                                            ) / max(1, len(self._threads))
                 raise QueueFullError(len(self._pending), len(items), self.max_queue, max(1, int(wait + 0.999)))
             self._pending.extend(items)
             self._cond.notify()
@@ -184,6 +190,19 @@ class Batcher:
         if dropped:
             logger.info("dropped %d queued items of a cancelled request", dropped)
         return dropped
+
+    def abort(self) -> int:
+        """Stop taking items and drop what is queued (the drain deadline); its jobs fail with
+        RuntimeError. Returns how many items were dropped."""
+        with self._cond:
+            self._closed = True
+            dropped, self._pending = self._pending, []
+            self.dropped += len(dropped)
+            self._cond.notify_all()
+        for job in {item.job for item in dropped}:
+            job.cancelled = True
+            job._resolve(None, RuntimeError("the server is shutting down"))
+        return len(dropped)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking items, run what is queued, and join the workers."""
@@ -208,15 +227,20 @@ class Batcher:
         When other workers are idle, the queued items are shared among them (one request of 16
         texts runs as two batches on two streams at once) rather than all taken by this one.
         """
-        first = self._pending[0]
+        lead = self._leader()
+        first = self._pending[lead]
+        first.job.turns += 1
         share = -(-len(self._pending) // (1 + self._idle))
         if self.modality == "image":
-            batch = self._pending[: min(self.max_images, share)]
-            self._pending = self._pending[len(batch):]
+            order = [lead] + [i for i in range(len(self._pending)) if i != lead]
+            taken = set(order[: min(self.max_images, share)])
+            batch = [self._pending[i] for i in sorted(taken)]
+            self._pending = [item for i, item in enumerate(self._pending) if i not in taken]
             return batch
-        # The oldest item, then the closest in length while the padded batch fits the budget.
-        others = sorted(range(1, len(self._pending)), key=lambda i: abs(self._pending[i].cost - first.cost))
-        chosen = [0]
+        # The leader, then the closest in length while the padded batch fits the budget.
+        others = sorted((i for i in range(len(self._pending)) if i != lead),
+                        key=lambda i: abs(self._pending[i].cost - first.cost))
+        chosen = [lead]
         longest = first.cost
         for i in others:
             if len(chosen) >= min(MAX_BATCH_ITEMS, share):
@@ -232,6 +256,18 @@ class Batcher:
         batch = [self._pending[i] for i in sorted(chosen)]
         self._pending = [item for i, item in enumerate(self._pending) if i not in taken]
         return batch
+
+    def _leader(self) -> int:
+        """The index of the oldest queued item of the job that has led the fewest batches."""
+        best, turns = 0, self._pending[0].job.turns
+        if turns == 0:
+            return 0
+        for i, item in enumerate(self._pending):
+            if item.job.turns < turns:
+                best, turns = i, item.job.turns
+                if turns == 0:
+                    break
+        return best
 
     def _next(self) -> list[_Item] | None:
         with self._cond:
@@ -289,6 +325,7 @@ class Batcher:
                 job.remaining -= 1
                 if job.remaining == 0:
                     done.append(job)
+        self.item_seconds = 0.8 * self.item_seconds + 0.2 * seconds / len(batch)
         if self.on_batch is not None:
             self.on_batch(len(batch), seconds)
         for job in done:

@@ -3,20 +3,52 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from concurrent.futures import Executor
 from typing import Any
+
+from starlette.requests import ClientDisconnect
 
 from .api_error import ApiError
 from .settings import Limits
 
+# A JSON string (escapes included): removed before counting the values outside strings.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+SPARE_VALUES = 256  # values a body may hold beyond its items: keys, options, nesting
 
-async def json_body(request: Any, executor: Executor) -> dict[str, Any]:
+
+def count_values(raw: bytes) -> int:
+    """An upper bound on the JSON values in ``raw`` outside strings (commas + containers + 1):
+    what parsing it will build, in one C-speed pass."""
+    bare = _STRING.sub(b"", raw) if b'"' in raw else raw
+    return bare.count(b",") + bare.count(b"[") + bare.count(b"{") + 1
+
+
+def parse_json(raw: bytes, limits: Limits) -> Any:
+    """``raw`` parsed, or a typed error; refused *before* parsing when it holds more values than a
+    request of ``max_items`` items needs: ``{},`` parses to ~25x its size in Python objects, so a
+    body's parsed size is bounded by its value count, not only by its bytes."""
+    most = limits.max_items + SPARE_VALUES
+    if raw.count(b",") + raw.count(b"[") + raw.count(b"{") >= most and count_values(raw) > most:
+        raise ApiError(413, "too_many_values", f"the body holds over {most} JSON values; a request may hold "
+                       f"{limits.max_items} items (--max-items) and a few options")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the body is not valid JSON (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, an integer of over 4,300 digits
+        where = f"at byte {exc.pos}" if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        if "digits" in str(exc):
+            where = "a number has too many digits"
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON ({where})") from None
+
+
+async def json_body(request: Any, executor: Executor, limits: Limits) -> dict[str, Any]:
     raw = await request.body()
-    try:  # a large body is parsed in a thread, off the event loop
-        body = json.loads(raw) if len(raw) <= 65_536 else await asyncio.get_running_loop().run_in_executor(
-            executor, json.loads, raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON (at byte {getattr(exc, 'pos', '?')})")
+    if len(raw) <= 65_536:
+        body = parse_json(raw, limits)
+    else:  # a large body is parsed in a thread, off the event loop
+        body = await asyncio.get_running_loop().run_in_executor(executor, parse_json, raw, limits)
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_type", f"the body must be a JSON object, got {type(body).__name__}")
     return body
@@ -24,17 +56,21 @@ async def json_body(request: Any, executor: Executor) -> dict[str, Any]:
 
 async def payload(request: Any, limits: Limits, executor: Executor) -> dict[str, Any]:
     """A JSON body, or a multipart form of ``images`` files (and an optional ``model`` field)."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        return await json_body(request, executor)
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        return await json_body(request, executor, limits)
     try:  # one file more than allowed, so that too many files is the 413 of items
         form = await request.form(max_files=limits.max_items + 1, max_fields=8)
-    except ApiError:
+    except (ApiError, ClientDisconnect):
         raise
     except Exception as exc:  # python-multipart's errors: malformed form, too many parts
         if "too many files" in str(getattr(exc, "detail", exc)).lower():
             raise ApiError(413, "too_many_items", f"over {limits.max_items} files; the limit is "
                            f"{limits.max_items} per request (--max-items)") from exc
         raise ApiError(400, "invalid_form", f"the multipart form cannot be read ({type(exc).__name__})")
+    others = sorted({k for k in form.keys() if k not in ("images", "model")})
+    if others:
+        raise ApiError(422, "invalid_form", f"a multipart form carries 'images' files and a 'model' field only "
+                       f"({len(others)} other field name(s) sent); send texts as JSON")
     files = form.getlist("images")
     if any(isinstance(f, str) for f in files):
         raise ApiError(422, "invalid_type", "multipart 'images' fields must be file uploads")

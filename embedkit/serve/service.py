@@ -1,7 +1,7 @@
 """The service behind ``embedkit serve``'s routes: the served models and what each request does.
 
 :class:`Service` holds the served backbones and saved models (loaded once, from the command
-line) and one :class:`~embedkit.batching.Batcher` per artifact. The encoders' own tokenizer and
+line) and one :class:`~embedkit.serve.batching.Batcher` per artifact. The encoders' own tokenizer and
 image processor apply the library's input policy, so a response equals :func:`embedkit.embed`
 for the same items (rows of failed items are ``null``, each with an error record). The options are
 :mod:`embedkit.serve.settings`, the typed error :mod:`embedkit.serve.api_error`, the request bodies
@@ -37,6 +37,7 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 OFFLOAD_CELLS = 32_768  # responses with more floats than this are serialised in a thread
+IMAGE_DECODERS = 4  # images decoded at once, at most
 INLINE_CHARS = 2048  # texts up to this many characters in all are tokenised on the event loop (< ~0.2 ms)
 
 
@@ -67,19 +68,29 @@ class Service:
         self.batchers: dict[str, Batcher] = {}  # by artifact digest: one queue per runtime
         self.ready = False
         self.failed: str | None = None
+        self.draining = False
+        self._jobs: set[Job] = set()  # jobs awaited by requests now: failed with 503 at the drain deadline
         self._decoders = ThreadPoolExecutor(cpu_count(), thread_name_prefix="embedkit-serve-decode")
+        # Images decode on a pool of their own: a request of large photos cannot hold the threads that
+        # parse and tokenise other requests, and at most IMAGE_DECODERS images are in memory at once
+        # (~19 bytes a pixel while decoded and resized: ~0.3 GB each at the default --max-pixels).
+        self._image_decoders = ThreadPoolExecutor(min(cpu_count(), IMAGE_DECODERS),
+                                                  thread_name_prefix="embedkit-serve-image")
 
     # -- loading ---------------------------------------------------------------------------
     def start(self, on_fatal: Callable[[], None] | None = None) -> None:
         """Load the models in a thread; ``/ready`` answers 503 until they are loaded."""
         def load() -> None:
             try:
+                if self.settings.backbones or self.settings.models:
+                    logger.warning("loading %s (a backbone's first use exports it: tens of seconds; /ready "
+                                   "answers 503 until then)", ", ".join(self.settings.backbones + self.settings.models))
                 for spec in self.settings.backbones:
                     self._add_backbone(spec)
                 for spec in self.settings.models:
                     self._add_model(spec)
                 self.ready = True
-                logger.info("embedkit serve ready: %s", ", ".join(self.served))
+                logger.warning("ready: %s", ", ".join(self.served))
             except Exception as exc:
                 self.failed = f"{type(exc).__name__}: {exc}"
                 logger.error("cannot serve: %s", self.failed)
@@ -131,11 +142,34 @@ class Service:
         self._add(Served(name or Path(path).resolve().name, "model", artifact, self._batcher(artifact, encoder),
                          encoder, head))
 
+    def begin_drain(self, seconds: float) -> None:
+        """The server stopped accepting (SIGTERM): what is in flight has ``seconds`` to finish, then
+        :meth:`abort` answers it 503 (called on the event loop)."""
+        self.draining = True
+        asyncio.get_running_loop().call_later(seconds, self.abort)
+
+    def abort(self) -> None:
+        """The drain deadline: every request still waiting gets 503 ``shutting_down`` and the
+        queued items are dropped (a batch already running finishes; its rows are discarded)."""
+        dropped = sum(batcher.abort() for batcher in self.batchers.values())
+        pending = [job for job in self._jobs if not job.future.done()]
+        for job in pending:
+            job.future.set_exception(ApiError(503, "shutting_down", "the server is shutting down: the drain "
+                                              "deadline (--drain-seconds) passed before this request finished"))
+        if pending or dropped:
+            logger.warning("drain deadline: %d request(s) answered 503, %d queued item(s) dropped",
+                           len(pending), dropped)
+
     def close(self) -> None:
-        """Run what is queued, then stop the workers (called once the server stopped accepting)."""
+        """Stop the workers (called once the server stopped accepting and the requests in flight are
+        answered: what is still queued then belongs to no request). Waits at most a few seconds for
+        a running batch: the worker threads are daemons."""
         for batcher in self.batchers.values():
-            batcher.close()
-        self._decoders.shutdown(wait=True)
+            batcher.abort()
+        for batcher in self.batchers.values():
+            batcher.close(timeout=2.0)
+        self._decoders.shutdown(wait=False, cancel_futures=True)
+        self._image_decoders.shutdown(wait=False, cancel_futures=True)
 
     # -- lookups ---------------------------------------------------------------------------
     def require_ready(self) -> None:
@@ -175,7 +209,7 @@ class Service:
 
     # -- request bodies ----------------------------------------------------------------------
     async def json_body(self, request: Any) -> dict[str, Any]:
-        return await bodies.json_body(request, self._decoders)
+        return await bodies.json_body(request, self._decoders, self.limits)
 
     async def payload(self, request: Any) -> dict[str, Any]:
         """A JSON body, or a multipart form of ``images`` files (and an optional ``model`` field)."""
@@ -189,10 +223,12 @@ class Service:
                 pass
 
         watcher = asyncio.ensure_future(gone())
+        self._jobs.add(job)
         try:
             await asyncio.wait({job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watcher.cancel()
+            self._jobs.discard(job)
         if not job.future.done():
             dropped = served.batcher.cancel(job)
             self.metrics.dropped.labels(served.batcher.name).inc(dropped)
@@ -236,8 +272,11 @@ class Service:
         processor = served.encoder.processor
 
         def decode(index: int, payload: Any) -> tuple[np.ndarray | None, ItemError | None]:
-            if isinstance(payload, str):
-                text = payload.split(",", 1)[1] if payload.startswith("data:") else payload
+            if isinstance(payload, str):  # base64, or a data: URL ("data:image/png;base64,....")
+                head, comma, tail = payload.partition(",")
+                text = tail if payload.startswith("data:") else payload
+                if payload.startswith("data:") and (not comma or not head.endswith(";base64")):
+                    return None, ItemError(index, "invalid_base64", "decode", "a data: URL must be ';base64,' data")
                 try:
                     payload = base64.b64decode(text, validate=True)
                 except (binascii.Error, ValueError):
@@ -252,7 +291,7 @@ class Service:
             except Exception as exc:  # an unforeseen decoder error costs its item only
                 return None, ItemError(index, "decode_failed", "decode", type(exc).__name__)
 
-        decoded = await asyncio.gather(*(loop.run_in_executor(self._decoders, decode, i, p)
+        decoded = await asyncio.gather(*(loop.run_in_executor(self._image_decoders, decode, i, p)
                                          for i, p in enumerate(payloads)))
         job = self._job(len(payloads), served.artifact.dim)
         job.errors = [e for _, e in decoded if e is not None]

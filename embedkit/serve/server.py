@@ -1,0 +1,103 @@
+"""uvicorn, configured for callers that may be hostile: connection time limits, a drain deadline.
+
+uvicorn closes a keep-alive connection idle for ``timeout_keep_alive`` s and answers 503 beyond
+``limit_concurrency`` open connections, but it has no limit on the time a client may take to send
+its request: a connection that never sends, or sends its headers a line at a time, or half a body,
+is held for ever. :class:`TimedProtocol` (uvicorn's httptools protocol) adds the two limits that
+nginx (``client_header_timeout``, ``client_body_timeout``) and TEI's axum server have:
+
+* the request line and headers must arrive within ``header_timeout`` s of the connection opening
+  or of the request's first byte;
+* the body must arrive within ``body_timeout`` s of the headers.
+
+Past either, the connection is closed (a route reading the body sees a disconnect: 499).
+
+:class:`Server` starts the drain deadline on SIGTERM / SIGINT (:meth:`Service.begin_drain`) and
+says which port it bound (``--port 0``).
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any, Callable
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+# How long after the drain deadline uvicorn waits for the 503s to be written before it cancels.
+FLUSH_SECONDS = 2.0
+
+
+class TimedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with header and body read time limits (class attributes set
+    per server by :func:`timed_protocol`)."""
+
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    _timer: asyncio.TimerHandle | None = None
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._expire)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm(self.header_timeout)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._arm(self.body_timeout)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._disarm()
+
+
+def timed_protocol(header_timeout: float, body_timeout: float) -> type[TimedProtocol]:
+    return type("TimedProtocol", (TimedProtocol,), {"header_timeout": header_timeout, "body_timeout": body_timeout})
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server that starts ``on_drain()`` on the first SIGTERM / SIGINT and prints the
+    address it bound (the real port when asked for port 0)."""
+
+    def __init__(self, config: uvicorn.Config, on_drain: Callable[[], None], banner: str = "embedkit serve"):
+        super().__init__(config)
+        self.on_drain = on_drain
+        self.banner = banner
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def startup(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+        for server in self.servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                shown = f"[{host}]" if ":" in host else host
+                print(f"{self.banner}: http://{shown}:{port} (SIGTERM or Ctrl-C drains and stops)",
+                      file=sys.stderr, flush=True)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        if not self._draining and self._loop is not None:
+            self._draining = True
+            self._loop.call_soon_threadsafe(self.on_drain)
