@@ -49,7 +49,8 @@ test-main: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-zoo: $(ZOO_STAMP)
-	$(ZOO)/bin/python -m pytest -q plugins/embedkit-vision/tests/test_zoo.py
+	# As tests/conftest.py does for the main suite: no first-use runtime measurement (tests/test_first_use.py covers it).
+	EMBEDKIT_TUNE=0 $(ZOO)/bin/python -m pytest -q plugins/embedkit-vision/tests/test_zoo.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/text_cpu.py

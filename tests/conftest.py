@@ -13,6 +13,12 @@ import pytest
 # process without EMBEDKIT_HOME does.
 TEST_CACHE = Path(__file__).resolve().parents[1] / "models" / ".test-cache"
 
+# No first-use runtime measurement (embedkit.encoders.tuning.first_use) in the test run: it would
+# cost seconds per artifact and make results depend on this machine's speeds. Set at import, so
+# that it holds for every test collected in this session and the subprocesses they start; the
+# tests of the feature itself turn it back on (the ``first_use_tuning`` fixture).
+os.environ["EMBEDKIT_TUNE"] = "0"
+
 
 @pytest.fixture(scope="session", autouse=True)
 def model_store() -> Path:
@@ -33,6 +39,13 @@ def no_tuning_records_left(model_store):
     yield
     for path in (model_store / "tuning").glob("*.json"):
         path.unlink()
+
+
+@pytest.fixture()
+def first_use_tuning(monkeypatch, no_tuning_records_left):
+    """First-use tuning on (``EMBEDKIT_TUNE=1``) for one test, and its records dropped after it."""
+    monkeypatch.setenv("EMBEDKIT_TUNE", "1")
+    yield
 
 
 @pytest.fixture(scope="session")

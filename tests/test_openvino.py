@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from support import read_banking
-from tiny import Pooled, text_backbone
+from tiny import Pooled, register, text_backbone
 
 import embedkit
 from embedkit.encoder import encoder_for
@@ -63,16 +63,6 @@ class TinyConv(torch.nn.Module):
 
 pytestmark = pytest.mark.usefixtures("no_tuning_records_left")  # tests here run tune: drop its records
 
-
-def register(backbone):
-    """Register ``backbone`` in this process (the torch candidates look its module up by name)."""
-
-    class Plugin:
-        @embedkit.hookimpl
-        def register_backbones(self, register):
-            register(backbone)
-
-    embedkit.register_plugin(Plugin(), f"{backbone.name}-test")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from ..errors import MissingDependencyError, RayClusterError
+from ..runtimes.cpu import cpu_count
 
 LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray's "single machine" mode: the node address is 127.0.0.1
@@ -106,7 +107,7 @@ def local_cluster(cpus: float | None = None, address: str | None = None) -> Iter
         watchdog = None
         try:
             watchdog = _watchdog()
-            ray.init(num_cpus=int(cpus or os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+            ray.init(num_cpus=int(cpus or cpu_count()), include_dashboard=False, log_to_driver=False,
                      configure_logging=False, runtime_env={"env_vars": env})
         except BaseException as exc:  # also Ctrl-C while Ray starts: nothing half started is left
             _abandon(ray, watchdog)

@@ -1,8 +1,9 @@
 """Tuning records: which runtime :func:`embedkit.tune` measured fastest for an artifact, per device.
 
-Kept in ``<model store>/tuning/<digest>.json``, one entry per device key: the CPU model and the
-cores this process may use, or the GPU's name. A record measured with other cores or on another
-GPU is not reused.
+Kept in ``<model store>/tuning/<digest>.json``, one entry per device key: the CPU model, its
+matrix-engine flags and the cores this process may use (affinity and cgroup quota,
+:func:`~embedkit.runtimes.cpu.cpu_count`), or the GPU's name. A record measured with other cores,
+other flags (a VM that hides AVX-512) or on another GPU is not reused.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from typing import Any
 
 from ..fs.atomic import write_atomic
 from ..models.store import Artifact, ModelStore
-from .cpu import cpu_count, cpu_model
+from .cpu import cpu_count, cpu_model, matrix_flags
 
 
 def device_key(device: str) -> str:
-    """What a measurement is valid for: the CPU model and usable cores, or the GPU's name."""
+    """What a measurement is valid for: the CPU model, its matrix-engine flags and usable cores, or
+    the GPU's name."""
     if device == "cuda":
         try:
             import torch
@@ -24,7 +26,8 @@ def device_key(device: str) -> str:
             return f"cuda:{torch.cuda.get_device_name(0)}"
         except Exception:  # noqa: BLE001 - no torch: one key for any GPU
             return "cuda"
-    return f"cpu:{cpu_model()}:{cpu_count()} cores"
+    flags = "+".join(matrix_flags()) or "no matrix engines"
+    return f"cpu:{cpu_model()} ({flags}):{cpu_count()} cores"
 
 
 def path(artifact: Artifact) -> Path:
