@@ -9,6 +9,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .encoder import encoder_for
 from .errors import ArtifactError, InvalidInputError
+from .inputs.image import refuse_single_image
 from .models.resolve import resolve
 from .models.store import Artifact
 
@@ -137,8 +138,10 @@ def as_items(X: Any, modality: str) -> list[Any]:
         what = "string" if isinstance(X, str) else "bytes object" if isinstance(X, bytes) else "image"
         raise TypeError(f"Embedder.transform takes a sequence of {modality}s, not a single {what}; wrap it in a list")
     shape = getattr(X, "shape", None)
-    if modality == "image" and isinstance(X, np.ndarray) and X.ndim >= 3:
-        return list(X)  # a stack of images
+    if modality == "image":
+        refuse_single_image(X, "Embedder.transform's sequence of images")  # (H, W, 3): one photo, never H strips
+        if isinstance(X, np.ndarray) and X.ndim >= 3:
+            return list(X)  # a stack of images
     if shape is not None and len(shape) == 2:
         if shape[1] != 1:
             raise ValueError(f"expected a 1-D sequence or a single column, got shape {shape}")

@@ -1,21 +1,23 @@
 """The route from a backbone to an encoder: :func:`encoder_for` and :func:`embed`.
 
 spec -> :func:`~embedkit.resolve` (an artifact, exported on first use) -> the runtime choice
-(explicit, or the measurement recorded by :func:`~embedkit.tune`; on CUDA with no record the
-measurement is made here, once, and logged) -> :class:`~embedkit.TextEncoder` or
+(explicit, or the measurement recorded by :func:`~embedkit.tune`; with no record for this
+device the measurement is made here, once, and logged: on CPU within a budget of seconds,
+:func:`embedkit.encoders.tuning.first_use`; ``EMBEDKIT_TUNE=0`` or ``tune=False`` skips it and
+ONNX Runtime runs, as before) -> :class:`~embedkit.TextEncoder` or
 :class:`~embedkit.ImageEncoder` by the artifact's modality. Every caller that encodes items
 (``embed``, ``Embedder``, extraction, the service, saved heads) comes through here.
 """
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Callable, Iterable
 
+from .encoders import tuning
 from .encoders.embeddings import Embeddings
 from .encoders.image import IMAGE_OPTIONS, ImageEncoder
 from .encoders.text import TEXT_OPTIONS, TextEncoder
-from .encoders.tuning import tune
+from .inputs.image import refuse_single_image
 from .models.resolve import resolve
 from .models.store import Artifact
 from .runtimes.records import recorded
@@ -26,26 +28,27 @@ logger = logging.getLogger(__name__)
 __all__ = ["Embeddings", "ImageEncoder", "TextEncoder", "embed", "encoder_for"]
 
 
-def _measure_first_use(artifact: Artifact, device: str) -> None:
-    """On CUDA the faster runtime differs by network (MiniLM: ONNX Runtime; ResNet-50: torch, per
-    DEVICE.md), so an artifact with no record there is measured once, here, in the open: logged
-    before and after. A failed measurement is logged and ONNX Runtime is used."""
-    if device != "cuda" or recorded(artifact, device) is not None:
+def _measure_first_use(artifact: Artifact, device: str, tune: bool | None) -> None:
+    """The first use of an artifact on a device with no recorded measurement: measure once, here,
+    in the open (:func:`~embedkit.encoders.tuning.first_use` logs the choice and the time spent),
+    never inside an encoder's constructor. The faster runtime differs by network on CUDA
+    (MiniLM: ONNX Runtime; ResNet-50: torch, per DEVICE.md) and by machine on CPU (bf16 pays on
+    AMX or AVX-512 BF16, not elsewhere). Off with ``tune=False`` or ``EMBEDKIT_TUNE=0``; a failed
+    measurement is logged and ONNX Runtime is used."""
+    if not tuning.first_use_enabled(tune) or recorded(artifact, device) is not None:
         return
-    logger.info("no runtime measurement of %s on %s yet: measuring the candidates once (embedkit.tune)",
+    logger.info("no runtime measurement of %s on %s yet: measuring the candidates once (EMBEDKIT_TUNE=0 skips this)",
                 artifact.name, device)
-    started = time.perf_counter()
-    try:
-        record = tune(artifact, device)
-    except Exception as exc:  # noqa: BLE001 - measuring is an optimisation; ONNX Runtime still works
-        logger.warning("could not tune %s on %s (%s); using ONNX Runtime", artifact.name, device, exc)
-        return
-    logger.info("measured %s on %s in %.1fs: %s", artifact.name, device, time.perf_counter() - started,
-                record["choice"])
+    tuning.first_use(artifact, device)
 
 
-def encoder_for(artifact: Artifact, **options: Any) -> "TextEncoder | ImageEncoder":
-    """The encoder for the artifact's modality; options of the other modality are refused."""
+def encoder_for(artifact: Artifact, tune: bool | None = None, **options: Any) -> "TextEncoder | ImageEncoder":
+    """The encoder for the artifact's modality; options of the other modality are refused.
+
+    With ``runtime="auto"`` (the default) and no recorded measurement for this artifact on this
+    device, the candidates are measured first, once (``tune``: None follows ``EMBEDKIT_TUNE``,
+    on unless ``0``; False never measures, True always may).
+    """
     cls, allowed = (ImageEncoder, IMAGE_OPTIONS) if artifact.modality == "image" else (TextEncoder, TEXT_OPTIONS)
     unknown = sorted(k for k, v in options.items() if k not in allowed and v is not None)
     if unknown:
@@ -53,7 +56,7 @@ def encoder_for(artifact: Artifact, **options: Any) -> "TextEncoder | ImageEncod
             f"{', '.join(unknown)} do not apply to {artifact.modality} backbones; options: {', '.join(allowed)}"
         )
     if options.get("runtime", "auto") in ("auto", None):
-        _measure_first_use(artifact, actual_device(options.get("device") or "cpu"))
+        _measure_first_use(artifact, actual_device(options.get("device") or "cpu"), tune)
     return cls(artifact, **{k: v for k, v in options.items() if k in allowed and v is not None})
 
 
@@ -66,8 +69,11 @@ def embed(
 ) -> Embeddings:
     """Embed items with a backbone; bad items become error records, never a crash.
 
-    ``options`` go to :class:`TextEncoder` (device, threads, streams, batch_tokens,
+    ``options`` go to :func:`encoder_for` (``tune``) and :class:`TextEncoder` (device, threads, streams, batch_tokens,
     truncate, empty, runtime) or :class:`ImageEncoder` (device, threads, streams, runtime, batch_size,
     workers, max_pixels, reject_blank), by the backbone's modality.
     """
-    return encoder_for(resolve(backbone, store), **options).encode(items, progress=progress)
+    artifact = resolve(backbone, store)
+    if artifact.modality == "image":
+        refuse_single_image(items, "embed's items")  # one (H, W, 3) photo is never embedded as H strips
+    return encoder_for(artifact, **options).encode(items, progress=progress)

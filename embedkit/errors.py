@@ -212,6 +212,21 @@ class DatasetError(EmbedkitError, ValueError):
     """Labelled data too small or too degenerate for what was asked (one class, too few examples)."""
 
 
+class BackboneInUseError(EmbedkitError, ValueError):
+    """A fine-tuned backbone that other fine-tunes or saved models depend on cannot be removed;
+    ``dependents`` names each of them."""
+
+    def __init__(self, message: str, dependents: list[str]):
+        self.dependents = dependents
+        super().__init__(message)
+
+
+class TrainingItemLostError(DatasetError):
+    """A training item read when the run started cannot be read again during it (an image file
+    removed, replaced by something unreadable, or made unreadable while the run re-reads it for
+    augmentation); the run stops with its checkpoints, naming the item."""
+
+
 class RayClusterError(EmbedkitError, ConnectionError):
     """The Ray cluster named by ``address`` cannot be reached (or a local Ray could not start)."""
 
@@ -227,10 +242,10 @@ class RayClusterError(EmbedkitError, ConnectionError):
 class IncompleteExtractionError(EmbedkitError, RuntimeError):
     """An extraction ended with planned shards neither committed nor recorded as failed (run it again)."""
 
-    def __init__(self, report: object, missing: int):
+    def __init__(self, report: object, missing: int, why: str = "workers lost"):
         self.report = report
         self.missing = missing
-        super().__init__(f"{missing} planned item(s) are neither stored nor recorded as failed (workers lost); "
+        super().__init__(f"{missing} planned item(s) are neither stored nor recorded as failed ({why}); "
                          "run the same command again: committed shards are not computed again")
 
 
@@ -285,6 +300,17 @@ class TrainingDivergedError(EmbedkitError, RuntimeError):
         self.where = where
         super().__init__(f"training diverged: {where} is NaN or infinite; lower {settings} (e.g. by 10x) or keep "
                          "gradient clipping on (max_grad_norm=1.0); no backbone was saved")
+
+
+class TrainingCollapsedError(TrainingDivergedError):
+    """Fine-tuning made a backbone that embeds different items to (nearly) one vector: finite, but
+    useless (a learning rate far too high, e.g. ``lr=1e4``); nothing is saved."""
+
+    def __init__(self, where: str, cosine: float, parent_cosine: float, settings: str = "lr / head_lr"):
+        self.where, self.cosine, self.parent_cosine = where, cosine, parent_cosine
+        Exception.__init__(self, f"training diverged: {where} collapsed to (nearly) one vector (mean pairwise cosine "
+                           f"{cosine:.7f}; the parent's {parent_cosine:.4f}); lower {settings} (e.g. by 10x) or keep "
+                           "gradient clipping on (max_grad_norm=1.0); no backbone was saved")
 
 
 class NonFiniteOutputError(ExportError):

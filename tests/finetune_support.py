@@ -42,6 +42,26 @@ class TinyImage(torch.nn.Module):
         return self.features(pixel_values).mean((2, 3))
 
 
+class TinyRelu(torch.nn.Module):
+    """Embedding, two ReLU layers, masked mean, a linear output: at an absurd learning rate its
+    ReLUs die and every text embeds to the output's bias (a collapsed backbone, finite)."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(30522, dim)
+        self.layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU())
+                                          for _ in range(2))
+        self.out = torch.nn.Linear(dim, dim)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.emb(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        m = attention_mask.unsqueeze(-1).float()
+        return self.out((x * m).sum(1) / m.sum(1))
+
+
 TEXT = embedkit.Backbone(name="ft-tiny-text", modality="text", dim=8, weights="random", license="MIT",
                          preprocess=embedkit.TextPreprocess(tokenizer=TOKENIZER, max_length=32, normalize=False),
                          builder=TinyText, blocks=("emb", "layers.*"))
@@ -52,11 +72,15 @@ IMAGE = embedkit.Backbone(name="ft-tiny-image", modality="image", dim=8, weights
                           preprocess=embedkit.ImagePreprocess(crop=(32, 32), resize=36), builder=TinyImage,
                           blocks=("features.*",))
 
+RELU = embedkit.Backbone(name="ft-tiny-relu", modality="text", dim=8, weights="random", license="MIT",
+                         preprocess=embedkit.TextPreprocess(tokenizer=TOKENIZER, max_length=32, normalize=False),
+                         builder=TinyRelu, blocks=("emb", "layers.*", "out"))
+
 
 class Plugin:
     @embedkit.hookimpl
     def register_backbones(self, register):
-        for b in (TEXT, NOBLOCKS, IMAGE):
+        for b in (TEXT, NOBLOCKS, IMAGE, RELU):
             register(b)
 
 

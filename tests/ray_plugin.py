@@ -4,6 +4,8 @@ Registered through embedkit's plugin API (``embedkit.register_plugin(module, nam
 engine registers the driver's in-process plugin modules in every actor too. ``tiny-ray-poison``
 runs under the torch runtime (its own module at encode time): a batch holding the token of the
 marker word ``zeppelin`` kills its process with ``os._exit`` (as a native crash would).
+``tiny-ray-dies-loading`` kills every Ray actor that builds it (a native crash or out of memory
+while a model loads): exported in the driver, it never runs in an actor.
 """
 from __future__ import annotations
 
@@ -30,6 +32,21 @@ class Poisoned(Pooled):
         return super().forward(input_ids, attention_mask)
 
 
+def _in_ray_actor() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001 - no Ray, or not a worker
+        return False
+
+
+def _dies_loading():
+    if _in_ray_actor():
+        os._exit(19)
+    return Pooled(dim=8, seed=5)
+
+
 def _tiny():
     return Pooled(dim=8, seed=3)
 
@@ -43,3 +60,4 @@ def _poisoned():
 def register_backbones(register):
     register(text_backbone("tiny-ray", _tiny))
     register(text_backbone("tiny-ray-poison", _poisoned))
+    register(text_backbone("tiny-ray-dies-loading", _dies_loading))

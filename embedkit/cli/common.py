@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
 from ..errors import UsageError
+from ..fs.atomic import current
 
 EXIT_USAGE = 1
 EXIT_FAILED_ITEMS = 2
@@ -30,8 +31,23 @@ class Parser(argparse.ArgumentParser):
     :func:`embedkit.cli.main` prints the usage line and ``error: ...`` and returns 1.
     """
 
+    intermixed = False  # set on a sub-parser whose options may come between its positionals
+    _intermixing = False
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message}", usage=self.format_usage())
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """With ``intermixed``, options may sit anywhere among the positionals, as users type:
+        ``predict MODEL --proba "text"`` (plain argparse reads MODEL and an empty list of inputs
+        at once, then refuses "text" as unrecognized)."""
+        if self.intermixed and not self._intermixing:
+            self._intermixing = True
+            try:
+                return self.parse_known_intermixed_args(args, namespace)
+            finally:
+                self._intermixing = False
+        return super().parse_known_args(args, namespace)
 
 
 def _number(kind: Callable[[str], Any], test: Callable[[Any], bool], wanted: str) -> Callable[[str], Any]:
@@ -81,6 +97,21 @@ def existing_dir(text: str) -> str:
     if not os.path.isdir(existing_path(text)):
         raise argparse.ArgumentTypeError(f"{text} is a file; a folder is expected")
     return text
+
+
+def published_dir(marker: str) -> Callable[[str], str]:
+    """A folder published whole (a saved model or index, holding ``marker``), or one whose
+    replacement was interrupted between its two renames: the earlier version is put back first
+    (:func:`embedkit.fs.atomic.current`), as ``load`` and ``search`` do, so the recovery the
+    library promises is reachable from the command line too."""
+    def check(text: str) -> str:
+        if not os.path.exists(text) and text.strip():
+            found = current(Path(text), marker)
+            if found != Path(text) and os.path.isdir(found):  # a read-only folder: read where it lies
+                return str(found)
+        return existing_dir(text)
+
+    return check
 
 
 def existing_or_glob(text: str) -> str:
@@ -153,3 +184,70 @@ def progress_bar(what: str, total: int | None, unit: str, enabled: bool = True) 
 
         bar.update_to = update_to
         yield bar
+
+
+# Lines Ray itself writes on the driver's stdout / stderr that say nothing about the run's outcome:
+# its token-authentication banner, the C++ core worker's note on actor constructor arguments, the
+# raylet's retry notices and "a worker died" paragraphs (embedkit reconciles what a dead worker
+# was doing from its commit records and reports the result), and the logging of Ray's own threads.
+RAY_NOISE = (
+    "Token authentication is enabled for this Ray cluster",
+    "has constructor arguments in the object store and max_restarts",
+    "retries remaining, so the task will be retried",
+    "A worker died or was killed while executing a task",
+    "SIGTERM handler is not set because current thread is not the main thread",
+    "(Ray deduplicates logs by default",
+)
+RAY_WORKER_DIED = "A worker died or was killed while executing a task"
+
+
+@contextlib.contextmanager
+def ray_output_filtered(enabled: bool = True) -> Iterator[dict[str, Any]]:
+    """Keep Ray's own start-up and worker-died lines off the terminal while a Ray run goes on.
+
+    File descriptors 1 and 2 (where Ray's C++ core, the raylet's error feed and the Ray processes
+    started meanwhile write) go through a pipe; lines holding one of :data:`RAY_NOISE` are
+    dropped (``counts["died"]`` is the number of "a worker died" notices), the rest reach stderr.
+    ``terminal`` writes to stderr directly (for a progress bar, whose lines end in ``\r``).
+    ``enabled=False`` (``-v``) leaves everything as it is.
+    """
+    counts = {"died": 0, "dropped": 0}
+    if not enabled:
+        yield {"counts": counts, "terminal": sys.stderr}
+        return
+    import threading
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 1)
+    os.dup2(write, 2)
+    os.close(write)
+
+    def pump() -> None:
+        with os.fdopen(read, "rb") as lines:
+            for line in lines:
+                text = line.decode("utf-8", "replace")
+                if any(noise in text for noise in RAY_NOISE):
+                    counts["dropped"] += 1
+                    counts["died"] += RAY_WORKER_DIED in text
+                    continue
+                with contextlib.suppress(OSError):
+                    os.write(saved_err, line)
+
+    thread = threading.Thread(target=pump, name="embedkit-ray-output", daemon=True)
+    thread.start()
+    terminal = os.fdopen(os.dup(saved_err), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
+                         errors="replace")
+    try:
+        yield {"counts": counts, "terminal": terminal}
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os.dup2(saved_out, 1)
+        os.dup2(saved_err, 2)  # the pipe closes once the Ray processes that inherited it are gone
+        os.close(saved_out)
+        thread.join(timeout=2)
+        terminal.close()

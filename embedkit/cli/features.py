@@ -20,6 +20,7 @@ from .common import (
     non_negative_int,
     positive_float,
     positive_int,
+    ray_output_filtered,
     store_arg,
 )
 
@@ -220,9 +221,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
     import contextlib
 
     incomplete = None
-    # Ray prints its workers' crash notices on stdout: kept off it, so stdout is only the report
-    quiet = contextlib.redirect_stdout(sys.stderr) if ray else contextlib.nullcontext()
-    with tqdm(total=total, unit="item", disable=args.no_progress, file=sys.stderr, smoothing=0.1) as bar, quiet:
+    # Ray prints its start-up banner and its workers' crash notices on stdout and stderr: its own
+    # lines are dropped (all shown with -v), and stdout stays the report only
+    quiet = ray_output_filtered(args.verbose == 0) if ray else \
+        contextlib.nullcontext({"counts": {"died": 0}, "terminal": sys.stderr})
+    with quiet as noise, tqdm(total=total, unit="item", disable=args.no_progress, file=noise["terminal"],
+                              smoothing=0.1) as bar, contextlib.redirect_stdout(sys.stderr):
         try:
             report = extract(
                 args.source, artifact, args.out, column=args.column, id_column=args.id_column,
@@ -233,6 +237,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     print(extract_summary(report), file=sys.stderr)
+    if noise["counts"]["died"]:
+        print(f"note: Ray reported {noise['counts']['died']} worker process(es) dying during the run; their work was retried "
+              "and reconciled from the commit records: the counts above are the outcome", file=sys.stderr)
     if report.total and not report.ok and Path(args.source).is_file():
         from ..features.store import FeatureStore
 

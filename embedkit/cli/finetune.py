@@ -1,13 +1,14 @@
 """The finetune command: a backbone + labelled raw items -> a new backbone and a saved classifier.
 
-The source and the label join are train-head's (:func:`embedkit.sources.iter_items`,
-:func:`embedkit.training.labels_for`); the work is :func:`embedkit.finetune`.
+The source and the label join are train-head's (:func:`embedkit.inputs.sources.iter_items`,
+:func:`embedkit.heads.training.labels_for`); the work is :func:`embedkit.finetune`.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import sys
 from contextlib import contextmanager
@@ -32,7 +33,16 @@ from .common import (
 # (its checkpoint_dir is <--out>/checkpoints, its resume is --resume).
 FLAGS = {"choose another checkpoint_dir": "choose another --out",
          "without resume to start over": "without --resume to start over",
-         "start without resume": "start without --resume"}
+         "start without resume": "start without --resume",
+         "run of this checkpoint_dir that made it, run again with resume": "run of this --out that made it, run "
+                                                                           "again with --resume",
+         "give store= ": "give --store ",
+         "(lower lr / head_lr": "(lower --lr / --head-lr",
+         "lower lr / head_lr": "lower --lr / --head-lr",
+         "lower lr ": "lower --lr ",
+         "max_grad_norm=1.0": "--max-grad-norm 1.0",
+         "choose another name": "choose another --name",
+         "run again with resume (from the": "run again with --resume (from the"}
 
 
 def _in_flags(exc: EmbedkitError) -> None:
@@ -65,6 +75,13 @@ def _warmup(text: str) -> float:
     if value >= 1 and not float(value).is_integer():
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or a whole number of steps, got {text}")
     return int(value) if value >= 1 else value
+
+
+def _clipping(text: str) -> float | None:
+    """``--max-grad-norm``: a positive number, or 0 / none / off: no gradient clipping (max_grad_norm=None)."""
+    if text.strip().lower() in ("0", "0.0", "none", "off"):
+        return None
+    return positive_float(text)
 
 
 def _validation(text: str) -> float:
@@ -102,7 +119,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--layer-decay", type=_decay, help="layer-wise lr decay per block from the last one down, in (0, 1]")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW weight decay (default 0.01)")
     p.add_argument("--warmup", type=_warmup, default=0.1, help="warm-up: fraction of the steps, or steps (default 0.1)")
-    p.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="gradient clipping (default 1.0)")
+    p.add_argument("--max-grad-norm", type=_clipping, default=1.0,
+                   help="gradient clipping: the largest gradient norm (default 1.0; 0 or none: no clipping)")
     p.add_argument("--patience", type=positive_int, help="early stopping: epochs without a better validation accuracy")
     p.add_argument("--class-weight", choices=["balanced"], help="weight the loss by inverse class frequency")
     p.add_argument("--seed", type=int, default=0, help="default 0")
@@ -112,7 +130,8 @@ def add_parsers(sub: Any) -> None:
                    help="also checkpoint every K steps (always: each epoch)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--name", help="name of the new backbone (default <backbone>+ft-<hash>)")
-    p.add_argument("--out", required=True, help="folder for model/, checkpoints/, metrics.json, failures.jsonl")
+    p.add_argument("--out", required=True, help="folder for model/, checkpoints/, metrics.json, failures.jsonl "
+                   "(missing folders above it are created, and removed again if the run is refused before training)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-progress", action="store_true")
     store_arg(p)
@@ -165,7 +184,49 @@ def _removed_if_refused(out: Path, created: bool) -> Iterator[None]:
         raise
 
 
+def _make_parents(out: Path) -> list[Path]:
+    """Create the missing folders above ``out`` (``--out runs/ants`` with no ``runs/`` yet, as a user
+    types it); returns those created, innermost first, for :func:`_remove_parents`.
+
+    Raises:
+        OutputError: one cannot be created (a file in the way, a read-only folder); names it.
+    """
+    missing = []
+    for folder in out.absolute().parents:
+        if os.path.lexists(folder):
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            missing.remove(folder)  # made meanwhile by someone else: not ours to remove
+        except OSError as exc:
+            _remove_parents([m for m in missing if m.is_dir() and m != folder])
+            raise OutputError(f"cannot create the folder {folder} for --out {out}: {exc.strerror or exc}") from exc
+    return missing
+
+
+def _remove_parents(created: list[Path]) -> None:
+    """Remove the folders :func:`_make_parents` created, innermost first, while they are empty (a
+    run refused before it wrote anything leaves no folder behind; nothing else is ever removed)."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (the run wrote into it, or someone else did): it stays
+            return
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
+    created = _make_parents(Path(args.out))
+    try:
+        return _finetune(args)
+    except BaseException:
+        _remove_parents(created)
+        raise
+
+
+def _finetune(args: argparse.Namespace) -> int:
     from ..backbones.registry import get_backbone
     from ..fs.outputs import check_output
 
@@ -242,8 +303,10 @@ def _run(args: argparse.Namespace, out: Path, created: bool, items: list[Any], l
     write_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures).encode())
     summary = {"backbone": result.backbone, "digest": result.digest, "parent": result.parent,
                "parent_digest": result.parent_digest, "model": str(result.model_path), "failed_items": len(failures),
-               "history": result.history, "seconds": result.seconds}
+               "history": result.history, "warnings": result.warnings, "seconds": result.seconds}
     write_atomic(out / "finetune.json", json.dumps({**marker, **summary, "status": "done"}, indent=2).encode())
+    for warning in result.warnings:  # kept, but it looks wrong: said, and recorded in the lineage
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

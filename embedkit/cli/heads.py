@@ -21,6 +21,7 @@ from .common import (
     namespace_of,
     positive_int,
     progress_bar,
+    published_dir,
     store_arg,
 )
 
@@ -76,7 +77,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--labels", required=True, type=labels_source,
                    help="a table with id (or the extracted payload column) and label columns, or 'folder' "
                    "(images: the class subfolder)")
-    p.add_argument("--label-column", default="label", help="default: label")
+    p.add_argument("--label-column", default="label",
+                   help="default: label; read as strings, each distinct value a class name (0.5 and 1.5 are two "
+                        "classes, not numbers: the heads are classifiers)")
     p.add_argument("--id-column", help="id column of the labels table (default: id, else content ids)")
     p.add_argument("--column", help="payload column to recompute content ids from (default text / path)")
     p.add_argument("--head", default="logreg", choices=HEAD_CHOICES, help="default: logreg")
@@ -89,7 +92,8 @@ def add_parsers(sub: Any) -> None:
     store_arg(p)
 
     p = sub.add_parser("predict", help="predict with a saved model from raw inputs (arguments, a file, or stdin)")
-    p.add_argument("model", type=existing_dir, help="a model folder saved by train-head (its model/ folder)")
+    p.intermixed = True  # predict MODEL --proba "text" as well as predict MODEL "text" --proba
+    p.add_argument("model", type=published_dir("model.json"), help="a model folder saved by train-head (its model/ folder)")
     p.add_argument("inputs", nargs="*", help="texts or image paths")
     p.add_argument("--input", type=input_or_stdin, metavar="FILE",
                    help="also read inputs from FILE (.txt: one per line; .csv/.tsv/.jsonl/.parquet: --column), "
@@ -108,7 +112,9 @@ def add_parsers(sub: Any) -> None:
     backbone_arg(p)
     p.add_argument("--labels", required=True, type=labels_source,
                    help="the labelled table that was extracted, or 'folder' for images")
-    p.add_argument("--label-column", default="label", help="default: label")
+    p.add_argument("--label-column", default="label",
+                   help="default: label; read as strings, each distinct value a class name (0.5 and 1.5 are two "
+                        "classes, not numbers: the heads are classifiers)")
     p.add_argument("--column", help="payload column (default text / path)")
     p.add_argument("--head", default="logreg", choices=HEAD_CHOICES, help="default: logreg")
     p.add_argument("--param", action="append", default=[], help="head parameter key=value (repeatable)")
@@ -141,7 +147,7 @@ def cmd_train_head(args: argparse.Namespace) -> int:
             label_column=args.label_column, id_column=args.id_column, column=args.column, cv=args.cv,
             test_size=args.test_size, store=args.store, progress=bar.update_to,
         )
-    for note in report.notes:
+    for note in report.notes + numeric_label_notes(report.per_class, args.label_column):
         print(f"note: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
@@ -154,6 +160,27 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     print(f"model -> {model}; per-class report -> {Path(args.out) / 'report.json'}; "
           f"confusion matrix -> {Path(args.out) / 'confusion.png'}")
     return 0
+
+
+def numeric_label_notes(per_class: dict[str, Any], column: str) -> list[str]:
+    """A note when the class names look like measurements (``0.5``, ``1.5``): the CLI reads labels
+    as strings, so each distinct value became a class of a classifier; say so rather than let a
+    user believe a regression was trained."""
+    import math
+
+    names = [k for k, v in per_class.items() if isinstance(v, dict) and k not in ("macro avg", "weighted avg")]
+    values = []
+    for name in names:
+        try:
+            values.append(float(name))
+        except ValueError:
+            return []
+    if not values or all(math.isfinite(v) and v == int(v) and "." not in n for v, n in zip(values, names)):
+        return []  # integer codes (0, 1, 2) are ordinary class names
+    shown = ", ".join(repr(n) for n in names[:5]) + (" ..." if len(names) > 5 else "")
+    return [f"labels are read as strings: the {len(names)} distinct values of {column!r} ({shown}) were trained as "
+            "classes of a classifier, not as numbers; embedkit's heads classify (for a numeric target, train a "
+            "regressor on the stored features in Python: embedkit.FeatureStore(...).load(...))"]
 
 
 @contextlib.contextmanager

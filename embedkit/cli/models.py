@@ -14,8 +14,12 @@ from .common import existing_file, positive_float, positive_int, progress_bar, s
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("backbones", help="list registered backbones, their exports and variants, and where the model store is")
+    p = sub.add_parser("backbones", help="list registered backbones, their exports and variants, and where the model "
+                       "store is; --remove NAME removes a fine-tune")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--remove", metavar="NAME",
+                   help="remove the fine-tuned backbone NAME (its weights, exports and their variants) from the model "
+                   "store; refused while another fine-tune of it, or a model saved on it by `embedkit finetune`, exists")
     store_arg(p)
 
     p = sub.add_parser("plugins", help="list plugins with their version, status and errors")
@@ -68,6 +72,8 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     from ..backbones.registry import list_backbones, registry
     from ..models.store import ModelStore, describe_root
 
+    if args.remove is not None:
+        return _remove_finetune(args)
     store = ModelStore(args.store)
     inventory = store.inventory()
     from ..models.finetuned import listing
@@ -107,6 +113,21 @@ def cmd_backbones(args: argparse.Namespace) -> int:
             print(f"    {a['name']:<30} {a['kind']:<20} {a['digest'][:12]}  {parent}".rstrip())
     if not registered:
         print("no backbones registered: is a plugin such as embedkit-text installed?")
+    return 0
+
+
+def _remove_finetune(args: argparse.Namespace) -> int:
+    """``backbones --remove NAME``: one fine-tune out of the model store, or one ``error:`` line."""
+    from ..models.finetuned import remove
+
+    removed = remove(args.remove, args.store)
+    summary = {"removed": removed.name, "folder": str(removed.folder), "exports": removed.digests,
+               "variants": removed.variants}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"removed fine-tuned backbone {removed.name} ({removed.folder}; {len(removed.digests)} exports, "
+              f"{len(removed.variants)} variants)")
     return 0
 
 

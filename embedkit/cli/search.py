@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EmbedkitError
-from .common import backbone_arg, existing_dir, existing_file, positive_float, positive_int, store_arg
+from .common import backbone_arg, existing_dir, existing_file, positive_float, positive_int, published_dir, store_arg
 
 # Locators written by extraction (embedkit.inputs.sources.iter_items): "file.csv:row 12" (1-based data row),
 # "file.txt:line 3", an image path, or "item 4" for an in-memory iterable.
@@ -28,7 +28,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--memory-budget-mb", type=positive_float, help="index memory budget in MB (auto kind)")
 
     p = sub.add_parser("search", help="nearest stored items for raw queries (texts or image paths)")
-    p.add_argument("index", type=existing_dir, help="index folder made by `embedkit index`")
+    p.intermixed = True  # search INDEX -k 3 "query" as well as search INDEX "query" -k 3
+    p.add_argument("index", type=published_dir("index.json"), help="index folder made by `embedkit index`")
     p.add_argument("queries", nargs="+")
     p.add_argument("-k", type=positive_int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--source", type=existing_file, metavar="FILE",

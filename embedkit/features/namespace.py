@@ -7,7 +7,7 @@ after the id's last row means the id has no valid vector (it failed or named two
 Every shard read is checked to belong here (its metadata names this digest and dimension);
 building the cache also checks each shard's size and sha256 against its commit record.
 
-Concurrency: see :mod:`embedkit.locks`. ``commit`` and every reader hold the namespace lock
+Concurrency: see :mod:`embedkit.fs.locks`. ``commit`` and every reader hold the namespace lock
 shared; ``gc`` and ``quarantine`` hold it exclusive, so maintenance never removes what a live
 process is writing or reading. Verification and quarantine are :mod:`embedkit.features.verification`,
 ``gc`` is :mod:`embedkit.features.garbage`.
@@ -206,7 +206,7 @@ class Namespace:
     def load_all(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(ids, X, sources, fingerprints)`` from the checksummed cache, built when missing or damaged.
 
-        The cache (see :mod:`embedkit.cache`) is derived and disposable. On a read-only or full
+        The cache (see :mod:`embedkit.features.cache`) is derived and disposable. On a read-only or full
         store it is built in a temporary folder instead (and in memory if that fails too).
         Raises StoreError when a committed shard is damaged or foreign (``extract`` sets such
         shards aside and recomputes their items).

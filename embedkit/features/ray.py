@@ -20,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import pickle
 import signal
 import sys
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -44,9 +46,40 @@ __all__ = ["EmbedBatch", "RayRunner", "local_cluster"]
 logger = logging.getLogger(__name__)
 
 MAX_TASK_RETRIES = 2  # a job is tried 1 + this many times per pass (two passes: whole, then item by item)
-MAX_RESTARTS = 4  # per actor; each pass starts fresh actors
+MAX_RESTARTS = 4  # per actor, beyond the deaths of the pass's own attempts (restarts_for); fresh actors each pass
 CLOCK_MARGIN_NS = 600 * 10**9  # 10 minutes
 WINDOW_JOBS = 64  # shard jobs planned ahead per Ray Data run (bounds the driver's memory)
+# A pass with no block returned and nothing committed for this long is abandoned (its items are
+# missing: IncompleteExtractionError, exit 3); EMBEDKIT_RAY_STALL_S overrides it
+STALL_S = 600.0
+
+
+def _stop_executors(before: set[threading.Thread], pumping: threading.Thread) -> None:
+    """Shut down the Ray Data executor of an abandoned pass (and wait for its reader to end).
+
+    Left running, it would go on scheduling, and once the private Ray is shut down its thread
+    would start a new one (Ray Data initialises Ray when it finds none). Ray Data's streaming
+    executor is a thread of its own: the new ones are this pass's.
+    """
+    for thread in set(threading.enumerate()) - before:
+        if type(thread).__name__ == "StreamingExecutor" and callable(getattr(thread, "shutdown", None)):
+            with contextlib.suppress(Exception):
+                thread.shutdown(force=True, exception=RuntimeError("abandoned by embedkit: no progress"))
+    pumping.join(timeout=30)
+
+
+def restarts_for(jobs: int) -> int:
+    """Restarts allowed to each actor of a pass over ``jobs`` jobs.
+
+    An actor that has used up its restarts is dead for good, and Ray Data (2.60) then waits for it
+    for ever: the driver spun a core with no progress once two items killed the one actor of
+    ``--workers 1`` (3 attempts each: 6 deaths > 4 restarts). Each death of an actor that embedkit
+    causes is the death of one attempt of one job, and attempts are bounded (``1 +
+    MAX_TASK_RETRIES`` per job), so an actor allowed this many restarts outlives every attempt of
+    the pass (plus ``MAX_RESTARTS`` deaths from outside, a kill or out of memory). Deaths beyond
+    that are caught by the stall guard (:data:`STALL_S`).
+    """
+    return MAX_RESTARTS + jobs * (1 + MAX_TASK_RETRIES)
 
 
 @contextlib.contextmanager
@@ -143,11 +176,14 @@ class RayRunner:
         workers: actors, one encoder each (default: local CPUs / cluster CPUs per worker).
         cpus_per_worker, gpus_per_worker: Ray resources per actor (default CPUs: fractional
             locally so the actors and Ray Data's own tasks fit the machine; GPUs: 0).
+        stall_s: a pass with no block returned and nothing committed for this many seconds is
+            abandoned and its items reported missing (default ``$EMBEDKIT_RAY_STALL_S``, else 600).
     """
 
     def __init__(self, artifact: Any, store: Any, options: dict[str, Any], models: Any = None,
                  address: str | None = None, workers: int | None = None, cpus_per_worker: float | None = None,
-                 gpus_per_worker: float | None = None, window: int = WINDOW_JOBS) -> None:
+                 gpus_per_worker: float | None = None, window: int = WINDOW_JOBS,
+                 stall_s: float | None = None) -> None:
         for name, value, zero_ok in (("workers", workers, False), ("cpus_per_worker", cpus_per_worker, False),
                                      ("gpus_per_worker", gpus_per_worker, True)):
             if value is None:
@@ -163,6 +199,9 @@ class RayRunner:
         self.cpus, self.gpus = cpus_per_worker, gpus_per_worker or 0
         self.jobs: list[ShardJob] = []
         self.missing = 0
+        self.missing_sources: list[str] = []
+        self.stalled = False
+        self.stall_s = float(os.environ.get("EMBEDKIT_RAY_STALL_S", STALL_S) if stall_s is None else stall_s)
         self._cluster: Any = None
 
     # -- the runner protocol of embedkit.features.extraction ---------------------------------------------
@@ -186,7 +225,11 @@ class RayRunner:
         self._run_window()
         if self.missing:
             self.run.report.missing = self.missing
-            raise IncompleteExtractionError(self.run.report, self.missing)
+            shown = ", ".join(self.missing_sources[:10]) + (" ..." if len(self.missing_sources) > 10 else "")
+            logger.warning("%d item(s) neither stored nor recorded as failed%s: %s", self.missing,
+                           f" (no progress for {self.stall_s:.0f} s)" if self.stalled else " (workers lost)", shown)
+            raise IncompleteExtractionError(self.run.report, self.missing,
+                                            f"no progress for {self.stall_s:.0f} s" if self.stalled else "workers lost")
 
     def stop(self) -> None:
         if self._cluster is not None:
@@ -245,22 +288,83 @@ class RayRunner:
                     compute=ray.data.ActorPoolStrategy(size=min(self.workers, len(jobs)),
                                                        max_tasks_in_flight_per_actor=1),
                     num_cpus=self.cpus, num_gpus=self.gpus,
-                    max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
+                    max_restarts=restarts_for(len(jobs)), max_task_retries=MAX_TASK_RETRIES,
                 )
-            found: dict[str, ShardOutcome] = {}
-            for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-                for key, outcome, error in zip(batch["key"], batch["outcome"], batch["error"]):
-                    if error:
-                        raise pickle.loads(error)
-                    found[key] = pickle.loads(outcome)
+            found = self._collect(out, len(jobs))
         finally:
             ctx.max_errored_blocks, ctx.enable_progress_bars = saved
             quiet.setLevel(level)
         return found
 
+    def _collect(self, out: Any, planned: int) -> dict[str, ShardOutcome]:
+        """The outcomes of one pass, read while a stall guard watches it.
+
+        Ray Data is iterated in a helper thread; this thread waits on it and on the store. A pass
+        in which no block comes back and nothing is committed for ``stall_s`` seconds is
+        abandoned (``self.stalled``): Ray Data waits for ever on a pool whose actors can no
+        longer start (an actor that dies while it loads its model, or killed more often than
+        :func:`restarts_for` allows), and a job that hangs in native code never returns.
+        """
+        import queue
+
+        results: queue.Queue = queue.Queue()
+
+        def pump() -> None:
+            try:
+                for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+                    results.put(("batch", batch))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                results.put(("error", exc))
+            else:
+                results.put(("end", None))
+
+        before = set(threading.enumerate())
+        pumping = threading.Thread(target=pump, name="embedkit-ray-pass", daemon=True)
+        pumping.start()
+        found: dict[str, ShardOutcome] = {}
+        last, commits = time.monotonic(), self._commits()
+        ended = False
+        try:
+            while True:
+                try:
+                    kind, value = results.get(timeout=0.5)
+                except queue.Empty:
+                    now, seen = time.monotonic(), self._commits()
+                    if seen != commits:
+                        last, commits = now, seen
+                    elif now - last > self.stall_s:
+                        self.stalled = True
+                        logger.warning("Ray pass of %d shard job(s): no block returned and nothing committed for "
+                                       "%.0f s: abandoned (its unfinished items are reported missing)", planned,
+                                       self.stall_s)
+                        return found
+                    continue
+                last = time.monotonic()
+                if kind == "end":
+                    ended = True
+                    return found
+                if kind == "error":
+                    raise value
+                for key, outcome, error in zip(value["key"], value["outcome"], value["error"]):
+                    if error:
+                        raise pickle.loads(error)
+                    found[key] = pickle.loads(outcome)
+        finally:
+            if not ended:  # abandoned, an error, Ctrl-C: nothing of this pass goes on running
+                _stop_executors(before, pumping)
+
+    def _commits(self) -> int:
+        try:
+            return len(os.listdir(self.namespace.path / "commits"))
+        except OSError:
+            return 0
+
     def _run_window(self) -> None:
         jobs, self.jobs = self.jobs, []
         if not jobs:
+            return
+        if self.stalled:  # the cluster stopped making progress: nothing more is started
+            self._lose(jobs)
             return
         with _ctrl_c_kept():
             outcomes = self._execute(jobs)
@@ -269,14 +373,19 @@ class RayRunner:
                 if job.key not in outcomes and job.key in done:
                     outcomes[job.key] = outcome_from_record(job, done[job.key])
             lost = [job for job in jobs if job.key not in outcomes]
-            if lost:
+            if lost and not self.stalled:
                 logger.warning("%d shard job(s) lost their worker on every attempt: running them item by item", len(lost))
                 self._isolate(lost, outcomes)
         for job in jobs:
             if job.key in outcomes:
                 settle(job, outcomes[job.key], self.run)
             else:
-                self.missing += len(job.items)
+                self._lose([job])
+
+    def _lose(self, jobs: list[ShardJob]) -> None:
+        for job in jobs:
+            self.missing += len(job.items)
+            self.missing_sources += [item.source for item in job.items]
 
     def _isolate(self, lost: list[ShardJob], outcomes: dict[str, ShardOutcome]) -> None:
         """Run the items of ``lost`` jobs one per job in fresh actors; record items that still crash."""
@@ -292,8 +401,8 @@ class RayRunner:
             results = [found.get(s.key) or (outcome_from_record(s, done[s.key]) if s.key in done else None)
                        for s in subs]
             crashed = [s.items[0] for s, r in zip(subs, results) if r is None]
-            if crashed and not alive:
-                continue  # the cluster went away: missing, not the items' fault
+            if crashed and (not alive or self.stalled):
+                continue  # the cluster went away or stopped making progress: missing, not the items' fault
             crashed_outcome(job, self.namespace, crashed, attempts)
             failures = [f for r in results if r is not None for f in r.failures]
             failures += [{"id": item.id, "code": "worker_crashed"} for item in crashed]

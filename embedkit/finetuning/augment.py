@@ -3,7 +3,7 @@
 A training view of an image is a random resized crop (a random region of the source image,
 resized to the backbone's declared crop size with its declared interpolation), maybe mirrored
 left-right, then the declared normalisation: the decoding, resizing and normalising are
-:class:`embedkit.image.ImageProcessor`'s, so a network is never tuned on inputs that inference
+:class:`embedkit.inputs.image.ImageProcessor`'s, so a network is never tuned on inputs that inference
 would make differently. With augmentation off (``augment=None``) a training input is the
 inference input, pixel for pixel. No torchvision needed.
 
@@ -124,7 +124,7 @@ class Augmenter:
     def __init__(self, preprocess: ImagePreprocess, augment: ImageAugment | None = ImageAugment(),
                  max_pixels: int = DEFAULT_MAX_PIXELS, reject_blank: bool = True):
         if augment is not None and not isinstance(augment, ImageAugment):
-            raise InvalidAugmentError(f"augment must be an embedkit.augment.ImageAugment or None, got {augment!r}")
+            raise InvalidAugmentError(f"augment must be an embedkit.finetuning.augment.ImageAugment or None, got {augment!r}")
         self.processor = ImageProcessor(preprocess, max_pixels=max_pixels, reject_blank=reject_blank)
         self.augment = augment
 

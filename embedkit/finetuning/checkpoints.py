@@ -4,23 +4,33 @@
 optimiser's per-parameter state, torch's RNG state(s); its metadata (safetensors keeps a
 str -> str map) holds the JSON part: step, epoch, step within the epoch, the scheduler's state,
 the optimiser's parameter groups, the history so far, early-stopping counters. One file is
-replaced in one atomic step (:func:`write_safetensors`), so a ``kill -9`` at any
+replaced in one atomic step (:func:`_write`), so a ``kill -9`` at any
 moment leaves the previous checkpoint or the new one, never a mix. ``best.safetensors`` holds
 the weights of the best validation epoch. ``checkpoint.json`` (written when the run starts) is
 the folder's marker: the run's hyperparameters and data fingerprint, which ``resume`` must match.
+
+Nothing is resumed that was not verified, as shards are not read unverified: every checkpoint
+file (``last`` and ``best``) carries in its header ``sha256``, a digest of its header (less that
+field) and of every tensor byte, and ``run``, the identity of the run that wrote it (a digest of
+the marker's config: parent digest, data fingerprint, hyperparameters, device). Before a resume
+both are checked (:func:`read`): a flipped bit, a damaged header, or a file copied in from
+another run (another seed, other data) is a :class:`CheckpointError` naming the file, never a
+run finished silently with other weights.
 
 Data order needs no saved state: each epoch's permutation and each step's augmentation come
 from generators seeded by ``(seed, epoch[, step])``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import struct
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..fs.atomic import write_atomic, write_safetensors
+from ..fs.atomic import staged_file, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +38,7 @@ MARKER = "checkpoint.json"
 LAST = "last.safetensors"
 BEST = "best.safetensors"
 METRICS = "metrics.json"
-FORMAT = 1
+FORMAT = 2  # 2: each file carries its checksum and its run's identity
 
 
 def weights(module: Any, head: Any) -> dict[str, Any]:
@@ -81,7 +91,10 @@ def start(folder: Path, config: dict[str, Any], resume: bool) -> dict[str, Any] 
                           if old.get("config", {}).get(k) != json.loads(json.dumps(config.get(k), default=str)))
             raise CheckpointError(f"cannot resume from {folder}: it was made with other settings or data "
                                   f"({', '.join(diff)} differ); run with the same ones, or without resume to start over")
-        return read(folder / LAST)[1]
+        run = identity(config)
+        if (folder / BEST).is_file():
+            read(folder / BEST, run)  # checked now, not found out at the end of the run
+        return read(folder / LAST, run)[1]
     if resume:
         logger.info("no checkpoint in %s yet: starting from the beginning", folder)
     folder.mkdir(exist_ok=True)
@@ -92,17 +105,69 @@ def start(folder: Path, config: dict[str, Any], resume: bool) -> dict[str, Any] 
     return None
 
 
-def save(folder: Path, module: Any, head: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> None:
-    """Replace ``last.safetensors`` with the run's state now (atomically)."""
+def identity(config: dict[str, Any]) -> str:
+    """The identity of a run: the sha256 of its config (as the marker records it) in canonical JSON."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _header(blob: bytes, path: Path) -> tuple[dict[str, Any], int]:
+    """``(header, offset of the data)`` of a safetensors file's bytes.
+
+    Raises:
+        CheckpointError: not a safetensors header.
+    """
+    try:
+        (size,) = struct.unpack("<Q", blob[:8])
+        if not 0 < size <= len(blob) - 8:
+            raise ValueError(f"header length {size} for a file of {len(blob)} bytes")
+        header = json.loads(blob[8:8 + size])
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (struct.error, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{path} is not a readable embedkit checkpoint ({type(exc).__name__}: {exc}); it cannot "
+                              "be resumed from: run without resume to start over") from exc
+    return header, 8 + size
+
+
+def _checksum(header: dict[str, Any], data: bytes | memoryview) -> str:
+    """sha256 of the header (less its ``sha256`` field) and of the data bytes."""
+    header = json.loads(json.dumps(header))
+    (header.get("__metadata__") or {}).pop("sha256", None)
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def _write(path: Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """``tensors`` as a safetensors file at ``path``, its checksum in its header, replaced in one
+    atomic step (serialised once in memory, never with ``save_file``: see :func:`embedkit.fs.atomic.write_safetensors`)."""
+    from safetensors.torch import save as serialise
+
+    blob = serialise(tensors, metadata=metadata)
+    header, start = _header(blob, path)
+    data = memoryview(blob)[start:]
+    header.setdefault("__metadata__", {})["sha256"] = _checksum(header, data)
+    # the data's offsets are relative to the end of the header: a longer header moves nothing
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors keeps the data 8-byte aligned
+    with staged_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        f.write(data)
+
+
+def save(folder: Path, module: Any, head: Any, optimizer: Any, scheduler: Any, state: dict[str, Any],
+         run: str = "") -> None:
+    """Replace ``last.safetensors`` with the run's state now (atomically); ``run``: :func:`identity`."""
     tensors, meta = _tensors(module, head, optimizer)
     meta.update(state, scheduler=scheduler.state_dict(), format=FORMAT)
-    write_safetensors(folder / LAST, tensors, {"embedkit": json.dumps(meta, default=float)})
+    _write(folder / LAST, tensors, {"embedkit": json.dumps(meta, default=float), "run": run})
 
 
-def save_best(folder: Path, module: Any, head: Any) -> None:
-    """Replace ``best.safetensors`` with the weights now (atomically)."""
+def save_best(folder: Path, module: Any, head: Any, run: str = "") -> None:
+    """Replace ``best.safetensors`` with the weights now (atomically); ``run``: :func:`identity`."""
     tensors, _ = _tensors(module, head)
-    write_safetensors(folder / BEST, tensors)
+    _write(folder / BEST, tensors, {"embedkit": json.dumps({"format": FORMAT}), "run": run})
 
 
 def write_metrics(folder: Path, history: list[dict[str, Any]]) -> None:
@@ -110,16 +175,37 @@ def write_metrics(folder: Path, history: list[dict[str, Any]]) -> None:
     write_atomic(folder / METRICS, json.dumps(history, indent=2).encode())
 
 
-def read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(tensors, json state)`` of a checkpoint file."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+def read(path: Path, run: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(tensors, json state)`` of a checkpoint file, verified: its checksum, and (``run`` given)
+    that the run of :func:`identity` ``run`` wrote it.
+
+    Raises:
+        CheckpointError: unreadable, damaged (its checksum does not match), written by an older
+            embedkit without one, or written by another run.
+    """
+    from safetensors.torch import load
 
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("embedkit", "{}"))
-        return load_file(str(path)), meta
-    except Exception as exc:  # a foreign or damaged file: say which, do not guess
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc}); run without resume to start over") from exc
+    header, start = _header(blob, path)
+    meta = header.get("__metadata__") if isinstance(header.get("__metadata__"), dict) else {}
+    recorded = meta.get("sha256")
+    if not recorded:
+        raise CheckpointError(f"{path} carries no checksum (written by an older embedkit, or not by embedkit): it "
+                              "cannot be verified, so it is not resumed from: run without resume to start over")
+    if _checksum(header, memoryview(blob)[start:]) != recorded:
+        raise CheckpointError(f"{path} does not match its checksum: it changed after embedkit wrote it (a damaged "
+                              "disk or copy, an edit); it is not resumed from: run without resume to start over")
+    if run is not None and meta.get("run") != run:
+        raise CheckpointError(f"{path} was written by another run (other settings or data, e.g. another seed, or "
+                              "copied in from another run's folder) than the one its folder's checkpoint.json "
+                              "records; it is not resumed from: run without resume to start over")
+    try:
+        state = json.loads(meta.get("embedkit") or "{}")
+        return load(blob), state
+    except Exception as exc:  # a file embedkit wrote and verified: only a bug of its own gets here
         raise CheckpointError(f"{path} is not a readable embedkit checkpoint ({type(exc).__name__}: {exc}); it cannot "
                               "be resumed from: run without resume to start over") from exc
 
@@ -132,11 +218,13 @@ def restore_weights(tensors: dict[str, Any], module: Any, head: Any) -> None:
         part.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
-def restore(path: Path, module: Any, head: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Load the whole run state from ``path`` into the given objects; returns the JSON state."""
+def restore(path: Path, module: Any, head: Any, optimizer: Any, scheduler: Any, run: str | None = None
+            ) -> dict[str, Any]:
+    """Load the whole run state from ``path`` (verified: :func:`read`) into the given objects;
+    returns the JSON state."""
     import torch
 
-    tensors, meta = read(path)
+    tensors, meta = read(path, run)
     restore_weights(tensors, module, head)
     state: dict[str, Any] = {}
     for key, value in tensors.items():

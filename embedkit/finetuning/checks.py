@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -117,6 +118,7 @@ def validate(backbone: Any, items: Any, labels: Sequence[Any], o: Options) -> Jo
         check_output(o.out, "model", inputs=outputs)
     if parent.onnx is not None:
         raise UsageError(f"backbone {parent.name!r} is ONNX-only: it has no torch module to fine-tune")
+    tuned.check_writable(models.root)  # a read-only store is found now, not after the training
     return job
 
 
@@ -124,9 +126,15 @@ def _parent(backbone: Any, o: Options, models: ModelStore) -> Backbone:
     """The parent backbone, once the new name and the objective's options are checked against it."""
     if o.name is not None and (not isinstance(o.name, str) or not NAME_PATTERN.match(o.name)):
         raise UsageError(f"name must match {NAME_PATTERN.pattern}, got {o.name!r}")
-    if o.name is not None and tuned.find(o.name, models.root) is not None:
-        raise OutputExistsError(f"a fine-tuned backbone {o.name!r} is already in the model store {models.root}; "
-                                "choose another name")
+    if o.name is not None:
+        tuned.check_name(models.root, o.name)  # a registered backbone's name: refused now, not after training
+        existing = tuned.find(o.name, models.root)
+        if existing is not None and not _same_run(existing, o):
+            hint = "" if o.resume or o.checkpoint_dir is None else \
+                " (or, to finish or confirm the run of this checkpoint_dir that made it, run again with resume)"
+            made = " by another run (other settings or data)" if o.resume else ""
+            raise OutputExistsError(f"a fine-tuned backbone {o.name!r} is already in the model store {models.root}"
+                                    f"{made}; choose another name{hint}")
     parent = get_backbone(backbone) if isinstance(backbone, str) else backbone
     if not isinstance(parent, Backbone):
         raise UsageError(f"backbone must be a name, spec or embedkit.Backbone, got {type(parent).__name__}")
@@ -136,6 +144,28 @@ def _parent(backbone: Any, o: Options, models: ModelStore) -> Backbone:
         raise UsageError("checkpoint_dir / resume are for objective='classify' (a contrastive run is short: rerun it)")
     check_objective_options(o.objective, o.objective_options, patience=o.patience, layer_decay=o.layer_decay)
     return parent
+
+
+def _same_run(existing: Any, o: Options) -> bool:
+    """Whether ``existing`` (a fine-tune already in the store under ``o.name``) is what this call,
+    resumed from ``o.checkpoint_dir``, is finishing: a kill after its weights reached the store
+    (during the export or the save of the classifier), or a finished run confirmed. Its lineage's
+    parent, data and hyperparameters must be the checkpoint folder's run; the weights themselves
+    are compared when the run claims the name (:func:`embedkit.models.finetuned.persist`).
+    """
+    import json
+
+    if not o.resume or o.checkpoint_dir is None:
+        return False
+    try:
+        config = json.loads((Path(o.checkpoint_dir) / "checkpoint.json").read_text()).get("config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    lineage = existing.lineage or {}
+    hyper = json.loads(json.dumps(lineage.get("hyperparameters"), default=str))
+    return (config.get("parent") == (lineage.get("parent") or {}).get("digest")
+            and config.get("data") == (lineage.get("data") or {}).get("fingerprint")
+            and config.get("hyperparameters") == hyper)
 
 
 def _read_items(job: Job, items: Any, labels: Sequence[Any], o: Options) -> Job:
@@ -153,8 +183,10 @@ def _read_items(job: Job, items: Any, labels: Sequence[Any], o: Options) -> Job:
 
 
 def _missing(value: Any) -> bool:
-    """None, NaN or a blank string: no label."""
+    """None, NaN, pandas' NA / NaT or a blank string: no label."""
     if value is None:
+        return True
+    if type(value).__module__.startswith("pandas") and type(value).__name__ in ("NAType", "NaTType"):
         return True
     if isinstance(value, (float, np.floating)) and math.isnan(value):
         return True
@@ -171,13 +203,28 @@ def check_labels(labels: Sequence[Any], n: int, what: str = "items") -> np.ndarr
     """
     if isinstance(labels, (str, bytes)):
         raise DatasetError("labels must be a sequence with one label per item, not a single string")
-    labels = list(labels)
+    shape = getattr(labels, "shape", None)
+    if shape is not None and len(shape) != 1:
+        fix = "; flatten them (labels.ravel(), or the one column of a table)" if len(shape) == 2 and shape[-1] == 1 \
+            else "; give one label (a string or an integer) per item"
+        raise DatasetError(f"labels must be one-dimensional, one label per item, got shape {tuple(shape)}{fix}")
+    try:
+        labels = list(labels)
+    except TypeError as exc:
+        raise DatasetError(f"labels must be a sequence with one label per item, got {type(labels).__name__}") from exc
     if len(labels) != n:
         raise DatasetError(f"{len(labels)} labels for {n} {what}: give exactly one label per item")
     bad = [i for i, v in enumerate(labels) if _missing(v)]
     if bad:
         raise DatasetError(f"{len(bad)} of {n} labels are missing (None, NaN or empty), e.g. at index "
                            f"{', '.join(map(str, bad[:5]))}; label every item or leave those items out")
+    nested = [i for i, v in enumerate(labels) if isinstance(v, (list, tuple, set, frozenset, dict, np.ndarray))
+              or not isinstance(v, Hashable)]
+    if nested:
+        first = labels[nested[0]]
+        raise DatasetError(f"{len(nested)} of {n} labels are not single values (e.g. a {type(first).__name__} "
+                           f"{first!r:.60} at index {nested[0]}); give one label (a string or an integer) per item, "
+                           "e.g. the first column of a one-column table")
     kinds = {type(v.item() if isinstance(v, np.generic) else v).__name__ for v in labels}
     numbers_ = {"int", "float"}
     if len(kinds - numbers_) > 1 or (kinds - numbers_ and kinds & numbers_):  # 1 and "1", True and 1: one class?

@@ -32,7 +32,7 @@ class FinetunedClassifier(ClassifierMixin, BaseEstimator):
             recipe, texts only: ``iterations`` pairs per item and kind, then LogisticRegression).
         iterations: contrastive only: SetFit's ``num_iterations`` (ignored for ``classify``).
         loss: contrastive only: ``cosine`` (SetFit's pairs) or ``in-batch`` (in-batch negatives,
-            ``batch_size`` classes per batch); see :mod:`embedkit.contrastive`.
+            ``batch_size`` classes per batch); see :mod:`embedkit.finetuning.contrastive`.
         epochs, batch_size, lr, head_lr, layer_decay, weight_decay, warmup, max_grad_norm,
         validation, patience, class_weight, seed, device, augment, store: as :func:`embedkit.finetune`.
 

@@ -1,9 +1,9 @@
 """Training items for fine-tuning: raw items through the inference preprocessing, as torch batches.
 
-Texts are tokenised once (:class:`embedkit.text.TextTokenizer`, the artifact's tokenizer and max
-length); images go through :class:`embedkit.image.ImageProcessor` (checked once up front, so a bad
+Texts are tokenised once (:class:`embedkit.inputs.text.TextTokenizer`, the artifact's tokenizer and max
+length); images go through :class:`embedkit.inputs.image.ImageProcessor` (checked once up front, so a bad
 image is a record before training, not a crash mid-epoch) and, while training,
-:class:`embedkit.augment.Augmenter` (the same processor plus a random resized crop and flip).
+:class:`embedkit.finetuning.augment.Augmenter` (the same processor plus a random resized crop and flip).
 The contrastive objectives take their texts as one padded tensor (:func:`text_tensors`) cut to
 each batch's longest row (:func:`token_rows`).
 """
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, TrainingItemLostError
 from ..inputs.image import ImageProcessor
 from ..inputs.items import ItemFailure
 from ..inputs.sources import iter_items
@@ -53,12 +54,15 @@ class ImageData:
 
         rows = []
         for i in index:
-            if rng is not None and self.augment is not None:
-                rows.append(self.augment(self.payloads[i], rng))
-            else:
-                if i not in self.cache:
-                    self.cache[i] = self.processor(self.payloads[i])[0]
-                rows.append(self.cache[i])
+            try:
+                if rng is not None and self.augment is not None:
+                    rows.append(self.augment(self.payloads[i], rng))
+                else:
+                    if i not in self.cache:
+                        self.cache[i] = self.processor(self.payloads[i])[0]
+                    rows.append(self.cache[i])
+            except (ItemFailure, OSError) as exc:  # it was read when the run started: it changed since
+                raise _lost(int(i), self.payloads[i], exc) from exc
         return (torch.as_tensor(np.stack(rows), device=self.device),)
 
 
@@ -94,8 +98,17 @@ def prepare(modality: str, payloads: list[Any], preprocess: Any, augment: bool, 
     return data, kept, failures
 
 
+def _lost(index: int, payload: Any, exc: BaseException) -> TrainingItemLostError:
+    """The typed error for an item that could be read when the run started and cannot be now."""
+    what = f"{os.fspath(payload)}" if isinstance(payload, (str, os.PathLike)) else f"item {index}"
+    return TrainingItemLostError(
+        f"training image {what} (item {index}) could not be read again during the run ({exc}); it was read when "
+        "the run started, so it was removed or changed since: restore it and run again with resume (from the "
+        "last checkpoint), or start over without it")
+
+
 def data_fingerprint(ids: Sequence[str], labels: Sequence[Any]) -> str:
-    """sha256 over the items' content ids (:func:`embedkit.sources.fingerprint`) and labels, in order."""
+    """sha256 over the items' content ids (:func:`embedkit.inputs.fingerprints.fingerprint`) and labels, in order."""
     h = hashlib.sha256()
     for item_id, label in zip(ids, labels):
         h.update(f"{item_id}\t{json.dumps(label, default=str)}\n".encode("utf-8", "surrogateescape"))
@@ -103,7 +116,7 @@ def data_fingerprint(ids: Sequence[str], labels: Sequence[Any]) -> str:
 
 
 def items_of(items: Any, modality: str) -> tuple[list[Any], list[str], list[str]]:
-    """``(payloads, content ids, locators)`` of a sequence or source (see :func:`embedkit.sources.iter_items`)."""
+    """``(payloads, content ids, locators)`` of a sequence or source (see :func:`embedkit.inputs.sources.iter_items`)."""
 
     found = list(iter_items(items, modality))
     return [i.payload for i in found], [i.id for i in found], [i.source for i in found]
@@ -123,7 +136,7 @@ class Joined:
 
 def text_tokenizer(preprocess: Any) -> Tokenize:
     """A ``tokenize`` callable for :func:`embedkit.finetuning.contrastive.finetune_contrastive` from a backbone's
-    :class:`~embedkit.TextPreprocess`: the inference tokenizer (:class:`embedkit.text.TextTokenizer`,
+    :class:`~embedkit.TextPreprocess`: the inference tokenizer (:class:`embedkit.inputs.text.TextTokenizer`,
     same truncation at ``max_length``), right-padded int64 ``input_ids`` / ``attention_mask``.
 
     Raises (when called):

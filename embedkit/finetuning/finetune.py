@@ -2,8 +2,8 @@
 and keep the result as a new backbone that flows back through export, feature store and heads.
 
 Inputs go through the inference preprocessing: the parent artifact's tokenizer and max length
-(:class:`embedkit.text.TextTokenizer`), or its image preprocessing
-(:class:`embedkit.image.ImageProcessor`) plus training augmentation (:mod:`embedkit.augment`).
+(:class:`embedkit.inputs.text.TextTokenizer`), or its image preprocessing
+(:class:`embedkit.inputs.image.ImageProcessor`) plus training augmentation (:mod:`embedkit.finetuning.augment`).
 Bad items (undecodable images, invalid text) are per-item records in ``failures``, excluded and
 counted; bad labels and settings are typed errors before any training.
 
@@ -26,7 +26,15 @@ import numpy as np
 
 from ..backbones.blocks import plan_freeze
 from ..embedder import Embedder
-from ..errors import DatasetError, ExportError, NonFiniteOutputError, OutputError, TrainingDivergedError, UsageError
+from ..errors import (
+    DatasetError,
+    ExportError,
+    NonFiniteOutputError,
+    OutputError,
+    TrainingCollapsedError,
+    TrainingDivergedError,
+    UsageError,
+)
 from ..fs.locks import owned
 from ..heads.persistence import portable_spec, save
 from ..heads.training import check_classes, holdout_split
@@ -59,7 +67,10 @@ class FinetuneResult:
         model_path: where the model was saved (``out``), else None.
         failures: one record per excluded item (``index``, ``split``, ``code``, ``stage``, ``message``).
         classes: the label values, in the head's order.
-        lineage: what the backbone's manifest records (parent, data fingerprint, hyperparameters, metrics).
+        lineage: what the backbone's manifest records (parent, data fingerprint, hyperparameters, metrics,
+            ``warnings``).
+        warnings: what looks wrong with a result that was still kept (validation accuracy at chance
+            level), also logged and recorded in the lineage.
         seconds: wall time of the whole call.
     """
 
@@ -73,6 +84,7 @@ class FinetuneResult:
     failures: list[dict[str, Any]] = field(default_factory=list)
     classes: list[Any] = field(default_factory=list)
     lineage: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -93,6 +105,7 @@ class Prepared:
     weights: np.ndarray | None
     fingerprint: str
     hyper: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
 
 
 # -- the public function --------------------------------------------------------------------
@@ -112,9 +125,9 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
         backbone: a registered name or spec, or a :class:`~embedkit.Backbone` (registered, so
             that later processes can rebuild it).
         items: texts (str or UTF-8 bytes) or images (paths, bytes, PIL images, (H, W[, C]) arrays),
-            or a source :func:`embedkit.sources.iter_items` reads (a folder, a ``.txt``, a table).
+            or a source :func:`embedkit.inputs.sources.iter_items` reads (a folder, a ``.txt``, a table).
         labels: one label per item (str or int), no missing values.
-        unfreeze: ``head`` | ``last:N`` | ``all`` (:mod:`embedkit.blocks`).
+        unfreeze: ``head`` | ``last:N`` | ``all`` (:mod:`embedkit.backbones.blocks`).
         objective: ``classify`` (cross-entropy with a linear head) or ``contrastive`` (SetFit's
             recipe, texts only). Its options go in ``objective_options``: ``iterations`` (pairs,
             or anchors, per item), ``loss`` (``cosine``: SetFit's pairs; ``in-batch``: in-batch
@@ -152,9 +165,16 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
         InvalidUnfreezeError: a bad ``unfreeze`` or ``last:N`` beyond the backbone's blocks.
         NoBlocksError: ``last:N`` on a backbone without blocks.
         UsageError: a setting out of range, an option or setting the objective does not use.
-        CheckpointError: ``resume`` from another run's folder.
-        TrainingDivergedError: the loss or a trained weight became NaN / infinite (no backbone saved).
-        OutputError: ``out`` or ``checkpoint_dir`` refused (:func:`embedkit.outputs.check_output`).
+        CheckpointError: ``resume`` from another run's folder, or from a checkpoint file that fails
+            its checksum or was written by another run (the message names the file).
+        TrainingDivergedError: the loss, a trained weight or the tuned body's output became NaN /
+            infinite; :class:`~embedkit.errors.TrainingCollapsedError`: its outputs collapsed to one
+            vector (no backbone saved in either case).
+        TrainingItemLostError: a training image could not be read again during the run.
+        OutputError: ``out`` or ``checkpoint_dir`` refused (:func:`embedkit.fs.outputs.check_output`), or a
+            model store that cannot be written (before training).
+        OutputExistsError: ``name`` held by a registered backbone, other artifacts, or another run's
+            fine-tune (a ``resume`` of the run that made it finishes it instead).
     """
     started = time.perf_counter()
     options = Options(unfreeze=unfreeze, objective=objective, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -242,13 +262,70 @@ def train(job: Job, p: Prepared, o: Options, progress: loop.Progress | None) -> 
         CheckpointError, OutputError: ``resume`` from another run's folder; a folder in use.
     """
     settings = o.settings(job.device)
+    sample = p.train_idx[:SAMPLE]
+    p.module.to(job.device)  # where the data's batches are
+    before = _mean_cosine(_outputs(p.module, p.data, sample))  # the parent's, on the same items
     if o.objective == "contrastive":
         clf, history = _contrastive(job, p, o, settings, progress)
     else:
         clf, history = _classify(job, p, o, settings, progress)
-    _check_finite(p.module, p.data, p.train_idx[:8])
+    rates = "lr" if o.objective == "contrastive" else "lr / head_lr"
+    out = _outputs(p.module, p.data, sample)
+    if not np.isfinite(out).all():
+        raise TrainingDivergedError("the tuned backbone's output on training items", rates)
+    after = _mean_cosine(out)
+    if len(sample) > 1 and after >= COLLAPSED and before < COLLAPSED:
+        raise TrainingCollapsedError(f"the tuned backbone's output on {len(sample)} training items", after, before,
+                                     rates)
+    p.warnings += _chance_level(p, history)
+    for warning in p.warnings:
+        logger.warning("%s", warning)
     p.module.cpu().eval()
     return clf, history
+
+
+SAMPLE = 128  # training items whose outputs are checked after training
+COLLAPSED = 1 - 1e-4  # mean pairwise cosine from which different items embed to one vector
+
+
+def _outputs(module: Any, data: Any, index: np.ndarray) -> np.ndarray:
+    """The module's (eval mode) float64 outputs on the items ``index``, in batches."""
+    import torch
+
+    module.eval()
+    rows = []
+    with torch.no_grad():
+        for k in range(0, len(index), 32):
+            rows.append(module(*data.batch(index[k:k + 32], None)).float().cpu().numpy().astype(np.float64))
+    return np.concatenate(rows) if rows else np.zeros((0, 0))
+
+
+def _mean_cosine(x: np.ndarray) -> float:
+    """Mean cosine similarity of the distinct pairs of rows (1.0: fewer than two rows; NaN-safe: a
+    non-finite row counts as collapsed, a zero row as orthogonal)."""
+    if len(x) < 2 or not np.isfinite(x).all():
+        return 1.0
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    u = x / np.where(norms > 0, norms, 1.0)
+    n = len(u)
+    s = u.sum(0)
+    return float((s @ s - (u * u).sum()) / (n * (n - 1)))
+
+
+def _chance_level(p: Prepared, history: list[dict[str, Any]]) -> list[str]:
+    """A warning when the best validation accuracy is no better than always answering the
+    validation items' most common class (the tuned backbone then learned nothing that shows)."""
+    accuracies = [row["val_accuracy"] for row in history if row.get("val_accuracy") is not None]
+    if p.val_idx is None or not len(p.val_idx) or not accuracies:
+        return []
+    counts = np.bincount(p.y[p.val_idx], minlength=len(p.classes))
+    chance = float(counts.max() / counts.sum())
+    best = max(accuracies)
+    if best > chance + 1e-9:
+        return []
+    return [f"validation accuracy {best:.4f} is at chance level (the most common class is {chance:.4f} of the "
+            f"{len(p.val_idx)} validation items): the fine-tune learned nothing that validation shows; check the "
+            "labels, or lower the learning rates (lr, head_lr) if the training loss did not fall"]
 
 
 def _classify(job: Job, p: Prepared, o: Options, settings: loop.Settings,
@@ -256,14 +333,15 @@ def _classify(job: Job, p: Prepared, o: Options, settings: loop.Settings,
     """Cross-entropy with a linear head (checkpointed and resumable); the head as a LogisticRegression."""
     objective = Classify(p.plan, p.data, p.y, p.train_idx, p.val_idx, len(p.classes), job.parent.dim, settings,
                          p.weights)
-    resume_state = None
+    resume_state, run_id = None, ""
     with contextlib.ExitStack() as stack:
         if job.checkpoints is not None:
             _own_checkpoints(stack, job.checkpoints)
             config = {"parent": p.artifact.digest, "data": p.fingerprint, "hyperparameters": p.hyper,
                       "device": job.device}
             resume_state = checkpoint.start(job.checkpoints, config, o.resume)
-        history = loop.run(objective, p.module, settings, job.checkpoints, resume_state, progress)
+            run_id = checkpoint.identity(config)
+        history = loop.run(objective, p.module, settings, job.checkpoints, resume_state, progress, run_id)
     return sklearn_head(objective.head.cpu(), p.classes), history
 
 
@@ -285,7 +363,7 @@ def _contrastive(job: Job, p: Prepared, o: Options, settings: loop.Settings,
     if not np.isfinite(features).all():
         # Whether an overflowing weight gives inf or NaN here depends on how the CPU rounds (seen
         # on an AMD EPYC with AVX-512, not on Intel): the outputs are checked, not the loss alone.
-        raise TrainingDivergedError("the tuned backbone's output on training items")
+        raise TrainingDivergedError("the tuned backbone's output on training items", "lr")
     clf = LogisticRegression(max_iter=2000, random_state=settings.seed, class_weight=o.class_weight)
     clf.fit(features, y)
     if p.val_idx is not None:
@@ -309,22 +387,6 @@ def _own_checkpoints(stack: contextlib.ExitStack, folder: Path) -> None:
                           "choose another checkpoint_dir")
 
 
-def _check_finite(module: Any, data: Any, index: np.ndarray) -> None:
-    """Refuse a tuned body whose output on a few training items is NaN or infinite (weights that
-    overflow stay finite themselves: the export's probes were the first to see it).
-
-    Raises:
-        TrainingDivergedError: such an output.
-    """
-    import torch
-
-    module.eval()
-    with torch.no_grad():
-        out = module(*data.batch(index, None))
-    if not bool(torch.isfinite(out.float()).all()):
-        raise TrainingDivergedError("the tuned backbone's output on training items")
-
-
 # -- persist: the new backbone, its export, the classifier ----------------------------------------
 def persist(job: Job, p: Prepared, o: Options, clf: Any, history: list[dict[str, Any]]) -> FinetuneResult:
     """Store the tuned module as a new backbone with its lineage, export it, and make (and save to
@@ -343,7 +405,7 @@ def persist(job: Job, p: Prepared, o: Options, clf: Any, history: list[dict[str,
                    "digest": artifact.digest, "export_key": export_key(parent)},
         "data": {"fingerprint": p.fingerprint, "items": int(len(p.good)), "excluded": len(p.failures),
                  "classes": [str(c) for c in p.classes]},
-        "hyperparameters": p.hyper, "metrics": history,
+        "hyperparameters": p.hyper, "metrics": history, "warnings": list(p.warnings),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     new, created = tuned.persist(job.models.root, o.name or "", parent, parent_spec, p.module, lineage,
@@ -359,6 +421,9 @@ def persist(job: Job, p: Prepared, o: Options, clf: Any, history: list[dict[str,
         raise
     model = Pipeline([("embed", Embedder(new.name, store=str(job.models.root)).fit()), ("head", clf)])
     saved = save(model, o.out) if o.out is not None else None
+    if saved is not None:
+        tuned.record_user(new, saved)  # a dependent: the fine-tune is not removed while this model exists
     return FinetuneResult(backbone=new.name, digest=exported.digest, parent=parent.name,
                           parent_digest=artifact.digest, history=history, model=model, model_path=saved,
-                          failures=p.failures, classes=p.classes.tolist(), lineage=lineage)
+                          failures=p.failures, classes=p.classes.tolist(), lineage=lineage,
+                          warnings=list(p.warnings))

@@ -148,11 +148,13 @@ def mixed_precision(torch: Any, device: str) -> tuple[Callable[[], Any], Any]:
 
 
 def run(objective: Objective, module: Any, s: Settings, folder: Path | None = None,
-        resume_state: dict[str, Any] | None = None, progress: Progress | None = None) -> list[dict[str, Any]]:
+        resume_state: dict[str, Any] | None = None, progress: Progress | None = None,
+        run_id: str = "") -> list[dict[str, Any]]:
     """Train ``module`` (in place) and the objective's head; returns the history, one row per epoch.
 
     With ``folder`` a checkpoint is written each epoch (and every ``checkpoint_every`` steps);
-    ``resume_state`` (from :func:`checkpoints.start`) continues from ``folder``'s last checkpoint.
+    ``resume_state`` (from :func:`checkpoints.start`) continues from ``folder``'s last checkpoint;
+    ``run_id`` (:func:`checkpoints.identity`) is written into each checkpoint and checked on resume.
     With validation the weights of the best epoch (accuracy, then loss) are kept. The module and
     head are left in eval mode.
 
@@ -162,6 +164,7 @@ def run(objective: Objective, module: Any, s: Settings, folder: Path | None = No
     import torch
 
     loop = _Loop(torch, objective, module, s, folder, progress)
+    loop.run_id = run_id
     if resume_state is not None and folder is not None:
         loop.resume(resume_state)
     while loop.epoch < s.epochs and not loop.train_epoch():
@@ -191,17 +194,18 @@ class _Loop:
         self.best: dict[str, Any] = {"key": None, "epoch": None, "weights": None}
         self.epoch = self.skip = self.step = self.stale = 0
         self.losses: list[float] = []
+        self.run_id = ""
 
     def resume(self, state: dict[str, Any]) -> None:
         """Continue from the folder's last checkpoint (``state``: its JSON part)."""
         assert self.folder is not None
         meta = checkpoint.restore(self.folder / checkpoint.LAST, self.module, self.objective.head, self.optimizer,
-                                  self.scheduler)
+                                  self.scheduler, self.run_id)
         self.epoch, self.skip, self.step, self.stale = meta["epoch"], meta["step_in_epoch"], meta["step"], meta["stale"]
         self.history = meta["history"]
         self.best["key"], self.best["epoch"] = meta.get("best_key"), meta.get("best_epoch")
         if (self.folder / checkpoint.BEST).is_file():
-            self.best["weights"] = checkpoint.read(self.folder / checkpoint.BEST)[0]
+            self.best["weights"] = checkpoint.read(self.folder / checkpoint.BEST, self.run_id)[0]
         logger.info("resuming at epoch %d, step %d", self.epoch + 1, self.step)
         self.losses = list(state.get("losses") or [])
         s = self.s
@@ -216,7 +220,8 @@ class _Loop:
                  "history": self.history, "best_key": self.best["key"], "best_epoch": self.best["epoch"],
                  "losses": self.losses if in_epoch else []}
         assert self.folder is not None
-        checkpoint.save(self.folder, self.module, self.objective.head, self.optimizer, self.scheduler, state)
+        checkpoint.save(self.folder, self.module, self.objective.head, self.optimizer, self.scheduler, state,
+                        self.run_id)
 
     def train_epoch(self) -> bool:
         """One epoch (the rest of it, when resumed mid-epoch); returns whether training stops early."""
@@ -272,7 +277,7 @@ class _Loop:
                 self.best.update(key=list(key), epoch=self.epoch + 1, weights=weights)
                 self.stale = 0
                 if self.folder is not None:
-                    checkpoint.save_best(self.folder, self.module, self.objective.head)
+                    checkpoint.save_best(self.folder, self.module, self.objective.head, self.run_id)
             else:
                 self.stale += 1
         row["seconds"] = round(time.perf_counter() - started, 3)

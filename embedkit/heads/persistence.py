@@ -11,13 +11,13 @@ A saved model is a folder::
 (naming both), loads skops heads with no untrusted types, and never opens a pickle or joblib
 file unless the caller passes ``trust_pickle=True`` (and its sha256 still matches). Every file
 the metadata names must be the file expected for the head kind, a regular file inside the
-folder (:func:`embedkit.paths.member`, shared with ``search`` and the model store).
+folder (:func:`embedkit.fs.paths.member`, shared with ``search`` and the model store).
 
 ``save`` refuses up front (:class:`UnsavableHeadError`) a head that ``load`` would refuse, so
 every saved model loads back. ``save`` and ``save_index`` check their target before any work
-(:func:`embedkit.outputs.check_output`) and replace an earlier model or index crash-safely
-(:func:`embedkit.atomic.publish`); ``load`` and ``search`` read the earlier version back when a
-replacement was interrupted between its two renames (:func:`embedkit.atomic.current`).
+(:func:`embedkit.fs.outputs.check_output`) and replace an earlier model or index crash-safely
+(:func:`embedkit.fs.atomic.publish`); ``load`` and ``search`` read the earlier version back when a
+replacement was interrupted between its two renames (:func:`embedkit.fs.atomic.current`).
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def save(model: Any, path: str | os.PathLike[str]) -> Path:
     empty folder or an earlier saved model); an earlier model there is replaced crash-safely.
 
     Raises:
-        OutputError: ``path`` is refused (see :func:`embedkit.outputs.check_output`).
+        OutputError: ``path`` is refused (see :func:`embedkit.fs.outputs.check_output`).
         UnsavableHeadError: ``load`` could not read this head back safely (a type outside
             scikit-learn's trusted set, a FAISS head with a callable ``weights``).
     """
@@ -147,7 +147,7 @@ def save(model: Any, path: str | os.PathLike[str]) -> Path:
             if refused:  # load would refuse it: say so now, not when the model is needed
                 raise UnsavableHeadError(
                     f"{type(head).__name__} holds types that load() does not trust: {', '.join(refused)}; "
-                    "use a scikit-learn head (embedkit.training.HEADS, forests, boosting, calibration) or a FaissKNNClassifier"
+                    "use a scikit-learn head (embedkit.heads.training.HEADS, forests, boosting, calibration) or a FaissKNNClassifier"
                 )
         manifest = {
             **stamp("model"),
@@ -332,7 +332,7 @@ def save_index(store: Any, backbone: str, path: str | os.PathLike[str], metric: 
     there is replaced crash-safely.
 
     Raises:
-        OutputError: ``path`` is refused (see :func:`embedkit.outputs.check_output`).
+        OutputError: ``path`` is refused (see :func:`embedkit.fs.outputs.check_output`).
         StoreError: no features for ``backbone`` in ``store``.
     """
     import faiss

@@ -48,6 +48,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..backbones.backbone import ImagePreprocess
+from ..errors import UnsupportedInputError
 from .files import read_regular
 from .items import ItemFailure
 
@@ -388,3 +389,26 @@ def stack(rows: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """A batch feed: ``pixel_values`` (N, 3, H, W) float32."""
     return {"pixel_values": np.ascontiguousarray(np.stack(rows), dtype=np.float32)}
 
+
+
+def refuse_single_image(items: Any, where: str = "a sequence of images") -> None:
+    """Raise when ``items`` may be one image given where a sequence of images is expected.
+
+    Iterating an ``(H, W, 3)`` array yields H arrays of ``(W, 3)``, each a valid grey image, so
+    one photo would be embedded silently as H strips. A 3-D array whose last axis could be
+    channels (1, 3 or 4) is therefore never guessed: the caller says which it is. An
+    ``(N, H, W)`` array whose last axis is not 1, 3 or 4 cannot be one image (N grey images);
+    an ``(N, H, W, C)`` array is N images; a PIL image is one image.
+
+    Raises:
+        UnsupportedInputError: the input could be one image; the message gives both spellings.
+    """
+    if hasattr(items, "getpixel"):  # a PIL image
+        raise UnsupportedInputError(f"one image was given where {where} is expected; wrap it in a list: [image]")
+    if not isinstance(items, np.ndarray) or items.dtype == object or items.ndim != 3 or items.shape[2] not in (1, 3, 4):
+        return
+    n, h, w = items.shape
+    raise UnsupportedInputError(
+        f"an array of shape {items.shape} was given where {where} is expected: it may be one {n}x{h} image "
+        f"with {w} channel(s), or {n} grey images of {h}x{w} pixels, and embedkit does not guess. "
+        f"One image: pass [image] (or image[None]); {n} grey images: pass a list of {n} arrays, or image[..., None]")

@@ -31,7 +31,7 @@ folder / glob (images)      every non-hidden entry that is not a folder, sorted;
                             device or symlink to one is listed and becomes ``not_a_file``
 ==========================  =====================================================================
 
-Unreadable rows carry an :class:`~embedkit.text.ItemFailure` as payload; the encoders turn it
+Unreadable rows carry an :class:`~embedkit.inputs.text.ItemFailure` as payload; the encoders turn it
 into that item's error record. File names that are not valid UTF-8 stay usable (Python's
 ``surrogateescape``, as ``os.listdir`` returns them); locators written to stores and outputs show
 their bad bytes as ``\\xNN`` (:func:`display`). Tables are read by :mod:`embedkit.inputs.tables`,
@@ -49,6 +49,7 @@ from ..errors import UnsupportedInputError
 from .files import bounded_lines, content_id, display
 from .fingerprints import file_id, image_id, text_id
 from .folders import walk_files
+from .image import refuse_single_image
 from .items import ItemFailure
 from .tables import TABLES, table_rows
 
@@ -77,7 +78,7 @@ def read_texts(path: Path, column: str, strict: bool = True) -> list[Any]:
 
     ``.txt`` lines come as bytes (decoded by the text policy). With ``strict`` (labels, ids) an
     unreadable row raises :class:`UnsupportedInputError`; without, it stays an
-    :class:`~embedkit.text.ItemFailure` payload.
+    :class:`~embedkit.inputs.text.ItemFailure` payload.
     """
     suffix = Path(path).suffix.lower()
     if suffix != ".txt" and suffix not in TABLES:
@@ -108,6 +109,8 @@ def iter_items(
     """
     column = column or ("path" if modality == "image" else "text")
     if not isinstance(source, (str, os.PathLike)):
+        if modality == "image":
+            refuse_single_image(source, "a source of images")
         for n, payload in enumerate(source):
             where = f"item {n}"
             if modality == "image" and isinstance(payload, (str, os.PathLike)):
@@ -136,26 +139,34 @@ def iter_items(
             for n, (line, line_id) in enumerate(bounded_lines(f), start=1):
                 where = f"{name}:line {n}"
                 if modality == "image":
-                    yield _file_item(line.decode("utf-8", "surrogateescape"), path.parent)
+                    yield _file_item(line.decode("utf-8", "surrogateescape"), path.parent,
+                                     os.fsencode(os.path.realpath(path)) + f":line {n}".encode(), where)
                 else:
                     yield Item(line_id, line, where)
         return
+    # ids derived from a row's place name the file by its full path: two data.csv files in
+    # different folders are different sources (the displayed locator keeps the short name)
+    home = os.fsencode(os.path.realpath(path))
     for n, value, key in table_rows(path, column, id_column):
         where = f"{name}:row {n}"  # JSONL: n is the line number (blank lines hold no row but keep numbering)
+        place = home + f":row {n}".encode()
         if modality == "image" and isinstance(value, str):
-            item = _file_item(value, path.parent)
+            item = _file_item(value, path.parent, place, where)
         else:
-            item = Item(text_id(value, where), value, where)
+            item = Item(text_id(value, place.decode("utf-8", "surrogateescape")), value, where)
         if id_column and not isinstance(value, ItemFailure):
-            item = replace(item, id=display(str(key)) if key not in (None, "") else "src-" + content_id(where.encode()))
+            item = replace(item, id=display(str(key)) if key not in (None, "") else "src-" + content_id(place))
         yield item
 
 
-def _file_item(name: str, folder: Path | None) -> Item:
-    """An image file named in a list or a table; relative names are taken from that file's folder."""
+def _file_item(name: str, folder: Path | None, place: bytes = b"", where: str = "") -> Item:
+    """An image file named in a list or a table; relative names are taken from that file's folder.
+
+    ``place`` (the list's full path and line or row) names an empty entry, so that blank cells
+    of different rows or files are different items."""
     if not name:
-        return Item("src-" + content_id(b"empty path"), ItemFailure(
-            "not_found", "read", "empty path (a blank line or cell)"), "")
+        return Item("src-" + content_id(b"empty path\0" + place), ItemFailure(
+            "not_found", "read", "empty path (a blank line or cell)"), where)
     file = name if folder is None or os.path.isabs(name) else os.path.join(folder, name)
     return Item(file_id(file), file, display(file))
 

@@ -21,22 +21,33 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..backbones.backbone import NAME_PATTERN, Backbone, preprocess_from_json
+from ..backbones.registry import get_backbone, registry
+from ..errors import (
+    ArtifactError,
+    BackboneInUseError,
+    InvalidBackboneError,
+    OutputError,
+    OutputExistsError,
+    UsageError,
+)
 from ..fs import locks
 from ..fs.atomic import alive, write_atomic, write_safetensors
-from ..backbones.backbone import NAME_PATTERN, Backbone, preprocess_from_json
-from ..errors import ArtifactError, InvalidBackboneError, OutputExistsError
-from ..hookspecs import hookimpl
-from .store import sha256_file
-from ..backbones.registry import get_backbone, registry
 from ..fs.home import default_root
+from ..hookspecs import hookimpl
+from .store import ModelStore, sha256_file
 
 logger = logging.getLogger(__name__)
 
+STAGING = ".finetune-staging"  # weights staged before a fine-tune claims its name
 RECORD = "finetuned.json"
+USERS = "saved-models.json"  # the folders of models saved on it by embedkit.finetune (out=): its dependents
 WEIGHTS = "finetuned.safetensors"
 FORMAT = 1
 
@@ -121,14 +132,16 @@ def persist(root: Path, name: str, parent: Backbone, parent_spec: str, module: A
         InvalidBackboneError: ``name`` breaks the naming rule.
         OutputExistsError: ``name`` is taken by a registered backbone or another fine-tune.
     """
-    import uuid
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp_dir = root / ".finetune-staging"
-    tmp_dir.mkdir(exist_ok=True)
-    _sweep(tmp_dir)
+    tmp_dir = root / STAGING
     tmp = tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"  # two threads of one process too
-    save_weights(module, tmp)
+    try:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        _sweep(tmp_dir)
+        save_weights(module, tmp)
+    except OSError as exc:  # the user's store is what cannot be written, not embedkit's staging file
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot keep the fine-tuned backbone in the model store {root}: {exc.strerror or exc}; "
+                          "give store= a writable folder with free space") from exc
     if not name:
         name = default_name(parent.name, tmp)
     if not NAME_PATTERN.match(name):
@@ -150,6 +163,40 @@ def persist(root: Path, name: str, parent: Backbone, parent_spec: str, module: A
     return _backbone(folder, record), created
 
 
+def check_name(root: Path, name: str) -> None:
+    """Refuse ``name`` for a fine-tune in the model store at ``root`` when another kind of backbone
+    holds it (checked before training, and again when the weights are claimed).
+
+    Raises:
+        OutputExistsError: ``name`` is a registered backbone, or names other artifacts in the store.
+    """
+    if name in registry().backbones and not isinstance(registry().backbones[name], TunedBackbone):
+        raise OutputExistsError(f"{name!r} is a registered backbone; give the fine-tune another name")
+    folder = root / name
+    if not (folder / RECORD).is_file() and any((sub / "manifest.json").is_file() for sub in _subfolders(folder)):
+        raise OutputExistsError(f"{name!r} already names other artifacts in the model store {root}; give the "
+                                "fine-tune another name")
+
+
+def check_writable(root: Path) -> None:
+    """Refuse, before any training, a model store that cannot take a new backbone (``root`` or,
+    when it does not exist yet, the nearest folder above it that does).
+
+    Raises:
+        OutputError: a read-only file system, no permission, or a file where a folder should be.
+    """
+    for folder in (root / STAGING, root, *root.absolute().parents):
+        if os.path.lexists(folder):
+            if not folder.is_dir():
+                raise OutputError(f"cannot keep the fine-tuned backbone in the model store {root}: {folder} is not a "
+                                  "folder; give store= another folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                what = "it" if folder == root else str(folder)
+                raise OutputError(f"cannot keep the fine-tuned backbone in the model store {root}: {what} is not "
+                                  "writable (read-only file system or no permission); give store= a writable folder")
+            return
+
+
 def _claim(root: Path, name: str, tmp: Path, user_named: bool) -> bool:
     """Move the staged weights ``tmp`` to ``<root>/<name>`` if the name is free (or holds these very
     weights); returns whether the name was free. Called with the store's persist lock held.
@@ -158,12 +205,8 @@ def _claim(root: Path, name: str, tmp: Path, user_named: bool) -> bool:
         OutputExistsError: ``name`` is a registered backbone, other artifacts, or another fine-tune.
     """
 
-    if name in registry().backbones:
-        raise OutputExistsError(f"{name!r} is a registered backbone; give the fine-tune another name")
+    check_name(root, name)
     folder = root / name
-    if not (folder / RECORD).is_file() and any((sub / "manifest.json").is_file() for sub in _subfolders(folder)):
-        raise OutputExistsError(f"{name!r} already names other artifacts in the model store {root}; give the "
-                                "fine-tune another name")
     created = not (folder / RECORD).is_file()
     if not created and _read(folder / RECORD).get("weights_sha256") != sha256_file(tmp):
         hint = "" if user_named else " (same name from the same weights hash: delete the folder to redo)"
@@ -187,17 +230,112 @@ def discard(backbone: TunedBackbone) -> None:
         pass
 
 
+def record_user(backbone: TunedBackbone, model: Path) -> None:
+    """Note in the fine-tune's folder that the saved model at ``model`` uses it (:func:`remove`
+    refuses to remove a fine-tune while such a model still exists)."""
+    folder = Path(backbone.weight_files[0]).parent
+    with locks.held(folder.parent / STAGING / "persist.lock", exclusive=True):
+        users = _users(folder)
+        path = str(Path(model).absolute())
+        if path not in users:
+            write_atomic(folder / USERS, json.dumps(users + [path], indent=2).encode())
+
+
+def _users(folder: Path) -> list[str]:
+    try:
+        users = json.loads((folder / USERS).read_text())
+    except (OSError, ValueError):
+        return []
+    return [u for u in users if isinstance(u, str)] if isinstance(users, list) else []
+
+
+def _uses(model: Path, name: str, digests: set[str]) -> bool:
+    """Whether the saved model folder ``model`` still exists and names backbone ``name`` or one of ``digests``."""
+    try:
+        record = json.loads((model / "model.json").read_text()).get("backbone") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return record.get("name") == name or record.get("digest") in digests
+
+
+@dataclass
+class Removed:
+    """What :func:`remove` removed: the fine-tune's name, its folder, its exports' and variants' digests."""
+
+    name: str
+    folder: Path
+    digests: list[str]
+    variants: list[str]
+
+
+def remove(name: str, root: str | os.PathLike[str] | None = None) -> Removed:
+    """Remove the fine-tuned backbone ``name`` from the model store at ``root`` (default store):
+    its record, weights, exports, and the fp16 / int8 variants made from them.
+
+    Refused while something depends on it: a fine-tune of it, or a model saved on it by
+    :func:`embedkit.finetune` (``out=``) whose folder still exists. Only what embedkit made for
+    the fine-tune is removed; the folder is first renamed aside in one step, so a crash leaves it
+    whole or gone from the store (what is left aside is swept later).
+
+    Raises:
+        UsageError: no fine-tune of that name in the store (a registered backbone is not one).
+        BackboneInUseError: dependents, each named.
+    """
+    store = ModelStore(root)
+    staging = store.root / STAGING
+    with locks.held(staging / "persist.lock", exclusive=True):  # no fine-tune claims or records meanwhile
+        found = find(name, store.root)
+        if found is None:
+            known = ", ".join(b.name for b in listing(store.root)) or "none"
+            extra = " (a registered backbone: embedkit removes only the fine-tunes it made)" \
+                if name in registry().backbones else ""
+            raise UsageError(f"no fine-tuned backbone {name!r} in the model store {store.root}{extra}; "
+                             f"fine-tunes there: {known}")
+        folder = store.root / name
+        inventory = store.inventory()
+        own = {a["digest"] for a in inventory if a["name"] == name}
+        # a head-only fine-tune exports as its parent, byte for byte: what derives from that digest is the parent's
+        own -= {a["digest"] for a in inventory if a["name"] != name and a["kind"] == "export"}
+        variants = [a for a in inventory if a["name"] != name and a["parent"] in own]
+        digests = own | {a["digest"] for a in variants}
+        dependents = [f"fine-tune {b.name!r} (fine-tuned from it)" for b in listing(store.root)
+                      if b.name != name and (b.parent == name or (b.lineage.get("parent") or {}).get("digest") in own)]
+        dependents += [f"saved model {u}" for u in _users(folder) if _uses(Path(u), name, digests)]
+        if dependents:
+            raise BackboneInUseError(f"fine-tuned backbone {name!r} is used by {'; '.join(dependents)}: remove "
+                                     "those first (a saved model: delete its folder), then remove this one",
+                                     dependents)
+        removed = Removed(name=name, folder=folder, digests=sorted(a["digest"] for a in inventory if a["name"] == name), variants=sorted(a["digest"] for a in variants))
+        staging.mkdir(exist_ok=True)
+        for path in [folder] + sorted({Path(a["path"]) for a in variants}):
+            aside = staging / f"{os.getpid()}-removing-{uuid.uuid4().hex[:8]}"
+            os.replace(path, aside)  # one step: gone from the store, whole or not at all
+            shutil.rmtree(aside, ignore_errors=True)
+        for a in variants:  # a variant's <name> folder, when nothing else is left in it
+            try:
+                Path(a["path"]).parent.rmdir()
+            except OSError:
+                pass
+    logger.info("removed fine-tuned backbone %s (%s)", name, folder)
+    return removed
+
+
 def _subfolders(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
 
 
 def _sweep(folder: Path) -> None:
-    """Remove staged weights of fine-tunes whose process died (named ``<pid>[-<random>].safetensors``)."""
+    """Remove staged weights of fine-tunes whose process died (named ``<pid>[-<random>].safetensors``),
+    and folders a removal set aside (``<pid>-removing-<random>``) whose process died."""
 
     for path in folder.glob("*.safetensors"):
         pid = path.stem.split("-")[0]
         if pid.isdigit() and not alive(int(pid)):
             path.unlink(missing_ok=True)
+    for path in folder.glob("*-removing-*"):
+        pid = path.name.split("-")[0]
+        if pid.isdigit() and not alive(int(pid)) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _declaration(parent: Backbone) -> dict[str, Any]:
