@@ -310,41 +310,21 @@ def test_maximal_json_bodies_stay_within_a_memory_bound(models):
     at most 64 MiB of bodies (4 of them; the others get 429), each read once and joined once by the
     framework, never parsed (refused by value count: 413). Measured here: +155 MiB; bound 600 MiB
     (~4x, for allocator slack on a loaded machine)."""
-    psutil = pytest.importorskip("psutil")
     body = b'{"input": "x", "junk": [' + b"{}," * (16 * 2**20 // 3 - 20) + b"{}]}"
     assert len(body) <= 16 * 2**20
     with Server("--backbone", str(models["text"].path)) as srv:
-        proc = psutil.Process(srv.proc.pid)
-        idle = proc.memory_info().rss
-        peak = idle
-        stop = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not stop.is_set():
-                peak = max(peak, proc.memory_info().rss)
-                time.sleep(0.02)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-
         async def run() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=120) as http:
                 return await asyncio.wait_for(asyncio.gather(*(
                     http.post(srv.url + "/v1/embeddings", content=body, headers=JSON_TYPE) for _ in range(16))), 300)
 
-        try:
-            responses = asyncio.run(run())
-        finally:
-            stop.set()
-            sampler.join(5)
+        idle, grown, responses = _peak_rss(srv.proc.pid, lambda: asyncio.run(run()))
         codes = {r.status_code: r.json()["error"]["code"] for r in responses}
         assert set(codes) <= {413, 429} and codes.get(413, "too_many_values") == "too_many_values", codes
         for r in responses:
             if r.status_code == 429:
                 assert int(r.headers["retry-after"]) >= 1
-        grown = (peak - idle) / 2**20
-        print(f"idle RSS {idle / 2**20:.0f} MiB, peak +{grown:.0f} MiB, statuses {sorted(codes)}", file=sys.stderr)
+        print(f"idle RSS {idle:.0f} MiB, peak +{grown:.0f} MiB, statuses {sorted(codes)}", file=sys.stderr)
         assert grown < 600, f"peak RSS grew {grown:.0f} MiB"
 
 
