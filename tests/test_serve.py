@@ -22,7 +22,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 torch = pytest.importorskip("torch")
 
-from serving import ROOT, Server  # noqa: E402
+from serving import ROOT, Server, metric  # noqa: E402
 from tiny import Pooled, TinyConv, png, text_backbone  # noqa: E402
 
 import embedkit  # noqa: E402
@@ -66,15 +66,6 @@ def post(server, path, **kw):
     if callable(kw.get("content")):  # a fresh generator each time: a chunked body, no Content-Length
         kw["content"] = kw["content"]()
     return httpx.post(server.url + path, headers={**server.headers, **kw.pop("headers", {})}, timeout=30, **kw)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(rf"{name}(?:\{{(.*)\}})? (\S+)$", line)
-        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
 
 
 def library(models, key, items):

@@ -24,7 +24,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 torch = pytest.importorskip("torch")
 
-from serving import ROOT, Server  # noqa: E402
+from serving import ROOT, Server, metric  # noqa: E402
 from tiny import Pooled, TinyConv, png, text_backbone  # noqa: E402
 
 import embedkit  # noqa: E402
@@ -64,15 +64,6 @@ def raw(port: int, data: bytes, wait: float = 5.0) -> bytes:
         except socket.timeout:
             pass
         return b"".join(chunks)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(rf"{name}(?:\{{(.*)\}})? (\S+)$", line)
-        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
 
 
 # -- (1) cross-origin use and DNS rebinding ------------------------------------------------
