@@ -287,6 +287,9 @@ def test_stalled_connections_are_closed(models):
             time.sleep(0.2)
             r = httpx.post(srv.url + "/embed", json={"texts": ["x"]}, timeout=30)
             assert r.status_code == 503
+            # the service's JSON error, not uvicorn's plain text
+            assert r.headers["content-type"] == "application/json" and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "too_many_connections"
         finally:
             for sock in idle:
                 sock.close()

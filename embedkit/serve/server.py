@@ -12,17 +12,25 @@ nginx (``client_header_timeout``, ``client_body_timeout``) and TEI's axum server
 
 Past either, the connection is closed (a route reading the body sees a disconnect: 499).
 
+Beyond ``limit_concurrency`` (``--max-connections``) uvicorn answers its own plain-text 503; here
+that answer is the service's JSON error instead (503 ``too_many_connections``, ``Retry-After: 1``,
+``Connection: close``), so a client parses every refusal the same way.
+
 :class:`Server` starts the drain deadline on SIGTERM / SIGINT (:meth:`Service.begin_drain`) and
 says which port it bound (``--port 0``).
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from typing import Any, Callable
 
 import uvicorn
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .api_error import ApiError, error_body
 
 # How long after the drain deadline uvicorn waits for the 503s to be written before it cancels.
 FLUSH_SECONDS = 2.0
@@ -69,6 +77,24 @@ class TimedProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._disarm()
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # uvicorn picks its plain-text 503 app past limit_concurrency (both for a new request and
+        # a pipelined one, which both start here): answer the service's JSON error instead
+        super()._start_asgi_task(cycle, too_many_connections if app is service_unavailable else app)
+
+
+_BUSY = json.dumps(error_body(ApiError(
+    503, "too_many_connections", "the server holds its maximum of open connections (--max-connections); "
+    "retry shortly"))).encode()
+
+
+async def too_many_connections(scope: Any, receive: Any, send: Any) -> None:
+    """The JSON 503 answered past ``limit_concurrency`` (an ASGI app; the connection is closed)."""
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(_BUSY)).encode()),
+        (b"retry-after", b"1"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": _BUSY, "more_body": False})
 
 
 def timed_protocol(header_timeout: float, body_timeout: float) -> type[TimedProtocol]:
