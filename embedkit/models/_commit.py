@@ -13,9 +13,9 @@ from typing import Any
 from ..backbones.backbone import Backbone
 from ..backbones.registry import registry
 from ..errors import ArtifactMismatchError, ExportError
+from ..version import __version__
 from .probes import Probes
 from .store import MANIFEST, SCHEMA, Artifact, ModelStore, sha256_file
-from ..version import __version__
 
 
 def package_version(dist: str) -> str | None:

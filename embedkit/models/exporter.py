@@ -18,15 +18,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .store import MODEL, Artifact, ModelStore, sha256_file
 from ..backbones.backbone import Backbone
-from ..errors import ExportError, ExportParityError, MissingDependencyError
-from ..backbones.registry import get_backbone
-from ._commit import check_expected, commit_artifact, finish_graph, manifest, package_version
-from .probes import LIMITS, Probes, passes, probes_for
 from ..backbones.blocks import infer_blocks
+from ..backbones.registry import get_backbone
+from ..errors import ExportError, ExportParityError, MissingDependencyError
+from ._commit import check_expected, commit_artifact, finish_graph, manifest, package_version
 from .finetuned import find
 from .importer import import_onnx
+from .probes import LIMITS, Probes, passes, probes_for
+from .store import MODEL, Artifact, ModelStore, sha256_file
 
 logger = logging.getLogger(__name__)
 

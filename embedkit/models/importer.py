@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from .store import MODEL, Artifact, ModelStore, sha256_file
 from ..backbones.backbone import Backbone, OnnxModel, TextPreprocess
 from ..errors import ExportError, InvalidBackboneError
 from ..hookspecs import hookimpl
+from ..inputs.text import TextTokenizer, pad
 from ._commit import check_expected, commit_artifact, finish_graph, manifest
 from .probes import LIMITS, TextProbes, cosine, onnx_runner, passes
-from ..inputs.text import TextTokenizer, pad
+from .store import MODEL, Artifact, ModelStore, sha256_file
 
 logger = logging.getLogger(__name__)
 

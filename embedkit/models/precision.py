@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from .store import MODEL, Artifact, ModelStore
 from ..errors import ExportError, ExportParityError
 from .probes import FP16_LIMITS, onnx_runner, passes, probes_for
 from .resolve import resolve
+from .store import MODEL, Artifact, ModelStore
 
 logger = logging.getLogger(__name__)
 

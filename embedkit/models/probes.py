@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from .store import sha256_file
 from ..backbones.backbone import Backbone
 from ..errors import ExportError, NonFiniteOutputError
-from ..inputs.text import TextTokenizer, pad, probe_texts
 from ..inputs.image import ImageProcessor, probe_images, stack
+from ..inputs.text import TextTokenizer, pad, probe_texts
+from .store import sha256_file
 
 # max_abs_diff is compared after dividing by max(1, largest |torch output|): for normalised or
 # unit-scale embeddings that is the absolute difference; a randomly initialised deep CNN

@@ -22,12 +22,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .store import MODEL, Artifact, ModelStore
 from ..errors import MissingDependencyError
-from ..inputs.text import TextTokenizer, pad
-from .resolve import resolve
 from ..inputs.image import ImageProcessor, stack
 from ..inputs.items import ItemFailure
+from ..inputs.text import TextTokenizer, pad
+from .resolve import resolve
+from .store import MODEL, Artifact, ModelStore
 
 logger = logging.getLogger(__name__)
 

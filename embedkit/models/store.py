@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..fs.atomic import fsync_files
 from ..backbones.backbone import Preprocess, preprocess_from_json
 from ..errors import ArtifactError
+from ..fs.atomic import fsync_files
 from ..fs.home import HOME_ENV, default_root
 from ..fs.paths import member
 
