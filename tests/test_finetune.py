@@ -94,7 +94,7 @@ def test_head_matches_the_trained_torch_head():
 
 def test_same_seed_same_weights_other_seed_other_weights(tuned):
     again = embedkit.finetune("ft-tiny-text", TEXTS, LABELS, unfreeze="last:1", **FAST)
-    assert again.backbone == tuned.backbone  # the name is a hash of the weights
+    assert again.backbone == tuned.backbone  # the name is a hash of the weights and of the run's identity
     other = embedkit.finetune("ft-tiny-text", TEXTS, LABELS, unfreeze="last:1", **{**FAST, "seed": 1})
     assert other.backbone != tuned.backbone
 

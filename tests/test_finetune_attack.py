@@ -138,6 +138,7 @@ def test_a_diverged_training_is_a_typed_error_and_leaves_no_backbone(tiny, objec
 def test_empty_texts_are_excluded_and_counted_not_trained_on(tiny, tmp_path):
     """'' and '   ' with a label were trained on silently (no record, failed_items 0)."""
     import embedkit
+    from embedkit.models import finetuned as tuned
 
     texts, labels = tiny
     result = embedkit.finetune("ft-tiny-text", [*texts, "", " \u200b "], [*labels, "pos", "neg"], unfreeze="all",
@@ -147,7 +148,10 @@ def test_empty_texts_are_excluded_and_counted_not_trained_on(tiny, tmp_path):
     assert result.lineage["data"]["items"] == 16 and result.lineage["data"]["excluded"] == 2
     clean = embedkit.finetune("ft-tiny-text", texts, labels, unfreeze="all", epochs=1, validation=None,
                               store=tmp_path / "s")
-    assert result.backbone == clean.backbone  # the same weights: the empty texts took no part
+    assert result.digest == clean.digest  # the same weights: the empty texts took no part
+    # two runs all the same (their records differ: 2 items excluded, or none), each named and recorded as itself
+    assert result.backbone != clean.backbone
+    assert [tuned.find(r.backbone, tmp_path / "s").lineage["data"]["excluded"] for r in (result, clean)] == [2, 0]
 
 
 def test_embedkit_finetune_stays_the_function_after_its_module_is_imported():

@@ -109,20 +109,70 @@ def test_a_whole_folder_of_another_seed_is_refused_by_its_settings(runs, tmp_pat
         _resume(_copy(runs, tmp_path, seed=1), root / "store", seed=0)
 
 
-def test_a_checkpoint_without_a_checksum_is_not_resumed_from(runs, tmp_path):
-    """A file in the old format (or written by hand with safetensors) cannot be verified."""
+def _rewrite(path, metadata):
+    """The file's tensors written again with ``metadata`` (None: none at all), as safetensors writes them."""
     from safetensors.torch import load_file, save_file
 
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+
+
+def _metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def test_a_checkpoint_of_the_older_format_is_called_older_and_not_resumed_from(runs, tmp_path):
+    """Format 1 wrote no checksum and no run: only such an intact file is "written by an older embedkit"."""
     from embedkit.errors import CheckpointError
 
     folder = _copy(runs, tmp_path)
     path = folder / "last.safetensors"
-    from safetensors import safe_open
+    meta = _metadata(path)
+    state = {**json.loads(meta["embedkit"]), "format": 1}
+    _rewrite(path, {"embedkit": json.dumps(state)})  # what format 1 wrote: its state, no sha256, no run
+    with pytest.raises(CheckpointError, match=r"last.safetensors carries no checksum \(written by an older embedkit, "
+                                              r"checkpoint format 1\): it cannot be verified.*run without resume"):
+        _resume(folder, runs[0] / "store")
+    _rewrite(path, None)  # tensors only, no metadata: safetensors' own file, not embedkit's
+    with pytest.raises(CheckpointError, match="last.safetensors carries no embedkit metadata \\(not written by embedkit\\)"):
+        _resume(folder, runs[0] / "store")
 
-    with safe_open(str(path), "pt") as f:
-        meta = {k: v for k, v in f.metadata().items() if k != "sha256"}
-    save_file(load_file(str(path)), str(path), metadata=meta)
-    with pytest.raises(CheckpointError, match="last.safetensors carries no checksum"):
+
+@pytest.mark.parametrize("name", ["last.safetensors", "best.safetensors"])
+@pytest.mark.parametrize("key, flipped", [(b'"__metadata__"', b'"__metadaua__"'), (b'"sha256"', b'"sha246"'),
+                                          (b'"embedkit"', b'"embedkjt"')])
+def test_a_flipped_byte_in_a_key_of_the_header_is_reported_as_damaged(runs, tmp_path, name, key, flipped):
+    """A flipped byte in the "__metadata__" (or "sha256") key hid the checksum field, and the loader said
+    "carries no checksum (written by an older embedkit...)": the file is damaged, and is called so."""
+    from embedkit.errors import CheckpointError
+
+    folder = _copy(runs, tmp_path)
+    path = folder / name
+    data = path.read_bytes()
+    size = _header_size(path)
+    assert data[8:8 + size].count(key) == 1 and len(key) == len(flipped)
+    at = data.index(key)
+    path.write_bytes(data[:at] + flipped + data[at + len(key):])  # one byte differs: the header stays valid JSON
+    assert sum(a != b for a, b in zip(data, path.read_bytes())) == 1
+    with pytest.raises(CheckpointError) as caught:
+        _resume(folder, runs[0] / "store")
+    message = str(caught.value)
+    assert message.startswith(f"{path} ")
+    assert " damaged" in message and "older embedkit" not in message, message
+    assert message.endswith("run without resume to start over")
+
+
+def test_a_current_checkpoint_whose_checksum_field_was_removed_is_damaged(runs, tmp_path):
+    """Its state says format 2 and it names its run: a missing checksum is damage (or an edit), not age."""
+    from embedkit.errors import CheckpointError
+
+    folder = _copy(runs, tmp_path)
+    path = folder / "last.safetensors"
+    _rewrite(path, {k: v for k, v in _metadata(path).items() if k != "sha256"})
+    with pytest.raises(CheckpointError, match=r"last.safetensors is damaged: its header lacks the checksum embedkit "
+                                              r"writes into it"):
         _resume(folder, runs[0] / "store")
 
 

@@ -282,7 +282,9 @@ def test_cli_max_grad_norm_0_turns_clipping_off_and_out_parents_are_made(tiny, t
     (tmp_path / "afile").write_text("mine")
     blocked = _cli("finetune", "ft-tiny-text", str(table), "--labels", str(table), "--out",
                    str(tmp_path / "afile" / "run"), "--store", str(store))
-    assert blocked.returncode == 1 and len(_errors(blocked.stderr)) == 1 and "afile" in blocked.stderr
+    assert blocked.returncode == 1 and _errors(blocked.stderr) == [
+        f"error: cannot write the finetune output folder {tmp_path / 'afile' / 'run'}: {tmp_path / 'afile'} is a file, "
+        "not a folder; choose another path"], blocked.stderr
     assert (tmp_path / "afile").read_text() == "mine"
 
 

@@ -7,6 +7,7 @@ inside the commands so that ``embedkit --help`` never loads torch.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -35,36 +36,66 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.add_parsers(sub)
+    # the commands that take --json: their refusals are JSON too, even when the line does not parse
+    parser.json_commands = frozenset(name for name, p in sub.choices.items()  # type: ignore[attr-defined]
+                                     if "--json" in p._option_string_actions)
     return parser
 
 
+def _json_asked(parser: argparse.ArgumentParser, argv: Sequence[str]) -> bool:
+    """Whether a command line that could not be parsed asked for ``--json`` (of a command that takes it)."""
+    tokens = list(argv)
+    tokens = tokens[:tokens.index("--")] if "--" in tokens else tokens
+    commands = getattr(parser, "json_commands", frozenset())
+    command = next((t for t in tokens if not t.startswith("-")), None)
+    return "--json" in tokens and command in commands
+
+
+def refusal(exc: BaseException, code: int, as_json: bool, usage: str = "") -> int:
+    """Say why a command was refused (or stopped) and return its exit status ``code``: the usage line
+    (when given) and one ``error:`` line on stderr, and with ``--json`` also, on stdout, one JSON
+    object ``{"error": {"type": ..., "message": ..., "exit_code": ...}}`` (plus ``dependents``
+    where the error names them), so a program reading stdout never gets plain text instead."""
+    message = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)
+    if as_json:
+        body: dict[str, object] = {"type": type(exc).__name__, "message": message, "exit_code": code}
+        if isinstance(getattr(exc, "dependents", None), list):
+            body["dependents"] = exc.dependents  # type: ignore[attr-defined]
+        print(json.dumps({"error": body}, indent=2), flush=True)
+    if usage:
+        print(usage.rstrip(), file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status (0 ok, 1 usage error or refused input, 2 items failed)."""
+    """Run one command; returns the exit status (0 ok, 1 usage error or refused input, 2 items failed).
+
+    Refusals print one ``error:`` line on stderr; with ``--json`` they are also a JSON object on
+    stdout (:func:`refusal`), with the same exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except UsageError as exc:
-        print(exc.usage.rstrip(), file=sys.stderr)
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return refusal(exc, EXIT_USAGE, _json_asked(parser, argv), exc.usage)
     # Third-party progress bars (transformers' "Loading weights", huggingface_hub downloads) would
     # interleave with embedkit's own; the user can still turn them on by setting the variable.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    as_json = bool(getattr(args, "json", False))
     try:
         return int(COMMANDS[args.command](args) or 0)
-    except KeyboardInterrupt:  # Ctrl-C: what the command started is stopped (finally blocks ran); no traceback
-        print("error: interrupted (Ctrl-C)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:  # Ctrl-C: what the command started is stopped (finally blocks ran); no traceback
+        return refusal(exc, EXIT_INTERRUPTED, as_json)
     except BrokenPipeError:  # `embedkit ... | head`: the reader left; not an error of ours
         sys.stdout = open(os.devnull, "w")
         return 0
     except EmbedkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return refusal(exc, EXIT_USAGE, as_json)
     except OSError as exc:  # a disk that fills or a folder that turns read-only mid-run: one line, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return refusal(exc, EXIT_USAGE, as_json)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -189,8 +189,12 @@ def _make_parents(out: Path) -> list[Path]:
     types it); returns those created, innermost first, for :func:`_remove_parents`.
 
     Raises:
-        OutputError: one cannot be created (a file in the way, a read-only folder); names it.
+        OutputFolderMissingError: a file stands where one of them should be (named).
+        OutputError: one cannot be created (a read-only folder); names it.
     """
+    from ..fs.outputs import check_folders_above
+
+    check_folders_above(out, "finetune")
     missing = []
     for folder in out.absolute().parents:
         if os.path.lexists(folder):

@@ -19,7 +19,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--remove", metavar="NAME",
                    help="remove the fine-tuned backbone NAME (its weights, exports and their variants) from the model "
-                   "store; refused while another fine-tune of it, or a model saved on it by `embedkit finetune`, exists")
+                   "store; refused while a fine-tune of it is in the store, or a model `embedkit finetune` saved on it "
+                   "is still at the folder it was saved to (a saved model moved elsewhere is not seen)")
     store_arg(p)
 
     p = sub.add_parser("plugins", help="list plugins with their version, status and errors")
@@ -117,17 +118,27 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def _remove_finetune(args: argparse.Namespace) -> int:
-    """``backbones --remove NAME``: one fine-tune out of the model store, or one ``error:`` line."""
+    """``backbones --remove NAME``: one fine-tune out of the model store, saying what was checked,
+    or one ``error:`` line (with ``--json``, also a JSON error object on stdout)."""
     from ..models.finetuned import remove
 
     removed = remove(args.remove, args.store)
+    checked = ("the fine-tunes in the model store, and the saved models `finetune` recorded, at the folders they "
+               "were saved to (a saved model moved elsewhere is not seen)")
     summary = {"removed": removed.name, "folder": str(removed.folder), "exports": removed.digests,
-               "variants": removed.variants}
+               "variants": removed.variants, "checked": checked, "checked_models": removed.checked_models,
+               "missing_models": removed.missing_models}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(f"removed fine-tuned backbone {removed.name} ({removed.folder}; {len(removed.digests)} exports, "
               f"{len(removed.variants)} variants)")
+        print(f"checked for dependents: {checked}; {len(removed.checked_models)} recorded saved model(s) found, "
+              "none using it")
+    if removed.missing_models:
+        print(f"note: {len(removed.missing_models)} saved model(s) made on it are no longer at their recorded folders "
+              f"(deleted, or moved: a moved one was not checked and will not load any more): "
+              f"{', '.join(removed.missing_models)}", file=sys.stderr)
     return 0
 
 

@@ -13,9 +13,11 @@ Nothing is resumed that was not verified, as shards are not read unverified: eve
 file (``last`` and ``best``) carries in its header ``sha256``, a digest of its header (less that
 field) and of every tensor byte, and ``run``, the identity of the run that wrote it (a digest of
 the marker's config: parent digest, data fingerprint, hyperparameters, device). Before a resume
-both are checked (:func:`read`): a flipped bit, a damaged header, or a file copied in from
-another run (another seed, other data) is a :class:`CheckpointError` naming the file, never a
-run finished silently with other weights.
+both are checked (:func:`read`): a flipped bit, a damaged header (a flipped byte in a key that
+loses the checksum field is damage too, not an older file), or a file copied in from another run
+(another seed, other data) is a :class:`CheckpointError` naming the file, never a run finished
+silently with other weights. Only a file whose intact header says it is of checkpoint format 1 is
+called older (format 1 wrote no checksum and no run).
 
 Data order needs no saved state: each epoch's permutation and each step's augmentation come
 from generators seeded by ``(seed, epoch[, step])``.
@@ -124,9 +126,33 @@ def _header(blob: bytes, path: Path) -> tuple[dict[str, Any], int]:
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
     except (struct.error, ValueError) as exc:  # UnicodeDecodeError is a ValueError
-        raise CheckpointError(f"{path} is not a readable embedkit checkpoint ({type(exc).__name__}: {exc}); it cannot "
-                              "be resumed from: run without resume to start over") from exc
+        raise CheckpointError(f"{path} is not a readable embedkit checkpoint ({type(exc).__name__}: {exc}): damaged "
+                              "(a flipped byte, a copy cut short) or not a checkpoint at all; it cannot be resumed "
+                              "from: run without resume to start over") from exc
     return header, 8 + size
+
+
+def _unverifiable(path: Path, header: dict[str, Any]) -> CheckpointError:
+    """The error for a file whose header holds no checksum: written by an older embedkit (format 1:
+    its ``embedkit`` state says so, and it names no run), not by embedkit at all (no metadata, only
+    tensors), or else damaged (a checksum field embedkit wrote is gone: a flipped byte in a key, an edit)."""
+    meta = header.get("__metadata__")
+    tensors = [v for k, v in header.items() if k != "__metadata__"]
+    intact = all(isinstance(v, dict) and {"dtype", "shape", "data_offsets"} <= v.keys() for v in tensors)
+    try:
+        state = json.loads(meta.get("embedkit") or "null") if isinstance(meta, dict) else None
+    except ValueError:
+        state = None
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if intact and isinstance(meta, dict) and isinstance(fmt, int) and fmt < FORMAT and "run" not in meta:
+        return CheckpointError(f"{path} carries no checksum (written by an older embedkit, checkpoint format {fmt}): "
+                               "it cannot be verified, so it is not resumed from: run without resume to start over")
+    if intact and meta is None:
+        return CheckpointError(f"{path} carries no embedkit metadata (not written by embedkit): it cannot be verified, "
+                               "so it is not resumed from: run without resume to start over")
+    return CheckpointError(f"{path} is damaged: its header lacks the checksum embedkit writes into it (a flipped byte "
+                           "in the header, a damaged disk or copy, an edit); it is not resumed from: run without "
+                           "resume to start over")
 
 
 def _checksum(header: dict[str, Any], data: bytes | memoryview) -> str:
@@ -180,8 +206,9 @@ def read(path: Path, run: str | None = None) -> tuple[dict[str, Any], dict[str, 
     that the run of :func:`identity` ``run`` wrote it.
 
     Raises:
-        CheckpointError: unreadable, damaged (its checksum does not match), written by an older
-            embedkit without one, or written by another run.
+        CheckpointError: unreadable, damaged (its checksum does not match, or its header lost the
+            checksum field), written by an older embedkit without one (or not by embedkit), or
+            written by another run.
     """
     from safetensors.torch import load
 
@@ -193,8 +220,7 @@ def read(path: Path, run: str | None = None) -> tuple[dict[str, Any], dict[str, 
     meta = header.get("__metadata__") if isinstance(header.get("__metadata__"), dict) else {}
     recorded = meta.get("sha256")
     if not recorded:
-        raise CheckpointError(f"{path} carries no checksum (written by an older embedkit, or not by embedkit): it "
-                              "cannot be verified, so it is not resumed from: run without resume to start over")
+        raise _unverifiable(path, header)
     if _checksum(header, memoryview(blob)[start:]) != recorded:
         raise CheckpointError(f"{path} does not match its checksum: it changed after embedkit wrote it (a damaged "
                               "disk or copy, an edit); it is not resumed from: run without resume to start over")

@@ -86,7 +86,8 @@ class Job:
     payloads: list[Any]
     ids: list[str]
     y_raw: np.ndarray
-    v_payloads: list[Any] | None = None  # given validation items, and their labels
+    v_payloads: list[Any] | None = None  # given validation items, their content ids and their labels
+    v_ids: list[str] | None = None
     v_raw: np.ndarray | None = None
     checkpoints: Path | None = None
 
@@ -108,7 +109,7 @@ def validate(backbone: Any, items: Any, labels: Sequence[Any], o: Options) -> Jo
             raise UsageError(f"{flag} must be True or False, got {value!r}")
     spec = parse_unfreeze(o.unfreeze)
     models = o.store if isinstance(o.store, ModelStore) else ModelStore(o.store)
-    parent = _parent(backbone, o, models)
+    parent = _parent(backbone, o, models, str(spec), device)
     job = _read_items(Job(backbone, parent, spec, models, device, [], [], np.empty(0)), items, labels, o)
     job.checkpoints = Path(o.checkpoint_dir) if o.checkpoint_dir is not None else None
     outputs = [p for p in (items,) if isinstance(p, (str, Path))]
@@ -122,16 +123,18 @@ def validate(backbone: Any, items: Any, labels: Sequence[Any], o: Options) -> Jo
     return job
 
 
-def _parent(backbone: Any, o: Options, models: ModelStore) -> Backbone:
-    """The parent backbone, once the new name and the objective's options are checked against it."""
+def _parent(backbone: Any, o: Options, models: ModelStore, unfreeze: str, device: str) -> Backbone:
+    """The parent backbone, once the new name and the objective's options are checked against it
+    (``unfreeze``: the canonical form of ``o.unfreeze``; ``device``: the one to train on)."""
     if o.name is not None and (not isinstance(o.name, str) or not NAME_PATTERN.match(o.name)):
         raise UsageError(f"name must match {NAME_PATTERN.pattern}, got {o.name!r}")
     if o.name is not None:
         tuned.check_name(models.root, o.name)  # a registered backbone's name: refused now, not after training
         existing = tuned.find(o.name, models.root)
-        if existing is not None and not _same_run(existing, o):
-            hint = "" if o.resume or o.checkpoint_dir is None else \
-                " (or, to finish or confirm the run of this checkpoint_dir that made it, run again with resume)"
+        if existing is not None and not (o.resume and _made_here(existing, o.checkpoint_dir)):
+            # resume is suggested only where it would finish that run: its checkpoints, with these settings
+            hint = " (or, to finish or confirm the run of this checkpoint_dir that made it, run again with resume)" \
+                if not o.resume and _made_here(existing, o.checkpoint_dir, o.hyperparameters(unfreeze), device) else ""
             made = " by another run (other settings or data)" if o.resume else ""
             raise OutputExistsError(f"a fine-tuned backbone {o.name!r} is already in the model store {models.root}"
                                     f"{made}; choose another name{hint}")
@@ -146,26 +149,31 @@ def _parent(backbone: Any, o: Options, models: ModelStore) -> Backbone:
     return parent
 
 
-def _same_run(existing: Any, o: Options) -> bool:
-    """Whether ``existing`` (a fine-tune already in the store under ``o.name``) is what this call,
-    resumed from ``o.checkpoint_dir``, is finishing: a kill after its weights reached the store
-    (during the export or the save of the classifier), or a finished run confirmed. Its lineage's
-    parent, data and hyperparameters must be the checkpoint folder's run; the weights themselves
-    are compared when the run claims the name (:func:`embedkit.models.finetuned.persist`).
+def _made_here(existing: Any, checkpoint_dir: str | Path | None, hyperparameters: dict[str, Any] | None = None,
+               device: str | None = None) -> bool:
+    """Whether ``existing`` (a fine-tune already in the store under the name asked for) was made by
+    the run whose checkpoints are in ``checkpoint_dir``: its lineage's parent, data and
+    hyperparameters are the folder's ``checkpoint.json``'s (and, given, ``hyperparameters`` and
+    ``device`` are too: this call's settings would resume that run). A resume of that run finishes it after a
+    kill that left its weights in the store (during the export or the save of the classifier), or
+    confirms a finished run; the weights themselves are compared when the run claims the name
+    (:func:`embedkit.models.finetuned.persist`).
     """
     import json
 
-    if not o.resume or o.checkpoint_dir is None:
+    if checkpoint_dir is None:
         return False
     try:
-        config = json.loads((Path(o.checkpoint_dir) / "checkpoint.json").read_text()).get("config") or {}
+        config = json.loads((Path(checkpoint_dir) / "checkpoint.json").read_text()).get("config") or {}
     except (OSError, ValueError, AttributeError):
         return False
     lineage = existing.lineage or {}
-    hyper = json.loads(json.dumps(lineage.get("hyperparameters"), default=str))
+    recorded = json.loads(json.dumps(lineage.get("hyperparameters"), default=str))
     return (config.get("parent") == (lineage.get("parent") or {}).get("digest")
             and config.get("data") == (lineage.get("data") or {}).get("fingerprint")
-            and config.get("hyperparameters") == hyper)
+            and config.get("hyperparameters") == recorded
+            and (hyperparameters is None or json.loads(json.dumps(hyperparameters, default=str)) == recorded)
+            and (device is None or config.get("device") == device))
 
 
 def _read_items(job: Job, items: Any, labels: Sequence[Any], o: Options) -> Job:
@@ -174,7 +182,7 @@ def _read_items(job: Job, items: Any, labels: Sequence[Any], o: Options) -> Job:
     job.y_raw = check_labels(labels, len(job.payloads))
     check_classes(job.y_raw)
     if isinstance(o.validation, tuple):
-        job.v_payloads, _, _ = items_of(o.validation[0], job.parent.modality)
+        job.v_payloads, job.v_ids, _ = items_of(o.validation[0], job.parent.modality)
         job.v_raw = check_labels(o.validation[1], len(job.v_payloads), "validation items")
         if not job.v_payloads:
             raise DatasetError("validation=(items, labels) holds no items; give validation items, a fraction such as "

@@ -11,7 +11,8 @@ counted; bad labels and settings are typed errors before any training.
 :func:`prepare` (the module, its freeze plan, the data and its split), :func:`train` (the
 objective through :func:`embedkit.finetuning.loop.run`) and :func:`persist` (the new backbone,
 its export and the classifier). Checks are :mod:`.checks`; objectives :mod:`.objectives`;
-checkpoints :mod:`.checkpoints`; the persisted backbone :mod:`embedkit.models.finetuned`.
+checkpoints :mod:`.checkpoints`; the tuned body's outputs checked after training :mod:`.health`;
+the persisted backbone and its name :mod:`embedkit.models.finetuned`.
 """
 from __future__ import annotations
 
@@ -26,15 +27,7 @@ import numpy as np
 
 from ..backbones.blocks import plan_freeze
 from ..embedder import Embedder
-from ..errors import (
-    DatasetError,
-    ExportError,
-    NonFiniteOutputError,
-    OutputError,
-    TrainingCollapsedError,
-    TrainingDivergedError,
-    UsageError,
-)
+from ..errors import DatasetError, ExportError, NonFiniteOutputError, OutputError, TrainingDivergedError, UsageError
 from ..fs.locks import owned
 from ..heads.persistence import portable_spec, save
 from ..heads.training import check_classes, holdout_split
@@ -46,6 +39,7 @@ from .checks import OBJECTIVES, Job, Options, check_labels, class_weights, valid
 from .contrastive import encode, finetune_contrastive, text_tokenizer
 from .dataset import Joined, data_fingerprint
 from .dataset import prepare as prepare_items
+from .health import SAMPLE, chance_level, check_outputs, mean_cosine, outputs
 from .objectives import Classify, sklearn_head
 
 __all__ = ["OBJECTIVES", "FinetuneResult", "Options", "check_labels", "finetune", "prepare", "persist",
@@ -105,6 +99,7 @@ class Prepared:
     weights: np.ndarray | None
     fingerprint: str
     hyper: dict[str, Any]
+    validation_fingerprint: str | None = None  # of the given validation items and labels
     warnings: list[str] = field(default_factory=list)
 
 
@@ -150,7 +145,11 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
         augment: images: random resized crop and horizontal flip while training.
         checkpoint_dir: folder for checkpoints and ``metrics.json`` (each epoch, and every
             ``checkpoint_every`` steps); ``resume`` continues from its last checkpoint.
-        name: the new backbone's name (default ``<parent>+ft-<hash of its weights>``).
+        name: the new backbone's name. Default ``<parent>+ft-<8 hex digits>``: a hash of the tuned
+            weights and of the run's identity (parent digest, training and validation data
+            fingerprints, hyperparameters with the seed, device; :func:`embedkit.models.finetuned.default_name`),
+            so two different runs never share a name or a record (a ``unfreeze="head"`` run keeps
+            the parent's body, whatever its seed or data) and an identical rerun gets the same name.
         store: the model store (default ``$EMBEDKIT_HOME`` / user cache).
         out: folder to save the classifier in (:func:`embedkit.save`; loads with :func:`embedkit.load`).
         progress: ``progress(step, total_steps, info)`` after each step and epoch (``info``: loss,
@@ -225,7 +224,9 @@ def prepare(job: Job, o: Options) -> Prepared:
                     train_idx=train_idx, val_idx=val_idx, good=good,
                     weights=class_weights(o.class_weight, classes, y[train_idx]),
                     fingerprint=data_fingerprint([job.ids[i] for i in good], [job.y_raw[i] for i in good]),
-                    hyper=o.hyperparameters(str(job.spec)))
+                    hyper=o.hyperparameters(str(job.spec)),
+                    validation_fingerprint=data_fingerprint(job.v_ids, list(job.v_raw))
+                    if job.v_ids is not None and job.v_raw is not None else None)
 
 
 def _split(job: Job, o: Options, data: Any, y: np.ndarray, good: np.ndarray, lookup: dict[Any, int],
@@ -264,68 +265,17 @@ def train(job: Job, p: Prepared, o: Options, progress: loop.Progress | None) -> 
     settings = o.settings(job.device)
     sample = p.train_idx[:SAMPLE]
     p.module.to(job.device)  # where the data's batches are
-    before = _mean_cosine(_outputs(p.module, p.data, sample))  # the parent's, on the same items
+    before = mean_cosine(outputs(p.module, p.data, sample))  # the parent's, on the same items
     if o.objective == "contrastive":
         clf, history = _contrastive(job, p, o, settings, progress)
     else:
         clf, history = _classify(job, p, o, settings, progress)
-    rates = "lr" if o.objective == "contrastive" else "lr / head_lr"
-    out = _outputs(p.module, p.data, sample)
-    if not np.isfinite(out).all():
-        raise TrainingDivergedError("the tuned backbone's output on training items", rates)
-    after = _mean_cosine(out)
-    if len(sample) > 1 and after >= COLLAPSED and before < COLLAPSED:
-        raise TrainingCollapsedError(f"the tuned backbone's output on {len(sample)} training items", after, before,
-                                     rates)
-    p.warnings += _chance_level(p, history)
+    check_outputs(p.module, p.data, sample, before, "lr" if o.objective == "contrastive" else "lr / head_lr")
+    p.warnings += chance_level(p.y, p.val_idx, len(p.classes), history)
     for warning in p.warnings:
         logger.warning("%s", warning)
     p.module.cpu().eval()
     return clf, history
-
-
-SAMPLE = 128  # training items whose outputs are checked after training
-COLLAPSED = 1 - 1e-4  # mean pairwise cosine from which different items embed to one vector
-
-
-def _outputs(module: Any, data: Any, index: np.ndarray) -> np.ndarray:
-    """The module's (eval mode) float64 outputs on the items ``index``, in batches."""
-    import torch
-
-    module.eval()
-    rows = []
-    with torch.no_grad():
-        for k in range(0, len(index), 32):
-            rows.append(module(*data.batch(index[k:k + 32], None)).float().cpu().numpy().astype(np.float64))
-    return np.concatenate(rows) if rows else np.zeros((0, 0))
-
-
-def _mean_cosine(x: np.ndarray) -> float:
-    """Mean cosine similarity of the distinct pairs of rows (1.0: fewer than two rows; NaN-safe: a
-    non-finite row counts as collapsed, a zero row as orthogonal)."""
-    if len(x) < 2 or not np.isfinite(x).all():
-        return 1.0
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    u = x / np.where(norms > 0, norms, 1.0)
-    n = len(u)
-    s = u.sum(0)
-    return float((s @ s - (u * u).sum()) / (n * (n - 1)))
-
-
-def _chance_level(p: Prepared, history: list[dict[str, Any]]) -> list[str]:
-    """A warning when the best validation accuracy is no better than always answering the
-    validation items' most common class (the tuned backbone then learned nothing that shows)."""
-    accuracies = [row["val_accuracy"] for row in history if row.get("val_accuracy") is not None]
-    if p.val_idx is None or not len(p.val_idx) or not accuracies:
-        return []
-    counts = np.bincount(p.y[p.val_idx], minlength=len(p.classes))
-    chance = float(counts.max() / counts.sum())
-    best = max(accuracies)
-    if best > chance + 1e-9:
-        return []
-    return [f"validation accuracy {best:.4f} is at chance level (the most common class is {chance:.4f} of the "
-            f"{len(p.val_idx)} validation items): the fine-tune learned nothing that validation shows; check the "
-            "labels, or lower the learning rates (lr, head_lr) if the training loss did not fall"]
 
 
 def _classify(job: Job, p: Prepared, o: Options, settings: loop.Settings,
@@ -404,8 +354,9 @@ def persist(job: Job, p: Prepared, o: Options, clf: Any, history: list[dict[str,
         "parent": {"name": parent.name, "spec": parent_spec,
                    "digest": artifact.digest, "export_key": export_key(parent)},
         "data": {"fingerprint": p.fingerprint, "items": int(len(p.good)), "excluded": len(p.failures),
-                 "classes": [str(c) for c in p.classes]},
-        "hyperparameters": p.hyper, "metrics": history, "warnings": list(p.warnings),
+                 "classes": [str(c) for c in p.classes],
+                 **({"validation_fingerprint": p.validation_fingerprint} if p.validation_fingerprint else {})},
+        "hyperparameters": p.hyper, "device": job.device, "metrics": history, "warnings": list(p.warnings),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     new, created = tuned.persist(job.models.root, o.name or "", parent, parent_spec, p.module, lineage,
@@ -425,5 +376,5 @@ def persist(job: Job, p: Prepared, o: Options, clf: Any, history: list[dict[str,
         tuned.record_user(new, saved)  # a dependent: the fine-tune is not removed while this model exists
     return FinetuneResult(backbone=new.name, digest=exported.digest, parent=parent.name,
                           parent_digest=artifact.digest, history=history, model=model, model_path=saved,
-                          failures=p.failures, classes=p.classes.tolist(), lineage=lineage,
+                          failures=p.failures, classes=p.classes.tolist(), lineage=new.lineage,
                           warnings=list(p.warnings))

@@ -1,11 +1,9 @@
-"""Fine-tuned backbones in the model store: a new backbone made of its parent and tuned weights.
+"""Fine-tuned backbones in the model store: a new backbone made of its parent and tuned weights,
+kept (:func:`persist`), named (:func:`default_name`) and removed (:func:`remove`).
 
-A fine-tune (:func:`embedkit.finetune`) keeps its result beside the exports of that name::
-
-    <model store>/<name>/finetuned.json          the record: parent, lineage (see below)
-    <model store>/<name>/finetuned.safetensors   the tuned module's whole state dict
-    <model store>/<name>/<digest>/...            its exports, as for any backbone
-
+A fine-tune (:func:`embedkit.finetune`) keeps its result beside the exports of that name (the
+layout and the record are :mod:`embedkit.models.finetuned_record`, which also reads them back:
+:class:`TunedBackbone`, :func:`find`, :func:`listing`, importable from here too).
 ``finetuned.json`` is written last (atomically), so a record always names complete weights.
 The backbone's ``build()`` is the parent's ``build()`` with the tuned state dict loaded, so it
 exports through the same parity gate (:func:`embedkit.export`) and gets its own digest, hence
@@ -13,11 +11,17 @@ its own feature-store namespace. The registry (:func:`embedkit.get_backbone`) fi
 in any later process from the default model store; :func:`embedkit.export` /
 :func:`embedkit.resolve` with an explicit ``store`` look in that store first.
 
-The record's ``lineage``: ``parent`` (name, spec, artifact digest), ``data`` (fingerprint of
-the training items and labels, item count), ``hyperparameters``, ``metrics`` (per epoch).
+Names. Without a user name a fine-tune is named ``<parent>+ft-<8 hex digits>``: the start of a
+sha256 of its weights' sha256 *and* of its run's identity (:func:`run_identity`: the parent's
+digest, the training and validation data's fingerprints, the hyperparameters with the seed, the
+device). Two different runs never share a name or a record, even when their weights are equal (a
+``unfreeze="head"`` run leaves the body as the parent's, whatever its seed, data or epochs), and
+an identical rerun gets the same name and leaves the record as it was. A name already holding
+another run's fine-tune is refused (:class:`~embedkit.errors.OutputExistsError`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,110 +31,73 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backbones.backbone import NAME_PATTERN, Backbone, preprocess_from_json
-from ..backbones.registry import get_backbone, registry
-from ..errors import (
-    ArtifactError,
-    BackboneInUseError,
-    InvalidBackboneError,
-    OutputError,
-    OutputExistsError,
-    UsageError,
-)
+from ..backbones.backbone import NAME_PATTERN, Backbone
+from ..backbones.registry import registry
+from ..errors import BackboneInUseError, InvalidBackboneError, OutputError, OutputExistsError, UsageError
 from ..fs import locks
-from ..fs.atomic import alive, write_atomic, write_safetensors
-from ..fs.home import default_root
+from ..fs.atomic import alive, write_atomic
 from ..hookspecs import hookimpl
+from .finetuned_record import (
+    FORMAT,
+    RECORD,
+    STAGING,
+    USERS,
+    WEIGHTS,
+    TunedBackbone,
+    declaration,
+    find,
+    from_record,
+    listing,
+    load_weights,
+    read_record,
+    save_weights,
+)
 from .store import ModelStore, sha256_file
+
+__all__ = ["FORMAT", "RECORD", "STAGING", "USERS", "WEIGHTS", "Removed", "TunedBackbone", "check_name",
+           "check_writable", "default_name", "discard", "find", "listing", "load_weights", "persist", "record_user",
+           "remove", "resolve_backbone", "run_identity", "save_weights"]
 
 logger = logging.getLogger(__name__)
 
-STAGING = ".finetune-staging"  # weights staged before a fine-tune claims its name
-RECORD = "finetuned.json"
-USERS = "saved-models.json"  # the folders of models saved on it by embedkit.finetune (out=): its dependents
-WEIGHTS = "finetuned.safetensors"
-FORMAT = 1
+
+def run_identity(lineage: dict[str, Any]) -> str:
+    """The identity of the run a lineage describes: the sha256 of its parent's digest, its data
+    (training fingerprint, item counts, classes, the given validation items' fingerprint), its
+    hyperparameters (the seed among them) and its device, in canonical JSON; its metrics, warnings
+    and time are what the run gave, not what it was."""
+    lineage = json.loads(json.dumps(lineage, default=str))
+    key = {"parent": (lineage.get("parent") or {}).get("digest"), "data": lineage.get("data"),
+           "hyperparameters": lineage.get("hyperparameters"), "device": lineage.get("device")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-@dataclass(frozen=True, kw_only=True)
-class TunedBackbone(Backbone):
-    """A backbone whose weights come from a fine-tune of ``parent`` (a registered name or spec).
+def default_name(parent: str, weights_sha256: str, lineage: dict[str, Any]) -> str:
+    """``<parent>+ft-<first 8 hex digits of sha256(weights' sha256, run identity)>`` (see the module docstring).
 
-    ``build()`` builds the parent and loads the tuned state dict (``weight_files[0]``). The
-    lineage travels into the export's manifest; it is not part of the backbone's identity.
+    Args:
+        parent: the parent's name (a spec or a path: its last part, lower-cased).
+        weights_sha256: the sha256 of the tuned weights file.
+        lineage: the run's lineage (:func:`run_identity`).
     """
 
-    parent: str = ""
-    lineage: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
-    weights_sha256: str = field(default="", compare=False, hash=False, repr=False)
-
-    def build(self) -> Any:
-
-        self.verify()
-        module = get_backbone(self.parent).build()
-        load_weights(module, self.weight_files[0])
-        return module
-
-    def verify(self) -> None:
-        """Check the weights file against the sha256 its record names (before it is used).
-
-        Raises:
-            ArtifactError: the file is missing or changed since the fine-tune wrote it.
-        """
-
-        path = Path(self.weight_files[0])
-        if path.is_symlink():
-            raise ArtifactError(f"the weights of fine-tuned backbone {self.name!r} ({path}) are a symbolic link; only "
-                                "a regular file inside its folder is used: run the fine-tune again")
-        if not path.is_file():
-            raise ArtifactError(f"the weights of fine-tuned backbone {self.name!r} are missing ({path}); "
-                                "run the fine-tune again, or delete the folder to forget it")
-        if self.weights_sha256 and sha256_file(path) != self.weights_sha256:
-            raise ArtifactError(f"the weights of fine-tuned backbone {self.name!r} ({path}) changed since the "
-                                f"fine-tune wrote them (their sha256 is not the {self.weights_sha256[:12]}... its "
-                                f"{RECORD} records); run the fine-tune again, or delete the folder {path.parent}")
-
-    def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "parent": self.parent}
-
-
-def load_weights(module: Any, path: str | os.PathLike[str]) -> None:
-    """Load a safetensors state dict into ``module`` (every key must match, both ways)."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise InvalidBackboneError("weights", f"{path} does not fit the parent's module: missing {list(missing)[:5]}, "
-                                   f"unexpected {list(unexpected)[:5]}")
-
-
-def save_weights(module: Any, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """The module's whole state dict as safetensors at ``path``, atomically (shared tensors copied)."""
-
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    write_safetensors(path, state, metadata)
-
-
-def default_name(parent: str, weights: Path) -> str:
-    """``<parent>+ft-<first 8 hex digits of the tuned weights' sha256>``."""
-
     base = parent if NAME_PATTERN.match(parent) else Path(parent).name.lower()
-    return f"{base}+ft-{sha256_file(weights)[:8]}"
+    digest = hashlib.sha256(f"{weights_sha256}:{run_identity(lineage)}".encode()).hexdigest()
+    return f"{base}+ft-{digest[:8]}"
 
 
 def persist(root: Path, name: str, parent: Backbone, parent_spec: str, module: Any, lineage: dict[str, Any],
             user_named: bool) -> tuple[TunedBackbone, bool]:
     """Write the tuned weights and record into the store at ``root``; return the backbone and
-    whether this call created it (False: the same fine-tune was already there).
+    whether this call created it (False: this very run was already there, its record is kept).
 
-    With no user name the name derives from the weights' hash, so the same fine-tune gives the
-    same name. A user name already holding another fine-tune is refused; one holding another
-    kind of backbone (a registered name) is refused too.
+    With no user name the name is :func:`default_name`'s. A name holding a fine-tune of another
+    run (other weights, or another :func:`run_identity`) is refused; one holding another kind of
+    backbone (a registered name) is refused too.
 
     Raises:
         InvalidBackboneError: ``name`` breaks the naming rule.
-        OutputExistsError: ``name`` is taken by a registered backbone or another fine-tune.
+        OutputExistsError: ``name`` is taken by a registered backbone or another run's fine-tune.
     """
     tmp_dir = root / STAGING
     tmp = tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"  # two threads of one process too
@@ -142,25 +109,28 @@ def persist(root: Path, name: str, parent: Backbone, parent_spec: str, module: A
         tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot keep the fine-tuned backbone in the model store {root}: {exc.strerror or exc}; "
                           "give store= a writable folder with free space") from exc
+    weights_sha256 = sha256_file(tmp)
     if not name:
-        name = default_name(parent.name, tmp)
+        name = default_name(parent.name, weights_sha256, lineage)
     if not NAME_PATTERN.match(name):
         tmp.unlink(missing_ok=True)
         raise InvalidBackboneError("name", f"name {name!r} must match {NAME_PATTERN.pattern}")
+    folder = root / name
     with locks.held(tmp_dir / "persist.lock", exclusive=True):  # check-then-write, one run at a time
         try:
-            created = _claim(root, name, tmp, user_named)
+            existing = _claim(root, name, tmp, weights_sha256, lineage, user_named)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        folder = root / name
+        if existing is not None:  # this very run: its record stays as it was (an identical rerun is idempotent)
+            return from_record(folder, existing), False
         record = {
             "format": FORMAT, "kind": "finetuned-backbone", "name": name, "parent": parent_spec,
-            "weights": WEIGHTS, "weights_sha256": sha256_file(folder / WEIGHTS), "spec": _declaration(parent),
+            "weights": WEIGHTS, "weights_sha256": weights_sha256, "spec": declaration(parent),
             "lineage": lineage,
         }
         write_atomic(folder / RECORD, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
-    return _backbone(folder, record), created
+    return from_record(folder, record), True
 
 
 def check_name(root: Path, name: str) -> None:
@@ -188,8 +158,8 @@ def check_writable(root: Path) -> None:
     for folder in (root / STAGING, root, *root.absolute().parents):
         if os.path.lexists(folder):
             if not folder.is_dir():
-                raise OutputError(f"cannot keep the fine-tuned backbone in the model store {root}: {folder} is not a "
-                                  "folder; give store= another folder")
+                raise OutputError(f"cannot keep the fine-tuned backbone in the model store {root}: {folder} is a "
+                                  "file, not a folder; give store= another folder")
             if not os.access(folder, os.W_OK | os.X_OK):
                 what = "it" if folder == root else str(folder)
                 raise OutputError(f"cannot keep the fine-tuned backbone in the model store {root}: {what} is not "
@@ -197,24 +167,30 @@ def check_writable(root: Path) -> None:
             return
 
 
-def _claim(root: Path, name: str, tmp: Path, user_named: bool) -> bool:
-    """Move the staged weights ``tmp`` to ``<root>/<name>`` if the name is free (or holds these very
-    weights); returns whether the name was free. Called with the store's persist lock held.
+def _claim(root: Path, name: str, tmp: Path, weights_sha256: str, lineage: dict[str, Any],
+           user_named: bool) -> dict[str, Any] | None:
+    """Move the staged weights ``tmp`` (sha256 ``weights_sha256``) to ``<root>/<name>``. Returns
+    None when the name was free, or the record there when it holds this very run (the same
+    weights and :func:`run_identity`: an identical rerun, or a resume finishing the run that
+    made it). Called with the store's persist lock held.
 
     Raises:
-        OutputExistsError: ``name`` is a registered backbone, other artifacts, or another fine-tune.
+        OutputExistsError: ``name`` is a registered backbone, other artifacts, or another run's fine-tune.
     """
 
     check_name(root, name)
     folder = root / name
-    created = not (folder / RECORD).is_file()
-    if not created and _read(folder / RECORD).get("weights_sha256") != sha256_file(tmp):
-        hint = "" if user_named else " (same name from the same weights hash: delete the folder to redo)"
-        raise OutputExistsError(f"a fine-tuned backbone {name!r} with other weights is already in the model store "
-                                f"{root}; choose another name{hint}")
+    existing = read_record(folder / RECORD) if (folder / RECORD).is_file() else None
+    if existing is not None:
+        other = "other weights" if existing.get("weights_sha256") != weights_sha256 else \
+            "other settings or data" if run_identity(existing.get("lineage") or {}) != run_identity(lineage) else ""
+        if other:
+            how = "" if user_named else " (its default name, a hash of weights and run, is the same: name this one)"
+            raise OutputExistsError(f"a fine-tuned backbone {name!r} made by another run ({other}) is already in the "
+                                    f"model store {root}; choose another name{how}")
     folder.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder / WEIGHTS)
-    return created
+    os.replace(tmp, folder / WEIGHTS)  # these bytes (a rerun's are the same: a missing file is put back)
+    return existing
 
 
 def discard(backbone: TunedBackbone) -> None:
@@ -232,7 +208,7 @@ def discard(backbone: TunedBackbone) -> None:
 
 def record_user(backbone: TunedBackbone, model: Path) -> None:
     """Note in the fine-tune's folder that the saved model at ``model`` uses it (:func:`remove`
-    refuses to remove a fine-tune while such a model still exists)."""
+    refuses to remove a fine-tune while a saved model at a recorded folder still uses it)."""
     folder = Path(backbone.weight_files[0]).parent
     with locks.held(folder.parent / STAGING / "persist.lock", exclusive=True):
         users = _users(folder)
@@ -249,37 +225,55 @@ def _users(folder: Path) -> list[str]:
     return [u for u in users if isinstance(u, str)] if isinstance(users, list) else []
 
 
-def _uses(model: Path, name: str, digests: set[str]) -> bool:
-    """Whether the saved model folder ``model`` still exists and names backbone ``name`` or one of ``digests``."""
+def _uses(model: Path, name: str, digests: set[str]) -> bool | None:
+    """Whether the saved model folder ``model`` names backbone ``name`` or one of ``digests``; None
+    when nothing is at that folder any more (deleted, or moved where embedkit cannot see it). A
+    folder whose ``model.json`` cannot be read counts as using it: embedkit cannot tell."""
+    if not os.path.lexists(model):
+        return None
     try:
-        record = json.loads((model / "model.json").read_text()).get("backbone") or {}
-    except (OSError, ValueError, AttributeError):
+        record = json.loads((model / "model.json").read_text())
+    except FileNotFoundError:  # the folder holds something else now: not a saved model
         return False
-    return record.get("name") == name or record.get("digest") in digests
+    except (OSError, ValueError):
+        return True
+    backbone = (record.get("backbone") if isinstance(record, dict) else None) or {}
+    return not isinstance(backbone, dict) or backbone.get("name") == name or backbone.get("digest") in digests
+
+
+CHECKED = ("the fine-tunes in the model store, and the saved models that `finetune` recorded (out= / --out) at the "
+           "folders they were saved to; a saved model moved elsewhere since is not seen")
 
 
 @dataclass
 class Removed:
-    """What :func:`remove` removed: the fine-tune's name, its folder, its exports' and variants' digests."""
+    """What :func:`remove` removed: the fine-tune's name, its folder, its exports' and variants'
+    digests, and what it checked: ``checked_models``, the recorded saved-model folders found and
+    checked; ``missing_models``, those no longer found there (deleted, or moved: not checked)."""
 
     name: str
     folder: Path
     digests: list[str]
     variants: list[str]
+    checked_models: list[str] = field(default_factory=list)
+    missing_models: list[str] = field(default_factory=list)
 
 
 def remove(name: str, root: str | os.PathLike[str] | None = None) -> Removed:
     """Remove the fine-tuned backbone ``name`` from the model store at ``root`` (default store):
     its record, weights, exports, and the fp16 / int8 variants made from them.
 
-    Refused while something depends on it: a fine-tune of it, or a model saved on it by
-    :func:`embedkit.finetune` (``out=``) whose folder still exists. Only what embedkit made for
-    the fine-tune is removed; the folder is first renamed aside in one step, so a crash leaves it
-    whole or gone from the store (what is left aside is swept later).
+    Refused while something that embedkit can see depends on it: a fine-tune of it in this model
+    store, or a saved model that :func:`embedkit.finetune` saved on it (``out=``), checked at the
+    folder it was saved to (the record keeps that folder). A saved model moved elsewhere cannot be
+    seen: a recorded folder found empty is listed in :attr:`Removed.missing_models` (and logged),
+    so the caller can say plainly what was not checked. Only what embedkit made for the fine-tune
+    is removed; the folder is first renamed aside in one step, so a crash leaves it whole or gone
+    from the store (what is left aside is swept later).
 
     Raises:
         UsageError: no fine-tune of that name in the store (a registered backbone is not one).
-        BackboneInUseError: dependents, each named.
+        BackboneInUseError: dependents, each named (the message says what was checked).
     """
     store = ModelStore(root)
     staging = store.root / STAGING
@@ -300,12 +294,16 @@ def remove(name: str, root: str | os.PathLike[str] | None = None) -> Removed:
         digests = own | {a["digest"] for a in variants}
         dependents = [f"fine-tune {b.name!r} (fine-tuned from it)" for b in listing(store.root)
                       if b.name != name and (b.parent == name or (b.lineage.get("parent") or {}).get("digest") in own)]
-        dependents += [f"saved model {u}" for u in _users(folder) if _uses(Path(u), name, digests)]
+        uses = {u: _uses(Path(u), name, digests) for u in _users(folder)}
+        dependents += [f"saved model {u}" for u, used in uses.items() if used]
         if dependents:
             raise BackboneInUseError(f"fine-tuned backbone {name!r} is used by {'; '.join(dependents)}: remove "
-                                     "those first (a saved model: delete its folder), then remove this one",
-                                     dependents)
-        removed = Removed(name=name, folder=folder, digests=sorted(a["digest"] for a in inventory if a["name"] == name), variants=sorted(a["digest"] for a in variants))
+                                     "those first (a saved model: delete its folder), then remove this one (checked: "
+                                     f"{CHECKED})", dependents)
+        removed = Removed(name=name, folder=folder, digests=sorted(a["digest"] for a in inventory if a["name"] == name),
+                          variants=sorted(a["digest"] for a in variants),
+                          checked_models=[u for u, used in uses.items() if used is not None],
+                          missing_models=[u for u, used in uses.items() if used is None])
         staging.mkdir(exist_ok=True)
         for path in [folder] + sorted({Path(a["path"]) for a in variants}):
             aside = staging / f"{os.getpid()}-removing-{uuid.uuid4().hex[:8]}"
@@ -317,6 +315,9 @@ def remove(name: str, root: str | os.PathLike[str] | None = None) -> Removed:
             except OSError:
                 pass
     logger.info("removed fine-tuned backbone %s (%s)", name, folder)
+    if removed.missing_models:
+        logger.warning("fine-tuned backbone %s removed; saved model(s) made on it are no longer at their recorded "
+                       "folders (deleted, or moved: not checked): %s", name, ", ".join(removed.missing_models))
     return removed
 
 
@@ -336,65 +337,6 @@ def _sweep(folder: Path) -> None:
         pid = path.name.split("-")[0]
         if pid.isdigit() and not alive(int(pid)) and path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _declaration(parent: Backbone) -> dict[str, Any]:
-    spec = parent.spec()
-    return {k: spec[k] for k in ("modality", "dim", "preprocess", "license") if k in spec} | (
-        {"blocks": list(getattr(parent, "blocks", ()) or ())})
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidBackboneError("finetuned", f"unreadable fine-tune record {path}: {exc}") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("kind") != "finetuned-backbone":
-        raise InvalidBackboneError("finetuned", f"{path} is not a fine-tune record of format {FORMAT}")
-    if data.get("weights") != WEIGHTS:  # files named by metadata stay inside their folder: exactly this one
-        raise InvalidBackboneError("finetuned", f"{path} names the weights {data.get('weights')!r}; a fine-tune record "
-                                   f"names only {WEIGHTS!r} beside it (edited by hand? run the fine-tune again)")
-    return data
-
-
-def _backbone(folder: Path, record: dict[str, Any]) -> TunedBackbone:
-    spec = record["spec"]
-    lineage = record.get("lineage") or {}
-    parent_digest = (lineage.get("parent") or {}).get("digest", "")
-    extra = {"blocks": tuple(spec.get("blocks") or ())} if "blocks" in Backbone.__dataclass_fields__ else {}
-    return TunedBackbone(
-        name=record["name"], modality=spec["modality"], dim=int(spec["dim"]),
-        preprocess=preprocess_from_json(spec["preprocess"]), license=spec["license"],
-        weights=f"fine-tuned from {record['parent']} ({parent_digest[:12]})",
-        weight_files=(str(folder / record["weights"]),),
-        description=f"fine-tune of {record['parent']}", parent=record["parent"], lineage=lineage,
-        weights_sha256=str(record.get("weights_sha256") or ""), **extra,
-    )
-
-
-def find(name: str, root: str | os.PathLike[str] | None = None) -> TunedBackbone | None:
-    """The fine-tuned backbone ``name`` in the model store at ``root`` (default store), or None."""
-
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        return None
-    folder = Path(root) if root is not None else default_root()
-    record = folder / name / RECORD
-    if not record.is_file():
-        return None
-    return _backbone(folder / name, _read(record))
-
-
-def listing(root: str | os.PathLike[str] | None = None) -> list[TunedBackbone]:
-    """Every fine-tuned backbone in the model store at ``root`` (default store), by name."""
-
-    folder = Path(root) if root is not None else default_root()
-    found = []
-    for record in sorted(folder.glob(f"*/{RECORD}")) if folder.is_dir() else []:
-        try:
-            found.append(_backbone(record.parent, _read(record)))
-        except (InvalidBackboneError, KeyError) as exc:
-            logger.warning("skipping fine-tune record %s: %s", record, exc)
-    return found
 
 
 @hookimpl(tryfirst=True)
