@@ -8,7 +8,8 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from .encoder import encoder_for
-from .errors import ArtifactError, InvalidInputError
+from .encoders.compact import CALIBRATED, Compact, as_compact, compact_result
+from .errors import ArtifactError, InvalidInputError, UsageError
 from .inputs.image import refuse_single_image
 from .models.resolve import resolve
 from .models.store import Artifact
@@ -27,7 +28,13 @@ class Embedder(TransformerMixin, BaseEstimator):
         device: ``cpu`` | ``cuda`` | ``auto``.
         threads: CPU threads (default: all cores this process may use).
         batch_tokens: text only: padded tokens per batch (default 384 on CPU).
-        truncate: text only: truncate texts longer than the backbone's max length (else an error).
+        truncate: text only, the older spelling of ``long``: None (default) follows ``long``,
+            False is ``long="error"``, True agrees with ``"truncate"`` and ``"chunk"``.
+        long: text only: texts longer than the backbone's max length are ``"truncate"``d
+            (default), ``"chunk"``ed (windows embedded and pooled, :mod:`embedkit.inputs.windows`)
+            or an ``"error"``.
+        chunk_overlap: text only, ``long="chunk"``: tokens shared by neighbouring windows (default 32).
+        max_chunks: text only, ``long="chunk"``: windows per text at most (default 64; past it, truncated).
         empty: text only: ``embed`` or ``error`` for empty / whitespace-only texts.
         batch_size: images only: images per batch (default 16 on CPU).
         workers: images only: decoding threads (default: the cores this process may use).
@@ -37,6 +44,12 @@ class Embedder(TransformerMixin, BaseEstimator):
         runtime: ``auto`` (the one :func:`embedkit.tune` measured faster here; ONNX Runtime
             when nothing was measured on a CPU), ``onnxruntime``, ``torch``, ``torch-compile``,
             ``openvino``, ``openvino-bf16``, ``torch-bf16`` or ``int8-<variant>`` (see :mod:`embedkit.encoders.tuning`).
+        dimensions: keep the first ``dimensions`` of each vector, renormalised (None: all D; a
+            backbone not trained for it loses quality; :mod:`embedkit.encoders.compact`).
+        precision: ``float32`` (default), ``int8`` / ``uint8`` (calibrated ranges), ``binary``
+            (sign bits packed: uint8 ``(N, ceil(d / 8))``).
+        calibration: int8 / uint8: a :class:`~embedkit.encoders.compact.Calibration` (or its
+            record); None fits one in :meth:`fit` on the float embeddings of ``X``.
 
     Images may be paths, bytes, PIL images or numpy arrays (H, W[, C]); see
     :mod:`embedkit.inputs.image` for the decoding policy.
@@ -51,7 +64,7 @@ class Embedder(TransformerMixin, BaseEstimator):
         device: str = "cpu",
         threads: int | None = None,
         batch_tokens: int | None = None,
-        truncate: bool = True,
+        truncate: bool | None = None,
         empty: str = "embed",
         batch_size: int | None = None,
         workers: int | None = None,
@@ -59,6 +72,12 @@ class Embedder(TransformerMixin, BaseEstimator):
         reject_blank: bool = True,
         store: str | None = None,
         runtime: str = "auto",
+        long: str = "truncate",
+        chunk_overlap: int = 32,
+        max_chunks: int = 64,
+        dimensions: int | None = None,
+        precision: str = "float32",
+        calibration: Any = None,
     ):
         self.backbone = backbone
         self.device = device
@@ -72,17 +91,37 @@ class Embedder(TransformerMixin, BaseEstimator):
         self.reject_blank = reject_blank
         self.store = store
         self.runtime = runtime
+        self.long = long
+        self.chunk_overlap = chunk_overlap
+        self.max_chunks = max_chunks
+        self.dimensions = dimensions
+        self.precision = precision
+        self.calibration = calibration
 
     def fit(self, X: Any = None, y: Any = None) -> "Embedder":
-        """Resolve the backbone's artifact (export it if needed); X and y are ignored."""
+        """Resolve the backbone's artifact (export it if needed). X is used only to fit the
+        int8 / uint8 calibration (``compact_``) when none was given; y is ignored.
 
+        Raises UsageError for an unknown precision, dimensions above the backbone's, or int8 /
+        uint8 with neither a calibration nor X (at least 2 items embedded)."""
+        compact = as_compact(self.dimensions, self.precision, self.calibration) \
+            if self.precision not in CALIBRATED or self.calibration is not None else None
         artifact = resolve(self.backbone, self.store)
+        Compact(self.dimensions).output_dim(artifact.dim)
         self.artifact_path_ = str(artifact.path)
         self.digest_ = artifact.digest
         self.backbone_name_ = artifact.name
-        self.n_features_out_ = artifact.dim
         self.modality_ = artifact.modality
         self._encoder = None
+        if self.precision in CALIBRATED and self.calibration is None:
+            if X is None:
+                raise UsageError(f"precision={self.precision!r} needs a calibration: pass calibration=, or fit(X) "
+                                 "on items to fit one on")
+            result = self._get_encoder().encode(as_items(X, artifact.modality))
+            compact = Compact.fitted(result.vectors[np.asarray(result.ok, bool)], self.dimensions, self.precision,
+                                     source=f"Embedder.fit:{artifact.name}/{artifact.digest[:12]}")
+        self.compact_ = compact
+        self.n_features_out_ = artifact.dim if compact is None else compact.width(artifact.dim)
         return self
 
     def _get_encoder(self) -> Any:
@@ -98,7 +137,8 @@ class Embedder(TransformerMixin, BaseEstimator):
                 options.update(batch_size=self.batch_size, workers=self.workers,
                                max_pixels=self.max_pixels, reject_blank=self.reject_blank)
             else:
-                options.update(batch_tokens=self.batch_tokens, truncate=self.truncate, empty=self.empty)
+                options.update(batch_tokens=self.batch_tokens, truncate=self.truncate, empty=self.empty, long=self.long,
+                               chunk_overlap=self.chunk_overlap, max_chunks=self.max_chunks)
             encoder = encoder_for(artifact, **options)
             self._encoder = encoder
         return encoder
@@ -108,12 +148,13 @@ class Embedder(TransformerMixin, BaseEstimator):
         (an (N, H, W[, C]) array is N images)."""
         check_is_fitted(self, "digest_")
         items = as_items(X, getattr(self, "modality_", "text"))
+        compact = getattr(self, "compact_", None)
         if len(items) == 0:
-            return np.empty((0, self.n_features_out_), dtype=np.float32)
+            return np.empty((0, self.n_features_out_), dtype=np.float32 if compact is None else compact.dtype)
         result = self._get_encoder().encode(items)
         if result.errors:
             raise InvalidInputError(result.errors, ok=result.ok)
-        return result.vectors
+        return result.vectors if compact is None else compact_result(result, compact).vectors
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         check_is_fitted(self, "digest_")
@@ -124,6 +165,11 @@ class Embedder(TransformerMixin, BaseEstimator):
         state = self.__dict__.copy()
         state.pop("_encoder", None)  # ONNX Runtime sessions do not pickle; rebuilt on demand
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # An Embedder pickled before the long-text options existed gets their defaults (get_params reads them).
+        super().__setstate__({"long": "truncate", "chunk_overlap": 32, "max_chunks": 64, "dimensions": None,
+                              "precision": "float32", "calibration": None, **state})
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()

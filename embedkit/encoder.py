@@ -14,6 +14,7 @@ import logging
 from typing import Any, Callable, Iterable
 
 from .encoders import tuning
+from .encoders.compact import as_compact, compact_result
 from .encoders.embeddings import Embeddings
 from .encoders.image import IMAGE_OPTIONS, ImageEncoder
 from .encoders.text import TEXT_OPTIONS, TextEncoder
@@ -65,15 +66,34 @@ def embed(
     backbone: str = "minilm-l6",
     store: str | None = None,
     progress: Callable[[int], None] | None = None,
+    *,
+    dimensions: int | None = None,
+    precision: str = "float32",
+    calibration: Any = None,
     **options: Any,
 ) -> Embeddings:
     """Embed items with a backbone; bad items become error records, never a crash.
 
     ``options`` go to :func:`encoder_for` (``tune``) and :class:`TextEncoder` (device, threads, streams, batch_tokens,
-    truncate, empty, runtime) or :class:`ImageEncoder` (device, threads, streams, runtime, batch_size,
-    workers, max_pixels, reject_blank), by the backbone's modality.
+    truncate, empty, runtime, long, chunk_overlap, max_chunks) or :class:`ImageEncoder` (device, threads,
+    streams, runtime, batch_size, workers, max_pixels, reject_blank), by the backbone's modality; an option
+    of the other modality raises TypeError. ``long="chunk"`` embeds a text longer than the backbone's
+    window as the token-weighted mean of its windows' vectors (``chunk_overlap`` tokens shared by
+    neighbours, default 32; at most ``max_chunks`` windows, default 64): :mod:`embedkit.inputs.windows`.
+
+    Compact vectors (:mod:`embedkit.encoders.compact`): ``dimensions`` keeps the first ``dimensions``
+    of each vector, renormalised (None: all D; a backbone not trained for it loses quality);
+    ``precision`` ``"int8"`` / ``"uint8"`` (with ``calibration``: a :class:`~embedkit.encoders.compact.Calibration`
+    or its record, e.g. from ``embedkit store calibration``), ``"binary"`` (sign bits packed, uint8
+    ``(N, ceil(d / 8))``) or ``"float32"`` (default). ``vectors`` are then the compact rows (failed
+    items' rows zero, NaN for float32) and ``compact`` says how. UsageError (before any work) for
+    an unknown precision, int8 / uint8 without a calibration, dimensions above D or unlike the calibration's.
     """
+    compact = as_compact(dimensions, precision, calibration)
     artifact = resolve(backbone, store)
+    if compact is not None:
+        compact.output_dim(artifact.dim)
     if artifact.modality == "image":
         refuse_single_image(items, "embed's items")  # one (H, W, 3) photo is never embedded as H strips
-    return encoder_for(artifact, **options).encode(items, progress=progress)
+    result = encoder_for(artifact, **options).encode(items, progress=progress)
+    return result if compact is None else compact_result(result, compact)

@@ -277,7 +277,10 @@ def test_cli_empty_address_is_an_error_not_a_private_local_ray(minilm, tmp_path:
                    "--address", "", "--no-progress", "--json")
     assert done.returncode == 1 and "error: cannot reach the Ray cluster at '': an empty address" in done.stderr, \
         done.stderr
-    assert done.stdout == "" and not list((tmp_path / "fs").glob("*/*/shards/*"))
+    # --json: the refusal is a JSON object on stdout too (the same message, the same exit status)
+    body = json.loads(done.stdout)["error"]
+    assert (body["type"], body["exit_code"]) == ("RayClusterError", 1) and f"error: {body['message']}" in done.stderr
+    assert not list((tmp_path / "fs").glob("*/*/shards/*"))
 
 
 CTRL_C_DURING_START = r"""
@@ -330,7 +333,7 @@ def test_cli_cpus_per_worker_above_the_machine_is_an_error_not_a_hang(minilm, tm
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 1 and "error: an actor of 64 CPU fits no node of the Ray cluster" in stderr, stderr
-    assert stdout == ""
+    assert json.loads(stdout)["error"]["type"] == "RayResourcesError"  # --json: the refusal is JSON on stdout
 
 
 @pytest.mark.parametrize("option", [{"gpus_per_worker": -0.5}, {"gpus_per_worker": -1}, {"cpus_per_worker": -1},

@@ -193,8 +193,9 @@ BAD = [
     ("/v1/embeddings", {"json": {"input": ""}}, 422, "empty_input"),
     ("/v1/embeddings", {"json": {"input": [[101, 2023], [7]]}}, 422, "token_ids_unsupported"),
     ("/v1/embeddings", {"json": {"input": [101, 2023]}}, 422, "token_ids_unsupported"),
-    ("/v1/embeddings", {"json": {"input": SECRET, "dimensions": 4}}, 422, "unsupported_dimensions"),
-    ("/v1/embeddings", {"json": {"input": SECRET, "encoding_format": "int8"}}, 422, "invalid_encoding_format"),
+    ("/v1/embeddings", {"json": {"input": SECRET, "dimensions": 9}}, 422, "unsupported_dimensions"),  # D is 8
+    ("/v1/embeddings", {"json": {"input": SECRET, "encoding_format": "int4"}}, 422, "invalid_encoding_format"),
+    ("/v1/embeddings", {"json": {"input": SECRET, "encoding_format": "int8"}}, 422, "calibration_required"),
     ("/v1/embeddings", {"json": {"input": SECRET, "model": "tiny-image"}}, 422, "wrong_modality"),
     ("/v1/embeddings", {"json": {"input": SECRET, "model": "no-such-" + SECRET}}, 404, "model_not_found"),
     ("/v1/embeddings", {"json": {"input": SECRET, "model": "/etc/passwd"}}, 404, "model_not_found"),

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, NoReturn
 
 from ..errors import UsageError
 from ..fs.atomic import current
+from ..fs.outputs import in_the_way
 
 EXIT_USAGE = 1
 EXIT_FAILED_ITEMS = 2
@@ -137,9 +138,17 @@ MODEL_STORE_HELP = (
 )
 
 
+def model_store(text: str) -> str:
+    """``--models DIR``: a folder, or a path where one can be made (a file in the way is named)."""
+    blocker = Path(text) if os.path.lexists(text) and not os.path.isdir(text) else in_the_way(text)
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {blocker} is a file, not a folder; give a model store folder")
+    return text
+
+
 def store_arg(p: argparse.ArgumentParser) -> None:
     """``--models DIR`` (alias ``--store``): the model store, stored in ``args.store``."""
-    p.add_argument("--models", "--store", dest="store", metavar="DIR", help=MODEL_STORE_HELP)
+    p.add_argument("--models", "--store", dest="store", metavar="DIR", type=model_store, help=MODEL_STORE_HELP)
 
 
 def backbone_arg(p: argparse.ArgumentParser) -> None:
@@ -150,7 +159,8 @@ def backbone_arg(p: argparse.ArgumentParser) -> None:
 
 
 def namespace_of(features: str | Path, backbone: str | None) -> Any:
-    """The feature-store namespace a command works on: ``backbone`` when given, else the only one.
+    """The feature-store namespace a command works on: ``backbone`` when given, else the only plain
+    one (float32, long texts truncated; compact and chunked namespaces are found by name).
 
     Raises:
         StoreError: no namespace, or several and no ``backbone`` (the message lists them).
@@ -161,7 +171,7 @@ def namespace_of(features: str | Path, backbone: str | None) -> Any:
     store = FeatureStore(features)
     if backbone is not None:
         return store.find(backbone)
-    spaces = store.namespaces()
+    spaces = [n for n in store.namespaces() if not n.variant]  # compact / chunked namespaces: asked for by name
     if len(spaces) == 1:
         return spaces[0]
     if not spaces:

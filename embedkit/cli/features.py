@@ -1,4 +1,4 @@
-"""Commands that compute or inspect features: embed, extract, store."""
+"""Commands that compute or inspect features: embed, extract, store (the last in :mod:`.feature_store`)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,6 @@ from .common import (
     EXIT_FAILED_ITEMS,
     EXIT_INCOMPLETE,
     OUTPUT_SUFFIXES,
-    existing_dir,
     existing_or_glob,
     existing_path,
     non_negative_float,
@@ -23,6 +22,9 @@ from .common import (
     ray_output_filtered,
     store_arg,
 )
+from .feature_store import COMMANDS as STORE_COMMANDS
+from .feature_store import add_compact_arguments, compact_of_args
+from .feature_store import add_parsers as add_store_parser
 
 
 def add_parsers(sub: Any) -> None:
@@ -38,12 +40,23 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--runtime", default="auto", choices=("auto",) + RUNTIMES,
                    help="auto: the faster one measured by `embedkit tune` on this device; " + help_text())
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores this process may use)")
-    p.add_argument("--no-truncate", action="store_true", help="text: texts over max length become errors")
+    p.add_argument("--no-truncate", action="store_true", help="text: texts over max length become errors "
+                   "(the older spelling of --long error)")
+    p.add_argument("--long", choices=["truncate", "chunk", "error"],
+                   help="text: a text over the backbone's max length is truncated there (default truncate), "
+                   "chunked (windows of max length, each embedded, pooled as their mean weighted by tokens, "
+                   "normalised as the backbone normalises) or an error (too_long)")
+    p.add_argument("--chunk-overlap", type=non_negative_int,
+                   help="--long chunk: tokens shared by neighbouring windows (default 32; under half a window)")
+    p.add_argument("--max-chunks", type=positive_int,
+                   help="--long chunk: windows per text at most; a longer text is embedded from its first "
+                   "ones and counted as truncated (default 64)")
     p.add_argument("--empty", default="embed", choices=["embed", "error"], help="text: empty texts")
     p.add_argument("--batch-size", type=positive_int, help="images per batch (default 16 on CPU)")
     p.add_argument("--workers", type=positive_int, help="image decoding threads (default: cores)")
     p.add_argument("--max-pixels", type=positive_int, help="refuse larger images (decompression-bomb guard)")
     p.add_argument("--keep-blank", action="store_true", help="embed blank / placeholder graphics instead of refusing them")
+    add_compact_arguments(p, "embed")
     p.add_argument("--no-progress", action="store_true")
     store_arg(p)
 
@@ -74,16 +87,19 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--cpus-per-worker", type=positive_float,
                    help="--engine ray: CPUs per actor (default: fractional, so the actors fit the machine)")
     p.add_argument("--gpus-per-worker", type=non_negative_float, help="--engine ray: GPUs per actor (default 0)")
+    p.add_argument("--long", choices=["truncate", "chunk", "error"],
+                   help="text: a text over the backbone's max length is truncated there (default truncate), chunked "
+                   "(windows embedded and pooled; stored in a namespace of their own, never beside truncated "
+                   "vectors) or an error (too_long)")
+    p.add_argument("--chunk-overlap", type=non_negative_int,
+                   help="--long chunk: tokens shared by neighbouring windows (default 32)")
+    p.add_argument("--max-chunks", type=positive_int, help="--long chunk: windows per text at most (default 64)")
+    add_compact_arguments(p, "extract")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     store_arg(p)
 
-    p = sub.add_parser("store", help="inspect a feature store: info | verify | gc | failures")
-    p.add_argument("action", choices=["info", "verify", "gc", "failures"],
-                   help="failures: the items that have no embedding, with id, source, stage, code and message")
-    p.add_argument("path", type=existing_dir, help="feature store folder")
-    p.add_argument("--backbone", help="failures: only this backbone's (name or digest prefix; default: every backbone)")
-    p.add_argument("--json", action="store_true")
+    add_store_parser(sub)
 
 
 def read_items(path: Path, modality: str, column: str | None) -> tuple[list[Any], dict[str, list[Any]]]:
@@ -112,26 +128,48 @@ def _parquet_table(result: Any, extra: dict[str, list[Any]], artifact: Any) -> A
     import pyarrow as pa
 
     n = len(result.ok)
+    width, kind = result.vectors.shape[1], pa.from_numpy_dtype(result.vectors.dtype)  # compact rows: int8 / uint8
     by_row = {e.index: e for e in result.errors}
     fields = [pa.field("row", pa.int64())] + [pa.field(k, pa.string()) for k in extra] + [
-        pa.field("ok", pa.bool_()), pa.field("embedding", pa.list_(pa.float32(), artifact.dim)),
+        pa.field("ok", pa.bool_()), pa.field("embedding", pa.list_(kind, width)),
         pa.field("error_code", pa.string()), pa.field("error_message", pa.string())]
     columns = [pa.array(np.arange(n, dtype=np.int64))]
     columns += [pa.array([v if isinstance(v, str) else None for v in vs], pa.string()) for vs in extra.values()]
     columns += [
         pa.array(np.asarray(result.ok, dtype=bool)),
-        pa.FixedSizeListArray.from_arrays(pa.array(result.vectors.reshape(-1).astype(np.float32)), artifact.dim),
+        pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(result.vectors).reshape(-1)), width),
         pa.array([by_row[i].code if i in by_row else None for i in range(n)], pa.string()),
         pa.array([by_row[i].message if i in by_row else None for i in range(n)], pa.string()),
     ]
     table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
-    return table.replace_schema_metadata({"embedkit.digest": artifact.digest, "embedkit.backbone": artifact.name})
+    compact = {"embedkit.compact": json.dumps(result.compact)} if getattr(result, "compact", None) else {}
+    return table.replace_schema_metadata({"embedkit.digest": artifact.digest, "embedkit.backbone": artifact.name,
+                                          **compact})
+
+
+def long_options(args: argparse.Namespace, modality: str) -> dict[str, Any]:
+    """``--long``, ``--chunk-overlap``, ``--max-chunks`` (and ``--no-truncate``) as encoder options;
+    UsageError for a contradiction or for text options given with an image backbone."""
+    from ..errors import UsageError
+
+    given = [f"--{n.replace('_', '-')}" for n in ("long", "chunk_overlap", "max_chunks") if getattr(args, n) is not None]
+    if modality == "image":
+        if given:
+            raise UsageError(f"{', '.join(given)} apply to text backbones; this one is an image backbone")
+        return {}
+    if getattr(args, "no_truncate", False) and args.long not in (None, "error"):
+        raise UsageError(f"--no-truncate contradicts --long {args.long}; use --long error or --long {args.long} alone")
+    if args.long != "chunk" and (args.chunk_overlap is not None or args.max_chunks is not None):
+        raise UsageError("--chunk-overlap and --max-chunks apply with --long chunk")
+    return {"truncate": False if getattr(args, "no_truncate", False) else None, "long": args.long,
+            "chunk_overlap": args.chunk_overlap, "max_chunks": args.max_chunks}
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..encoder import encoder_for
+    from ..errors import UsageError
     from ..fs.atomic import staged_file
     from ..fs.outputs import check_output, errors_path, remember
     from ..models.resolve import resolve
@@ -141,6 +179,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         raise UnsupportedInputError(f"--out {out.name}: the output must end in {' or '.join(OUTPUT_SUFFIXES)}")
     check_output(out, "embeddings", inputs=[args.input])  # before any work: never the input, never a foreign file
     artifact = resolve(args.backbone, args.store)
+    policy = long_options(args, artifact.modality)  # before reading: a usage error costs nothing
+    compact = compact_of_args(args, artifact)  # --precision / --dimensions / --calibration, before any work
     items, extra = read_items(Path(args.input), artifact.modality, args.column)
     if artifact.modality == "image":
         encoder = encoder_for(
@@ -149,13 +189,20 @@ def cmd_embed(args: argparse.Namespace) -> int:
         )
         unit = "image"
     else:
-        encoder = encoder_for(artifact, device=args.device, threads=args.threads, runtime=args.runtime,
-                              truncate=not args.no_truncate, empty=args.empty)
+        try:
+            encoder = encoder_for(artifact, device=args.device, threads=args.threads, runtime=args.runtime,
+                                  empty=args.empty, **policy)
+        except ValueError as exc:  # a chunk overlap too large for this backbone's window
+            raise UsageError(str(exc)) from None
         unit = "text"
     from tqdm import tqdm
 
     with tqdm(total=len(items), unit=unit, disable=args.no_progress, file=sys.stderr) as bar:  # rows, not lines
         result = encoder.encode(items, progress=bar.update)
+    if compact is not None:
+        from ..encoders.compact import compact_result
+
+        compact_result(result, compact)
     if out.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -180,6 +227,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         errors_file.unlink()
     s = result.stats
     detail = f", {s.truncated} truncated, {s.empty} empty" if unit == "text" else ""
+    if unit == "text" and args.long == "chunk":
+        detail += f", {s.chunked} chunked ({s.chunks} windows)"
     rate = f"; {s.ok / max(result.seconds, 1e-9):.0f} {unit}s/s" if s.ok else ""  # no rate for nothing done
     where = f" (errors: {errors_path(out).name})" if result.errors else ""
     print(f"{s.total} {unit}s: {s.ok} ok, {s.failed} failed{detail}{rate} -> {out}{where}", file=sys.stderr)
@@ -215,6 +264,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         options.update(batch_size=args.batch_size, workers=args.workers)
     elif args.batch_size or args.workers:
         raise UnsupportedInputError("--batch-size and --workers apply to image backbones (or --workers to --engine ray)")
+    options.update(long_options(args, artifact.modality), precision=args.precision, dimensions=args.dimensions,
+                   calibration_rows=args.calibration_rows)
     from tqdm import tqdm
 
     total = None if args.no_progress else count_items(args.source, artifact.modality)
@@ -237,13 +288,18 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     print(extract_summary(report), file=sys.stderr)
+    if report.compact:
+        print(f"compact: {report.compact['rows']} {report.compact['precision']} vectors of "
+              f"{report.compact['dimensions']} dims ({report.compact['converted']} converted), "
+              f"{report.compact['vector_bytes']} bytes/vector -> {report.compact['namespace']}", file=sys.stderr)
     if noise["counts"]["died"]:
         print(f"note: Ray reported {noise['counts']['died']} worker process(es) dying during the run; their work was retried "
               "and reconciled from the commit records: the counts above are the outcome", file=sys.stderr)
     if report.total and not report.ok and Path(args.source).is_file():
         from ..features.store import FeatureStore
 
-        codes = [f["code"] for f in FeatureStore(args.out).find(artifact.digest).failures()]
+        written = [ns for ns in FeatureStore(args.out).namespaces() if str(ns.path) == report.namespace]
+        codes = [f["code"] for ns in written for f in ns.failures()]
         hint = missing_files_hint(codes, Path(args.source))
         if hint:
             print(f"note: {hint}", file=sys.stderr)
@@ -275,66 +331,8 @@ def missing_files_hint(codes: list[str], source: Path) -> str | None:
             f"resolved from the folder of that file ({folder}), not from the current folder ({Path.cwd()})")
 
 
-def cmd_store(args: argparse.Namespace) -> int:
-    from ..errors import StoreError
-    from ..features.store import FeatureStore
-
-    store = FeatureStore(args.path)
-    root = Path(args.path)
-    if not any(root.glob("*/*/namespace.json")) and not any(root.glob("*/*/commits")):
-        if any(root.iterdir()):  # another folder given by mistake: say so (gc there would touch nothing anyway)
-            raise StoreError(f"{root} is not a feature store: it holds no <backbone>/<digest>/namespace.json; "
-                             "give the folder that `embedkit extract --out` wrote")
-        print(f"{root} holds no features yet (an empty folder)", file=sys.stderr)
-        return 0
-    if args.action == "failures":
-        return store_failures(store, args)
-    if args.action == "info":
-        rows = store.info()
-        if args.json:
-            print(json.dumps(rows, indent=2))
-        for r in rows:
-            if not args.json:
-                print(f"{r['backbone']:<22} {r['digest'][:12]}  dim={r['dim']:<5} rows={r['rows']:<9} "
-                      f"shards={r['shards']:<5} failures={r['failures']:<6} {r['bytes'] / 1e6:.1f} MB "
-                      f"(+ cache {r['cache_bytes'] / 1e6:.1f} MB, derived: deletable)")
-        return 0
-    if args.action == "verify":
-        found = store.verify(deep=True)
-        bad = {k: [p.to_json() for p in v] for k, v in found.items() if v}
-        if args.json:
-            print(json.dumps({"namespaces": len(found), "problems": bad}, indent=2))
-        else:
-            for key, problems in bad.items():
-                for p in problems:
-                    print(f"{key}: shard {p['shard']}: {p['reason']}")
-            print(f"{len(found)} namespace(s) checked, {sum(len(v) for v in bad.values())} damaged shard(s)"
-                  + (" (a rerun of extract sets them aside and recomputes their items)" if bad else ""))
-        return 1 if bad else 0
-    removed = store.gc()
-    if args.json:
-        print(json.dumps(removed, indent=2))
-    else:
-        for key, counts in removed.items():
-            print(f"{key}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
-    return 0
-
-
-def store_failures(store: Any, args: argparse.Namespace) -> int:
-    """``store failures``: one record per item without an embedding (a later success supersedes a failure)."""
-    spaces = [store.find(args.backbone)] if args.backbone else store.namespaces()
-    records = [dict(backbone=ns.name, digest=ns.digest, **f) for ns in spaces for f in ns.failures()]
-    if args.json:
-        print(json.dumps(records, indent=2))
-        return 0
-    for r in records:
-        print(f"{r['backbone']}  {r['id']}  {r['source']}  {r['stage']}  {r['code']}: {r['message']}")
-    print(f"{len(records)} failed item(s) in {len(spaces)} namespace(s)", file=sys.stderr)
-    return 0
-
-
 COMMANDS = {
     "embed": cmd_embed,
     "extract": cmd_extract,
-    "store": cmd_store,
+    **STORE_COMMANDS,
 }

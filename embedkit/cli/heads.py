@@ -25,7 +25,8 @@ from .common import (
     store_arg,
 )
 
-HEAD_CHOICES = ["logreg", "linear-svm", "ridge", "mlp", "knn", "faiss-knn"]
+HEAD_CHOICES = ["logreg", "linear-svm", "ridge", "mlp", "knn", "faiss-knn", "binary-knn"]
+PRECISIONS = ("float32", "int8", "uint8", "binary")
 
 # The library's errors name its Python parameters: one about a single parameter starts with its
 # name ("params: ..."), a keyword to pass is written name=value. The user typed flags: name those.
@@ -87,6 +88,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--cv", type=folds, default=0, help="also report k-fold accuracy (folds >= 2; default 0: off)")
     p.add_argument("--test-size", type=fraction, default=0.2, help="held-out fraction (default 0.2)")
     p.add_argument("--out", required=True, help="folder for the saved model, report.json and confusion.png")
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
+                   help="train on the backbone's compact namespace of this precision (made by extract --precision "
+                   "or `store compact`): the head fits on the rows restored to float32 (Compact.restore), and the "
+                   "saved model makes every new item compact with the same recorded calibration first "
+                   "(default float32)")
+    p.add_argument("--dimensions", type=positive_int,
+                   help="train on the namespace of vectors truncated to N dimensions, renormalised (default: all)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     store_arg(p)
@@ -145,14 +153,17 @@ def cmd_train_head(args: argparse.Namespace) -> int:
         report, model = train_head(
             args.features, namespace.digest, args.labels, head=args.head, params=params, out=args.out,
             label_column=args.label_column, id_column=args.id_column, column=args.column, cv=args.cv,
-            test_size=args.test_size, store=args.store, progress=bar.update_to,
+            test_size=args.test_size, store=args.store, progress=bar.update_to, precision=args.precision,
+            dimensions=args.dimensions,
         )
     for note in report.notes + numeric_label_notes(report.per_class, args.label_column):
         print(f"note: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0
-    print(f"{args.head} on {namespace.name} ({namespace.digest[:12]}): {report.n_train} train / {report.n_test} "
+    compact = "" if args.precision == "float32" and args.dimensions is None else \
+        f" {args.precision} features" + (f" of {args.dimensions} dimensions" if args.dimensions else "")
+    print(f"{args.head} on {namespace.name} ({namespace.digest[:12]}){compact}: {report.n_train} train / {report.n_test} "
           f"held-out items, {report.classes} classes, {report.unlabelled} stored items without a label")
     print(f"accuracy {report.accuracy:.4f}  macro-F1 {report.macro_f1:.4f}  fit {report.fit_seconds:.2f}s"
           + (f"  {args.cv}-fold accuracy {np.mean(report.cv_accuracy):.4f} +- {np.std(report.cv_accuracy):.4f}"

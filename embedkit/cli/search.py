@@ -9,7 +9,19 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EmbedkitError
-from .common import backbone_arg, existing_dir, existing_file, positive_float, positive_int, published_dir, store_arg
+from .common import (
+    backbone_arg,
+    existing_dir,
+    existing_file,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    published_dir,
+    store_arg,
+)
+
+PRECISIONS = ("float32", "int8", "uint8", "binary")
+RESCORE = 100  # embedkit.heads.binary.RESCORE (not imported: --help stays light)
 
 # Locators written by extraction (embedkit.inputs.sources.iter_items): "file.csv:row 12" (1-based data row),
 # "file.txt:line 3", an image path, or "item 4" for an in-memory iterable.
@@ -24,12 +36,18 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--out", required=True, help="index folder")
     p.add_argument("--metric", default="cosine", choices=["cosine", "euclidean", "inner_product"],
                    help="default: cosine")
-    p.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"], help="default: auto")
+    p.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq", "ivf"],
+                   help="default: auto; binary rows take auto, flat or ivf (IndexBinaryIVF), the others auto, flat, "
+                   "hnsw or ivfpq (ivf: ivfpq)")
     p.add_argument("--memory-budget-mb", type=positive_float, help="index memory budget in MB (auto kind)")
+    compact_args(p, "index")
+    p.add_argument("--nprobe", type=positive_int, default=16, help="IVF lists searched per query (default 16)")
 
     p = sub.add_parser("search", help="nearest stored items for raw queries (texts or image paths)")
     p.intermixed = True  # search INDEX -k 3 "query" as well as search INDEX "query" -k 3
-    p.add_argument("index", type=published_dir("index.json"), help="index folder made by `embedkit index`")
+    p.add_argument("index", type=published_dir("index.json"),
+                   help="index folder made by `embedkit index`, or a feature store folder (searched through an "
+                   "exact index built in memory; --backbone, --precision, --dimensions choose the namespace)")
     p.add_argument("queries", nargs="+")
     p.add_argument("-k", type=positive_int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--source", type=existing_file, metavar="FILE",
@@ -37,7 +55,27 @@ def add_parsers(sub: Any) -> None:
                    "each match's locator, looked up in the current folder)")
     p.add_argument("--column", help="text column of --source (default text)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--backbone", help="a feature store: the backbone (default: the store's only one)")
+    compact_args(p, "search")
+    p.add_argument("--nprobe", type=positive_int, help="IVF lists searched per query (default: as indexed)")
+    p.add_argument("--features", type=existing_dir, metavar="DIR",
+                   help="binary index: the feature store whose float32 rows rescore it (default: the one indexed)")
     store_arg(p)
+
+
+def compact_args(p: Any, command: str) -> None:
+    """``--precision``, ``--dimensions`` and ``--rescore`` of ``index`` and ``search``."""
+    where = "index" if command == "index" else "search (a feature store)"
+    p.add_argument("--precision", default=None if command == "search" else "float32", choices=PRECISIONS,
+                   help=f"{where} the backbone's compact namespace of this precision (made by extract --precision "
+                   "or `store compact`): binary rows by Hamming distance, int8 / uint8 rows restored to float32 "
+                   "(default float32)")
+    p.add_argument("--dimensions", type=positive_int,
+                   help=f"{where} the namespace of vectors truncated to N dimensions (default: all)")
+    p.add_argument("--rescore", type=non_negative_int, default=None if command == "search" else RESCORE,
+                   help="binary rows: Hamming candidates ranked again by the float query against the float32 "
+                   f"rows of the same store (or their bits as -1/+1 when that store has none); 0: Hamming only "
+                   f"(default {'as indexed, or ' if command == 'search' else ''}{RESCORE})")
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -46,20 +84,26 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     namespace = namespace_of(args.features, args.backbone)
     path = save_index(args.features, namespace.digest, args.out, metric=args.metric, index=args.kind,
-                      memory_budget_mb=args.memory_budget_mb)
+                      memory_budget_mb=args.memory_budget_mb, precision=args.precision, dimensions=args.dimensions,
+                      rescore=args.rescore, nprobe=args.nprobe)
     meta = json.loads((path / "index.json").read_text())
+    compact = meta.get("compact") or {}
+    made = f"{compact['precision']} rows of {meta['dim']} dimensions, " if compact else ""
     print(f"{meta['rows']} items of {meta['backbone']['name']} ({meta['backbone']['digest'][:12]}), "
-          f"{meta['index_kind']} index, {meta['metric']} -> {path}")
+          f"{made}{meta['index_kind']} index, {meta['metric']} -> {path}")
     return 0
 
 
 def score(metric: str, distance: float) -> tuple[str, float, bool]:
     """``(name, value, higher_is_better)`` of a neighbour's score for people: cosine similarity
-    (1 - cosine distance), inner product, or the euclidean distance itself."""
+    (1 - cosine distance), inner product, or the euclidean or Hamming (binary rows, not rescored)
+    distance itself."""
     if metric == "cosine":
         return "cosine similarity", 1.0 - distance, True
     if metric == "inner_product":
         return "inner product", -distance, True
+    if metric == "hamming":
+        return "hamming distance", distance, False
     return "euclidean distance", distance, False
 
 
@@ -110,10 +154,29 @@ def describe(hit: dict[str, Any], metric: str, texts: dict[str, tuple[int, Any, 
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from ..heads.persistence import search
+    from ..errors import UsageError
+    from ..heads.indexes import RESCORE, search, search_store
+    from .common import namespace_of
 
-    results = search(args.index, list(args.queries), k=args.k, store=args.store)
-    metric = json.loads((Path(args.index) / "index.json").read_text()).get("metric", "cosine")
+    if (Path(args.index) / "index.json").is_file():
+        given = [f"--{k}" for k in ("backbone", "precision", "dimensions") if getattr(args, k) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: an index searches the namespace it was built on; these choose "
+                             "the namespace of a feature store")
+        results = search(args.index, list(args.queries), k=args.k, store=args.store, rescore=args.rescore,
+                         nprobe=args.nprobe, features=args.features)
+        metric = json.loads((Path(args.index) / "index.json").read_text()).get("metric", "cosine")
+    else:
+        if args.features is not None or args.nprobe is not None:
+            raise UsageError("--features and --nprobe apply to a saved index; a feature store is searched exactly "
+                             "and rescored from its own float32 rows")
+        namespace = namespace_of(args.index, args.backbone)
+        results = search_store(args.index, namespace.digest, list(args.queries), k=args.k,
+                               precision=args.precision or "float32", dimensions=args.dimensions,
+                               rescore=RESCORE if args.rescore is None else args.rescore, store=args.store)
+        metric = "cosine"
+    if any(h.get("rescored", "") is None for hits in results for h in hits):
+        metric = "hamming"  # binary rows ranked by Hamming distance only (--rescore 0)
     name, _, higher = score(metric, 0.0)
     texts = matched_texts([h for hits in results for h in hits if "error" not in h], args.source, args.column)
     table = [{"query": query, "score": name, "higher_is_better": higher,

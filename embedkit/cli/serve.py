@@ -57,6 +57,21 @@ def add_parsers(sub: Any) -> None:
                    help="characters per text, 413 beyond (default 100000)")
     p.add_argument("--max-pixels", type=positive_int, default=SERVE_MAX_PIXELS,
                    help=f"pixels per image; larger ones fail as too_large (default {SERVE_MAX_PIXELS}: 4096 x 4096)")
+    p.add_argument("--long", choices=["truncate", "chunk", "error"], default="truncate",
+                   help="served backbones: a text over the backbone's max length is truncated there (default "
+                   "truncate), chunked (windows of max length, each embedded, pooled as their mean weighted by "
+                   "tokens; the batching queue counts windows) or an error (too_long). A saved --model keeps the "
+                   "policy it was saved with")
+    p.add_argument("--chunk-overlap", type=non_negative_int,
+                   help="--long chunk: tokens shared by neighbouring windows (default 32; under half a window)")
+    p.add_argument("--max-chunks", type=positive_int,
+                   help="--long chunk: windows per text at most; a longer text is embedded from its first ones "
+                   "(default 64)")
+    p.add_argument("--calibration", action="append", default=[], type=existing_file, metavar="FILE",
+                   help="int8 / uint8 ranges for /v1/embeddings encoding_format int8 | uint8: a JSON record as "
+                   "`embedkit store calibration` writes it (used for the backbone whose digest it names) or a "
+                   "bare Calibration.to_dict() record (used for any served text backbone of its dimension "
+                   "count); repeatable. Without one, those formats answer 422 calibration_required")
     p.add_argument("--threads", type=positive_int, help="ONNX Runtime threads per model (default: all cores)")
     p.add_argument("--streams", type=positive_int, help="concurrent ONNX Runtime sessions (batch workers) per model "
                    "(default: the runtime's choice)")
@@ -93,6 +108,26 @@ def _api_key(args: argparse.Namespace) -> str | None:
     return key or None
 
 
+def _calibrations(files: list[str]) -> list[tuple[str | None, Any]]:
+    """``(artifact digest or None, Calibration)`` of each ``--calibration`` file; UsageError when one is
+    not a calibration record (or was altered: its sha256 no longer matches)."""
+    import json
+
+    from ..encoders.compact import Calibration
+
+    out: list[tuple[str | None, Any]] = []
+    for name in files:
+        try:
+            record = json.loads(Path(name).read_text())
+            if not isinstance(record, dict) or record.get("kind", "embedkit.calibration") != "embedkit.calibration":
+                raise ValueError("not a JSON object of kind embedkit.calibration")
+            digest = record.get("digest") if "calibration" in record else None
+            out.append((str(digest) if digest else None, Calibration.from_dict(record.get("calibration", record))))
+        except (OSError, ValueError) as exc:  # UsageError is a ValueError
+            raise UsageError(f"--calibration {name}: not a calibration record: {exc}") from None
+    return out
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -103,6 +138,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve.app import Limits, Settings, create_app
     from ..serve.server import FLUSH_SECONDS, Server, timed_protocol
 
+    if args.long != "chunk" and (args.chunk_overlap is not None or args.max_chunks is not None):
+        raise UsageError("--chunk-overlap and --max-chunks apply with --long chunk")
+
     limits = Limits(max_body_bytes=args.max_body_bytes, max_items=args.max_items, max_chars=args.max_chars,
                     max_pixels=args.max_pixels, max_inflight_bytes=max(args.max_inflight_bytes, args.max_body_bytes))
     settings = Settings(
@@ -110,7 +148,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=_api_key(args), limits=limits, max_batch_tokens=args.max_batch_tokens,
         max_batch_images=args.max_batch_images, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         threads=args.threads, streams=args.streams, host=args.host, allowed_hosts=args.allowed_host,
-        allowed_origins=args.allowed_origin,
+        allowed_origins=args.allowed_origin, long=args.long, chunk_overlap=args.chunk_overlap,
+        max_chunks=args.max_chunks, calibrations=_calibrations(args.calibration),
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use it "

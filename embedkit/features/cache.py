@@ -1,9 +1,10 @@
 """The consolidated cache of a namespace: derived, checksummed, disposable.
 
 ``load`` copies the served rows of every shard into one ``.npy`` per array
-(``<key>.x.npy`` float32 ``(N, D)``, ``<key>.ids.npy``, ``<key>.src.npy``, ``<key>.fp.npy``)
-so later loads memory-map them. ``<key>.json`` is written last: it records the namespace
-digest, the shape and each file's size and CRC-32, and every load checks them (reading the
+(``<key>.x.npy`` ``(N, width)`` of the namespace's dtype: float32, or int8 / uint8 for compact
+variants; ``<key>.ids.npy``, ``<key>.src.npy``, ``<key>.fp.npy``) so later loads memory-map
+them. ``<key>.json`` is written last: it records the namespace digest and variant, the shape,
+the dtype and each file's size and CRC-32, and every load checks them (reading the
 cache once, about 1.5 GB/s), so a flipped
 or truncated cache is rebuilt from the shards, never served. The key hashes the commit records,
 so any new commit makes a new cache. The cache roughly doubles the store's size on disk;
@@ -45,8 +46,9 @@ def files(folder: Path, key: str) -> dict[str, Path]:
     return {part: folder / f"{key}.{part}.npy" for part in PARTS}
 
 
-def problem(folder: Path, key: str, digest: str) -> str | None:
-    """Why the cache ``key`` in ``folder`` cannot be served (None when it is whole and ours)."""
+def problem(folder: Path, key: str, digest: str, variant: str = "") -> str | None:
+    """Why the cache ``key`` in ``folder`` cannot be served (None when it is whole and ours);
+    ``variant`` is the namespace's variant tag (``""``: plain)."""
     meta_path = folder / f"{key}.json"
     if not meta_path.is_file():
         return "no complete cache"
@@ -54,6 +56,8 @@ def problem(folder: Path, key: str, digest: str) -> str | None:
         meta = json.loads(meta_path.read_text())
         if meta.get("digest") != digest:
             return f"cache of digest {str(meta.get('digest'))[:12]}, not {digest[:12]}"
+        if meta.get("variant", "") != variant:
+            return f"cache of variant {meta.get('variant') or 'plain'}, not {variant or 'plain'}"
         for part, path in files(folder, key).items():
             want = meta["files"][part]
             if not path.is_file():
@@ -75,8 +79,10 @@ def read(folder: Path, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
 
 
 def build(folder: Path, key: str, digest: str, dim: int, total: int,
-          chunks: Iterator[tuple[np.ndarray, list[str], list[str], list[str]]]) -> None:
-    """Write the cache ``key`` from ``chunks`` of (vectors, ids, sources, fingerprints).
+          chunks: Iterator[tuple[np.ndarray, list[str], list[str], list[str]]],
+          dtype: Any = np.float32, variant: str = "") -> None:
+    """Write the cache ``key`` from ``chunks`` of (vectors, ids, sources, fingerprints): X is
+    ``(total, dim)`` of ``dtype`` (``dim``: the row width), ``variant`` the namespace's tag.
 
     Raises OSError when ``folder`` cannot be written (read-only, full); temporary files are
     removed then, and a cache without its ``.json`` record is never served.
@@ -85,7 +91,7 @@ def build(folder: Path, key: str, digest: str, dim: int, total: int,
     f = files(folder, key)
     tmp = f["x"].with_name(f".{f['x'].name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        X = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, dim))
+        X = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(total, dim))
         ids: list[str] = []
         sources: list[str] = []
         fps: list[str] = []
@@ -103,7 +109,8 @@ def build(folder: Path, key: str, digest: str, dim: int, total: int,
         os.replace(tmp, f["x"])
     finally:
         tmp.unlink(missing_ok=True)
-    meta: dict[str, Any] = {"digest": digest, "rows": total, "dim": dim, "files": {}}
+    meta: dict[str, Any] = {"digest": digest, "rows": total, "dim": dim, "files": {},
+                            **({"variant": variant, "dtype": np.dtype(dtype).name} if variant else {})}
     for part, values in (("ids", ids), ("src", sources), ("fp", fps)):
         write_atomic(f[part], _npy_bytes(values))
     for part, path in f.items():
@@ -120,7 +127,7 @@ def load(ns: Any, records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, 
     memory when neither can. The caller holds the namespace lock shared.
     """
     folder = ns.path / "cache"
-    why = problem(folder, key, ns.digest)
+    why = problem(folder, key, ns.digest, ns.tag)
     if why is None:
         return read(folder, key)
     if why != "no complete cache":
@@ -131,20 +138,20 @@ def load(ns: Any, records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, 
                          "a rerun of extract sets them aside and recomputes their items")
     served, _ = ns._events(records)
     try:
-        build(folder, key, ns.digest, ns.dim, len(served), _chunks(ns, records, served))
+        build(folder, key, ns.digest, ns.width, len(served), _chunks(ns, records, served), ns.dtype, ns.tag)
         return read(folder, key)
     except OSError as exc:
         logger.info("cannot write the cache %s (%s); caching in a temporary folder", folder, exc.strerror or exc)
     tmp = Path(tempfile.mkdtemp(prefix="embedkit-cache-"))
     try:
-        build(tmp, key, ns.digest, ns.dim, len(served), _chunks(ns, records, served))
+        build(tmp, key, ns.digest, ns.width, len(served), _chunks(ns, records, served), ns.dtype, ns.tag)
         return read(tmp, key)  # memory-mapped: the mapping outlives the deleted file
     except OSError as exc:
         logger.info("cannot write a temporary cache (%s); loading into memory", exc.strerror or exc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     parts = list(_chunks(ns, records, served))
-    X = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, ns.dim), np.float32)
+    X = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, ns.width), ns.dtype)
     ids, sources, fps = ([v for p in parts for v in p[i]] for i in (1, 2, 3))
     return _strings(ids), X, _strings(sources), _strings(fps)
 
@@ -159,7 +166,7 @@ def _chunks(ns: Any, records: list[dict[str, Any]], served: dict[str, tuple[int,
             continue
         rows = np.asarray(sorted(rows_of[n]))
         table = ns._shard_table(record["shard"])
-        vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, ns.dim)[rows]
+        vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, ns.width)[rows]
         ids = table.column("id").to_pylist()
         sources = table.column("source").to_pylist() if "source" in table.column_names else [""] * len(ids)
         fps = table.column("content").to_pylist() if "content" in table.column_names else [None] * len(ids)

@@ -14,6 +14,11 @@ recomputes an id whose content changed (``changed`` in the report; the new vecto
 and two rows of one run with one id and different contents are a conflict: both rows count as
 failed, with an ``id_conflict`` failure record, and the id serves no vector until the input is
 fixed and extracted again.
+
+Variants (:mod:`embedkit.features.variants`): with ``long="chunk"`` the vectors go into the chunk
+variant's namespace (its overlap and window count in its name), never beside truncated ones;
+with ``precision`` / ``dimensions`` the float namespace is extracted as always, then its compact
+namespace derived from it (:func:`embedkit.features.compaction.compact_namespace`).
 """
 from __future__ import annotations
 
@@ -22,9 +27,12 @@ import time
 from typing import Any, Callable
 
 from ..encoder import encoder_for
+from ..encoders.compact import CALIBRATION_ROWS, Compact
 from ..fs.outputs import check_output
 from ..inputs.sources import Item, iter_items
 from ..models.resolve import resolve
+from . import variants
+from .compaction import check_settings, compact_namespace
 from .ray import RayRunner
 from .run import ExtractReport, Run, advance, settle
 from .shards import ShardJob, compute_shard
@@ -58,6 +66,9 @@ def extract(
     workers: int | None = None,
     cpus_per_worker: float | None = None,
     gpus_per_worker: float | None = None,
+    precision: str = "float32",
+    dimensions: int | None = None,
+    calibration_rows: int = CALIBRATION_ROWS,
     **options: Any,
 ) -> ExtractReport:
     """Extract features of every item of ``source`` into a :class:`FeatureStore`.
@@ -77,12 +88,21 @@ def extract(
             both run the same shard worker (:func:`embedkit.features.shards.compute_shard`).
         address, workers, cpus_per_worker, gpus_per_worker: the Ray engine's cluster address
             (default: a private local Ray on 127.0.0.1), actors (encoders), and resources per actor.
-        options: encoder options (device, threads, batch_tokens, batch_size, workers, ...).
+        precision, dimensions: besides the float32 vectors, derive a compact namespace (``int8`` |
+            ``uint8`` | ``binary`` | ``float32``; ``dimensions`` kept, None: all): see
+            :func:`embedkit.compact_features`, whose report is ``report.compact``. Default: none.
+        calibration_rows: int8 / uint8, the compact namespace's first run: fit the ranges on at
+            most this many stored vectors (a seeded sample).
+        options: encoder options (device, threads, batch_tokens, batch_size, workers, ...);
+            text ``long="chunk"`` (with ``chunk_overlap``, ``max_chunks``) writes into the chunk
+            variant's namespace.
 
     Raises:
         OutputError: ``store`` is refused before any work: its folder is missing, it is, holds
             or lies inside ``source``, or it exists and is not a feature store (nor empty).
         ValueError: an unknown ``engine``, or Ray options with the local engine.
+        UsageError: (a ValueError) an unknown ``precision``, ``dimensions`` above the backbone's,
+            bad long-text options; refused before any work.
         RayClusterError: (engine ``ray``) the cluster at ``address`` cannot be reached.
         RayResourcesError: (engine ``ray``) ``cpus_per_worker`` / ``gpus_per_worker`` fit no node.
         IncompleteExtractionError: (engine ``ray``) planned shards are neither committed nor failed.
@@ -97,15 +117,19 @@ def extract(
     if engine == "local" and any(v is not None for v in ray_options.values()):
         given = ", ".join(k for k, v in ray_options.items() if v is not None)
         raise ValueError(f"{given} apply to engine='ray' only")
+    variants.Wanted(precision, dimensions)  # UsageError before any work
+    check_settings(calibration_rows)
     check_output(store, "feature-store", inputs=[source])  # before any work: not an input, not a foreign folder
     start = time.perf_counter()
     artifact = resolve(backbone, models)
+    Compact(dimensions).output_dim(artifact.dim)  # dimensions above the backbone's: refused before any work
+    variant = variants.long_variant(artifact, options)
     if engine == "ray":
 
         runner: Any = RayRunner(artifact, store, options, models=models, **ray_options)
     else:
         runner = _LocalRunner(encoder_for(artifact, **options))
-    namespace = FeatureStore(store).namespace(artifact)
+    namespace = FeatureStore(store).namespace(artifact, variant)
     namespace.check_writable()  # a read-only or full store fails before any compute
     report = ExtractReport(backbone=artifact.name, digest=artifact.digest, namespace=str(namespace.path), engine=engine)
     if verify:
@@ -121,6 +145,9 @@ def extract(
         runner.close()
     finally:
         runner.stop()
+    if precision != "float32" or dimensions is not None:
+        report.compact = compact_namespace(FeatureStore(store), namespace, precision=precision, dimensions=dimensions,
+                                           calibration_rows=calibration_rows).to_json()
     report.seconds = time.perf_counter() - start
     if report.changed:
         logger.info("%d ids had another content (or none recorded) in the store: recomputed", report.changed)

@@ -4,8 +4,11 @@ Reading rule (every read path: ``load``, ``failures``, what ``extract`` skips): 
 are taken in commit order; for each id the **latest event wins**: a row in a later shard
 replaces an earlier row (an id whose content changed was recomputed), a failure record
 after the id's last row means the id has no valid vector (it failed or named two contents).
-Every shard read is checked to belong here (its metadata names this digest and dimension);
-building the cache also checks each shard's size and sha256 against its commit record.
+Every shard read is checked to belong here (its metadata names this digest and variant, its
+``embedding`` column has this namespace's dtype and width); building the cache also checks each
+shard's size and sha256 against its commit record. Variants (chunked texts, compact vectors:
+:mod:`embedkit.features.variants`) store ``embedding`` as ``fixed_size_list<float32 | int8 |
+uint8>`` of the row width (:attr:`Namespace.width`).
 
 Concurrency: see :mod:`embedkit.fs.locks`. ``commit`` and every reader hold the namespace lock
 shared; ``gc`` and ``quarantine`` hold it exclusive, so maintenance never removes what a live
@@ -25,12 +28,13 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..encoders.compact import Compact
 from ..errors import StoreError, StoreWriteError
 from ..fs.atomic import fsync_dir, write_atomic
 from ..fs.locks import held
 from ..fs.paths import member
 from ..models.store import sha256_file
-from . import cache, garbage, verification
+from . import cache, garbage, variants, verification
 from .garbage import GC_WAIT
 from .verification import Problem
 
@@ -59,7 +63,35 @@ class Namespace:
 
     @property
     def dim(self) -> int:
+        """The backbone's dimension D (a compact variant's rows may keep fewer: :attr:`width`)."""
         return int(self.info["dim"])
+
+    # The variant (see :mod:`.variants`): ``variant`` is ``{}`` when plain; ``compact`` the Compact of the
+    # stored rows (``Compact()``: float32, all dims); ``tag`` the folder suffix; ``key`` how reports name
+    # it (``backbone/digest12[.tag]``); ``width`` and ``dtype`` a stored row's columns and dtype.
+    @property
+    def variant(self) -> dict[str, Any]:
+        return variants.normalize(self.info.get("variant"))
+
+    @property
+    def compact(self) -> Compact:
+        return variants.compact_of(self.variant)
+
+    @property
+    def tag(self) -> str:
+        return variants.tag(self.variant)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.digest[:12]}" + (f".{self.tag}" if self.tag else "")
+
+    @property
+    def width(self) -> int:
+        return self.compact.width(self.dim)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.compact.dtype
 
     def _lock(self, exclusive: bool = False, wait: float | None = None) -> Any:
         return held(self.path / LOCK, exclusive, wait)
@@ -88,7 +120,8 @@ class Namespace:
                 yield path.stem, record, None
 
     def _shard_table(self, shard: str, columns: Sequence[str] | None = None) -> Any:
-        """The Arrow table of a shard, refused unless its metadata names this digest and dim."""
+        """The Arrow table of a shard, refused unless its metadata names this digest and variant
+        and its rows have this namespace's dtype and width."""
         import pyarrow as pa
 
         source = pa.memory_map(os.fsencode(member(self.path / "shards", f"{shard}.arrow", error=StoreError)), "r")
@@ -99,9 +132,15 @@ class Namespace:
             raise StoreError(f"shard {shard} in {self.path} belongs to digest {digest[:12] or '(none)'}, not "
                              f"{self.digest[:12]} (copied from another namespace?); `embedkit store verify` lists "
                              "it and a rerun of extract sets it aside")
-        width = reader.schema.field("embedding").type.list_size
-        if width != self.dim:
-            raise StoreError(f"shard {shard} has {width}-d embeddings, namespace is {self.dim}-d")
+        variant = meta.get(b"embedkit.variant", b"").decode()
+        if variant != self.tag:
+            raise StoreError(f"shard {shard} in {self.path} holds vectors of variant {variant or 'plain'}, not "
+                             f"{self.tag or 'plain'} (copied from another namespace?)")
+        kind = reader.schema.field("embedding").type
+        width, values = kind.list_size, np.dtype(kind.value_type.to_pandas_dtype())
+        if width != self.width or values != self.dtype:
+            raise StoreError(f"shard {shard} has {width} x {values} embeddings, namespace holds {self.width} x "
+                             f"{self.dtype}")
         table = reader.read_all()
         return table.select(list(columns)) if columns else table
 
@@ -194,7 +233,8 @@ class Namespace:
         return list(failed.values())
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids, X)``: every served item once, X ``(N, dim)`` float32 memory-mapped."""
+        """``(ids, X)``: every served item once, X ``(N, width)`` memory-mapped: float32 ``(N, D)``
+        when plain, int8 / uint8 ``(N, d)`` or packed bits uint8 ``(N, ceil(d / 8))`` when compact."""
         ids, X, _, _ = self.load_all()
         return ids, X
 
@@ -247,18 +287,16 @@ class Namespace:
                contents: Sequence[str | None] | None = None) -> str:
         """Write one shard (embeddings + failure records) and commit it; returns the shard name.
 
-        ``contents`` are the items' content fingerprints (given when ids are user ids), so a
-        later run can tell that an id's content changed. Raises StoreError on a wrong shape or
-        non-finite vectors, StoreWriteError (an OSError) when the store cannot be written; then
-        nothing of this shard is left behind.
+        ``vectors`` are ``(len(ids), width)`` of :attr:`dtype`: float (cast to float32) in a float
+        namespace, exactly int8 / uint8 in a compact one. ``contents`` are the items' content
+        fingerprints (given when ids are user ids), so a later run can tell that an id's content
+        changed. Raises StoreError on a wrong dtype or shape or non-finite vectors,
+        StoreWriteError (an OSError) when the store cannot be written; then nothing of this
+        shard is left behind.
         """
         import pyarrow as pa
 
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.shape != (len(ids), self.dim):
-            raise StoreError(f"commit: {len(ids)} ids but vectors of shape {vectors.shape} (dim {self.dim})")
-        if len(ids) and not np.isfinite(vectors).all():
-            raise StoreError("commit: non-finite embeddings never enter the store")
+        vectors = variants.commit_rows(self.key, self.compact, self.dim, len(ids), vectors)
         if contents is not None and len(contents) != len(ids):
             raise StoreError(f"commit: {len(ids)} ids but {len(contents)} content fingerprints")
         shard = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -281,10 +319,11 @@ class Namespace:
                         columns["content"] = pa.array([c or None for c in contents], type=pa.string())
                     table = pa.table({
                         **columns,
-                        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim),
+                        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.width),
                     }).replace_schema_metadata({
                         "embedkit.digest": self.digest, "embedkit.backbone": self.name,
                         "embedkit.schema": str(SCHEMA_VERSION),
+                        **({"embedkit.variant": self.tag} if self.tag else {}),
                     })
                     target = tmp
                     with pa.OSFile(os.fsencode(tmp), "wb") as sink:

@@ -9,7 +9,8 @@ retries are bounded (``max_restarts`` / ``max_task_retries``) and Ray Data may d
 every attempt killed its worker: the driver then reconciles from the commit records, runs each
 lost job item by item in fresh actors, and records an item that still kills its worker as a
 ``worker_crashed`` failure. Jobs are planned and run in windows, so the driver holds a bounded
-number of items at a time.
+number of items at a time. What bounds a run (retries and restarts, the stall guard, Ctrl-C) is
+:mod:`embedkit.features.ray_guard`.
 
 Without an address the engine starts a private Ray on this machine (:mod:`embedkit.features.ray_cluster`):
 every process bound to 127.0.0.1, the dashboard and usage reporting off, and shut down after the
@@ -17,14 +18,11 @@ run (also on Ctrl-C). ``ray`` is imported on first use only: ``import embedkit``
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import pickle
-import signal
 import sys
-import threading
 import time
 import warnings
 from typing import Any
@@ -37,82 +35,17 @@ from ..errors import IncompleteExtractionError, RayResourcesError
 from ..models.resolve import resolve
 from ..models.store import Artifact
 from .ray_cluster import _ray, local_cluster
+from .ray_guard import MAX_RESTARTS, MAX_TASK_RETRIES, STALL_S, ctrl_c_kept, read_guarded, restarts_for
 from .run import settle
 from .shards import ShardJob, ShardOutcome, committed_keys, compute_shard, crashed_outcome, outcome_from_record
 from .store import FeatureStore
 
-__all__ = ["EmbedBatch", "RayRunner", "local_cluster"]
+__all__ = ["MAX_RESTARTS", "MAX_TASK_RETRIES", "STALL_S", "EmbedBatch", "RayRunner", "local_cluster", "restarts_for"]
 
 logger = logging.getLogger(__name__)
 
-MAX_TASK_RETRIES = 2  # a job is tried 1 + this many times per pass (two passes: whole, then item by item)
-MAX_RESTARTS = 4  # per actor, beyond the deaths of the pass's own attempts (restarts_for); fresh actors each pass
 CLOCK_MARGIN_NS = 600 * 10**9  # 10 minutes
 WINDOW_JOBS = 64  # shard jobs planned ahead per Ray Data run (bounds the driver's memory)
-# A pass with no block returned and nothing committed for this long is abandoned (its items are
-# missing: IncompleteExtractionError, exit 3); EMBEDKIT_RAY_STALL_S overrides it
-STALL_S = 600.0
-
-
-def _stop_executors(before: set[threading.Thread], pumping: threading.Thread) -> None:
-    """Shut down the Ray Data executor of an abandoned pass (and wait for its reader to end).
-
-    Left running, it would go on scheduling, and once the private Ray is shut down its thread
-    would start a new one (Ray Data initialises Ray when it finds none). Ray Data's streaming
-    executor is a thread of its own: the new ones are this pass's.
-    """
-    for thread in set(threading.enumerate()) - before:
-        if type(thread).__name__ == "StreamingExecutor" and callable(getattr(thread, "shutdown", None)):
-            with contextlib.suppress(Exception):
-                thread.shutdown(force=True, exception=RuntimeError("abandoned by embedkit: no progress"))
-    pumping.join(timeout=30)
-
-
-def restarts_for(jobs: int) -> int:
-    """Restarts allowed to each actor of a pass over ``jobs`` jobs.
-
-    An actor that has used up its restarts is dead for good, and Ray Data (2.60) then waits for it
-    for ever: the driver spun a core with no progress once two items killed the one actor of
-    ``--workers 1`` (3 attempts each: 6 deaths > 4 restarts). Each death of an actor that embedkit
-    causes is the death of one attempt of one job, and attempts are bounded (``1 +
-    MAX_TASK_RETRIES`` per job), so an actor allowed this many restarts outlives every attempt of
-    the pass (plus ``MAX_RESTARTS`` deaths from outside, a kill or out of memory). Deaths beyond
-    that are caught by the stall guard (:data:`STALL_S`).
-    """
-    return MAX_RESTARTS + jobs * (1 + MAX_TASK_RETRIES)
-
-
-@contextlib.contextmanager
-def _ctrl_c_kept() -> Any:
-    """Ctrl-C during a Ray Data run always ends the run with ``KeyboardInterrupt``.
-
-    Ray Data's iterators can swallow a ``KeyboardInterrupt`` (seen in CI: the interrupted window
-    looked like blocks lost to crashes, was rerun item by item, and the run ended with exit 0), so
-    the signal is recorded here and raised again once Ray returns. Main thread only (where Python
-    delivers signals); a SIGINT the caller ignores stays ignored.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous == signal.SIG_IGN:
-        yield
-        return
-    hit: list[int] = []
-
-    def handler(signum: int, frame: Any) -> None:
-        hit.append(signum)
-        if callable(previous):
-            previous(signum, frame)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if hit:
-        raise KeyboardInterrupt
 
 
 def _in_process_plugins() -> list[str]:
@@ -141,12 +74,13 @@ def _register(modules: list[str]) -> None:
 class _ShardActor:
     """One encoder per actor; runs shard jobs through the shared shard worker."""
 
-    def __init__(self, artifact: str, store: str, options: dict[str, Any], plugins: list[str], since_ns: int) -> None:
+    def __init__(self, artifact: str, store: str, options: dict[str, Any], plugins: list[str], since_ns: int,
+                 variant: dict[str, Any] | None = None) -> None:
 
         _register(plugins)
         found = Artifact.open(artifact)
         self.encoder = encoder_for(found, **options)
-        self.namespace = FeatureStore(store).namespace(found)
+        self.namespace = FeatureStore(store).namespace(found, variant)  # the driver's namespace (chunked or plain)
         self.done = committed_keys(self.namespace, since_ns)  # a restarted actor sees what its predecessor committed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -206,8 +140,6 @@ class RayRunner:
 
     # -- the runner protocol of embedkit.features.extraction ---------------------------------------------
     def start(self, namespace: Any, run: Any) -> None:
-        import time
-
         self.namespace, self.run = namespace, run
         # this run's commit records only (a failed item is tried again by a rerun, as locally);
         # the margin covers clocks of other nodes a little behind the driver's
@@ -284,7 +216,7 @@ class RayRunner:
                     _ShardActor, batch_size=1, batch_format="numpy",
                     fn_constructor_kwargs={"artifact": str(self.artifact.path), "store": self.store,
                                            "options": self.options, "plugins": _in_process_plugins(),
-                                           "since_ns": self.since_ns},
+                                           "since_ns": self.since_ns, "variant": self.namespace.variant},
                     compute=ray.data.ActorPoolStrategy(size=min(self.workers, len(jobs)),
                                                        max_tasks_in_flight_per_actor=1),
                     num_cpus=self.cpus, num_gpus=self.gpus,
@@ -297,61 +229,22 @@ class RayRunner:
         return found
 
     def _collect(self, out: Any, planned: int) -> dict[str, ShardOutcome]:
-        """The outcomes of one pass, read while a stall guard watches it.
-
-        Ray Data is iterated in a helper thread; this thread waits on it and on the store. A pass
-        in which no block comes back and nothing is committed for ``stall_s`` seconds is
-        abandoned (``self.stalled``): Ray Data waits for ever on a pool whose actors can no
-        longer start (an actor that dies while it loads its model, or killed more often than
-        :func:`restarts_for` allows), and a job that hangs in native code never returns.
-        """
-        import queue
-
-        results: queue.Queue = queue.Queue()
-
-        def pump() -> None:
-            try:
-                for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-                    results.put(("batch", batch))
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-                results.put(("error", exc))
-            else:
-                results.put(("end", None))
-
-        before = set(threading.enumerate())
-        pumping = threading.Thread(target=pump, name="embedkit-ray-pass", daemon=True)
-        pumping.start()
+        """The outcomes of one pass, read under the stall guard (:func:`.ray_guard.read_guarded`);
+        a pass abandoned by it sets ``self.stalled`` (its unfinished items are reported missing)."""
         found: dict[str, ShardOutcome] = {}
-        last, commits = time.monotonic(), self._commits()
-        ended = False
-        try:
-            while True:
-                try:
-                    kind, value = results.get(timeout=0.5)
-                except queue.Empty:
-                    now, seen = time.monotonic(), self._commits()
-                    if seen != commits:
-                        last, commits = now, seen
-                    elif now - last > self.stall_s:
-                        self.stalled = True
-                        logger.warning("Ray pass of %d shard job(s): no block returned and nothing committed for "
-                                       "%.0f s: abandoned (its unfinished items are reported missing)", planned,
-                                       self.stall_s)
-                        return found
-                    continue
-                last = time.monotonic()
-                if kind == "end":
-                    ended = True
-                    return found
-                if kind == "error":
-                    raise value
-                for key, outcome, error in zip(value["key"], value["outcome"], value["error"]):
-                    if error:
-                        raise pickle.loads(error)
-                    found[key] = pickle.loads(outcome)
-        finally:
-            if not ended:  # abandoned, an error, Ctrl-C: nothing of this pass goes on running
-                _stop_executors(before, pumping)
+
+        def take(batch: dict[str, np.ndarray]) -> None:
+            for key, outcome, error in zip(batch["key"], batch["outcome"], batch["error"]):
+                if error:
+                    raise pickle.loads(error)
+                found[key] = pickle.loads(outcome)
+
+        if not read_guarded(lambda: out.iter_batches(batch_size=None, batch_format="numpy"), self._commits,
+                            self.stall_s, take):
+            self.stalled = True
+            logger.warning("Ray pass of %d shard job(s): no block returned and nothing committed for %.0f s: "
+                           "abandoned (its unfinished items are reported missing)", planned, self.stall_s)
+        return found
 
     def _commits(self) -> int:
         try:
@@ -366,7 +259,7 @@ class RayRunner:
         if self.stalled:  # the cluster stopped making progress: nothing more is started
             self._lose(jobs)
             return
-        with _ctrl_c_kept():
+        with ctrl_c_kept():
             outcomes = self._execute(jobs)
             done = committed_keys(self.namespace, self.since_ns)  # jobs committed whose answer was lost with their worker
             for job in jobs:

@@ -24,6 +24,9 @@ class ExtractReport:
     ``cached`` from earlier runs, and ``duplicates`` (content or id seen before in this run).
     ``changed`` counts user ids whose content differs from the stored one (recomputed);
     ``conflicts`` counts ids that named two contents in this run (their rows are ``failed``).
+    ``namespace`` is the float namespace written (plain, or the chunk variant); ``compact`` the
+    :class:`~embedkit.features.compaction.CompactReport` (as JSON) of the compact namespace derived
+    from it when ``extract`` was given ``precision`` / ``dimensions``, else None.
     """
 
     total: int = 0
@@ -43,6 +46,7 @@ class ExtractReport:
     backbone: str = ""
     digest: str = ""
     namespace: str = ""
+    compact: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -38,7 +38,7 @@ def verify(ns: Any, deep: bool = True) -> list[Problem]:
         key = cache.cache_key(records)
         folder = ns.path / "cache"
         if (folder / f"{key}.json").exists():  # a cache without its record is unfinished, never served
-            why = cache.problem(folder, key, ns.digest)
+            why = cache.problem(folder, key, ns.digest, ns.tag)
             if why:
                 problems.append(Problem("cache", f"{why} (derived data: the next load rebuilds it)"))
     return problems

@@ -5,7 +5,8 @@ Every writer (``embed --out``, ``extract --out``, ``index --out``, ``train-head 
 :func:`embedkit.train_head`) calls :func:`check_output` first. It refuses, with a typed error
 (exit 1 on the command line):
 
-- a target whose folder does not exist (:class:`OutputFolderMissingError`);
+- a target whose folder does not exist, or is a file (:class:`OutputFolderMissingError`, naming the
+  file in the way: ``--out afile/x`` where ``afile`` is a file says so);
 - a target that is one of the inputs, holds one, or lies inside one (:class:`OutputIsInputError`);
 - a target that exists and is not an earlier embedkit output of the same kind
   (:class:`OutputExistsError`), so embedkit never replaces what it did not write.
@@ -165,7 +166,7 @@ def _embeddings_file(path: Path) -> bool:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError):
             return False
-        return array.ndim == 2 and array.dtype == np.float32
+        return array.ndim == 2 and array.dtype in (np.float32, np.int8, np.uint8)  # float32 or compact rows
     return False
 
 
@@ -228,7 +229,8 @@ def check_output(target: str | os.PathLike[str], kind: str, inputs: Iterable[Any
         ``target`` as a :class:`~pathlib.Path`.
 
     Raises:
-        OutputFolderMissingError: the folder that should hold ``target`` does not exist.
+        OutputFolderMissingError: the folder that should hold ``target`` does not exist, or a
+            file is where it (or a folder above it) should be.
         OutputIsInputError: ``target`` is an input, holds one, or lies inside one.
         OutputExistsError: ``target`` exists and is not an earlier output of ``kind``, or
             holds files embedkit did not write.
@@ -239,6 +241,7 @@ def check_output(target: str | os.PathLike[str], kind: str, inputs: Iterable[Any
     what = NAMES[kind]
     parent = out.absolute().parent
     if not parent.is_dir():
+        check_folders_above(out, kind)
         raise OutputFolderMissingError(f"cannot write the {what} {out}: its folder {parent} does not exist (create it first)")
     if kind != "feature-store" and not os.access(parent, os.W_OK | os.X_OK):  # a store checks its own writes
         raise OutputError(f"cannot write the {what} {out}: its folder {parent} is not writable "
@@ -277,6 +280,35 @@ def check_output(target: str | os.PathLike[str], kind: str, inputs: Iterable[Any
         raise OutputExistsError(f"{out} is an earlier {what} but also holds files embedkit did not write ({shown}); "
                                 "replacing it would delete them: move them or choose another path")
     return out
+
+
+def in_the_way(target: str | os.PathLike[str]) -> Path | None:
+    """The nearest existing path among the folders that should hold ``target`` (its parent, and
+    the folders above that), when it is not a folder (a file, a link to one, a broken link): what
+    stands where a folder should be. None when that nearest path is a folder."""
+    out = Path(target)
+    given, absolute = list(out.parents), list(out.absolute().parents)  # as typed, and absolute (one per level)
+    for k, folder in enumerate(absolute):
+        if os.path.lexists(folder):
+            if folder.is_dir():
+                return None
+            return given[k] if k < len(given) and str(given[k]) != "." else folder
+    return None
+
+
+def check_folders_above(target: str | os.PathLike[str], kind: str) -> None:
+    """Refuse ``target`` when a file stands where its folder (or a folder above it) should be, naming
+    that file (checked before folders are made for it, and by :func:`check_output`).
+
+    Raises:
+        OutputFolderMissingError: e.g. ``afile/x`` where ``afile`` is a file.
+    """
+    blocker = in_the_way(target)
+    if blocker is not None:
+        thing = "a file, not a folder" if blocker.is_file() else \
+            "a broken symbolic link, not a folder" if not blocker.exists() else "not a folder"
+        raise OutputFolderMissingError(f"cannot write the {NAMES[kind]} {target}: {blocker} is {thing}; "
+                                       "choose another path")
 
 
 def replaceable(kind: str) -> Any:

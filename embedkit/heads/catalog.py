@@ -21,6 +21,7 @@ _HEADS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mlp": ("sklearn.neural_network", "MLPClassifier", {"max_iter": 500, "random_state": 0}),
     "knn": ("sklearn.neighbors", "KNeighborsClassifier", {}),
     "faiss-knn": ("embedkit.heads.knn", "FaissKNNClassifier", {}),
+    "binary-knn": ("embedkit.heads.binary", "BinaryKNNClassifier", {}),
 }
 HEADS = tuple(_HEADS)
 

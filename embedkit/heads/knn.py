@@ -9,7 +9,10 @@ vector reaches an index. The index is chosen from the data size and a memory bud
 =========================  ================================================================
 ``flat`` (exact)           ``IndexFlatIP`` (cosine, inner product) or ``IndexFlatL2``
 ``hnsw``                   ``IndexHNSWFlat`` (M=32): fast, approximate, full vectors in RAM
-``ivfpq``                  ``IndexIVFPQ``: compressed codes for sets beyond the memory budget
+``ivfpq``                  ``IndexIVFPQ``: compressed codes for sets beyond the memory budget:
+                           ``nlist = 4 sqrt(N)`` lists (at most N / 39), ``m`` sub-quantizers
+                           of 8 bits, the largest of 64, 48, 32, ... dividing ``d``, trained
+                           on a seeded sample of ``256 nlist`` rows; ``nprobe`` lists per query
 ``auto`` (default)         flat below ``exact_below`` rows (50,000); above it HNSW when the
                            vectors (plus graph) fit ``memory_budget_mb``, else IVF-PQ
 =========================  ================================================================
@@ -36,6 +39,27 @@ def _faiss() -> Any:
     except ImportError as exc:
         raise MissingDependencyError("faiss-cpu", "heads", "FAISS heads") from exc
     return faiss
+
+
+def votes(distances: np.ndarray, labels: np.ndarray, n_classes: int, weights: Any) -> np.ndarray:
+    """Class probabilities ``(n, n_classes)`` from the neighbours' distances and class numbers
+    (both ``(n, k)``), weighted as scikit-learn's ``KNeighborsClassifier`` weights them."""
+    if callable(weights):
+        w = np.asarray(weights(distances), dtype=np.float64)
+        if (~w.any(axis=1)).any():
+            raise ValueError("every neighbour of some query got weight 0 from the weights callable")
+    elif weights == "uniform":
+        w = np.ones_like(distances)
+    else:
+        with np.errstate(divide="ignore"):
+            w = 1.0 / distances
+        exact = np.isinf(w)
+        rows = exact.any(axis=1)
+        w[rows] = exact[rows].astype(float)  # exact matches take the vote, as in scikit-learn
+    proba = np.zeros((len(labels), n_classes))
+    np.add.at(proba, (np.repeat(np.arange(len(labels)), labels.shape[1]), labels.ravel()), w.ravel())
+    total = proba.sum(axis=1, keepdims=True)
+    return proba / np.where(total > 0, total, 1.0)
 
 
 class FaissNearestNeighbors(BaseEstimator):
@@ -152,6 +176,7 @@ class FaissNearestNeighbors(BaseEstimator):
                              f"n_samples_fit = {self.n_samples_fit_}, n_samples = {len(queries)}")
         # Extra candidates let the float64 distances reorder what float32 ranked as near ties.
         m = min(self.n_samples_fit_, wanted + k) if keeps_vectors else wanted
+        self._search_params()
         scores, indices = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), m)
         if (indices < 0).any():
             raise RuntimeError("the index returned fewer neighbours than asked; raise nprobe or ef_search")
@@ -168,6 +193,14 @@ class FaissNearestNeighbors(BaseEstimator):
         if not return_distance:
             return indices
         return distances[keep].reshape(len(indices), k), indices
+
+    def _search_params(self) -> None:
+        """``nprobe`` / ``ef_search`` as set now (also on an index read back from disk)."""
+        if self.index_kind_ == "ivfpq":
+            ivf = _faiss().extract_index_ivf(self._index)
+            ivf.nprobe = min(self.nprobe, ivf.nlist)
+        elif self.index_kind_ == "hnsw":
+            self._index.hnsw.efSearch = self.ef_search
 
     def _from_scores(self, scores: np.ndarray) -> np.ndarray:
         """Distances from FAISS scores (squared L2 or inner products), clipped to their range."""
@@ -267,23 +300,7 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "nn_")
         X = validate_data(self, X, dtype=[np.float32, np.float64], reset=False)
         distances, indices = self.nn_.kneighbors(X)
-        labels = self._y[indices]
-        if callable(self.weights):
-            w = np.asarray(self.weights(distances), dtype=np.float64)
-            if (~w.any(axis=1)).any():
-                raise ValueError("every neighbour of some query got weight 0 from the weights callable")
-        elif self.weights == "uniform":
-            w = np.ones_like(distances)
-        else:
-            with np.errstate(divide="ignore"):
-                w = 1.0 / distances
-            exact = np.isinf(w)
-            rows = exact.any(axis=1)
-            w[rows] = exact[rows].astype(float)  # exact matches take the vote, as in scikit-learn
-        proba = np.zeros((len(X), len(self.classes_)))
-        np.add.at(proba, (np.repeat(np.arange(len(X)), labels.shape[1]), labels.ravel()), w.ravel())
-        total = proba.sum(axis=1, keepdims=True)
-        return proba / np.where(total > 0, total, 1.0)
+        return votes(distances, self._y[indices], len(self.classes_), self.weights)
 
     def predict(self, X: Any) -> np.ndarray:
         proba = self.predict_proba(X)  # checks fitted before classes_ is touched

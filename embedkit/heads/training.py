@@ -20,6 +20,7 @@ from ..features.store import FeatureStore
 from ..fs.atomic import staged_folder
 from ..fs.outputs import check_output, replaceable, stamp
 from .catalog import HEADS, Progress, check_head, check_neighbors, fit_head, make_head
+from .compacted import CompactHead
 from .curves import baseline_features, learning_curve
 from .labels import is_labelled, labels_for
 from .persistence import save
@@ -105,9 +106,16 @@ def train_head(
     features: str | Path, backbone: str, labels: str, head: str = "logreg", params: dict[str, Any] | None = None,
     out: str | Path | None = None, label_column: str = "label", id_column: str | None = None,
     column: str | None = None, cv: int = 0, test_size: float = 0.2, store: str | None = None,
-    progress: Progress | None = None,
+    progress: Progress | None = None, precision: str = "float32", dimensions: int | None = None,
 ) -> tuple[HeadReport, Path | None]:
     """Train a head on a feature store's cached (memory-mapped) features.
+
+    ``precision`` / ``dimensions`` choose a compact namespace of ``backbone`` (int8 / uint8 /
+    binary rows, or ``dimensions`` truncated ones; see :mod:`embedkit.encoders.compact`): the head
+    is trained and measured on ``Compact.restore(rows)`` (float32 ``(N, d)``: the middle of each
+    int8 step, -1 / +1 per bit), and the saved model is a :class:`CompactHead` that records the
+    namespace's Compact, calibration included, so every item it predicts is made compact the same
+    way first (see :mod:`embedkit.heads.compacted`).
 
     Measures holdout accuracy, macro-F1 and a per-class report (plus k-fold accuracy with
     ``cv``), then fits on every labelled item. With ``out``: writes the folder ``out`` with
@@ -127,8 +135,11 @@ def train_head(
     folder = None
     if out is not None:
         folder = check_output(out, "train-head", inputs=[features] + ([] if labels == "folder" else [labels]))
-    namespace = FeatureStore(features).find(backbone)
+    namespace = FeatureStore(features).find(backbone, precision=precision, dimensions=dimensions)
     ids, X, sources, contents = namespace.load_all()
+    compact = namespace.compact
+    if not compact.is_float:
+        X = compact.restore(np.asarray(X))  # what the head sees, at training and at predict time
     y = labels_for(ids, sources, labels, namespace.info.get("modality", "text"), label_column, id_column, column,
                    contents=contents)
     known = is_labelled(y)
@@ -148,7 +159,12 @@ def train_head(
                           confusion_png=staging / "confusion.png", progress=progress)
         report.unlabelled = int((~known).sum())
         fitted = make_head(head, params).fit(X_known, y_known)
+        if not compact.is_float:
+            fitted = CompactHead.wrap(fitted, compact)
         embedder = Embedder(namespace.digest, store=store).fit()
         save((embedder, fitted), staging / "model")
-        (staging / "report.json").write_text(json.dumps({**stamp("train-head"), **report.to_json()}, indent=2))
+        features_of = {"precision": compact.precision, "dimensions": compact.dimensions,
+                       "calibration": compact.calibration.digest if compact.calibration is not None else None}
+        (staging / "report.json").write_text(json.dumps({**stamp("train-head"), **report.to_json(),
+                                                         "features": features_of}, indent=2))
     return report, folder / "model"

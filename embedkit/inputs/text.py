@@ -16,8 +16,10 @@ anything else (None, NaN,   error ``not_text``
 numbers, lists...)
 an unreadable row           the reader's error (``invalid_json``, ``not_a_file``...), passed on
 (:class:`ItemFailure`)      as that item's record
-longer than ``max_length``  ``truncate=True`` (default): truncated and counted in
-tokens                      ``stats.truncated``; ``truncate=False``: error ``too_long``
+longer than ``max_length``  ``long="truncate"`` (default; ``truncate=True``): truncated and
+tokens                      counted in ``stats.truncated``; ``long="error"``
+                            (``truncate=False``): error ``too_long``; ``long="chunk"``: split
+                            into windows, each embedded, pooled (:mod:`embedkit.inputs.windows`)
 ==========================  =================================================================
 
 Bounded work per item: a text longer than ``CHARS_PER_TOKEN * max_length`` characters is cut
@@ -26,7 +28,7 @@ the kept ``max_length`` tokens provably do not depend on the rest (they end befo
 that precedes the cut); the cut doubles until that holds, up to ``MAX_CHARS_PER_TOKEN *
 max_length`` characters. Such a text counts as truncated, and its vector equals the full
 text's. A line a reader clipped (:class:`Clipped`, over ``MAX_TEXT_BYTES``) counts as truncated
-too.
+too. ``long="chunk"`` bounds its work the same way (:mod:`embedkit.inputs.windows`).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import numpy as np
 
 from ..backbones.backbone import TextPreprocess
 from .items import Clipped, ItemError, ItemFailure
+from .windows import DEFAULT_MAX_CHUNKS, DEFAULT_OVERLAP, Splitter, Windows, long_policy
 
 EMPTY_POLICIES = ("embed", "error")
 CHARS_PER_TOKEN = 16  # the first cut, in characters per kept token (English averages ~4.5)
@@ -62,7 +65,12 @@ def is_blank(text: str) -> bool:
 
 @dataclass
 class TextStats:
-    """Counts of what the policy did."""
+    """Counts of what the policy did.
+
+    ``tokens`` counts the ids the model ran on (every window's, with ``long="chunk"``);
+    ``chunked`` the texts split into more than one window and ``chunks`` the windows embedded
+    (one per text within the window), both 0 unless ``long="chunk"``.
+    """
 
     total: int = 0
     ok: int = 0
@@ -70,20 +78,28 @@ class TextStats:
     empty: int = 0
     truncated: int = 0
     tokens: int = 0
+    chunked: int = 0
+    chunks: int = 0
 
     def add(self, other: "TextStats") -> None:
-        for name in ("total", "ok", "failed", "empty", "truncated", "tokens"):
+        for name in ("total", "ok", "failed", "empty", "truncated", "tokens", "chunked", "chunks"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass
 class Tokenized:
-    """Token ids of the items that passed the policy."""
+    """Token ids of the items that passed the policy: one row per item, ``ids[k]`` of item ``indices[k]``.
+
+    With ``long="chunk"``, one row per window: ``indices`` repeats an item's index for each of
+    its windows (consecutive, in order) and ``windows`` describes them; otherwise ``windows``
+    is None.
+    """
 
     indices: list[int] = field(default_factory=list)
     ids: list[list[int]] = field(default_factory=list)
     errors: list[ItemError] = field(default_factory=list)
     stats: TextStats = field(default_factory=TextStats)
+    windows: Windows | None = None
 
 
 def _describe(item: Any) -> str:
@@ -97,19 +113,52 @@ class TextTokenizer:
     ``tokenizer.json`` files often carry fixed padding and a short truncation (all-MiniLM's
     pads to 128); both are replaced by no padding and truncation at ``max_length`` so the
     tokens equal what the reference sentence-transformers model sees.
+
+    Args:
+        preprocess: the artifact's text preprocessing (tokenizer file, ``max_length``).
+        truncate: the older spelling of ``long``: None (default) follows ``long``; False is
+            ``long="error"``; True agrees with ``"truncate"`` and ``"chunk"``.
+        empty: ``"embed"`` or ``"error"`` for texts with no visible character.
+        long: ``"truncate"`` | ``"chunk"`` | ``"error"``, for texts over ``max_length`` tokens
+            (see :mod:`embedkit.inputs.windows`).
+        chunk_overlap: ``long="chunk"``: content tokens shared by neighbouring windows
+            (default 32; ``0 <= chunk_overlap < C / 2``, C = ``max_length`` less the special tokens).
+        max_chunks: ``long="chunk"``: windows per text at most (default 64); a longer text is
+            embedded from its first ``max_chunks`` windows and counted as truncated.
+
+    Raises:
+        ValueError: an unknown ``empty`` or ``long``, a contradiction between ``truncate`` and
+            ``long``, or (``long="chunk"``) a bad ``chunk_overlap`` / ``max_chunks``.
     """
 
-    def __init__(self, preprocess: TextPreprocess, truncate: bool = True, empty: str = "embed"):
+    def __init__(self, preprocess: TextPreprocess, truncate: bool | None = None, empty: str = "embed",
+                 long: str = "truncate", chunk_overlap: int = DEFAULT_OVERLAP, max_chunks: int = DEFAULT_MAX_CHUNKS):
         from tokenizers import Tokenizer
 
         if empty not in EMPTY_POLICIES:
             raise ValueError(f"empty must be one of {EMPTY_POLICIES}, got {empty!r}")
         self.preprocess = preprocess
-        self.truncate = truncate
+        self.long = long_policy(long, truncate)
+        self.truncate = self.long != "error"
         self.empty = empty
         self.tokenizer = Tokenizer.from_file(preprocess.tokenizer)
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(preprocess.max_length)
+        self.splitter: Splitter | None = None
+        if self.long == "chunk":
+            # A tokenizer of its own, truncating at max_chunks windows' worth: encode runs in a thread.
+            self.whole = Tokenizer.from_file(preprocess.tokenizer)
+            self.whole.no_padding()
+            self.whole.no_truncation()
+            self.splitter = Splitter(self.whole, preprocess.max_length, chunk_overlap, max_chunks)
+            self.whole.enable_truncation(self.splitter.kept)
+
+    def identity(self) -> dict[str, Any]:
+        """What of this policy changes vectors: ``{}`` (truncate, error), else
+        ``{"long": "chunk", "chunk_overlap": int, "max_chunks": int}`` (for a feature store's namespace)."""
+        if self.splitter is None:
+            return {}
+        return {"long": "chunk", "chunk_overlap": self.splitter.overlap, "max_chunks": self.splitter.max_chunks}
 
     def validate(self, items: Sequence[Any], offset: int = 0) -> tuple[list[int], list[str], list[ItemError], int]:
         """Apply the input policy; returns (indices, texts, errors, empty count)."""
@@ -151,18 +200,13 @@ class TextTokenizer:
         Returns ``text`` itself when it is short enough to tokenise whole (see the module).
         """
         length = self.preprocess.max_length
-        limit = CHARS_PER_TOKEN * length
-        if len(text) <= limit:
-            return text
-        while limit < MAX_CHARS_PER_TOKEN * length:
-            head = text[:limit]
-            enc = self.tokenizer.encode(head)
-            if enc.overflowing:
-                end = max((e for _, e in enc.offsets), default=0)
-                if _WHITESPACE.search(head, end) is not None:
-                    return head  # the kept tokens end before a word boundary that precedes the cut
-            limit *= 2
-        return text[: MAX_CHARS_PER_TOKEN * length]
+        return _cut(text, self.tokenizer, CHARS_PER_TOKEN * length, MAX_CHARS_PER_TOKEN * length)
+
+    def bounded_chunks(self, text: str) -> str:
+        """``text``, or the prefix of it whose first ``max_chunks`` windows are the text's own."""
+        assert self.splitter is not None
+        first = CHARS_PER_TOKEN * self.splitter.kept
+        return _cut(text, self.whole, first, max(MAX_CHARS_PER_TOKEN * self.preprocess.max_length, 2 * first))
 
     def encode(self, items: Sequence[Any], offset: int = 0) -> Tokenized:
         """Validate and tokenise a chunk of items; indices are ``offset``-based."""
@@ -171,11 +215,15 @@ class TextTokenizer:
         out.stats.total = len(items)
         out.stats.empty = empty
         cut = set()
+        bounded = self.bounded if self.splitter is None else self.bounded_chunks
         for k, (i, text) in enumerate(zip(indices, texts)):
-            head = self.bounded(text)
+            head = bounded(text)
             if head is not text or isinstance(items[i - offset], Clipped):
                 texts[k] = head
                 cut.add(i)
+        if self.splitter is not None:
+            self._windows(indices, texts, cut, out)
+            return out
         encodings = self.tokenizer.encode_batch(texts) if texts else []
         for i, enc in zip(indices, encodings):
             truncated = bool(enc.overflowing) or i in cut
@@ -191,6 +239,43 @@ class TextTokenizer:
         out.stats.failed = len(out.errors)
         out.stats.ok = len(out.indices)
         return out
+
+    def _windows(self, indices: list[int], texts: list[str], cut: set[int], out: Tokenized) -> None:
+        """``long="chunk"``: every window of each text as a row of ``out``."""
+        assert self.splitter is not None
+        windows = out.windows = Windows()
+        encodings = self.whole.encode_batch(texts) if texts else []
+        for i, enc in zip(indices, encodings):
+            parts = self.splitter.split(enc.ids, enc.offsets)
+            out.stats.truncated += bool(enc.overflowing) or i in cut
+            out.stats.chunked += len(parts) > 1
+            out.stats.chunks += len(parts)
+            for k, (ids, tokens, chars) in enumerate(parts):
+                out.indices.append(i)
+                out.ids.append(ids)
+                out.stats.tokens += len(ids)
+                windows.chunk.append(k)
+                windows.token_spans.append(tokens)
+                windows.char_spans.append(chars)
+        out.stats.failed = len(out.errors)
+        out.stats.ok = len(indices)
+
+
+def _cut(text: str, tokenizer: Any, first: int, last: int) -> str:
+    """``text``, or a prefix of at least ``first`` characters past which ``tokenizer``'s kept tokens
+    provably do not depend on the rest; at most ``last`` characters (see the module)."""
+    limit = first
+    if len(text) <= limit:
+        return text
+    while limit < last:
+        head = text[:limit]
+        enc = tokenizer.encode(head)
+        if enc.overflowing:
+            end = max((e for _, e in enc.offsets), default=0)
+            if _WHITESPACE.search(head, end) is not None:
+                return head  # the kept tokens end before a word boundary that precedes the cut
+        limit *= 2
+    return text[:last]
 
 
 def pad(ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
@@ -236,13 +321,19 @@ def probe_texts(max_length: int) -> list[str]:
     return texts
 
 
-def iter_chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    """Yield lists of up to ``size`` items."""
+def iter_chunks(items: Iterable[Any], size: int, max_chars: int | None = None) -> Iterable[list[Any]]:
+    """Yield lists of up to ``size`` items; with ``max_chars``, a list ends once its texts (``str`` or
+    ``bytes``) hold that many characters (bytes) in all, so that the token ids of a list stay bounded
+    when texts are long (``long="chunk"``)."""
     chunk: list[Any] = []
+    chars = 0
     for item in items:
         chunk.append(item)
-        if len(chunk) >= size:
+        if max_chars is not None and isinstance(item, (str, bytes, bytearray)):
+            chars += len(item)
+        if len(chunk) >= size or (max_chars is not None and chars >= max_chars):
             yield chunk
             chunk = []
+            chars = 0
     if chunk:
         yield chunk

@@ -1,8 +1,11 @@
 """The HTTP service: ``embedkit serve`` (FastAPI + uvicorn; routes thin, batching in :mod:`embedkit.serve.batching`).
 
-Routes: ``POST /v1/embeddings`` (OpenAI-compatible), ``POST /embed`` (texts or images, per-item
-errors as :func:`embedkit.embed`), ``POST /predict`` (saved models), ``GET /v1/models``,
-``/health``, ``/ready``, ``/metrics`` (Prometheus text).
+Routes: ``POST /v1/embeddings`` (OpenAI-compatible; ``dimensions`` and int8 / uint8 / binary
+``encoding_format``, see :mod:`embedkit.serve.openai_api`), ``POST /embed`` (texts or images,
+per-item errors as :func:`embedkit.embed`; always the backbone's float32 vectors of all its
+dimensions: a body asking it for ``dimensions``, ``encoding_format`` or ``precision`` is refused
+with 422, never answered with floats it did not ask for), ``POST /predict`` (saved models),
+``GET /v1/models``, ``/health``, ``/ready``, ``/metrics`` (Prometheus text).
 
 Every error body is OpenAI's shape ``{"error": {"message", "type", "code"}}``; messages name
 positions, types and limits, never the content that was sent. Models come from the command
@@ -236,6 +239,17 @@ def _declared(scope: dict) -> int | None:
     return None
 
 
+def refuse_compact(body: dict[str, Any]) -> None:
+    """``/embed`` answers float32 vectors of all D dimensions only: a request for compact ones is a 422."""
+    if "dimensions" in body:
+        raise ApiError(422, "unsupported_dimensions", "/embed returns every dimension as float32; ask "
+                       "/v1/embeddings for 'dimensions'")
+    for key in ("encoding_format", "precision"):
+        if key in body:
+            raise ApiError(422, "invalid_encoding_format", f"/embed returns float32 vectors and takes no '{key}'; "
+                           "ask /v1/embeddings for encoding_format int8 | uint8 | binary | base64")
+
+
 def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -> Any:
     """The ASGI app serving ``settings`` (models load in a thread at startup; ``/ready`` says when).
 
@@ -307,7 +321,9 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
 
     @app.post("/embed")
     async def embed(request: Request) -> Response:
-        return Response(await service.embed(await service.payload(request), request), media_type=JSON)
+        body = await service.payload(request)
+        refuse_compact(body)
+        return Response(await service.embed(body, request), media_type=JSON)
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:

@@ -25,6 +25,7 @@ import numpy as np
 from ..encoder import encoder_for
 from ..heads.persistence import load
 from ..inputs.items import ItemError, ItemFailure
+from ..inputs.windows import to_items
 from ..models.resolve import resolve
 from ..models.store import Artifact
 from ..runtimes.cpu import cpu_count
@@ -51,6 +52,7 @@ class Served:
     batcher: Batcher
     encoder: Any  # TextEncoder (its tokenizer) or ImageEncoder (its processor): the input policy
     head: Any = None
+    compact: Any = None  # a saved model whose Embedder makes compact rows: its head was trained on those
 
 
 def _native(value: Any) -> Any:
@@ -105,7 +107,7 @@ class Service:
         if artifact.modality == "image":
             options.update(max_pixels=self.limits.max_pixels, reject_blank=policy.get("reject_blank"))
         else:
-            options.update(truncate=policy.get("truncate"), empty=policy.get("empty"))
+            options.update({k: policy.get(k) for k in ("truncate", "empty", "long", "chunk_overlap", "max_chunks")})
         return encoder_for(artifact, **options)
 
     def _batcher(self, artifact: Any, encoder: Any) -> Batcher:
@@ -129,7 +131,8 @@ class Service:
 
         name, _, ref = spec.rpartition("=") if "=" in spec else ("", "", spec)
         artifact = resolve(ref, self.settings.store)
-        encoder = self._encoder(artifact)
+        encoder = self._encoder(artifact, long=self.settings.long, chunk_overlap=self.settings.chunk_overlap,
+                                max_chunks=self.settings.max_chunks)
         self._add(Served(name or artifact.name, "backbone", artifact, self._batcher(artifact, encoder), encoder))
 
     def _add_model(self, spec: str) -> None:
@@ -140,7 +143,7 @@ class Service:
         artifact = Artifact.open(embedder.artifact_path_)
         encoder = self._encoder(artifact, **embedder.get_params())
         self._add(Served(name or Path(path).resolve().name, "model", artifact, self._batcher(artifact, encoder),
-                         encoder, head))
+                         encoder, head, getattr(embedder, "compact_", None)))
 
     def begin_drain(self, seconds: float) -> None:
         """The server stopped accepting (SIGTERM): what is in flight has ``seconds`` to finish, then
@@ -236,8 +239,9 @@ class Service:
             raise ApiError(499, "client_closed_request", "the client closed the connection")
         return job.future.result()
 
-    async def _run(self, served: Served, job: Job, rows: list[int], data: list[Any],
-                   request: Any) -> tuple[np.ndarray, list[ItemError]]:
+    async def _run(self, served: Served, job: Job, rows: Any, data: list[Any], request: Any,
+                   finish: Callable[..., tuple[np.ndarray, list[ItemError]]] | None = None,
+                   ) -> tuple[np.ndarray, list[ItemError]]:
         try:
             served.batcher.submit(job, rows, data)
         except QueueFullError as exc:
@@ -245,9 +249,11 @@ class Service:
         except RuntimeError as exc:
             raise ApiError(503, "shutting_down", "the server is shutting down") from exc
         vectors, errors = await self._wait(served, job, request)
+        if finish is not None:  # windows pooled into texts (long="chunk")
+            vectors, errors = finish(vectors, errors)
         for error in errors:
             self.metrics.item_errors.labels(error.code).inc()
-        self.metrics.embedded.labels(served.batcher.name).inc(job.n - len(errors))
+        self.metrics.embedded.labels(served.batcher.name).inc(len(vectors) - len(errors))
         return vectors, errors
 
     def _job(self, n: int, dim: int) -> Job:
@@ -261,9 +267,20 @@ class Service:
             tokens = tokenizer.encode(texts)
         else:
             tokens = await asyncio.get_running_loop().run_in_executor(self._decoders, tokenizer.encode, texts)
-        job = self._job(len(texts), served.artifact.dim)
-        job.errors = list(tokens.errors)
-        vectors, errors = await self._run(served, job, tokens.indices, tokens.ids, request)
+        if tokens.windows is None:
+            job = self._job(len(texts), served.artifact.dim)
+            job.errors = list(tokens.errors)
+            vectors, errors = await self._run(served, job, tokens.indices, tokens.ids, request)
+            return vectors, errors, tokens.stats.tokens
+
+        def pooled(rows: np.ndarray, _: list[ItemError]) -> tuple[np.ndarray, list[ItemError]]:
+            vectors, _ok, bad = to_items(rows, tokens.indices, [len(x) for x in tokens.ids],
+                                         served.artifact.preprocess.normalize, len(texts))
+            bad_rows = [ItemError(int(i), "non_finite", "model", "the model output NaN or inf") for i in bad]
+            return vectors, sorted(tokens.errors + bad_rows, key=lambda e: e.index)
+
+        job = self._job(len(tokens.ids), served.artifact.dim)  # one row per window
+        vectors, errors = await self._run(served, job, range(len(tokens.ids)), tokens.ids, request, finish=pooled)
         return vectors, errors, tokens.stats.tokens
 
     async def images(self, served: Served, payloads: list[Any], request: Any) -> tuple[np.ndarray, list[ItemError]]:
@@ -342,7 +359,7 @@ class Service:
         head = served.head
 
         def run() -> tuple[Any, Any]:
-            X = vectors[good]
+            X = vectors[good] if served.compact is None else served.compact.apply(vectors[good])
             proba = None
             if hasattr(head, "predict_proba"):
                 try:
@@ -367,7 +384,7 @@ class Service:
     async def openai_embeddings(self, body: dict[str, Any], request: Any) -> bytes:
         """``POST /v1/embeddings``: OpenAI's request and response."""
         served = self.lookup(body.get("model"), "backbone")
-        texts, fmt = openai_api.check_request(body, served, self.limits)
+        texts, fmt = openai_api.check_request(body, served, self.limits, self.settings.calibrations)
         vectors, errors, tokens = await self.texts(served, texts, request)
         if errors:
             shown = "; ".join(f"input[{e.index}]: {e.code}" for e in errors[:5])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # Pixels per image for untrusted requests: 16.8 Mpx (4096 x 4096; a 16 Mpx phone photo fits) instead of
 # the library's 89 Mpx, which suits a user's own files. Issue 22 measured +1.47 GB peak for one
@@ -40,3 +41,11 @@ class Settings:
     host: str = "127.0.0.1"
     allowed_hosts: list[str] = field(default_factory=list)  # besides loopback names and the bound address
     allowed_origins: list[str] = field(default_factory=list)  # besides origins on an allowed host
+    # int8 / uint8 ranges for /v1/embeddings (--calibration): (artifact digest they were fitted on, or
+    # None when the record names none, Calibration) pairs; see embedkit.serve.openai_api.
+    calibrations: list[tuple[str | None, Any]] = field(default_factory=list)
+    # The long-text policy of the served backbones' text encoders (embedkit.inputs.windows); a saved
+    # model keeps the policy it was saved with (its head was trained on those vectors). None: the default.
+    long: str = "truncate"
+    chunk_overlap: int | None = None
+    max_chunks: int | None = None
