@@ -4,6 +4,9 @@ images that disappear, clipping off from the CLI, --out with missing folders, fi
 (and what depends on them kept), scratch stores of killed reports swept."""
 from __future__ import annotations
 
+import decimal
+import enum
+import fractions
 import json
 import os
 import shutil
@@ -53,6 +56,13 @@ def _errors(stderr: str) -> list[str]:
     (lambda ls: [(v, 1) for v in ls], r"labels are not single values \(e.g. a tuple"),
     (lambda ls: np.asarray(ls, dtype=object).reshape(-1, 1), r"one-dimensional.*got shape \(16, 1\); flatten them"),
     (lambda ls: [None if i == 3 else v for i, v in enumerate(ls)], r"1 of 16 labels are missing .* at index 3"),
+    # issue 23's second attack: these were a raw TypeError, or accepted in an arbitrary order / as dict keys
+    (lambda ls: [enum.Enum("Sentiment", ["pos", "neg"])[v] for v in ls], r"got a Sentiment .*map them to strings"),
+    (lambda ls: [complex(len(v), 1) for v in ls], r"strings, integers or whole-number floats; got a complex"),
+    (lambda ls: [decimal.Decimal(len(v)) for v in ls], r"got a Decimal"),
+    (lambda ls: [fractions.Fraction(1, len(v)) for v in ls], r"got a Fraction"),
+    (lambda ls: {f"k{i}": v for i, v in enumerate(ls)}, r"ordered sequence .* got a dict"),
+    (lambda ls: set(range(len(ls))), r"ordered sequence .* got a set"),
 ])
 def test_labels_that_are_not_one_value_per_item_are_dataset_errors(tiny, make, message, tmp_path):
     """Lists, tuples and (N, 1) arrays were a raw TypeError (unhashable)."""

@@ -244,3 +244,25 @@ def test_a_backbone_given_by_relative_path_is_recorded_absolute_and_re_exported_
     done = predict_from(tmp_path / "elsewhere", a / "run" / "model", env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [p.name for p in artifacts(tmp_path / "empty-store")] == [digest]
+
+
+def test_staging_of_a_killed_export_is_swept_and_nothing_else(tmp_path):
+    """An export killed mid-write leaves ``.tmp-<pid>-<random>`` in the store (issue 23's attack: a
+    45 MB model.onnx stayed for good). The next staging in that folder removes the folders of dead
+    processes it made, and keeps a live process's staging and any folder of another shape."""
+    from embedkit.models.store import ModelStore
+
+    store = tmp_path / "models"
+    child = ("import os, sys\nfrom embedkit.models.store import ModelStore\n"
+             "folder = ModelStore(sys.argv[1]).staging('tuned')\n"
+             "(folder / 'model.onnx').write_bytes(b'x' * 4096)\nprint(folder)\nsys.stdout.flush()\nos._exit(9)\n")
+    out = subprocess.run([sys.executable, "-c", child, str(store)], capture_output=True, text=True, timeout=120)
+    dead = Path(out.stdout.strip())
+    assert out.returncode == 9 and (dead / "model.onnx").is_file()
+    mine = store / "tuned" / ".tmp-notes"  # not of the shape staging makes: never touched
+    mine.mkdir()
+    live = ModelStore(store).staging("tuned")  # this process is alive: its folder stays
+    again = ModelStore(store).staging("tuned")
+    assert not dead.exists()
+    assert live.is_dir() and again.is_dir() and mine.is_dir()
+    assert re.fullmatch(rf"\.tmp-{os.getpid()}-[0-9a-f]{{32}}", live.name)

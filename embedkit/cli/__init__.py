@@ -86,11 +86,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     as_json = bool(getattr(args, "json", False))
     try:
-        return int(COMMANDS[args.command](args) or 0)
+        code = int(COMMANDS[args.command](args) or 0)
+        sys.stdout.flush()  # a closed pipe is found here, not at interpreter exit (a traceback there)
+        return code
     except KeyboardInterrupt as exc:  # Ctrl-C: what the command started is stopped (finally blocks ran); no traceback
         return refusal(exc, EXIT_INTERRUPTED, as_json)
     except BrokenPipeError:  # `embedkit ... | head`: the reader left; not an error of ours
-        sys.stdout = open(os.devnull, "w")
+        try:  # what is still buffered for the closed pipe goes nowhere, as with Unix tools
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            sys.stdout = open(os.devnull, "w")
         return 0
     except EmbedkitError as exc:
         return refusal(exc, EXIT_USAGE, as_json)

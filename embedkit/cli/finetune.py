@@ -42,6 +42,12 @@ FLAGS = {"choose another checkpoint_dir": "choose another --out",
          "lower lr ": "lower --lr ",
          "max_grad_norm=1.0": "--max-grad-norm 1.0",
          "choose another name": "choose another --name",
+         "resume with its settings": "--resume with its settings",
+         "the run of this checkpoint_dir": "the run of this --out",
+         "this checkpoint_dir holds no checkpoints": "this --out holds no checkpoints",
+         "resume finishes a run only from its own checkpoint folder: give that run's checkpoint_dir":
+             "--resume finishes a run only from its own --out: give that run's --out",
+         "are in this checkpoint_dir": "are in this --out",
          "run again with resume (from the": "run again with --resume (from the"}
 
 
@@ -77,15 +83,29 @@ def _warmup(text: str) -> float:
     return int(value) if value >= 1 else value
 
 
+def _zero(text: str) -> bool:
+    """Whether ``text`` is a number equal to zero (``0``, ``0.00``, ``-0``, ``1e-400``) or none / off."""
+    if text.strip().lower() in ("none", "off"):
+        return True
+    try:
+        return float(text) == 0.0
+    except ValueError:
+        return False
+
+
 def _clipping(text: str) -> float | None:
     """``--max-grad-norm``: a positive number, or 0 / none / off: no gradient clipping (max_grad_norm=None)."""
-    if text.strip().lower() in ("0", "0.0", "none", "off"):
+    if _zero(text):
         return None
-    return positive_float(text)
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, or 0 / none for no clipping, got {text}") from None
 
 
 def _validation(text: str) -> float:
-    return 0.0 if text in ("0", "none") else fraction(text)
+    """``--validation``: a fraction in (0, 1), or 0 / none (numerically: ``0.0`` too): no validation."""
+    return 0.0 if _zero(text) else fraction(text)
 
 
 def add_parsers(sub: Any) -> None:
@@ -232,8 +252,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from ..backbones.registry import get_backbone
+    from ..finetuning.checkpoints import LAST, check_folder
     from ..fs.outputs import check_output
 
+    try:  # checkpoints without a readable marker, or a folder in a file's place: said so, not "not embedkit's"
+        check_folder(Path(args.out) / "checkpoints", args.resume)
+    except EmbedkitError as exc:
+        _in_flags(exc)
+        raise
     out = check_output(args.out, "finetune", inputs=[args.source, args.validation_source])
     for flag, value in (("--iterations", args.iterations), ("--loss", args.loss)):
         if value and args.objective != "contrastive":
@@ -241,8 +267,10 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.objective == "contrastive" and (args.resume or args.checkpoint_every):
         raise UsageError("--resume and --checkpoint-every are for --objective classify (a contrastive run is "
                          "short and keeps no checkpoints: rerun it)")
-    if args.resume and not (out / "checkpoints" / "checkpoint.json").is_file():
-        print(f"note: no checkpoint in {out} yet: starting from the beginning", file=sys.stderr)
+    if args.resume and not (out / "checkpoints" / LAST).is_file():
+        best = " (its best.safetensors, of a run stopped in its first epoch, is discarded)" \
+            if (out / "checkpoints" / "best.safetensors").is_file() else ""
+        print(f"note: no checkpoint in {out} yet: starting from the beginning{best}", file=sys.stderr)
     modality = get_backbone(args.backbone).modality
     items, labels, unreadable, where = _labelled(args.source, args.labels, modality, args)
     located = {"train": where}
@@ -253,14 +281,38 @@ def _finetune(args: argparse.Namespace) -> int:
         unreadable += v_bad
         validation = (v_items, v_labels)
     created = not out.exists()
+    before = set(os.listdir(out)) if out.is_dir() else set()
     out.mkdir(exist_ok=True)
     writer = contextlib.ExitStack()
     if not writer.enter_context(owned(out / "finetune.lock")):  # held until the command ends
         writer.close()
+        if not before:
+            (out / "finetune.lock").unlink(missing_ok=True)
         raise OutputError(f"another `embedkit finetune` is writing {out} now; wait for it to end, or choose "
                           "another --out")
-    with writer:
-        return _run(args, out, created, items, labels, unreadable, validation, located)
+    started: list[bool] = []
+    try:
+        with writer:
+            return _run(args, out, created, items, labels, unreadable, validation, located, started)
+    except BaseException:
+        if not started:  # refused before training: --out is left as it was (what this run added goes)
+            _undo(out, before)
+        raise
+
+
+def _undo(out: Path, before: set[str]) -> None:
+    """Remove what a run refused before training added to ``out`` (its lock file, its checkpoint
+    folder while that holds no checkpoint); anything that was there before stays, as does anything
+    embedkit did not write."""
+    from ..finetuning.checkpoints import LAST, MARKER
+
+    for name in ("finetune.lock", "finetune.json"):
+        if name not in before:
+            (out / name).unlink(missing_ok=True)
+    folder = out / "checkpoints"
+    if "checkpoints" not in before and folder.is_dir() and not folder.is_symlink() and not (folder / LAST).exists():
+        if all(p.name in ("checkpoint.lock", MARKER) for p in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _located(failure: dict[str, Any], located: dict[str, list[tuple[int, str]]]) -> dict[str, Any]:
@@ -274,17 +326,26 @@ def _located(failure: dict[str, Any], located: dict[str, list[tuple[int, str]]])
 
 
 def _run(args: argparse.Namespace, out: Path, created: bool, items: list[Any], labels: list[Any],
-         unreadable: list[dict[str, Any]], validation: Any, located: dict[str, list[tuple[int, str]]]) -> int:
-    """The fine-tune itself, its outputs and summary (the caller holds ``out``'s writer lock)."""
+         unreadable: list[dict[str, Any]], validation: Any, located: dict[str, list[tuple[int, str]]],
+         started: list[bool]) -> int:
+    """The fine-tune itself, its outputs and summary (the caller holds ``out``'s writer lock).
+    ``finetune.json`` says "running" from the first training step on (``started`` is then
+    ``[True]``): a run refused by a check leaves the last run's record as it was."""
     from ..finetuning.finetune import finetune
     from ..fs.atomic import write_atomic
     from ..fs.outputs import stamp
 
     marker = {**stamp("finetune"), "status": "running", "backbone": args.backbone, "source": str(args.source)}
-    write_atomic(out / "finetune.json", json.dumps(marker, indent=2).encode())
+
+    def begun() -> None:
+        if not started:
+            write_atomic(out / "finetune.json", json.dumps(marker, indent=2).encode())
+            started.append(True)
+
     options = {k: v for k, v in (("iterations", args.iterations), ("loss", args.loss)) if v}
     with _removed_if_refused(out, created), progress_bar("finetune", None, "step", not args.no_progress) as bar:
         def progress(done: int, total: int, info: dict[str, Any]) -> None:
+            begun()
             bar.update_to(done, total)
             shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items() if v is not None}
             bar.set_postfix(shown, refresh=False)
@@ -302,6 +363,7 @@ def _run(args: argparse.Namespace, out: Path, created: bool, items: list[Any], l
         except EmbedkitError as exc:  # said in this command's flags
             _in_flags(exc)
             raise
+    begun()
     failures = unreadable + [_located(f, located) for f in result.failures]
     write_atomic(out / "metrics.json", json.dumps(result.history, indent=2).encode())
     write_atomic(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures).encode())

@@ -87,7 +87,9 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     for r in rows:  # exports of this backbone, and the variants made from them
         r["exported"] = [a for a in inventory if a["kind"] == "export" and a["name"] == r["name"]]
         own = {a["digest"] for a in r["exported"]}
-        r["variants"] = [a for a in inventory if a["kind"] != "export" and a["parent"] in own]
+        # made from its exports and named after it: a head-only fine-tune's fp16 shares its parent's digest
+        r["variants"] = [a for a in inventory if a["kind"] != "export" and a["parent"] in own
+                         and a["name"] == f"{r['name']}-{a['kind']}"]
     listed = {a["digest"] for r in rows for a in r["exported"] + r["variants"]}
     others = [a for a in inventory if a["digest"] not in listed]  # from folders, or whose parent is gone
     if args.json:
@@ -127,7 +129,7 @@ def _remove_finetune(args: argparse.Namespace) -> int:
                "were saved to (a saved model moved elsewhere is not seen)")
     summary = {"removed": removed.name, "folder": str(removed.folder), "exports": removed.digests,
                "variants": removed.variants, "checked": checked, "checked_models": removed.checked_models,
-               "missing_models": removed.missing_models}
+               "missing_models": removed.missing_models, "kept": removed.kept}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -135,6 +137,9 @@ def _remove_finetune(args: argparse.Namespace) -> int:
               f"{len(removed.variants)} variants)")
         print(f"checked for dependents: {checked}; {len(removed.checked_models)} recorded saved model(s) found, "
               "none using it")
+    if removed.kept:
+        print(f"note: kept {len(removed.kept)} file(s) in {removed.folder} that embedkit did not make: "
+              f"{', '.join(removed.kept)}", file=sys.stderr)
     if removed.missing_models:
         print(f"note: {len(removed.missing_models)} saved model(s) made on it are no longer at their recorded folders "
               f"(deleted, or moved: a moved one was not checked and will not load any more): "

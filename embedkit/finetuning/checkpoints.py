@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -99,12 +100,49 @@ def start(folder: Path, config: dict[str, Any], resume: bool) -> dict[str, Any] 
         return read(folder / LAST, run)[1]
     if resume:
         logger.info("no checkpoint in %s yet: starting from the beginning", folder)
+        if (folder / BEST).is_file():
+            logger.warning("%s is discarded: no checkpoint (%s) beside it to resume from (a run stopped in its first "
+                           "epoch); starting from the beginning", folder / BEST, LAST)
     folder.mkdir(exist_ok=True)
     for stale in (LAST, BEST, METRICS):
         (folder / stale).unlink(missing_ok=True)  # an earlier run's, in a folder check_output accepted
     write_atomic(marker, json.dumps({"kind": "checkpoints", "format": FORMAT, "config": config},
                                     indent=2, sort_keys=True, default=str).encode())
     return None
+
+
+def check_folder(folder: Path, resume: bool) -> None:
+    """Refuse, before any work, a checkpoint folder whose files embedkit cannot account for: a
+    checkpoint (``last`` / ``best``) beside a missing or damaged ``checkpoint.json`` (nothing says
+    which run wrote it), or a folder (or other non-file) where one of those files should be.
+
+    Raises:
+        CheckpointError: naming the file and what to do.
+    """
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for name in (MARKER, LAST, BEST, METRICS):
+        path = folder / name
+        if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):
+            raise CheckpointError(f"{path} is not a regular file (a folder or link where embedkit keeps a checkpoint "
+                                  f"file): it cannot be {'resumed from' if resume else 'replaced'}; move it away, or "
+                                  "choose another checkpoint_dir")
+    held = [n for n in (LAST, BEST) if (folder / n).is_file()]
+    if not held:
+        return
+    marker = folder / MARKER
+    try:
+        data = json.loads(marker.read_text())
+        if not isinstance(data, dict) or data.get("kind") != "checkpoints" or not isinstance(data.get("config"), dict):
+            raise ValueError("not an embedkit checkpoint marker")
+    except FileNotFoundError:
+        raise CheckpointError(f"{marker} is missing, so nothing says which run wrote {', '.join(held)} beside it: it "
+                              f"cannot be resumed from nor taken over; delete {folder} (or move it away) to start over, "
+                              "or choose another checkpoint_dir") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{marker} is damaged ({exc}), so nothing says which run wrote {', '.join(held)} beside "
+                              f"it: it cannot be resumed from nor taken over; delete {folder} (or move it away) to "
+                              "start over, or choose another checkpoint_dir") from exc
 
 
 def identity(config: dict[str, Any]) -> str:

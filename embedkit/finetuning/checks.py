@@ -5,6 +5,7 @@ Each refusal is a typed error whose message names the Python parameter and what 
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Hashable
@@ -22,6 +23,7 @@ from ..fs.outputs import check_output
 from ..heads.training import check_classes
 from ..models import finetuned as tuned
 from ..models.store import ModelStore
+from .checkpoints import check_folder
 from .contrastive import OPTIONS, check_options
 from .dataset import items_of
 from .loop import Settings
@@ -114,6 +116,7 @@ def validate(backbone: Any, items: Any, labels: Sequence[Any], o: Options) -> Jo
     job.checkpoints = Path(o.checkpoint_dir) if o.checkpoint_dir is not None else None
     outputs = [p for p in (items,) if isinstance(p, (str, Path))]
     if job.checkpoints is not None:  # new, empty, or an earlier checkpoint folder (its marker's kind)
+        check_folder(job.checkpoints, bool(o.resume))  # its checkpoints accounted for by a readable marker
         check_output(job.checkpoints, "checkpoints", inputs=outputs)
     if o.out is not None:
         check_output(o.out, "model", inputs=outputs)
@@ -131,11 +134,26 @@ def _parent(backbone: Any, o: Options, models: ModelStore, unfreeze: str, device
     if o.name is not None:
         tuned.check_name(models.root, o.name)  # a registered backbone's name: refused now, not after training
         existing = tuned.find(o.name, models.root)
+        if existing is not None and o.resume and _made_here(existing, o.checkpoint_dir) and not _made_here(
+                existing, o.checkpoint_dir, o.hyperparameters(unfreeze), device):
+            # the folder's run made it, but these settings are not that run's: the real reason, and what works
+            recorded = json.loads(json.dumps((existing.lineage or {}).get("hyperparameters") or {}, default=str))
+            asked = json.loads(json.dumps(o.hyperparameters(unfreeze), default=str))
+            diff = sorted(k for k in set(recorded) | set(asked) if recorded.get(k) != asked.get(k)) or ["device"]
+            raise OutputExistsError(f"a fine-tuned backbone {o.name!r} is already in the model store {models.root}, "
+                                    f"made by the run of this checkpoint_dir with other settings ({', '.join(diff)} "
+                                    "differ): to finish or confirm that run, resume with its settings; to train with "
+                                    "these ones, choose another name")
         if existing is not None and not (o.resume and _made_here(existing, o.checkpoint_dir)):
             # resume is suggested only where it would finish that run: its checkpoints, with these settings
             hint = " (or, to finish or confirm the run of this checkpoint_dir that made it, run again with resume)" \
                 if not o.resume and _made_here(existing, o.checkpoint_dir, o.hyperparameters(unfreeze), device) else ""
-            made = " by another run (other settings or data)" if o.resume else ""
+            made = ""
+            if o.resume:
+                has = o.checkpoint_dir is not None and (Path(o.checkpoint_dir) / "checkpoint.json").is_file()
+                made = (" by a run other than the one whose checkpoints are in this checkpoint_dir" if has else
+                        ", and this checkpoint_dir holds no checkpoints of the run that made it (resume finishes a "
+                        "run only from its own checkpoint folder: give that run's checkpoint_dir)")
             raise OutputExistsError(f"a fine-tuned backbone {o.name!r} is already in the model store {models.root}"
                                     f"{made}; choose another name{hint}")
     parent = get_backbone(backbone) if isinstance(backbone, str) else backbone
@@ -211,6 +229,9 @@ def check_labels(labels: Sequence[Any], n: int, what: str = "items") -> np.ndarr
     """
     if isinstance(labels, (str, bytes)):
         raise DatasetError("labels must be a sequence with one label per item, not a single string")
+    if isinstance(labels, (dict, set, frozenset)) or type(labels).__name__ in ("dict_keys", "dict_values"):
+        raise DatasetError(f"labels must be an ordered sequence with one label per item, got a {type(labels).__name__} "
+                           "(a dict would give its keys, a set an arbitrary order)")
     shape = getattr(labels, "shape", None)
     if shape is not None and len(shape) != 1:
         fix = "; flatten them (labels.ravel(), or the one column of a table)" if len(shape) == 2 and shape[-1] == 1 \
@@ -233,6 +254,10 @@ def check_labels(labels: Sequence[Any], n: int, what: str = "items") -> np.ndarr
         raise DatasetError(f"{len(nested)} of {n} labels are not single values (e.g. a {type(first).__name__} "
                            f"{first!r:.60} at index {nested[0]}); give one label (a string or an integer) per item, "
                            "e.g. the first column of a one-column table")
+    odd = [v for v in labels if not isinstance(v, (str, int, float, np.str_, np.integer, np.floating, np.bool_))]
+    if odd:  # Enum, complex, Decimal, Fraction...: classes that do not order or compare as the rest do
+        raise DatasetError(f"labels must be strings, integers or whole-number floats; got a {type(odd[0]).__name__} "
+                           f"({odd[0]!r:.60}); map them to strings or integers first")
     kinds = {type(v.item() if isinstance(v, np.generic) else v).__name__ for v in labels}
     numbers_ = {"int", "float"}
     if len(kinds - numbers_) > 1 or (kinds - numbers_ and kinds & numbers_):  # 1 and "1", True and 1: one class?
@@ -244,6 +269,12 @@ def check_labels(labels: Sequence[Any], n: int, what: str = "items") -> np.ndarr
     out = np.empty(n, dtype=object)
     out[:] = [v.item() if isinstance(v, np.generic) else v for v in labels]
     return out
+
+
+def plain(value: Any) -> Any:
+    """A numpy number as the Python number it holds (``np.int64(3)`` -> 3, ``np.float32(2e-5)`` ->
+    a float; ``np.bool_`` -> bool, refused by the checks); anything else as given."""
+    return value.item() if isinstance(value, np.generic) and isinstance(value, (np.number, np.bool_)) else value
 
 
 def _positive(name: str, value: Any, kind: type = int, allow_none: bool = False) -> None:
@@ -273,10 +304,12 @@ def check_settings(*, objective: str, epochs: Any, batch_size: Any, lr: Any, hea
     for name, value in (("lr", lr), ("head_lr", head_lr)):
         _positive(name, value, float)
     _positive("max_grad_norm", max_grad_norm, float, allow_none=True)
-    if layer_decay is not None and not (isinstance(layer_decay, (int, float)) and 0 < layer_decay <= 1):
+    if layer_decay is not None and not (isinstance(layer_decay, (int, float)) and not isinstance(layer_decay, bool)
+                                        and 0 < layer_decay <= 1):
         raise UsageError(f"layer_decay must be None or a number in (0, 1], got {layer_decay!r}")
-    if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) or not weight_decay >= 0:
-        raise UsageError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) or not weight_decay >= 0 \
+            or not math.isfinite(weight_decay):
+        raise UsageError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     if not isinstance(warmup, (int, float)) or isinstance(warmup, bool) or not 0 <= warmup or (
             isinstance(warmup, float) and warmup >= 1 and not warmup.is_integer()):
         raise UsageError(f"warmup must be a fraction of the steps in [0, 1) or a whole number of steps, got {warmup!r}")

@@ -35,7 +35,7 @@ from ..models import finetuned as tuned
 from ..models.exporter import export, export_key
 from . import checkpoints as checkpoint
 from . import loop
-from .checks import OBJECTIVES, Job, Options, check_labels, class_weights, validate
+from .checks import OBJECTIVES, Job, Options, check_labels, class_weights, plain, validate
 from .contrastive import encode, finetune_contrastive, text_tokenizer
 from .dataset import Joined, data_fingerprint
 from .dataset import prepare as prepare_items
@@ -176,6 +176,11 @@ def finetune(backbone: Any, items: Any, labels: Sequence[Any], *, unfreeze: str 
             fine-tune (a ``resume`` of the run that made it finishes it instead).
     """
     started = time.perf_counter()
+    # numpy numbers (np.int64 epochs, np.float32 lr) are the Python numbers they hold
+    epochs, batch_size, lr, head_lr, layer_decay, weight_decay, warmup, max_grad_norm, patience, seed, \
+        checkpoint_every = map(plain, (epochs, batch_size, lr, head_lr, layer_decay, weight_decay, warmup,
+                                      max_grad_norm, patience, seed, checkpoint_every))
+    validation = plain(validation)
     options = Options(unfreeze=unfreeze, objective=objective, epochs=epochs, batch_size=batch_size, lr=lr,
                       head_lr=head_lr, layer_decay=layer_decay, weight_decay=weight_decay, warmup=warmup,
                       max_grad_norm=max_grad_norm, validation=validation, patience=patience, class_weight=class_weight,
@@ -289,6 +294,8 @@ def _classify(job: Job, p: Prepared, o: Options, settings: loop.Settings,
             _own_checkpoints(stack, job.checkpoints)
             config = {"parent": p.artifact.digest, "data": p.fingerprint, "hyperparameters": p.hyper,
                       "device": job.device}
+            if p.validation_fingerprint is not None:  # given validation data is part of the run's identity
+                config["validation"] = p.validation_fingerprint
             resume_state = checkpoint.start(job.checkpoints, config, o.resume)
             run_id = checkpoint.identity(config)
         history = loop.run(objective, p.module, settings, job.checkpoints, resume_state, progress, run_id)

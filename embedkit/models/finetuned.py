@@ -25,15 +25,15 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..backbones.backbone import NAME_PATTERN, Backbone
 from ..backbones.registry import registry
-from ..errors import BackboneInUseError, InvalidBackboneError, OutputError, OutputExistsError, UsageError
+from ..errors import InvalidBackboneError, OutputError, OutputExistsError, UsageError
 from ..fs import locks
 from ..fs.atomic import alive, write_atomic
 from ..hookspecs import hookimpl
@@ -51,10 +51,12 @@ from .finetuned_record import (
     load_weights,
     read_record,
     save_weights,
+    saved_models,
 )
-from .store import ModelStore, sha256_file
+from .finetuned_removal import CHECKED, Removed, remove
+from .store import sha256_file
 
-__all__ = ["FORMAT", "RECORD", "STAGING", "USERS", "WEIGHTS", "Removed", "TunedBackbone", "check_name",
+__all__ = ["CHECKED", "FORMAT", "RECORD", "STAGING", "USERS", "WEIGHTS", "Removed", "TunedBackbone", "check_name",
            "check_writable", "default_name", "discard", "find", "listing", "load_weights", "persist", "record_user",
            "remove", "resolve_backbone", "run_identity", "save_weights"]
 
@@ -133,13 +135,27 @@ def persist(root: Path, name: str, parent: Backbone, parent_spec: str, module: A
     return from_record(folder, record), True
 
 
+DIGEST_LIKE = re.compile(r"^[0-9a-f]{8,}$")  # read as a digest (prefix) by resolve and ModelStore.get
+VARIANT_NAME = re.compile(r"-(fp16|bf16|int8-[a-z0-9._+-]+)$")  # precision.half's and quantization.quantize's names
+
+
 def check_name(root: Path, name: str) -> None:
     """Refuse ``name`` for a fine-tune in the model store at ``root`` when another kind of backbone
-    holds it (checked before training, and again when the weights are claimed).
+    holds it, or when it could be read as something else (checked before training, and again when
+    the weights are claimed): a digest (:data:`DIGEST_LIKE`), a variant's name (:data:`VARIANT_NAME`).
 
     Raises:
+        UsageError: ``name`` reads as a digest or as a variant's name.
         OutputExistsError: ``name`` is a registered backbone, or names other artifacts in the store.
     """
+    if DIGEST_LIKE.match(name):
+        raise UsageError(f"name {name!r} could be read as an artifact digest (8 or more hex digits only), so "
+                         "embedkit could not tell the fine-tune from the artifact that digest starts; give the "
+                         "fine-tune a name with a letter beyond a-f, e.g. 'my-" + name[:8] + "'")
+    if VARIANT_NAME.search(name):
+        raise UsageError(f"name {name!r} is how embedkit names an artifact's variants (<name>-fp16, <name>-bf16, "
+                         "<name>-int8-<variant>): the fine-tune's own variants, or another backbone's, would share "
+                         "its folder; give the fine-tune a name that does not end so")
     if name in registry().backbones and not isinstance(registry().backbones[name], TunedBackbone):
         raise OutputExistsError(f"{name!r} is a registered backbone; give the fine-tune another name")
     folder = root / name
@@ -211,114 +227,10 @@ def record_user(backbone: TunedBackbone, model: Path) -> None:
     refuses to remove a fine-tune while a saved model at a recorded folder still uses it)."""
     folder = Path(backbone.weight_files[0]).parent
     with locks.held(folder.parent / STAGING / "persist.lock", exclusive=True):
-        users = _users(folder)
+        users = saved_models(folder)
         path = str(Path(model).absolute())
         if path not in users:
             write_atomic(folder / USERS, json.dumps(users + [path], indent=2).encode())
-
-
-def _users(folder: Path) -> list[str]:
-    try:
-        users = json.loads((folder / USERS).read_text())
-    except (OSError, ValueError):
-        return []
-    return [u for u in users if isinstance(u, str)] if isinstance(users, list) else []
-
-
-def _uses(model: Path, name: str, digests: set[str]) -> bool | None:
-    """Whether the saved model folder ``model`` names backbone ``name`` or one of ``digests``; None
-    when nothing is at that folder any more (deleted, or moved where embedkit cannot see it). A
-    folder whose ``model.json`` cannot be read counts as using it: embedkit cannot tell."""
-    if not os.path.lexists(model):
-        return None
-    try:
-        record = json.loads((model / "model.json").read_text())
-    except FileNotFoundError:  # the folder holds something else now: not a saved model
-        return False
-    except (OSError, ValueError):
-        return True
-    backbone = (record.get("backbone") if isinstance(record, dict) else None) or {}
-    return not isinstance(backbone, dict) or backbone.get("name") == name or backbone.get("digest") in digests
-
-
-CHECKED = ("the fine-tunes in the model store, and the saved models that `finetune` recorded (out= / --out) at the "
-           "folders they were saved to; a saved model moved elsewhere since is not seen")
-
-
-@dataclass
-class Removed:
-    """What :func:`remove` removed: the fine-tune's name, its folder, its exports' and variants'
-    digests, and what it checked: ``checked_models``, the recorded saved-model folders found and
-    checked; ``missing_models``, those no longer found there (deleted, or moved: not checked)."""
-
-    name: str
-    folder: Path
-    digests: list[str]
-    variants: list[str]
-    checked_models: list[str] = field(default_factory=list)
-    missing_models: list[str] = field(default_factory=list)
-
-
-def remove(name: str, root: str | os.PathLike[str] | None = None) -> Removed:
-    """Remove the fine-tuned backbone ``name`` from the model store at ``root`` (default store):
-    its record, weights, exports, and the fp16 / int8 variants made from them.
-
-    Refused while something that embedkit can see depends on it: a fine-tune of it in this model
-    store, or a saved model that :func:`embedkit.finetune` saved on it (``out=``), checked at the
-    folder it was saved to (the record keeps that folder). A saved model moved elsewhere cannot be
-    seen: a recorded folder found empty is listed in :attr:`Removed.missing_models` (and logged),
-    so the caller can say plainly what was not checked. Only what embedkit made for the fine-tune
-    is removed; the folder is first renamed aside in one step, so a crash leaves it whole or gone
-    from the store (what is left aside is swept later).
-
-    Raises:
-        UsageError: no fine-tune of that name in the store (a registered backbone is not one).
-        BackboneInUseError: dependents, each named (the message says what was checked).
-    """
-    store = ModelStore(root)
-    staging = store.root / STAGING
-    with locks.held(staging / "persist.lock", exclusive=True):  # no fine-tune claims or records meanwhile
-        found = find(name, store.root)
-        if found is None:
-            known = ", ".join(b.name for b in listing(store.root)) or "none"
-            extra = " (a registered backbone: embedkit removes only the fine-tunes it made)" \
-                if name in registry().backbones else ""
-            raise UsageError(f"no fine-tuned backbone {name!r} in the model store {store.root}{extra}; "
-                             f"fine-tunes there: {known}")
-        folder = store.root / name
-        inventory = store.inventory()
-        own = {a["digest"] for a in inventory if a["name"] == name}
-        # a head-only fine-tune exports as its parent, byte for byte: what derives from that digest is the parent's
-        own -= {a["digest"] for a in inventory if a["name"] != name and a["kind"] == "export"}
-        variants = [a for a in inventory if a["name"] != name and a["parent"] in own]
-        digests = own | {a["digest"] for a in variants}
-        dependents = [f"fine-tune {b.name!r} (fine-tuned from it)" for b in listing(store.root)
-                      if b.name != name and (b.parent == name or (b.lineage.get("parent") or {}).get("digest") in own)]
-        uses = {u: _uses(Path(u), name, digests) for u in _users(folder)}
-        dependents += [f"saved model {u}" for u, used in uses.items() if used]
-        if dependents:
-            raise BackboneInUseError(f"fine-tuned backbone {name!r} is used by {'; '.join(dependents)}: remove "
-                                     "those first (a saved model: delete its folder), then remove this one (checked: "
-                                     f"{CHECKED})", dependents)
-        removed = Removed(name=name, folder=folder, digests=sorted(a["digest"] for a in inventory if a["name"] == name),
-                          variants=sorted(a["digest"] for a in variants),
-                          checked_models=[u for u, used in uses.items() if used is not None],
-                          missing_models=[u for u, used in uses.items() if used is None])
-        staging.mkdir(exist_ok=True)
-        for path in [folder] + sorted({Path(a["path"]) for a in variants}):
-            aside = staging / f"{os.getpid()}-removing-{uuid.uuid4().hex[:8]}"
-            os.replace(path, aside)  # one step: gone from the store, whole or not at all
-            shutil.rmtree(aside, ignore_errors=True)
-        for a in variants:  # a variant's <name> folder, when nothing else is left in it
-            try:
-                Path(a["path"]).parent.rmdir()
-            except OSError:
-                pass
-    logger.info("removed fine-tuned backbone %s (%s)", name, folder)
-    if removed.missing_models:
-        logger.warning("fine-tuned backbone %s removed; saved model(s) made on it are no longer at their recorded "
-                       "folders (deleted, or moved: not checked): %s", name, ", ".join(removed.missing_models))
-    return removed
 
 
 def _subfolders(folder: Path) -> list[Path]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..backbones.backbone import NAME_PATTERN, Backbone, preprocess_from_json
 from ..backbones.registry import get_backbone
-from ..errors import ArtifactError, InvalidBackboneError
+from ..errors import ArtifactError, BackboneInUseError, InvalidBackboneError
 from ..fs.atomic import write_safetensors
 from ..fs.home import default_root
 from .store import sha256_file
@@ -159,3 +159,27 @@ def listing(root: str | os.PathLike[str] | None = None) -> list[TunedBackbone]:
         except (InvalidBackboneError, KeyError) as exc:
             logger.warning("skipping fine-tune record %s: %s", record, exc)
     return found
+
+
+def saved_models(folder: Path, strict: bool = False) -> list[str]:
+    """The saved-model folders recorded in ``folder``'s :data:`USERS` ([] when there is none).
+
+    Raises:
+        BackboneInUseError: (``strict``, for a removal) the record exists but cannot be read: its
+            dependents cannot be known, so nothing is removed.
+    """
+    path = folder / USERS
+    try:
+        users = json.loads(path.read_text())
+        if strict and not (isinstance(users, list) and all(isinstance(u, str) for u in users)):
+            raise ValueError("not a list of folders")
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        if strict:
+            raise BackboneInUseError(
+                f"cannot tell what depends on fine-tuned backbone {folder.name!r}: its record of saved models "
+                f"{path} cannot be read ({exc}); nothing was removed. Check the saved models made on it, then "
+                f"delete or fix {path} (a JSON list of saved-model folders) and remove it again", [str(path)]) from exc
+        return []
+    return [u for u in users if isinstance(u, str)] if isinstance(users, list) else []

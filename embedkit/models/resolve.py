@@ -2,7 +2,8 @@
 
 A spec is an :class:`~embedkit.Artifact` (returned as is), a :class:`~embedkit.Backbone` or a
 backbone name or spec (exported on first use, through :func:`~embedkit.export`), an artifact
-folder, a digest (or an unambiguous prefix of at least 8 hex digits) in the model store, or the
+folder, a digest (or an unambiguous prefix of at least 8 hex digits) in the model store (a name
+that is also a folder of the store is read as a name first), or the
 name of an artifact made in the store (an int8 variant: the newest). Every caller that turns a
 user's spec into an artifact (encoders, extraction, the service, saved heads, fine-tuning) comes
 through here.
@@ -29,7 +30,8 @@ def resolve(spec: "str | Backbone | Artifact", store: ModelStore | str | None = 
     if (folder / MANIFEST).is_file():
         return Artifact.open(folder)
     digest_like = len(spec) >= 8 and all(c in "0123456789abcdef" for c in spec)
-    if digest_like and any(a.digest.startswith(spec) for a in store.artifacts()):
+    named = (store.root / spec).is_dir() if "/" not in spec and not spec.startswith(".") else False
+    if digest_like and not named and any(a.digest.startswith(spec) for a in store.artifacts()):
         return store.get(spec)
     try:
         return export(spec, store)

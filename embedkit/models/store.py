@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 from ..backbones.backbone import Preprocess, preprocess_from_json
 from ..errors import ArtifactError
-from ..fs.atomic import fsync_files
+from ..fs.atomic import alive, fsync_files
 from ..fs.home import HOME_ENV, default_root
 from ..fs.paths import member
 
@@ -211,8 +212,20 @@ class ModelStore:
         return rows
 
     def staging(self, name: str) -> Path:
-        """A fresh temporary folder beside the final location (same filesystem for rename)."""
-        folder = self.root / name / f".tmp-{uuid.uuid4().hex}"
+        """A fresh temporary folder beside the final location (same filesystem for rename),
+        ``.tmp-<pid>-<random>``. Staging folders of processes that no longer exist (an export
+        killed mid-write) are removed first: only ``.tmp-<pid>-<32 hex>`` folders, which this
+        method makes, and only when their pid is not alive (a reused pid keeps them: safe)."""
+        parent = self.root / name
+        try:
+            for old in parent.glob(".tmp-*-*"):
+                pid, _, tag = old.name[len(".tmp-"):].partition("-")
+                if pid.isdigit() and re.fullmatch(r"[0-9a-f]{32}", tag) and old.is_dir() and not alive(int(pid)):
+                    logger.info("removing %s: the staging folder of process %s, which no longer exists", old, pid)
+                    shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass  # a read-only or missing folder: nothing to sweep
+        folder = parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex}"
         folder.mkdir(parents=True)
         return folder
 
