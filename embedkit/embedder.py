@@ -7,8 +7,9 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .encoder import encoder_for
-from .encoders.compact import CALIBRATED, Compact, as_compact, compact_result
+from .encoder import checked_compact, compact_for, encoder_for, refuse_idle_chunk_options
+from .encoders.calibrations import policy_of, policy_tag
+from .encoders.compact import CALIBRATED, Compact, compact_result
 from .errors import ArtifactError, InvalidInputError, UsageError
 from .inputs.image import refuse_single_image
 from .models.resolve import resolve
@@ -49,7 +50,9 @@ class Embedder(TransformerMixin, BaseEstimator):
         precision: ``float32`` (default), ``int8`` / ``uint8`` (calibrated ranges), ``binary``
             (sign bits packed: uint8 ``(N, ceil(d / 8))``).
         calibration: int8 / uint8: a :class:`~embedkit.encoders.compact.Calibration` (or its
-            record); None fits one in :meth:`fit` on the float embeddings of ``X``.
+            record, sha256 included); None fits one in :meth:`fit` on the float embeddings of ``X``.
+            One fitted on another artifact or under another long-text policy is refused in
+            :meth:`fit` (:mod:`embedkit.encoders.calibrations`).
 
     Images may be paths, bytes, PIL images or numpy arrays (H, W[, C]); see
     :mod:`embedkit.inputs.image` for the decoding policy.
@@ -104,22 +107,29 @@ class Embedder(TransformerMixin, BaseEstimator):
 
         Raises UsageError for an unknown precision, dimensions above the backbone's, or int8 /
         uint8 with neither a calibration nor X (at least 2 items embedded)."""
-        compact = as_compact(self.dimensions, self.precision, self.calibration) \
-            if self.precision not in CALIBRATED or self.calibration is not None else None
+        compact, fitted = compact_for(self.dimensions, self.precision, self.calibration) \
+            if self.precision not in CALIBRATED or self.calibration is not None else (None, None)
         artifact = resolve(self.backbone, self.store)
         Compact(self.dimensions).output_dim(artifact.dim)
+        if artifact.modality == "text":
+            refuse_idle_chunk_options(self._text_policy())
         self.artifact_path_ = str(artifact.path)
         self.digest_ = artifact.digest
         self.backbone_name_ = artifact.name
         self.modality_ = artifact.modality
         self._encoder = None
+        if compact is not None:  # dimensions == D is every dimension; a given calibration fits this backbone
+            compact = checked_compact(compact, fitted, artifact, self._text_policy())
         if self.precision in CALIBRATED and self.calibration is None:
             if X is None:
                 raise UsageError(f"precision={self.precision!r} needs a calibration: pass calibration=, or fit(X) "
                                  "on items to fit one on")
             result = self._get_encoder().encode(as_items(X, artifact.modality))
-            compact = Compact.fitted(result.vectors[np.asarray(result.ok, bool)], self.dimensions, self.precision,
-                                     source=f"Embedder.fit:{artifact.name}/{artifact.digest[:12]}")
+            tag = policy_tag(policy_of(**self._text_policy())) if artifact.modality == "text" else ""
+            dims = None if self.dimensions == artifact.dim else self.dimensions
+            compact = Compact.fitted(result.vectors[np.asarray(result.ok, bool)], dims, self.precision,
+                                     source=f"Embedder.fit:{artifact.name}/{artifact.digest[:12]}"
+                                     + (f".{tag}" if tag else ""))
         self.compact_ = compact
         self.n_features_out_ = artifact.dim if compact is None else compact.width(artifact.dim)
         return self
@@ -137,11 +147,20 @@ class Embedder(TransformerMixin, BaseEstimator):
                 options.update(batch_size=self.batch_size, workers=self.workers,
                                max_pixels=self.max_pixels, reject_blank=self.reject_blank)
             else:
-                options.update(batch_tokens=self.batch_tokens, truncate=self.truncate, empty=self.empty, long=self.long,
-                               chunk_overlap=self.chunk_overlap, max_chunks=self.max_chunks)
+                options.update(batch_tokens=self.batch_tokens, empty=self.empty, **self._text_policy())
             encoder = encoder_for(artifact, **options)
             self._encoder = encoder
         return encoder
+
+    def _text_policy(self) -> dict[str, Any]:
+        """The long-text options for the encoder: ``chunk_overlap`` / ``max_chunks`` only where they
+        apply (``long="chunk"``) or were changed from their defaults (then refused elsewhere)."""
+        policy: dict[str, Any] = {"truncate": self.truncate, "long": self.long}
+        for key, default in (("chunk_overlap", 32), ("max_chunks", 64)):
+            value = getattr(self, key)
+            if self.long == "chunk" or value != default:
+                policy[key] = value
+        return policy
 
     def transform(self, X: Any) -> np.ndarray:
         """Embed ``X``: a sequence of texts or images, a 1-D array or Series, or a one-column frame

@@ -13,12 +13,15 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Iterable
 
-from .encoders import tuning
-from .encoders.compact import as_compact, compact_result
+from .encoders import calibrations, tuning
+from .encoders.calibrations import FittedOn
+from .encoders.compact import Compact, compact_result
 from .encoders.embeddings import Embeddings
 from .encoders.image import IMAGE_OPTIONS, ImageEncoder
 from .encoders.text import TEXT_OPTIONS, TextEncoder
+from .errors import UsageError
 from .inputs.image import refuse_single_image
+from .inputs.windows import long_policy
 from .models.resolve import resolve
 from .models.store import Artifact
 from .runtimes.records import recorded
@@ -43,6 +46,15 @@ def _measure_first_use(artifact: Artifact, device: str, tune: bool | None) -> No
     tuning.first_use(artifact, device)
 
 
+def refuse_idle_chunk_options(options: dict[str, Any]) -> None:
+    """UsageError when ``chunk_overlap`` / ``max_chunks`` are given (not None) while the long-text
+    policy is not ``"chunk"``: they would change nothing, silently (the CLI refuses the same)."""
+    given = [k for k in ("chunk_overlap", "max_chunks") if options.get(k) is not None]
+    if given and long_policy(options.get("long") or "truncate", options.get("truncate")) != "chunk":
+        raise UsageError(f"{' and '.join(given)} apply with long='chunk'; this policy is "
+                         f"long={options.get('long') or 'truncate'!r}")
+
+
 def encoder_for(artifact: Artifact, tune: bool | None = None, **options: Any) -> "TextEncoder | ImageEncoder":
     """The encoder for the artifact's modality; options of the other modality are refused.
 
@@ -56,6 +68,8 @@ def encoder_for(artifact: Artifact, tune: bool | None = None, **options: Any) ->
         raise TypeError(
             f"{', '.join(unknown)} do not apply to {artifact.modality} backbones; options: {', '.join(allowed)}"
         )
+    if cls is TextEncoder:
+        refuse_idle_chunk_options(options)
     if options.get("runtime", "auto") in ("auto", None):
         _measure_first_use(artifact, actual_device(options.get("device") or "cpu"), tune)
     return cls(artifact, **{k: v for k, v in options.items() if k in allowed and v is not None})
@@ -86,14 +100,38 @@ def embed(
     ``precision`` ``"int8"`` / ``"uint8"`` (with ``calibration``: a :class:`~embedkit.encoders.compact.Calibration`
     or its record, e.g. from ``embedkit store calibration``), ``"binary"`` (sign bits packed, uint8
     ``(N, ceil(d / 8))``) or ``"float32"`` (default). ``vectors`` are then the compact rows (failed
-    items' rows zero, NaN for float32) and ``compact`` says how. UsageError (before any work) for
-    an unknown precision, int8 / uint8 without a calibration, dimensions above D or unlike the calibration's.
+    items' rows zero, NaN for float32) and ``compact`` says how; ``dimensions`` equal to D is every
+    dimension (plain vectors). UsageError (before any work) for an unknown precision, int8 / uint8
+    without a calibration, dimensions above D or unlike the calibration's, a calibration record
+    without its sha256, or ``chunk_overlap`` / ``max_chunks`` without ``long="chunk"``;
+    :class:`~embedkit.encoders.calibrations.CalibrationMismatchError` (a UsageError) for a
+    calibration fitted on another artifact or under another long-text policy
+    (:mod:`embedkit.encoders.calibrations`).
     """
-    compact = as_compact(dimensions, precision, calibration)
+    compact, fitted = compact_for(dimensions, precision, calibration)
     artifact = resolve(backbone, store)
-    if compact is not None:
-        compact.output_dim(artifact.dim)
     if artifact.modality == "image":
         refuse_single_image(items, "embed's items")  # one (H, W, 3) photo is never embedded as H strips
+    compact = checked_compact(compact, fitted, artifact, options)
     result = encoder_for(artifact, **options).encode(items, progress=progress)
     return result if compact is None else compact_result(result, compact)
+
+
+def compact_for(dimensions: int | None, precision: str, calibration: Any) -> tuple[Compact, FittedOn | None]:
+    """The Compact of ``embed`` / ``Embedder`` parameters (``calibration``: a Calibration, its record or
+    a calibration file's record) and what its calibration was fitted on; UsageError before any work."""
+    cal, fitted = calibrations.read(calibration) if calibration is not None else (None, None)
+    return Compact(dimensions, precision, cal), fitted
+
+
+def checked_compact(compact: Compact, fitted: FittedOn | None, artifact: Artifact, options: dict[str, Any],
+                    what: str = "the calibration") -> Compact | None:
+    """``compact`` for ``artifact`` (None when it changes nothing: float32 with every dimension,
+    ``dimensions`` equal to D included), its calibration checked against what it was ``fitted`` on:
+    CalibrationMismatchError for another artifact or long-text policy (``options``: the encoder's)."""
+    compact = compact.for_dim(artifact.dim)
+    if fitted is not None:
+        policy = None if artifact.modality == "image" else calibrations.policy_of(
+            options.get("long"), options.get("chunk_overlap"), options.get("max_chunks"), options.get("truncate"))
+        calibrations.check(fitted, artifact.digest, artifact.name, policy, what)
+    return None if compact.is_float else compact

@@ -146,9 +146,14 @@ def test_saved_binary_index_rescores_from_the_float_namespace_and_says_so(corpus
     distances, indices = nn.kneighbors(embedkit.embed(queries, backbone=str(tiny64.path)).vectors)
     assert [[h["id"] for h in q] for q in hits] == [[str(ids[i]) for i in row] for row in indices]
     np.testing.assert_allclose([[h["distance"] for h in q] for q in hits], distances, atol=1e-6)
-    # Hamming only, and with the feature store gone: rescored by the bits themselves
+    # Hamming only, and with the recorded feature store gone: rescored by the bits themselves
     assert all(h["rescored"] is None for q in embedkit.search(binary, queries, k=5, rescore=0) for h in q)
-    assert all(h["rescored"] == "bits" for q in embedkit.search(binary, queries, k=5, features=tmp_path) for h in q)
+    meta["features"] = str(tmp_path / "gone")
+    (binary / "index.json").write_text(json.dumps(meta))
+    assert all(h["rescored"] == "bits" for q in embedkit.search(binary, queries, k=5) for h in q)
+    # a store named explicitly must serve: a folder that is not one is an error, never the bits
+    with pytest.raises(embedkit.StoreError, match="not a feature store"):
+        embedkit.search(binary, queries, k=5, features=tmp_path)
 
 
 def test_int8_index_and_cli_search_of_compact_namespaces(corpus, tiny64, tmp_path):

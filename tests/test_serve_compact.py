@@ -21,6 +21,7 @@ import embedkit  # noqa: E402
 from embedkit.encoders.compact import Calibration, Compact  # noqa: E402
 
 TEXTS = ["the card was declined", "how do I top up?", "a", "where is my refund for the order I placed last week"]
+TRUNCATE = {"long": "truncate", "chunk_overlap": None, "max_chunks": None}  # the server's long-text policy
 CALIBRATION_TEXTS = ["my card has not arrived", "exchange rate for euros", "top up failed twice", "I lost my wallet",
                      "why was I charged a fee", "cash withdrawal not recognised", "change my PIN", "refund pending"]
 
@@ -93,7 +94,7 @@ def test_dimensions_truncates_and_renormalises_as_compact_does(server, setup):
     np.testing.assert_allclose(got, expected, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert r.json()["embedkit"] == {"precision": "float32", "dimensions": 4, "calibration": None,
-                                    "digest": setup["text"].digest}
+                                    "digest": setup["text"].digest, **TRUNCATE}
     b64 = post(server, {"model": "a", "input": TEXTS[:1], "dimensions": 4, "encoding_format": "base64"})
     import base64
 
@@ -135,7 +136,7 @@ def test_int8_and_uint8_use_the_servers_calibration_for_that_backbone(server, se
         expected = Compact(None, fmt, setup["full"]).apply(library(setup))
         np.testing.assert_array_equal(embeddings(r), expected)
         assert r.json()["embedkit"] == {"precision": fmt, "dimensions": 8, "calibration": setup["full"].digest,
-                                        "digest": setup["text"].digest}
+                                        "digest": setup["text"].digest, **TRUNCATE}
     r = post(server, {"model": "a", "input": TEXTS, "encoding_format": "int8", "dimensions": 4})
     np.testing.assert_array_equal(embeddings(r), Compact(4, "int8", setup["four"]).apply(library(setup)))
     assert r.json()["embedkit"]["calibration"] == setup["four"].digest
@@ -195,3 +196,56 @@ def test_predict_with_an_embedder_that_makes_int8_rows_feeds_its_head_those_rows
     assert got == pipe.predict(TEXTS + CALIBRATION_TEXTS).tolist()
     proba = np.array([[p["probabilities"][c] for c in pipe.classes_] for p in r.json()["predictions"]])
     np.testing.assert_allclose(proba, pipe.predict_proba(TEXTS + CALIBRATION_TEXTS), atol=1e-6)
+
+
+def test_a_precision_field_is_a_typed_422_naming_encoding_format(server):
+    r = post(server, {"model": "a", "input": TEXTS[:1], "precision": "int8"})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_encoding_format" and error["param"] == "precision"
+    assert "encoding_format" in error["message"]
+
+
+def test_image_backbones_compact_vectors_are_a_library_feature_and_the_refusal_says_so(server, setup):
+    for path, body in (("/v1/embeddings", {"model": "img", "input": "x", "dimensions": 4}),
+                       ("/embed", {"model": "img", "images": ["aGVsbG8="], "dimensions": 4})):
+        r = post(server, body, path=path)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_dimensions", r.text
+        assert "library and command-line feature" in r.json()["error"]["message"]
+    from tiny import png
+
+    rows = embedkit.embed([png(1), png(2)], backbone=str(setup["image"].path), dimensions=4, precision="binary")
+    assert rows.vectors.shape == (2, 1) and rows.compact == {"precision": "binary", "dimensions": 4}
+
+
+def test_a_chunking_server_names_its_policy_refuses_what_never_fits_and_uses_calibrations_of_their_backbone(
+        setup, tmp_path):
+    text, other = setup["text"], setup["other"]
+    calib = embedkit.embed(CALIBRATION_TEXTS, backbone=str(text.path), long="chunk", chunk_overlap=8).vectors
+    # bare records: one whose source names backbone a (a store namespace of chunked texts), one naming nothing
+    named = Calibration.fit(calib, source=f"store:{text.name}/{text.digest[:12]}.chunk-o8-m64")
+    anonymous = Calibration.fit(Compact(4).truncate(calib), source="my own vectors")
+    (tmp_path / "named.json").write_text(json.dumps(named.to_dict()))
+    (tmp_path / "anon.json").write_text(json.dumps(anonymous.to_dict()))
+    with Server("--backbone", f"a={text.path}", "--backbone", f"b={other.path}", "--long", "chunk",
+                "--chunk-overlap", "8", "--max-queue", "8", "--calibration", str(tmp_path / "named.json"),
+                "--calibration", str(tmp_path / "anon.json")) as s:
+        r = post(s, {"model": "a", "input": TEXTS, "encoding_format": "int8"})
+        assert r.status_code == 200, r.text
+        assert r.json()["embedkit"] == {"precision": "int8", "dimensions": 8, "calibration": named.digest,
+                                        "digest": text.digest, "long": "chunk", "chunk_overlap": 8, "max_chunks": 64}
+        r = post(s, {"model": "b", "input": TEXTS, "encoding_format": "int8"})  # a's calibration is never b's
+        assert r.status_code == 422 and r.json()["error"]["code"] == "calibration_mismatch", r.text
+        r = post(s, {"model": "b", "input": TEXTS, "encoding_format": "int8", "dimensions": 4})
+        assert r.status_code == 200 and r.json()["embedkit"]["calibration"] == anonymous.digest, r.text
+        # one text of ~20 windows can never fit a queue of 8: 413, not a 429 that retrying never cures
+        r = post(s, {"model": "a", "input": "the card I ordered has not arrived " * 150})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_windows", r.text
+        assert "Retry-After" not in r.headers and "--max-queue" in r.json()["error"]["message"]
+        r = post(s, {"model": "a", "input": [f"text {i}" for i in range(9)]})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_windows", r.text
+        r = post(s, {"model": "a", "texts": [f"text {i}" for i in range(9)]}, path="/embed")
+        assert r.status_code == 413, r.text
+        assert s.stop() == 0
+        log = s.stderr
+    assert "names no artifact" in log and "my own vectors" in log  # the anonymous record, said at start-up

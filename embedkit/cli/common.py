@@ -158,26 +158,48 @@ def backbone_arg(p: argparse.ArgumentParser) -> None:
                    "backbone; when it holds several, the error lists them)")
 
 
-def namespace_of(features: str | Path, backbone: str | None) -> Any:
-    """The feature-store namespace a command works on: ``backbone`` when given, else the only plain
-    one (float32, long texts truncated; compact and chunked namespaces are found by name).
+def long_args(p: argparse.ArgumentParser, what: str = "use") -> None:
+    """``--long``, ``--chunk-overlap``, ``--max-chunks`` of commands that read a feature store: which
+    namespace, by how its texts were embedded (``extract --long chunk`` makes a namespace of its own)."""
+    p.add_argument("--long", choices=["truncate", "chunk"], default=None,
+                   help=f"{what} the namespace of long texts truncated (default) or chunked and pooled "
+                   "(made by extract --long chunk); new texts are embedded the same way")
+    p.add_argument("--chunk-overlap", type=non_negative_int, metavar="N",
+                   help="with --long chunk: the namespace chunked with this overlap (when the store holds several)")
+    p.add_argument("--max-chunks", type=positive_int, metavar="N",
+                   help="with --long chunk: the namespace chunked with at most N windows (when the store holds several)")
+
+
+def variant_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The namespace a command asked for (``precision``, ``dimensions``, ``long``, ``chunk_overlap``,
+    ``max_chunks``: whichever the command has), as :meth:`FeatureStore.find` takes it.
 
     Raises:
-        StoreError: no namespace, or several and no ``backbone`` (the message lists them).
+        UsageError: ``--chunk-overlap`` / ``--max-chunks`` without ``--long chunk``.
     """
-    from ..errors import StoreError
-    from ..features.store import FeatureStore
+    out: dict[str, Any] = {k: getattr(args, k) for k in ("precision", "dimensions") if getattr(args, k, None) is not None}
+    long = getattr(args, "long", None) or "truncate"
+    narrowed = [f"--{k.replace('_', '-')}" for k in ("chunk_overlap", "max_chunks") if getattr(args, k, None) is not None]
+    if narrowed and long != "chunk":
+        raise UsageError(f"{' and '.join(narrowed)} choose among chunked namespaces: add --long chunk")
+    out["long"] = long
+    out.update({k: getattr(args, k) for k in ("chunk_overlap", "max_chunks") if getattr(args, k, None) is not None})
+    return out
 
-    store = FeatureStore(features)
-    if backbone is not None:
-        return store.find(backbone)
-    spaces = [n for n in store.namespaces() if not n.variant]  # compact / chunked namespaces: asked for by name
-    if len(spaces) == 1:
-        return spaces[0]
-    if not spaces:
-        raise StoreError(f"{features} holds no features; run `embedkit extract SOURCE --out {features}` first")
-    names = ", ".join(sorted(f"{n.name} ({n.digest[:12]})" for n in spaces))
-    raise StoreError(f"{features} holds features of several backbones: {names}; choose one with --backbone NAME")
+
+def namespace_of(features: str | Path, backbone: str | None, **variant: Any) -> Any:
+    """The feature-store namespace a command works on: of ``backbone`` when given, else of the store's
+    only backbone with vectors made as ``variant`` asks (precision, dimensions, long-text policy;
+    default: plain float32 vectors of truncated texts).
+
+    Raises:
+        StoreError: no such namespace (the message lists what the store holds and the flags that ask
+            for it), several backbones and no ``backbone``, or several namespaces that answer (the
+            message says what tells them apart).
+    """
+    from ..heads.namespaces import find
+
+    return find(features, backbone, style="cli", **variant)
 
 
 @contextlib.contextmanager

@@ -44,36 +44,31 @@ def add_compact_arguments(p: argparse.ArgumentParser, command: str) -> None:
                        help="--precision int8 / uint8: the calibration record (JSON) to quantise with, as "
                        "`embedkit store calibration` writes it (required for int8 / uint8; no default)")
     else:
-        p.add_argument("--calibration-rows", type=two_or_more, default=CALIBRATION_ROWS, metavar="N",
+        p.add_argument("--calibration-rows", type=two_or_more, metavar="N",
                        help="--precision int8 / uint8, first run: fit the ranges on a seeded sample of at most N "
                        f"stored vectors, recorded and reused by every later run (default {CALIBRATION_ROWS})")
 
 
-def compact_of_args(args: argparse.Namespace, artifact: Any) -> Any:
-    """The Compact of ``embed --precision/--dimensions/--calibration`` (None: plain float32), checked
-    against the artifact before any work. Raises UsageError."""
-    from ..encoders.compact import as_compact
+def compact_of_args(args: argparse.Namespace, artifact: Any, policy: dict[str, Any] | None = None) -> Any:
+    """The Compact of ``embed --precision/--dimensions/--calibration`` (None: plain float32, as with
+    ``--dimensions`` equal to the backbone's), checked against the artifact and the long-text
+    ``policy`` (the encoder options of ``--long``...) before any work. Raises UsageError (a
+    CalibrationMismatchError for a calibration fitted on another backbone or long-text policy)."""
+    from ..encoder import checked_compact
+    from ..encoders.calibrations import read_file
+    from ..encoders.compact import Compact
     from ..errors import UsageError
 
-    record = None
+    cal = fitted = None
     if args.calibration is not None:
         if args.precision not in ("int8", "uint8"):
             raise UsageError(f"--calibration applies to --precision int8 / uint8, not {args.precision}")
-        try:
-            record = json.loads(Path(args.calibration).read_text())
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"--calibration {args.calibration}: not a calibration record: {exc}") from None
-        fitted_on = record.get("digest") if isinstance(record, dict) else None
-        if fitted_on not in (None, artifact.digest):
-            raise UsageError(f"--calibration {args.calibration} was fitted on vectors of {record.get('backbone')} "
-                             f"({str(fitted_on)[:12]}), not of {artifact.name} ({artifact.digest[:12]})")
+        cal, fitted = read_file(args.calibration)  # a missing or wrong sha256 is refused here
     elif args.precision in ("int8", "uint8"):
         raise UsageError(f"--precision {args.precision} needs --calibration FILE (write one from a feature store "
                          "with `embedkit store calibration STORE --backbone NAME -o FILE`)")
-    compact = as_compact(args.dimensions, args.precision, record)
-    if compact is not None:
-        compact.output_dim(artifact.dim)
-    return compact
+    return checked_compact(Compact(args.dimensions, args.precision, cal), fitted, artifact, policy or {},
+                           what=f"--calibration {args.calibration}")
 
 
 def add_parsers(sub: Any) -> None:
@@ -116,6 +111,17 @@ def _check_action(args: argparse.Namespace) -> None:
         raise UsageError("`store calibration` needs --out FILE")
     if args.long != "chunk" and (args.chunk_overlap is not None or args.max_chunks is not None):
         raise UsageError("--chunk-overlap and --max-chunks apply with --long chunk")
+    refuse_idle_calibration_rows(args, "int8")
+
+
+def refuse_idle_calibration_rows(args: argparse.Namespace, default: str = "float32") -> None:
+    """``--calibration-rows`` without ``--precision int8 / uint8`` would change nothing: UsageError."""
+    from ..errors import UsageError
+
+    precision = args.precision or default
+    if getattr(args, "calibration_rows", None) is not None and precision not in ("int8", "uint8"):
+        raise UsageError(f"--calibration-rows applies with --precision int8 / uint8 (the ranges it fits), "
+                         f"not {precision}")
 
 
 def _variant(args: argparse.Namespace, default: str) -> dict[str, Any]:
@@ -192,8 +198,7 @@ def store_compact(store: Any, args: argparse.Namespace) -> int:
     """``store compact``: :func:`embedkit.compact_features` of one backbone; the report on stdout with ``--json``."""
     from ..features.compaction import compact
 
-    report = compact(store, args.backbone, **_variant(args, "int8"),
-                     calibration_rows=args.calibration_rows or CALIBRATION_ROWS)
+    report = compact(store, args.backbone, **_variant(args, "int8"), calibration_rows=args.calibration_rows)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     print(report.summary(), file=sys.stderr)
@@ -202,6 +207,7 @@ def store_compact(store: Any, args: argparse.Namespace) -> int:
 
 def store_calibration(store: Any, args: argparse.Namespace) -> int:
     """``store calibration``: the recorded ranges of an int8 / uint8 namespace, written to a new file."""
+    from ..encoders.calibrations import policy_record
     from ..errors import OutputExistsError, OutputFolderMissingError, UsageError
 
     want = _variant(args, "int8")
@@ -214,9 +220,11 @@ def store_calibration(store: Any, args: argparse.Namespace) -> int:
         raise OutputFolderMissingError(f"cannot write {out}: its folder {out.absolute().parent} does not exist")
     ns = store.find(args.backbone, **want)
     cal = ns.compact.calibration
+    # the full long-text policy of the vectors it was fitted on: embed and serve refuse it under another
+    policy = {k: ns.variant.get(k) for k in ("long", "chunk_overlap", "max_chunks")} if ns.variant.get("long") else {}
     record = {"kind": "embedkit.calibration", "backbone": ns.name, "digest": ns.digest, "namespace": ns.key,
               "precision": ns.compact.precision, "dimensions": ns.compact.dimensions,
-              "long": ns.variant.get("long", "truncate"), "calibration": cal.to_dict()}
+              **policy_record(policy), "calibration": cal.to_dict()}
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps(record, indent=2) + "\n")

@@ -23,7 +23,7 @@ from .common import (
     store_arg,
 )
 from .feature_store import COMMANDS as STORE_COMMANDS
-from .feature_store import add_compact_arguments, compact_of_args
+from .feature_store import add_compact_arguments, compact_of_args, refuse_idle_calibration_rows
 from .feature_store import add_parsers as add_store_parser
 
 
@@ -122,8 +122,10 @@ def read_items(path: Path, modality: str, column: str | None) -> tuple[list[Any]
     return payloads, extra
 
 
-def _parquet_table(result: Any, extra: dict[str, list[Any]], artifact: Any) -> Any:
-    """One schema for every run: ``error_code``/``error_message`` are nullable strings even when nothing failed."""
+def _parquet_table(result: Any, extra: dict[str, list[Any]], artifact: Any, long: dict[str, Any] | None = None) -> Any:
+    """One schema for every run: ``error_code``/``error_message`` are nullable strings even when nothing failed.
+    The schema metadata is the provenance: ``embedkit.digest``, ``embedkit.backbone``, ``embedkit.compact``
+    (compact rows) and ``embedkit.long`` (texts: the long-text policy, ``{"long", "chunk_overlap", "max_chunks"}``)."""
     import numpy as np
     import pyarrow as pa
 
@@ -143,6 +145,8 @@ def _parquet_table(result: Any, extra: dict[str, list[Any]], artifact: Any) -> A
     ]
     table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
     compact = {"embedkit.compact": json.dumps(result.compact)} if getattr(result, "compact", None) else {}
+    if long is not None:
+        compact["embedkit.long"] = json.dumps(long)
     return table.replace_schema_metadata({"embedkit.digest": artifact.digest, "embedkit.backbone": artifact.name,
                                           **compact})
 
@@ -169,6 +173,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..encoder import encoder_for
+    from ..encoders.calibrations import policy_record
     from ..errors import UsageError
     from ..fs.atomic import staged_file
     from ..fs.outputs import check_output, errors_path, remember
@@ -180,7 +185,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     check_output(out, "embeddings", inputs=[args.input])  # before any work: never the input, never a foreign file
     artifact = resolve(args.backbone, args.store)
     policy = long_options(args, artifact.modality)  # before reading: a usage error costs nothing
-    compact = compact_of_args(args, artifact)  # --precision / --dimensions / --calibration, before any work
+    compact = compact_of_args(args, artifact, policy)  # --precision / --dimensions / --calibration, before any work
     items, extra = read_items(Path(args.input), artifact.modality, args.column)
     if artifact.modality == "image":
         encoder = encoder_for(
@@ -207,7 +212,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         import pyarrow.parquet as pq
 
         with staged_file(out) as tmp, open(tmp, "wb") as f:  # a file object: pyarrow cannot name non-UTF-8 paths
-            pq.write_table(_parquet_table(result, extra, artifact), f)
+            long = policy_record(encoder.identity(), encoder.long) if unit == "text" else None
+            pq.write_table(_parquet_table(result, extra, artifact, long), f)
     else:
         # Written beside the target and renamed over it: an interrupted run leaves the earlier
         # output whole. The journal records the new file as embed's own before the rename.
@@ -231,6 +237,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         detail += f", {s.chunked} chunked ({s.chunks} windows)"
     rate = f"; {s.ok / max(result.seconds, 1e-9):.0f} {unit}s/s" if s.ok else ""  # no rate for nothing done
     where = f" (errors: {errors_path(out).name})" if result.errors else ""
+    if result.errors and compact is not None and compact.dtype.kind != "f":  # int8 / uint8 / binary rows
+        where = (f" (failed rows are zeros, a valid {compact.precision} vector: which rows failed is in "
+                 f"{errors_path(out).name}" + (" and the ok column" if out.suffix == ".parquet" else "") + ")")
     print(f"{s.total} {unit}s: {s.ok} ok, {s.failed} failed{detail}{rate} -> {out}{where}", file=sys.stderr)
     if not s.ok:
         hint = missing_files_hint([e.code for e in result.errors], Path(args.input))
@@ -252,6 +261,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
                                 ("--gpus-per-worker", args.gpus_per_worker)) if v is not None]
         if given:
             raise UsageError(f"{', '.join(given)} apply to --engine ray")
+    refuse_idle_calibration_rows(args)
     check_output(args.out, "feature-store", inputs=[args.source])  # before the backbone is resolved (or exported)
     artifact = resolve(args.backbone, args.store)
     options: dict[str, Any] = {"device": args.device, "threads": args.threads, "runtime": args.runtime}

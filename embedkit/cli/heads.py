@@ -18,11 +18,13 @@ from .common import (
     fraction,
     input_or_stdin,
     labels_source,
+    long_args,
     namespace_of,
     positive_int,
     progress_bar,
     published_dir,
     store_arg,
+    variant_args,
 )
 
 HEAD_CHOICES = ["logreg", "linear-svm", "ridge", "mlp", "knn", "faiss-knn", "binary-knn"]
@@ -95,6 +97,7 @@ def add_parsers(sub: Any) -> None:
                    "(default float32)")
     p.add_argument("--dimensions", type=positive_int,
                    help="train on the namespace of vectors truncated to N dimensions, renormalised (default: all)")
+    long_args(p, "train on")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     store_arg(p)
@@ -147,14 +150,15 @@ def cmd_train_head(args: argparse.Namespace) -> int:
 
     from ..heads.training import train_head
 
-    namespace = namespace_of(args.features, args.backbone)
+    namespace = namespace_of(args.features, args.backbone, **variant_args(args))
+    chunked = {k: namespace.variant[k] for k in ("long", "chunk_overlap", "max_chunks") if k in namespace.variant}
     params = parse_params(args.param)
     with flag_errors(), progress_bar("train-head", 1 + args.cv, "fit", not args.no_progress) as bar:
         report, model = train_head(
             args.features, namespace.digest, args.labels, head=args.head, params=params, out=args.out,
             label_column=args.label_column, id_column=args.id_column, column=args.column, cv=args.cv,
             test_size=args.test_size, store=args.store, progress=bar.update_to, precision=args.precision,
-            dimensions=args.dimensions,
+            dimensions=args.dimensions, **chunked,
         )
     for note in report.notes + numeric_label_notes(report.per_class, args.label_column):
         print(f"note: {note}", file=sys.stderr)
@@ -163,6 +167,9 @@ def cmd_train_head(args: argparse.Namespace) -> int:
         return 0
     compact = "" if args.precision == "float32" and args.dimensions is None else \
         f" {args.precision} features" + (f" of {args.dimensions} dimensions" if args.dimensions else "")
+    if chunked:
+        compact += (f" of chunked texts (overlap {chunked['chunk_overlap']}, at most {chunked['max_chunks']} windows; "
+                    "new texts are chunked the same way)")
     print(f"{args.head} on {namespace.name} ({namespace.digest[:12]}){compact}: {report.n_train} train / {report.n_test} "
           f"held-out items, {report.classes} classes, {report.unlabelled} stored items without a label")
     print(f"accuracy {report.accuracy:.4f}  macro-F1 {report.macro_f1:.4f}  fit {report.fit_seconds:.2f}s"

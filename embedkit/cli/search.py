@@ -2,22 +2,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import EmbedkitError
 from .common import (
     backbone_arg,
     existing_dir,
     existing_file,
+    long_args,
     non_negative_int,
     positive_float,
     positive_int,
     published_dir,
     store_arg,
+    variant_args,
 )
 
 PRECISIONS = ("float32", "int8", "uint8", "binary")
@@ -27,6 +30,24 @@ RESCORE = 100  # embedkit.heads.binary.RESCORE (not imported: --help stays light
 # "file.txt:line 3", an image path, or "item 4" for an in-memory iterable.
 _LOCATOR = re.compile(r"^(?P<file>.+):(?P<unit>row|line) (?P<n>\d+)$")
 _CONTENT_ID = re.compile(r"^[0-9a-f]{32}$")
+# The library's errors name its Python parameters (``nprobe: ...``, ``k=100``); the user typed flags.
+_PARAMETER = re.compile(r"(?<![\w/.-])(k|nprobe|rescore|features|memory_budget_mb|index|chunk_overlap|max_chunks)(=|: )")
+_FLAGS = {"k": "-k", "index": "--kind"}
+
+
+@contextlib.contextmanager
+def flag_errors() -> Iterator[None]:
+    """Re-raise a library error with the command's flags in place of the Python parameters it names."""
+    try:
+        yield
+    except EmbedkitError as exc:
+        message = str(exc)
+        if exc.args == (message,):  # a plain message (not one an exception class formats itself)
+            def flag(m: re.Match[str]) -> str:
+                name = _FLAGS.get(m[1], "--" + m[1].replace("_", "-"))
+                return f"{name} " if m[2] == "=" else f"{name}: "
+            exc.args = (_PARAMETER.sub(flag, message),)
+        raise
 
 
 def add_parsers(sub: Any) -> None:
@@ -38,10 +59,13 @@ def add_parsers(sub: Any) -> None:
                    help="default: cosine")
     p.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq", "ivf"],
                    help="default: auto; binary rows take auto, flat or ivf (IndexBinaryIVF), the others auto, flat, "
-                   "hnsw or ivfpq (ivf: ivfpq)")
-    p.add_argument("--memory-budget-mb", type=positive_float, help="index memory budget in MB (auto kind)")
+                   "hnsw or ivfpq (ivf: ivfpq; at least 256 rows)")
+    p.add_argument("--memory-budget-mb", type=positive_float,
+                   help="index memory budget in MB (--kind auto on float rows: IVF-PQ when HNSW would exceed it)")
     compact_args(p, "index")
-    p.add_argument("--nprobe", type=positive_int, default=16, help="IVF lists searched per query (default 16)")
+    long_args(p, "index")
+    p.add_argument("--nprobe", type=positive_int,
+                   help="IVF indexes: lists searched per query, recorded as search's default (default 16)")
 
     p = sub.add_parser("search", help="nearest stored items for raw queries (texts or image paths)")
     p.intermixed = True  # search INDEX -k 3 "query" as well as search INDEX "query" -k 3
@@ -57,9 +81,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--backbone", help="a feature store: the backbone (default: the store's only one)")
     compact_args(p, "search")
-    p.add_argument("--nprobe", type=positive_int, help="IVF lists searched per query (default: as indexed)")
+    long_args(p, "search (a feature store)")
+    p.add_argument("--nprobe", type=positive_int, help="IVF index: lists searched per query (default: as indexed)")
     p.add_argument("--features", type=existing_dir, metavar="DIR",
-                   help="binary index: the feature store whose float32 rows rescore it (default: the one indexed)")
+                   help="binary index: the feature store whose float32 rows rescore it (default: the one indexed, "
+                   "else the bits); one that is not a store, holds another backbone or lacks an id is an error")
     store_arg(p)
 
 
@@ -72,25 +98,33 @@ def compact_args(p: Any, command: str) -> None:
                    "(default float32)")
     p.add_argument("--dimensions", type=positive_int,
                    help=f"{where} the namespace of vectors truncated to N dimensions (default: all)")
-    p.add_argument("--rescore", type=non_negative_int, default=None if command == "search" else RESCORE,
-                   help="binary rows: Hamming candidates ranked again by the float query against the float32 "
+    p.add_argument("--rescore", type=non_negative_int, default=None,
+                   help="binary rows only: Hamming candidates ranked again by the float query against the float32 "
                    f"rows of the same store (or their bits as -1/+1 when that store has none); 0: Hamming only "
                    f"(default {'as indexed, or ' if command == 'search' else ''}{RESCORE})")
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from ..heads.indexes import check_options
     from ..heads.persistence import save_index
     from .common import namespace_of
 
-    namespace = namespace_of(args.features, args.backbone)
-    path = save_index(args.features, namespace.digest, args.out, metric=args.metric, index=args.kind,
-                      memory_budget_mb=args.memory_budget_mb, precision=args.precision, dimensions=args.dimensions,
-                      rescore=args.rescore, nprobe=args.nprobe)
+    with flag_errors():
+        check_options(args.precision, args.kind, args.rescore, args.nprobe, args.memory_budget_mb)  # before any work
+        namespace = namespace_of(args.features, args.backbone, **variant_args(args))
+        chunked = {k: namespace.variant[k] for k in ("long", "chunk_overlap", "max_chunks") if k in namespace.variant}
+        path = save_index(args.features, namespace.digest, args.out, metric=args.metric, index=args.kind,
+                          memory_budget_mb=args.memory_budget_mb, precision=args.precision, dimensions=args.dimensions,
+                          rescore=args.rescore, nprobe=args.nprobe, **chunked)
     meta = json.loads((path / "index.json").read_text())
     compact = meta.get("compact") or {}
     made = f"{compact['precision']} rows of {meta['dim']} dimensions, " if compact else ""
+    if chunked:
+        made += f"chunked texts (overlap {chunked['chunk_overlap']}, at most {chunked['max_chunks']} windows), "
+    ivf = meta.get("ivf") or {}
+    built = ", ".join(f"{k} {v}" for k, v in ivf.items())
     print(f"{meta['rows']} items of {meta['backbone']['name']} ({meta['backbone']['digest'][:12]}), "
-          f"{made}{meta['index_kind']} index, {meta['metric']} -> {path}")
+          f"{made}{meta['index_kind']} index{f' ({built})' if built else ''}, {meta['metric']} -> {path}")
     return 0
 
 
@@ -155,27 +189,33 @@ def describe(hit: dict[str, Any], metric: str, texts: dict[str, tuple[int, Any, 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from ..errors import UsageError
-    from ..heads.indexes import RESCORE, search, search_store
+    from ..heads.indexes import search, search_store
     from .common import namespace_of
 
+    chosen = ("backbone", "precision", "dimensions", "long", "chunk_overlap", "max_chunks")
     if (Path(args.index) / "index.json").is_file():
-        given = [f"--{k}" for k in ("backbone", "precision", "dimensions") if getattr(args, k) is not None]
+        given = [f"--{k.replace('_', '-')}" for k in chosen if getattr(args, k) is not None]
         if given:
-            raise UsageError(f"{', '.join(given)}: an index searches the namespace it was built on; these choose "
-                             "the namespace of a feature store")
-        results = search(args.index, list(args.queries), k=args.k, store=args.store, rescore=args.rescore,
-                         nprobe=args.nprobe, features=args.features)
-        metric = json.loads((Path(args.index) / "index.json").read_text()).get("metric", "cosine")
+            raise UsageError(f"{', '.join(given)}: an index searches the namespace it was built on (and embeds the "
+                             "queries as its texts were); these choose the namespace of a feature store")
+        with flag_errors():
+            results = search(args.index, list(args.queries), k=args.k, store=args.store, rescore=args.rescore,
+                             nprobe=args.nprobe, features=args.features)
+        meta = json.loads((Path(args.index) / "index.json").read_text())
+        metric, indexed = meta.get("metric", "cosine"), meta.get("features")
     else:
         if args.features is not None or args.nprobe is not None:
             raise UsageError("--features and --nprobe apply to a saved index; a feature store is searched exactly "
                              "and rescored from its own float32 rows")
-        namespace = namespace_of(args.index, args.backbone)
-        results = search_store(args.index, namespace.digest, list(args.queries), k=args.k,
-                               precision=args.precision or "float32", dimensions=args.dimensions,
-                               rescore=RESCORE if args.rescore is None else args.rescore, store=args.store)
-        metric = "cosine"
-    if any(h.get("rescored", "") is None for hits in results for h in hits):
+        with flag_errors():
+            namespace = namespace_of(args.index, args.backbone, **variant_args(args))
+            chunked = {k: namespace.variant[k] for k in ("long", "chunk_overlap", "max_chunks") if k in namespace.variant}
+            results = search_store(args.index, namespace.digest, list(args.queries), k=args.k,
+                                   precision=args.precision or "float32", dimensions=args.dimensions,
+                                   rescore=args.rescore, store=args.store, **chunked)
+        metric, indexed = "cosine", args.index
+    rescored = {h.get("rescored", "") for hits in results for h in hits if "error" not in h}
+    if None in rescored:
         metric = "hamming"  # binary rows ranked by Hamming distance only (--rescore 0)
     name, _, higher = score(metric, 0.0)
     texts = matched_texts([h for hits in results for h in hits if "error" not in h], args.source, args.column)
@@ -186,6 +226,15 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(json.dumps(table, indent=2))
         return 0
     print(f"score: {name} ({'higher' if higher else 'lower'} is better); ranks and rows are 0-based, as df.iloc")
+    if None in rescored:
+        print("scored by Hamming distance between sign bits only (--rescore 0): no float rescoring")
+    elif "bits" in rescored:
+        why = ("this feature store holds no float32 rows of every item (extract them into it to rescore with them)"
+               if indexed == args.index else
+               f"the feature store the index was built from ({indexed}) no longer holds their float32 rows" if indexed
+               else "the index records no feature store")
+        print(f"scored against the candidates' sign bits as -1/+1, not float32 rows: {why}"
+              + ("" if indexed == args.index else "; pass --features DIR to rescore with a store's float32 rows"))
     unknown = False
     for entry in table:
         print(f"# {entry['query']}")

@@ -70,8 +70,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--calibration", action="append", default=[], type=existing_file, metavar="FILE",
                    help="int8 / uint8 ranges for /v1/embeddings encoding_format int8 | uint8: a JSON record as "
                    "`embedkit store calibration` writes it (used for the backbone whose digest it names) or a "
-                   "bare Calibration.to_dict() record (used for any served text backbone of its dimension "
-                   "count); repeatable. Without one, those formats answer 422 calibration_required")
+                   "bare Calibration.to_dict() record (used for the backbone its source names, else for any "
+                   "served text backbone of its dimension count, with a warning); its sha256 is required and "
+                   "its long-text policy must be --long's; repeatable. Without one, those formats answer 422 "
+                   "calibration_required")
     p.add_argument("--threads", type=positive_int, help="ONNX Runtime threads per model (default: all cores)")
     p.add_argument("--streams", type=positive_int, help="concurrent ONNX Runtime sessions (batch workers) per model "
                    "(default: the runtime's choice)")
@@ -108,23 +110,22 @@ def _api_key(args: argparse.Namespace) -> str | None:
     return key or None
 
 
-def _calibrations(files: list[str]) -> list[tuple[str | None, Any]]:
-    """``(artifact digest or None, Calibration)`` of each ``--calibration`` file; UsageError when one is
-    not a calibration record (or was altered: its sha256 no longer matches)."""
-    import json
-
-    from ..encoders.compact import Calibration
+def _calibrations(files: list[str], policy: dict[str, Any]) -> list[tuple[str | None, Any]]:
+    """``(artifact digest or its prefix, or None, Calibration)`` of each ``--calibration`` file: the
+    digest its record names (a file of `store calibration`), else the one its ``source`` names
+    (``store:NAME/DIGEST12...``), else None (offered to every text backbone of its dimension count,
+    with a warning). UsageError when one is not a verifiable calibration record (altered, or its
+    sha256 missing); CalibrationMismatchError when it was fitted under another long-text policy
+    than the server's ``policy`` (:func:`embedkit.encoders.calibrations.policy_of`)."""
+    from ..encoders.calibrations import check_policy, read_file, warn_unnamed
 
     out: list[tuple[str | None, Any]] = []
     for name in files:
-        try:
-            record = json.loads(Path(name).read_text())
-            if not isinstance(record, dict) or record.get("kind", "embedkit.calibration") != "embedkit.calibration":
-                raise ValueError("not a JSON object of kind embedkit.calibration")
-            digest = record.get("digest") if "calibration" in record else None
-            out.append((str(digest) if digest else None, Calibration.from_dict(record.get("calibration", record))))
-        except (OSError, ValueError) as exc:  # UsageError is a ValueError
-            raise UsageError(f"--calibration {name}: not a calibration record: {exc}") from None
+        cal, fitted = read_file(name)
+        check_policy(fitted, policy, what=f"--calibration {name}")
+        if not fitted.named:
+            warn_unnamed(fitted, "any served text backbone", what=f"--calibration {name}")
+        out.append((fitted.digest, cal))
     return out
 
 
@@ -135,6 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..errors import MissingDependencyError
 
         raise MissingDependencyError("uvicorn", "serve", "embedkit serve") from None
+    from ..encoders.calibrations import policy_of
     from ..serve.app import Limits, Settings, create_app
     from ..serve.server import FLUSH_SECONDS, Server, timed_protocol
 
@@ -149,7 +151,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_images=args.max_batch_images, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         threads=args.threads, streams=args.streams, host=args.host, allowed_hosts=args.allowed_host,
         allowed_origins=args.allowed_origin, long=args.long, chunk_overlap=args.chunk_overlap,
-        max_chunks=args.max_chunks, calibrations=_calibrations(args.calibration),
+        max_chunks=args.max_chunks,
+        calibrations=_calibrations(args.calibration, policy_of(args.long, args.chunk_overlap, args.max_chunks)),
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use it "

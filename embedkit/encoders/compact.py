@@ -111,13 +111,23 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: Any) -> "Calibration":
-        """The inverse of :meth:`to_dict`; raises UsageError on a malformed or altered record."""
+        """The inverse of :meth:`to_dict`; raises UsageError on a malformed or altered record.
+
+        The record must carry its ``sha256`` (every record embedkit writes does): a record without
+        one cannot be verified and is refused, so an edited range cannot pass by dropping it. Ranges
+        of your own are ``Calibration(low, high, rows, source)``."""
+        if not isinstance(data, dict):
+            raise UsageError(f"malformed calibration record: a JSON object is expected, got {type(data).__name__}")
         try:
             cal = cls(np.asarray(data["low"], np.float32), np.asarray(data["high"], np.float32),
                       rows=int(data["rows"]), source=str(data.get("source", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise UsageError(f"malformed calibration record: {exc}") from exc
-        if "sha256" in data and data["sha256"] != cal.digest:
+        if "sha256" not in data:
+            raise UsageError("calibration record has no sha256: it cannot be verified, so it is not used (records "
+                             "that embedkit writes carry one; make a record of your own ranges with "
+                             "Calibration(low, high, rows).to_dict())")
+        if data["sha256"] != cal.digest:
             raise UsageError("calibration record does not match its sha256: it was altered or damaged")
         return cal
 
@@ -167,6 +177,15 @@ class Compact:
         if self.calibration is not None and self.dimensions is None and self.calibration.dim != dim:
             raise UsageError(f"the calibration has {self.calibration.dim} dimensions, the backbone gives {dim}")
         return self.dimensions or dim
+
+    def for_dim(self, dim: int) -> "Compact":
+        """This Compact for a ``dim``-dimensional backbone: ``dimensions == dim`` keeps every dimension,
+        so it is read as ``dimensions=None`` (the same vectors, the same namespace, no ``d{dim}`` twin;
+        the service's ``dimensions`` does the same). Raises UsageError as :meth:`output_dim`."""
+        self.output_dim(dim)
+        if self.dimensions is not None and self.dimensions == dim:
+            return Compact(None, self.precision, self.calibration)
+        return self
 
     def width(self, dim: int) -> int:
         """Columns of a stored row: the dimensions kept, or their packed bytes for ``binary``."""
@@ -256,21 +275,6 @@ class Compact:
         cal = record.get("calibration")
         return cls(record.get("dimensions"), record.get("precision", "float32"),
                    Calibration.from_dict(cal) if cal is not None else None)
-
-
-def as_compact(dimensions: int | None = None, precision: str = "float32", calibration: Any = None) -> Compact | None:
-    """The :class:`Compact` of ``embed`` / ``Embedder`` parameters, None when it changes nothing.
-
-    ``calibration`` is a :class:`Calibration`, its :meth:`~Calibration.to_dict` record, or a
-    record holding one under ``"calibration"`` (as ``embedkit store calibration`` writes).
-    Raises UsageError as :class:`Compact` does (int8 / uint8 need a calibration).
-    """
-    if isinstance(calibration, dict):
-        calibration = Calibration.from_dict(calibration.get("calibration", calibration))
-    elif calibration is not None and not isinstance(calibration, Calibration):
-        raise UsageError(f"calibration must be a Calibration or its record, got {type(calibration).__name__}")
-    compact = Compact(dimensions, precision, calibration)
-    return None if compact.is_float else compact
 
 
 def compact_result(result: Embeddings, compact: Compact) -> Embeddings:

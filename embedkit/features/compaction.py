@@ -36,7 +36,8 @@ from ..fs.locks import held
 from . import variants
 from .store import FeatureStore, Namespace
 
-__all__ = ["BATCH_ROWS", "CompactReport", "check_settings", "compact", "compact_features", "compact_namespace"]
+__all__ = ["BATCH_ROWS", "CompactReport", "check_settings", "compact", "compact_features", "compact_namespace",
+           "rows_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class _Origin:
 
 def compact(store: Any, backbone: str, *, precision: str = "int8", dimensions: int | None = None,
             long: str = "truncate", chunk_overlap: int | None = None, max_chunks: int | None = None,
-            calibration_rows: int = CALIBRATION_ROWS, batch_rows: int = BATCH_ROWS, verify: bool = True,
+            calibration_rows: int | None = None, batch_rows: int = BATCH_ROWS, verify: bool = True,
             progress: Callable[[int], None] | None = None) -> CompactReport:
     """Derive (or bring up to date) the compact namespace of a backbone's float vectors in ``store``.
 
@@ -110,7 +111,7 @@ def compact(store: Any, backbone: str, *, precision: str = "int8", dimensions: i
         dimensions: keep the first ``dimensions`` of each vector, renormalised (None: all D).
         long, chunk_overlap, max_chunks: which float namespace: ``truncate`` (plain) or ``chunk``.
         calibration_rows: int8 / uint8, first run only: fit the ranges on a seeded sample of at most
-            this many stored vectors (>= 2).
+            this many stored vectors (>= 2; None: 100,000); refused with another precision.
         batch_rows: rows per commit at most.
         verify: check the compact namespace's shards first; damaged ones are set aside and their
             ids converted again.
@@ -129,6 +130,7 @@ def compact(store: Any, backbone: str, *, precision: str = "int8", dimensions: i
         StoreWriteError: the store cannot be written.
     """
     variants.Wanted(precision, dimensions, long, chunk_overlap, max_chunks)  # UsageError before any work
+    calibration_rows = rows_for(precision, calibration_rows)
     fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
     source = fs.find(backbone, long=long, chunk_overlap=chunk_overlap, max_chunks=max_chunks)
     return compact_namespace(fs, source, precision=precision, dimensions=dimensions,
@@ -146,9 +148,12 @@ def compact_namespace(fs: FeatureStore, source: Namespace, *, precision: str = "
     check_settings(calibration_rows, batch_rows)
     if source.variant.get("compact"):
         raise UsageError(f"{source.key} holds compact vectors already; compact its float namespace")
+    if dimensions is not None and dimensions == source.dim:
+        dimensions = None  # every dimension kept: the namespace of dimensions=None, never a d<D> twin of it
     plan = Compact(dimensions, precision, None) if precision not in CALIBRATED else None
     if plan is not None and plan.is_float:
-        raise UsageError("nothing to compact: float32 with every dimension is the float namespace itself")
+        raise UsageError(f"nothing to compact: float32 with every dimension ({source.dim}) is the float namespace "
+                         "itself")
     d = Compact(dimensions).output_dim(source.dim)  # UsageError: more dimensions than the backbone gives
     target, fitted = _target(fs, source, precision, dimensions, calibration_rows, plan)
     report = CompactReport(backbone=source.name, digest=source.digest, namespace=str(target.path),
@@ -191,6 +196,17 @@ def compact_namespace(fs: FeatureStore, source: Namespace, *, precision: str = "
     report.seconds = time.perf_counter() - start
     logger.info("compact %s: %s", target.key, report.summary())
     return report
+
+
+def rows_for(precision: str, calibration_rows: int | None) -> int:
+    """The calibration sample size: ``calibration_rows`` (None: :data:`CALIBRATION_ROWS`); UsageError
+    when it is given with a precision that fits no calibration (it would change nothing)."""
+    if calibration_rows is None:
+        return CALIBRATION_ROWS
+    if precision not in CALIBRATED:
+        raise UsageError(f"calibration_rows applies to precision int8 / uint8 (the ranges it fits), not {precision!r}")
+    check_settings(calibration_rows)
+    return calibration_rows
 
 
 def check_settings(calibration_rows: int, batch_rows: int = BATCH_ROWS) -> None:

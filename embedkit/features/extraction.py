@@ -27,12 +27,14 @@ import time
 from typing import Any, Callable
 
 from ..encoder import encoder_for
-from ..encoders.compact import CALIBRATION_ROWS, Compact
+from ..encoders.compact import Compact
+from ..errors import UsageError
 from ..fs.outputs import check_output
 from ..inputs.sources import Item, iter_items
+from ..inputs.windows import long_policy
 from ..models.resolve import resolve
 from . import variants
-from .compaction import check_settings, compact_namespace
+from .compaction import compact_namespace, rows_for
 from .ray import RayRunner
 from .run import ExtractReport, Run, advance, settle
 from .shards import ShardJob, compute_shard
@@ -68,7 +70,7 @@ def extract(
     gpus_per_worker: float | None = None,
     precision: str = "float32",
     dimensions: int | None = None,
-    calibration_rows: int = CALIBRATION_ROWS,
+    calibration_rows: int | None = None,
     **options: Any,
 ) -> ExtractReport:
     """Extract features of every item of ``source`` into a :class:`FeatureStore`.
@@ -92,7 +94,7 @@ def extract(
             ``uint8`` | ``binary`` | ``float32``; ``dimensions`` kept, None: all): see
             :func:`embedkit.compact_features`, whose report is ``report.compact``. Default: none.
         calibration_rows: int8 / uint8, the compact namespace's first run: fit the ranges on at
-            most this many stored vectors (a seeded sample).
+            most this many stored vectors (a seeded sample; None: 100,000); refused with another precision.
         options: encoder options (device, threads, batch_tokens, batch_size, workers, ...);
             text ``long="chunk"`` (with ``chunk_overlap``, ``max_chunks``) writes into the chunk
             variant's namespace.
@@ -118,11 +120,13 @@ def extract(
         given = ", ".join(k for k, v in ray_options.items() if v is not None)
         raise ValueError(f"{given} apply to engine='ray' only")
     variants.Wanted(precision, dimensions)  # UsageError before any work
-    check_settings(calibration_rows)
+    calibration_rows = rows_for(precision, calibration_rows)
     check_output(store, "feature-store", inputs=[source])  # before any work: not an input, not a foreign folder
     start = time.perf_counter()
     artifact = resolve(backbone, models)
     Compact(dimensions).output_dim(artifact.dim)  # dimensions above the backbone's: refused before any work
+    if dimensions == artifact.dim:
+        dimensions = None  # every dimension: the plain vectors (float32: no compact namespace), no d<D> twin
     variant = variants.long_variant(artifact, options)
     if engine == "ray":
 
@@ -131,6 +135,7 @@ def extract(
         runner = _LocalRunner(encoder_for(artifact, **options))
     namespace = FeatureStore(store).namespace(artifact, variant)
     namespace.check_writable()  # a read-only or full store fails before any compute
+    _refuse_unchecked_truncations(namespace, artifact, options)
     report = ExtractReport(backbone=artifact.name, digest=artifact.digest, namespace=str(namespace.path), engine=engine)
     if verify:
         problems = namespace.verify(deep=True)
@@ -153,6 +158,30 @@ def extract(
         logger.info("%d ids had another content (or none recorded) in the store: recomputed", report.changed)
     logger.info("extract %s (%s): %s", artifact.name, artifact.digest[:12], report.summary())
     return report
+
+
+def _refuse_unchecked_truncations(namespace: Namespace, artifact: Any, options: dict[str, Any]) -> None:
+    """``long="error"`` on a namespace that holds vectors of truncated texts: UsageError, before any work.
+
+    ``error`` and ``truncate`` share the plain namespace (a text within the window has one vector
+    either way), and cached items are not tokenised again: a run under ``error`` would count the
+    truncated vectors an earlier ``truncate`` run stored as ok, passing a policy they were never
+    checked against. The commit records count the truncations of each shard (``stats.truncated``)."""
+    if artifact.modality != "text":
+        return
+    try:
+        policy = long_policy(options.get("long") or "truncate", options.get("truncate"))
+    except ValueError:
+        return  # the encoder refuses the contradiction with its own message
+    if policy != "error":
+        return
+    truncated = sum(int((r.get("stats") or {}).get("truncated") or 0) for r in namespace.commits())
+    if truncated:
+        raise UsageError(
+            f"{namespace.key} holds {truncated} vector(s) of texts longer than the backbone's window, truncated by "
+            "earlier runs (long='truncate'); long='error' (--long error) would count them as ok without checking them (stored "
+            "items are not embedded again), so it is refused on this store: extract with long='error' into "
+            "another store, or keep long='truncate' here (its report counts truncated texts)")
 
 
 def _plan(source: Any, modality: str, column: str | None, id_column: str | None, size: int,

@@ -173,14 +173,13 @@ class FeatureStore:
             named = [n for n in spaces if n.digest.startswith(backbone)]
             if len({n.digest for n in named}) > 1:
                 named = []  # an ambiguous prefix names nothing
-        fits = [n for n in named if want.matches(n.variant)]
+        fits = [n for n in named if want.matches(n.variant, n.dim)]
         if fits:
             # the newest namespace; a rebuilt or upgraded namespace.json keeps its creation time
             best = max(fits, key=lambda n: n.info.get("created") or (n.path / NAMESPACE).stat().st_mtime)
-            rivals = sorted({n.tag for n in fits if n.digest == best.digest and n.tag != best.tag})
+            rivals = [n for n in fits if n.digest == best.digest and n.tag != best.tag]
             if rivals:
-                raise StoreError(f"several namespaces of {best.name} ({best.digest[:12]}) answer {want.describe()}: "
-                                 f"{', '.join([best.tag] + rivals)}; name chunk_overlap and max_chunks")
+                raise variants.rivals_error(best, rivals, want)
             return best
         names = sorted({f"{n.name} ({n.digest[:12]}, {variants.label(n.variant)})" for n in (named or spaces)})
         damaged = f"; damaged: {', '.join(f'{k} ({why})' for k, why in bad)}" if bad else ""

@@ -24,7 +24,7 @@ precision, dimensions, long-text policy); a plain request never matches a varian
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -125,7 +125,11 @@ class Wanted:
         if self.long != "chunk" and (self.chunk_overlap is not None or self.max_chunks is not None):
             raise UsageError("chunk_overlap and max_chunks narrow a long='chunk' request only")
 
-    def matches(self, variant: dict[str, Any]) -> bool:
+    def matches(self, variant: dict[str, Any], dim: int | None = None) -> bool:
+        """Whether a namespace of ``variant`` holds these vectors; with the backbone's ``dim``,
+        ``dimensions == dim`` asks for every dimension (``dimensions=None``)."""
+        if dim is not None and self.dimensions == dim:
+            return replace(self, dimensions=None).matches(variant)
         chunked = variant.get("long") == "chunk"
         if chunked != (self.long == "chunk"):
             return False
@@ -174,3 +178,50 @@ def long_variant(artifact: Any, options: dict[str, Any]) -> dict[str, Any]:
         return normalize(TextTokenizer(artifact.preprocess, **given).identity())
     except (TypeError, ValueError) as exc:
         raise UsageError(f"long-text options {given}: {exc}") from exc
+
+
+LONG_KEYS = ("long", "chunk_overlap", "max_chunks")
+
+
+def long_of(variant: dict[str, Any]) -> dict[str, Any]:
+    """``{"long": "chunk", "chunk_overlap": O, "max_chunks": M}`` for a chunked namespace's
+    variant, ``{}`` when its texts were truncated."""
+    return {k: variant[k] for k in LONG_KEYS if k in variant}
+
+
+def request(variant: dict[str, Any], style: str = "python", chunking: bool = True) -> str:
+    """The options that ask for a namespace of ``variant`` (``python`` keywords or ``cli`` flags);
+    ``chunking``: with its ``chunk_overlap`` and ``max_chunks`` (else ``long`` alone)."""
+    compact = variant.get("compact") or {}
+    pairs = [("precision", compact.get("precision")), ("dimensions", compact.get("dimensions"))]
+    pairs += [(k, variant.get(k)) for k in (LONG_KEYS if chunking else LONG_KEYS[:1])]
+    pairs = [(k, v) for k, v in pairs if v is not None and v != "float32"]
+    if not pairs:
+        return "no option (the plain namespace)"
+    if style == "cli":
+        return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in pairs)
+    return ", ".join(f"{k}={v!r}" for k, v in pairs)
+
+
+def rivals_error(best: Any, rivals: list[Any], want: Wanted, style: str = "python") -> StoreError:
+    """Two or more namespaces (:class:`~embedkit.features.namespace.Namespace`) of one digest answer
+    ``want``: the error that says what tells them apart, in the caller's words (``style``: ``python``
+    keywords or ``cli`` flags)."""
+    spaces = [best] + sorted(rivals, key=lambda n: n.tag)
+    head = (f"several namespaces of {best.name} ({best.digest[:12]}) answer {want.describe()}: "
+            f"{', '.join(n.tag for n in spaces)}")
+    settings = sorted({tuple(long_of(n.variant).items()) for n in spaces})
+    if len(settings) > 1:
+        flags = "--chunk-overlap N / --max-chunks N" if style == "cli" else "chunk_overlap= / max_chunks="
+        each = "; ".join(f"{n.tag}: {request(long_of(n.variant), style)}" for n in spaces)
+        return StoreError(f"{head}; they chunk texts differently: choose one with {flags} ({each})")
+    lines = []
+    for n in spaces:
+        cal = n.compact.calibration
+        made = (f"calibration sha256 {cal.digest[:16]}, fitted on {cal.rows} rows"
+                + (f" of {cal.source}" if cal.source else "")) if cal is not None else "no calibration"
+        lines.append(f"{n.path} ({made})")
+    return StoreError(f"{head}; they differ only in their {best.compact.precision} calibration, which a request "
+                      f"cannot name: {'; '.join(lines)}. Keep the one whose calibration you want in this store and "
+                      "move the other folder to another store (a namespace copied from another store keeps the "
+                      "calibration it was made with)")

@@ -43,7 +43,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
 from ..encoders.compact import Compact
-from .knn import METRICS, _faiss, votes
+from .knn import METRICS, _faiss, too_few, votes
 
 BINARY_INDEXES = ("auto", "flat", "ivf")
 RESCORE = 100  # Hamming candidates rescored by default
@@ -204,7 +204,7 @@ class BinaryNearestNeighbors(BaseEstimator):
         Raises:
             ValueError: k larger than the rows, queries of another width, non-finite queries,
                 float queries shorter than the rescoring vectors need.
-            RuntimeError: an IVF index found fewer than k candidates (raise ``nprobe``).
+            UnsupportedInputError: the IVF lists searched hold fewer than k rows (raise ``nprobe``).
         """
         check_is_fitted(self, "n_samples_fit_")
         k = self.n_neighbors if n_neighbors is None else n_neighbors
@@ -220,14 +220,15 @@ class BinaryNearestNeighbors(BaseEstimator):
             self._index.nprobe = min(self.nprobe, self._index.nlist)
         hamming, indices = self._index.search(bits, m)
         indices = indices.astype(np.int64)
+        found = int((indices >= 0).sum(axis=1).min())
+        if found < k:  # the nprobe lists searched hold too few rows: refused, never padded
+            raise too_few(found, k, "binary IVF", self.nprobe, getattr(self._index, "nlist", None))
         if rescoring:
             distances = self.rescored(floats, indices)
         else:
             distances = np.where(indices >= 0, hamming, np.iinfo(np.int32).max).astype(np.float64)
         order = np.lexsort((indices, distances), axis=1)[:, :k]  # by distance, then by row
         indices, distances = np.take_along_axis(indices, order, 1), np.take_along_axis(distances, order, 1)
-        if (indices < 0).any():
-            raise RuntimeError("the index returned fewer neighbours than asked; raise nprobe")
         return (distances, indices) if return_distance else indices
 
     def _candidates(self, ids: np.ndarray, q_dim: int) -> tuple[np.ndarray, int]:

@@ -12,10 +12,20 @@ vector reaches an index. The index is chosen from the data size and a memory bud
 ``ivfpq``                  ``IndexIVFPQ``: compressed codes for sets beyond the memory budget:
                            ``nlist = 4 sqrt(N)`` lists (at most N / 39), ``m`` sub-quantizers
                            of 8 bits, the largest of 64, 48, 32, ... dividing ``d``, trained
-                           on a seeded sample of ``256 nlist`` rows; ``nprobe`` lists per query
+                           on a seeded sample of ``256 nlist`` rows; ``nprobe`` lists per query.
+                           At least 256 rows (:data:`IVFPQ_MIN_ROWS`): each sub-quantizer learns
+                           2^8 codes by k-means, which needs a training row per code (FAISS
+                           recommends 39 per code); fewer is refused as an
+                           :class:`~embedkit.errors.UnsupportedInputError` naming the minimum
 ``auto`` (default)         flat below ``exact_below`` rows (50,000); above it HNSW when the
-                           vectors (plus graph) fit ``memory_budget_mb``, else IVF-PQ
+                           vectors (plus graph) fit ``memory_budget_mb``, else IVF-PQ (flat
+                           below 256 rows, where IVF-PQ cannot train)
 =========================  ================================================================
+
+``index_params_`` (after ``fit``) says what was built: ``{"nlist", "m", "nbits"}`` for IVF-PQ.
+A query whose IVF lists searched (``nprobe``) or HNSW search (``ef_search``) yield fewer than
+the ``k`` neighbours asked for is an :class:`~embedkit.errors.UnsupportedInputError` naming how
+many were found and what to raise, never a short or padded answer.
 """
 from __future__ import annotations
 
@@ -27,10 +37,43 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ..errors import MissingDependencyError
+from ..errors import MissingDependencyError, UnsupportedInputError
 
 METRICS = ("euclidean", "cosine", "inner_product")
 INDEXES = ("auto", "flat", "hnsw", "ivfpq")
+PQ_BITS = 8  # bits of each IVF-PQ sub-quantizer code: 2^8 centroids, learnt by k-means
+IVFPQ_MIN_ROWS = 2 ** PQ_BITS  # k-means of 2^8 centroids needs at least as many training rows (FAISS refuses fewer)
+
+
+def ivf_lists(n: int) -> int:
+    """IVF lists for ``n`` rows: ``4 sqrt(n)``, at most ``n / 39`` (FAISS' rows per centroid), at least 1."""
+    return max(1, min(int(4 * math.sqrt(n)), n // 39))
+
+
+def check_ivfpq_rows(n: int) -> None:
+    """Refuse IVF-PQ on fewer rows than its product quantizer can train on.
+
+    Raises:
+        UnsupportedInputError: ``n`` < :data:`IVFPQ_MIN_ROWS` (the message names the minimum).
+    """
+    if n < IVFPQ_MIN_ROWS:
+        raise UnsupportedInputError(
+            f"index 'ivfpq' needs at least {IVFPQ_MIN_ROWS} rows to train, got {n}: each of its sub-quantizers learns "
+            f"2^{PQ_BITS} = {IVFPQ_MIN_ROWS} codes by k-means, one training row per code at least (FAISS recommends "
+            f"{39 * IVFPQ_MIN_ROWS:,}); at this size use index 'flat' (exact) or 'hnsw'")
+
+
+def too_few(found: int, k: int, kind: str, nprobe: int | None = None, nlist: int | None = None,
+            ef_search: int | None = None) -> UnsupportedInputError:
+    """The error of a search that found ``found`` < ``k`` neighbours for some query."""
+    if nlist is not None:
+        how = (f"in the {min(nprobe or 1, nlist)} of its {nlist} lists searched (nprobe={nprobe}): raise nprobe "
+               f"(nprobe={nlist} searches every list) or ask for fewer neighbours")
+    elif ef_search is not None:
+        how = f"with ef_search={ef_search}: raise ef_search or ask for fewer neighbours"
+    else:
+        how = "ask for fewer neighbours"
+    return UnsupportedInputError(f"the {kind} index found only {found} neighbours for a query asking for k={k}, {how}")
 
 
 def _faiss() -> Any:
@@ -105,13 +148,14 @@ class FaissNearestNeighbors(BaseEstimator):
         hnsw_mb = n * (d * 4 + 32 * 2 * 4) / 2**20
         if self.memory_budget_mb is None or hnsw_mb <= self.memory_budget_mb:
             return "hnsw"
-        return "ivfpq"
+        return "ivfpq" if n >= IVFPQ_MIN_ROWS else "flat"
 
     def _build(self, X: np.ndarray) -> Any:
         faiss = _faiss()
         n, d = X.shape
         kind = self._choose(n, d)
         ip = self.metric in ("cosine", "inner_product")
+        self.index_params_: dict[str, int] = {}
         metric = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
         if kind == "flat":
             index = faiss.IndexFlatIP(d) if ip else faiss.IndexFlatL2(d)
@@ -119,10 +163,12 @@ class FaissNearestNeighbors(BaseEstimator):
             index = faiss.IndexHNSWFlat(d, 32, metric)
             index.hnsw.efSearch = self.ef_search
         else:
-            nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+            check_ivfpq_rows(n)
+            nlist = ivf_lists(n)
             m = next(m for m in (64, 48, 32, 24, 16, 12, 8, 4, 2, 1) if d % m == 0 and m <= d)
             quantizer = faiss.IndexFlatIP(d) if ip else faiss.IndexFlatL2(d)
-            index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, metric)
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, m, PQ_BITS, metric)
+            self.index_params_ = {"nlist": nlist, "m": m, "nbits": PQ_BITS}
             rng = np.random.default_rng(self.random_state)
             sample = X[rng.choice(n, size=min(n, 256 * nlist), replace=False)]
             index.train(sample)
@@ -178,9 +224,14 @@ class FaissNearestNeighbors(BaseEstimator):
         m = min(self.n_samples_fit_, wanted + k) if keeps_vectors else wanted
         self._search_params()
         scores, indices = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), m)
-        if (indices < 0).any():
-            raise RuntimeError("the index returned fewer neighbours than asked; raise nprobe or ef_search")
-        distances = self._exact(queries, indices) if keeps_vectors else self._from_scores(scores)
+        found = int((indices >= 0).sum(axis=1).min()) if len(indices) else wanted
+        if found < wanted:  # IVF lists or an HNSW search that hold too few rows: refused, never padded
+            ivf = _faiss().extract_index_ivf(self._index) if self.index_kind_ == "ivfpq" else None
+            raise too_few(found - (wanted - k), k, self.index_kind_, self.nprobe, ivf.nlist if ivf else None,
+                          self.ef_search)
+        missing = indices < 0  # past the k wanted, among the extra candidates: ranked last
+        distances = self._exact(queries, np.where(missing, 0, indices)) if keeps_vectors else self._from_scores(scores)
+        distances[missing] = np.inf
         order = np.argsort(distances, axis=1, kind="stable")
         indices, distances = np.take_along_axis(indices, order, 1), np.take_along_axis(distances, order, 1)
         if query_is_train:
@@ -239,6 +290,11 @@ class FaissNearestNeighbors(BaseEstimator):
         self.n_samples_fit_ = int(index.ntotal)
         self.index_kind_ = ("flat" if isinstance(index, (faiss.IndexFlatIP, faiss.IndexFlatL2))
                             else "hnsw" if isinstance(index, faiss.IndexHNSWFlat) else "ivfpq")
+        self.index_params_ = {}
+        if self.index_kind_ == "ivfpq":
+            ivf = faiss.extract_index_ivf(index)
+            pq = getattr(faiss.downcast_index(ivf), "pq", None)
+            self.index_params_ = {"nlist": int(ivf.nlist), **({"m": int(pq.M), "nbits": int(pq.nbits)} if pq else {})}
         return self
 
     def __getstate__(self) -> dict[str, Any]:

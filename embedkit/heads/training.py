@@ -16,13 +16,13 @@ import numpy as np
 
 from ..embedder import Embedder
 from ..errors import DatasetError
-from ..features.store import FeatureStore
 from ..fs.atomic import staged_folder
 from ..fs.outputs import check_output, replaceable, stamp
 from .catalog import HEADS, Progress, check_head, check_neighbors, fit_head, make_head
 from .compacted import CompactHead
 from .curves import baseline_features, learning_curve
 from .labels import is_labelled, labels_for
+from .namespaces import find, long_of
 from .persistence import save
 from .plots import plot_confusion
 from .splits import check_classes, holdout_split
@@ -107,6 +107,7 @@ def train_head(
     out: str | Path | None = None, label_column: str = "label", id_column: str | None = None,
     column: str | None = None, cv: int = 0, test_size: float = 0.2, store: str | None = None,
     progress: Progress | None = None, precision: str = "float32", dimensions: int | None = None,
+    long: str = "truncate", chunk_overlap: int | None = None, max_chunks: int | None = None,
 ) -> tuple[HeadReport, Path | None]:
     """Train a head on a feature store's cached (memory-mapped) features.
 
@@ -115,7 +116,11 @@ def train_head(
     is trained and measured on ``Compact.restore(rows)`` (float32 ``(N, d)``: the middle of each
     int8 step, -1 / +1 per bit), and the saved model is a :class:`CompactHead` that records the
     namespace's Compact, calibration included, so every item it predicts is made compact the same
-    way first (see :mod:`embedkit.heads.compacted`).
+    way first (see :mod:`embedkit.heads.compacted`). ``long="chunk"`` (with ``chunk_overlap`` /
+    ``max_chunks`` when the store holds several chunk settings) trains on the namespace of
+    chunked texts (windows embedded and pooled), and the saved model's Embedder chunks every
+    new text the same way (its ``long``, ``chunk_overlap`` and ``max_chunks`` are those the
+    namespace records, written in ``model.json``).
 
     Measures holdout accuracy, macro-F1 and a per-class report (plus k-fold accuracy with
     ``cv``), then fits on every labelled item. With ``out``: writes the folder ``out`` with
@@ -135,7 +140,9 @@ def train_head(
     folder = None
     if out is not None:
         folder = check_output(out, "train-head", inputs=[features] + ([] if labels == "folder" else [labels]))
-    namespace = FeatureStore(features).find(backbone, precision=precision, dimensions=dimensions)
+    namespace = find(features, backbone, precision=precision, dimensions=dimensions, long=long,
+                     chunk_overlap=chunk_overlap, max_chunks=max_chunks)
+    chunked = long_of(namespace.variant)  # the policy new items are embedded with, as the stored ones were
     ids, X, sources, contents = namespace.load_all()
     compact = namespace.compact
     if not compact.is_float:
@@ -161,10 +168,12 @@ def train_head(
         fitted = make_head(head, params).fit(X_known, y_known)
         if not compact.is_float:
             fitted = CompactHead.wrap(fitted, compact)
-        embedder = Embedder(namespace.digest, store=store).fit()
+        embedder = Embedder(namespace.digest, store=store, **chunked).fit()
         save((embedder, fitted), staging / "model")
         features_of = {"precision": compact.precision, "dimensions": compact.dimensions,
-                       "calibration": compact.calibration.digest if compact.calibration is not None else None}
+                       "calibration": compact.calibration.digest if compact.calibration is not None else None,
+                       "long": chunked.get("long", "truncate"), "chunk_overlap": chunked.get("chunk_overlap"),
+                       "max_chunks": chunked.get("max_chunks")}
         (staging / "report.json").write_text(json.dumps({**stamp("train-head"), **report.to_json(),
                                                          "features": features_of}, indent=2))
     return report, folder / "model"

@@ -8,15 +8,16 @@ TYPES = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_l
 
 
 class ApiError(Exception):
-    """An HTTP error with OpenAI's body ``{"error": {"message", "type", "code"}}``."""
+    """An HTTP error with OpenAI's body ``{"error": {"message", "type", "code", "param"}}`` (``param``:
+    the request field at fault, where one is)."""
 
     def __init__(self, status: int, code: str, message: str, type: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, param: str | None = None):
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.param = status, code, message, param
         self.type = type or TYPES.get(status, "invalid_request_error")
         self.headers = headers or {}
 
 
 def error_body(error: ApiError) -> dict[str, Any]:
-    return {"error": {"message": error.message, "type": error.type, "code": error.code, "param": None}}
+    return {"error": {"message": error.message, "type": error.type, "code": error.code, "param": error.param}}

@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from . import openai_api
 from .api_error import ApiError, error_body
 from .service import Service
 from .settings import Limits, Settings
@@ -242,8 +243,9 @@ def _declared(scope: dict) -> int | None:
 def refuse_compact(body: dict[str, Any]) -> None:
     """``/embed`` answers float32 vectors of all D dimensions only: a request for compact ones is a 422."""
     if "dimensions" in body:
+        images = f"; {openai_api.IMAGE_COMPACT}" if "images" in body else ""
         raise ApiError(422, "unsupported_dimensions", "/embed returns every dimension as float32; ask "
-                       "/v1/embeddings for 'dimensions'")
+                       f"/v1/embeddings for 'dimensions' of texts{images}")
     for key in ("encoding_format", "precision"):
         if key in body:
             raise ApiError(422, "invalid_encoding_format", f"/embed returns float32 vectors and takes no '{key}'; "

@@ -96,3 +96,13 @@ def check_chars(texts: list[Any], key: str, limits: Limits) -> None:
         if isinstance(text, str) and len(text) > limits.max_chars:
             raise ApiError(413, "text_too_long", f"{key}[{i}] has {len(text)} characters; the limit is "
                            f"{limits.max_chars} (--max-chars)")
+
+
+def check_queue(rows: int, max_queue: int, unit: str = "items") -> None:
+    """413 when one request needs more queue places than the queue has (``--max-queue``): a 429 would
+    invite a retry that can never succeed. ``unit``: ``items``, or ``windows`` under ``--long chunk``
+    (each window of a long text is a queued item): ``too_many_items`` / ``too_many_windows``."""
+    if rows > max_queue:
+        raise ApiError(413, f"too_many_{unit}", f"this request needs {rows} {unit} in the batching queue, which "
+                       f"holds {max_queue} (--max-queue) at most: it can never be queued; send fewer or shorter "
+                       "texts per request" + (" (a long text is one item per window)" if unit == "windows" else ""))

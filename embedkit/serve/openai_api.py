@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..encoders.calibrations import policy_record
 from ..encoders.compact import Calibration, Compact
 from . import bodies
 from .api_error import ApiError
@@ -41,20 +42,24 @@ class Encoding:
     format: str = "float"
     compact: Compact = field(default_factory=Compact)
     digest: str = ""
+    # the served backbone's long-text policy: {"long", "chunk_overlap", "max_chunks"} (policy_record)
+    policy: dict[str, Any] = field(default_factory=lambda: policy_record({}))
 
     def provenance(self, dim: int) -> dict[str, Any]:
         cal = self.compact.calibration
         return {"precision": self.compact.precision, "dimensions": self.compact.output_dim(dim),
-                "calibration": cal.digest if cal is not None else None, "digest": self.digest}
+                "calibration": cal.digest if cal is not None else None, "digest": self.digest, **self.policy}
 
 
 def calibration_for(calibrations: Any, digest: str, dims: int) -> Calibration:
     """The server's calibration for the artifact ``digest`` at ``dims`` dimensions, or a 422.
 
-    ``calibrations`` are ``(digest or None, Calibration)`` pairs (None: fitted on unrecorded
-    vectors, offered to every backbone); one recorded for ``digest`` is preferred.
+    ``calibrations`` are ``(digest or a prefix of one, or None, Calibration)`` pairs (None: the record
+    names no artifact, offered to every backbone of its dimension count); one recorded for ``digest``
+    is preferred, one recorded for another artifact is never used.
     """
-    mine = [c for d, c in calibrations or () if d == digest] or [c for d, c in calibrations or () if d is None]
+    pairs = list(calibrations or ())
+    mine = [c for d, c in pairs if d is not None and digest.startswith(d)] or [c for d, c in pairs if d is None]
     if not mine:
         others = "" if not calibrations else " (its --calibration records belong to other backbones)"
         raise ApiError(422, "calibration_required", "encoding_format int8 / uint8 needs per-dimension ranges "
@@ -67,11 +72,27 @@ def calibration_for(calibrations: Any, digest: str, dims: int) -> Calibration:
     return fits[0]
 
 
+IMAGE_COMPACT = ("compact image vectors (dimensions, int8 / uint8 / binary) are a library and command-line "
+                 "feature: embedkit.embed(images, backbone, dimensions=..., precision=...) or `embedkit embed "
+                 "--dimensions N --precision P`")
+
+
 def refuse_dimensions(served: Any) -> None:
-    """422 ``unsupported_dimensions`` for an image backbone (its vectors are not truncated)."""
+    """422 ``unsupported_dimensions`` for an image backbone: ``/v1/embeddings`` takes texts only, and
+    ``/embed`` answers float32 vectors of every dimension, so the service makes no compact image
+    vectors (the library and the CLI do)."""
     if served.artifact.modality != "text":
-        raise ApiError(422, "unsupported_dimensions", f"{served.name} is an image backbone: it gives "
-                       f"{served.artifact.dim} dimensions only; omit 'dimensions'")
+        raise ApiError(422, "unsupported_dimensions", f"{served.name} is an image backbone and the service "
+                       f"answers its {served.artifact.dim} float32 dimensions only (/v1/embeddings takes texts); "
+                       f"{IMAGE_COMPACT}")
+
+
+def refuse_precision(body: dict[str, Any]) -> None:
+    """422 ``invalid_encoding_format`` for a ``precision`` field: OpenAI's route names it
+    ``encoding_format``, and a request is never answered with floats it did not ask for."""
+    if "precision" in body:
+        raise ApiError(422, "invalid_encoding_format", "/v1/embeddings takes no 'precision': ask for "
+                       f"'encoding_format' ({', '.join(FORMATS)}) instead", param="precision")
 
 
 def check_encoding(body: dict[str, Any], served: Any, calibrations: Any = None) -> Encoding:
@@ -91,7 +112,9 @@ def check_encoding(body: dict[str, Any], served: Any, calibrations: Any = None) 
     truncate = None if kept == dim else kept
     precision = fmt if fmt in ("int8", "uint8", "binary") else "float32"
     cal = calibration_for(calibrations, served.artifact.digest, kept) if precision in ("int8", "uint8") else None
-    return Encoding(fmt, Compact(truncate, precision, cal), served.artifact.digest)
+    encoder = served.encoder
+    policy = policy_record(encoder.identity(), encoder.long) if hasattr(encoder, "identity") else policy_record({})
+    return Encoding(fmt, Compact(truncate, precision, cal), served.artifact.digest, policy)
 
 
 def check_request(body: dict[str, Any], served: Any, limits: Limits,
@@ -100,6 +123,7 @@ def check_request(body: dict[str, Any], served: Any, limits: Limits,
 
     ``calibrations``: the server's ``(digest or None, Calibration)`` pairs (``--calibration``).
     """
+    refuse_precision(body)
     if body.get("dimensions") is not None:
         refuse_dimensions(served)
     if served.artifact.modality != "text":

@@ -106,8 +106,9 @@ class Service:
         options: dict[str, Any] = {"threads": self.settings.threads, "streams": self.settings.streams}
         if artifact.modality == "image":
             options.update(max_pixels=self.limits.max_pixels, reject_blank=policy.get("reject_blank"))
-        else:
-            options.update({k: policy.get(k) for k in ("truncate", "empty", "long", "chunk_overlap", "max_chunks")})
+        else:  # a saved Embedder's chunk options are its defaults unless long="chunk": they apply then only
+            keys = ("truncate", "empty", "long") + (("chunk_overlap", "max_chunks") if policy.get("long") == "chunk" else ())
+            options.update({k: policy.get(k) for k in keys})
         return encoder_for(artifact, **options)
 
     def _batcher(self, artifact: Any, encoder: Any) -> Batcher:
@@ -242,6 +243,7 @@ class Service:
     async def _run(self, served: Served, job: Job, rows: Any, data: list[Any], request: Any,
                    finish: Callable[..., tuple[np.ndarray, list[ItemError]]] | None = None,
                    ) -> tuple[np.ndarray, list[ItemError]]:
+        bodies.check_queue(len(data), served.batcher.max_queue, "windows" if finish is not None else "items")
         try:
             served.batcher.submit(job, rows, data)
         except QueueFullError as exc:
