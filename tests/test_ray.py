@@ -207,7 +207,10 @@ def test_cli_kill_9_of_an_actor_completes_every_item_once_on_loopback_only(minil
 
 
 def test_cli_ctrl_c_then_kill_9_of_the_driver_then_rerun_has_every_item_once(minilm, tmp_path: Path):
-    source, expected = banking_file(tmp_path, 300)
+    # 1,200 items: the run must outlast the moment between its first commit and the signal, even on
+    # a loaded machine (with 300 the driver once finished first and exited 0: a race, not a fault)
+    n = 1200
+    source, expected = banking_file(tmp_path, n)
     out = tmp_path / "fs"
     out.mkdir()
     for sig, commits in ((signal.SIGINT, 1), (signal.SIGKILL, 4)):  # Ctrl-C, then kill -9 later on
@@ -215,6 +218,7 @@ def test_cli_ctrl_c_then_kill_9_of_the_driver_then_rerun_has_every_item_once(min
         try:
             wait_for_commits(out, commits, proc)
             family = descendants(proc.pid)
+            finished_first = proc.poll() is not None  # then the signal reaches nothing: only the store is checked
             os.kill(proc.pid, sig)
             proc.wait(timeout=120)
             stderr = proc.stderr.read()
@@ -225,6 +229,9 @@ def test_cli_ctrl_c_then_kill_9_of_the_driver_then_rerun_has_every_item_once(min
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+        if finished_first:
+            assert proc.returncode == 0, stderr[-2000:]
+            continue
         assert proc.returncode != 0, sig
         if sig == signal.SIGINT:  # one line and exit 130, no traceback; the Ray it started is stopped
             assert proc.returncode == 130 and "error: interrupted (Ctrl-C)" in stderr, stderr[-2000:]
@@ -234,7 +241,7 @@ def test_cli_ctrl_c_then_kill_9_of_the_driver_then_rerun_has_every_item_once(min
     stdout, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr
     report = json.loads(stdout)
-    assert report["ok"] == 300 and report["cached"] + report["computed"] + report["duplicates"] == 300
+    assert report["ok"] == n and report["cached"] + report["computed"] + report["duplicates"] == n
     assert report["cached"] > 0  # the committed shards of the interrupted runs were not computed again
     assert_every_item_once(out, expected)
 
