@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
-from ..errors import UsageError
+from ..errors import EmbedkitError, UsageError
 from ..fs.atomic import current
 from ..fs.outputs import in_the_way
 
@@ -200,6 +200,20 @@ def namespace_of(features: str | Path, backbone: str | None, **variant: Any) -> 
     from ..heads.namespaces import find
 
     return find(features, backbone, style="cli", **variant)
+
+
+@contextlib.contextmanager
+def flag_errors(rewrite: Callable[[str], str]) -> Iterator[None]:
+    """Re-raise a library error with ``rewrite(message)``: each command group names, in the user's
+    flags, the Python parameters the library's messages name. Only a plain message is rewritten
+    (not one an exception class formats itself from other arguments)."""
+    try:
+        yield
+    except EmbedkitError as exc:
+        message = str(exc)
+        if exc.args == (message,):
+            exc.args = (rewrite(message),)
+        raise
 
 
 @contextlib.contextmanager

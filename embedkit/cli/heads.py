@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import EmbedkitError, UnsupportedInputError, UsageError
+from ..errors import UnsupportedInputError, UsageError
 from ..inputs.sources import read_texts
 from .common import (
     backbone_arg,
@@ -26,6 +26,7 @@ from .common import (
     store_arg,
     variant_args,
 )
+from .common import flag_errors as common_flag_errors
 
 HEAD_CHOICES = ["logreg", "linear-svm", "ridge", "mlp", "knn", "faiss-knn", "binary-knn"]
 PRECISIONS = ("float32", "int8", "uint8", "binary")
@@ -41,21 +42,19 @@ KEYWORDS = {"trust_pickle=True": "--trust-pickle", "objective='contrastive'": "-
             "draw the learning curve without a fine-tuned line": "leave out --finetune"}
 
 
-@contextlib.contextmanager
-def flag_errors() -> Iterator[None]:
+def _flags(message: str) -> str:
+    """``message`` with the head commands' flags in place of the Python parameters it names."""
+    name, sep, rest = message.partition(": ")
+    if sep and name in FLAGS:
+        message = f"{FLAGS[name]}: {rest}"
+    for keyword, flag in KEYWORDS.items():
+        message = message.replace(keyword, flag)
+    return message
+
+
+def flag_errors() -> Any:
     """Re-raise a library error with the CLI's flags in place of the Python parameters it names."""
-    try:
-        yield
-    except EmbedkitError as exc:
-        message = str(exc)
-        if exc.args == (message,):  # a plain message (not one an exception class formats itself)
-            name, sep, rest = message.partition(": ")
-            if sep and name in FLAGS:
-                message = f"{FLAGS[name]}: {rest}"
-            for keyword, flag in KEYWORDS.items():
-                message = message.replace(keyword, flag)
-            exc.args = (message,)
-        raise
+    return common_flag_errors(_flags)
 
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:

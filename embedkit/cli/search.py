@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import EmbedkitError
 from .common import (
@@ -22,6 +21,7 @@ from .common import (
     store_arg,
     variant_args,
 )
+from .common import flag_errors as common_flag_errors
 
 PRECISIONS = ("float32", "int8", "uint8", "binary")
 RESCORE = 100  # embedkit.heads.binary.RESCORE (not imported: --help stays light)
@@ -35,19 +35,17 @@ _PARAMETER = re.compile(r"(?<![\w/.-])(k|nprobe|rescore|features|memory_budget_m
 _FLAGS = {"k": "-k", "index": "--kind"}
 
 
-@contextlib.contextmanager
-def flag_errors() -> Iterator[None]:
+def _flags(message: str) -> str:
+    """``message`` with the index and search flags in place of the Python parameters it names."""
+    def flag(m: re.Match[str]) -> str:
+        name = _FLAGS.get(m[1], "--" + m[1].replace("_", "-"))
+        return f"{name} " if m[2] == "=" else f"{name}: "
+    return _PARAMETER.sub(flag, message)
+
+
+def flag_errors() -> Any:
     """Re-raise a library error with the command's flags in place of the Python parameters it names."""
-    try:
-        yield
-    except EmbedkitError as exc:
-        message = str(exc)
-        if exc.args == (message,):  # a plain message (not one an exception class formats itself)
-            def flag(m: re.Match[str]) -> str:
-                name = _FLAGS.get(m[1], "--" + m[1].replace("_", "-"))
-                return f"{name} " if m[2] == "=" else f"{name}: "
-            exc.args = (_PARAMETER.sub(flag, message),)
-        raise
+    return common_flag_errors(_flags)
 
 
 def add_parsers(sub: Any) -> None:
