@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import csv
 import os
@@ -161,6 +162,7 @@ async def mixed_load(url: str, path: str, model: str, pool: list[str], clients: 
     small: list[float] = []
     large: list[float] = []
     errors = 0
+    codes: collections.Counter[str] = collections.Counter()
     sent = 0
     stop = time.monotonic() + seconds
     every = round(1 / large_share) if large_share else 0
@@ -176,8 +178,11 @@ async def mixed_load(url: str, path: str, model: str, pool: list[str], clients: 
             try:
                 r = await http.post(url + path, json={"model": model, "input": pool[start:start + size]})
                 ok = r.status_code == 200
-            except httpx.HTTPError:
+                if not ok:
+                    codes[f"{'large' if size > 1 else 'small'} {r.status_code}"] += 1
+            except httpx.HTTPError as exc:
                 ok = False
+                codes[type(exc).__name__] += 1
             (large if size > 1 else small).append(time.perf_counter() - t)
             errors += not ok
 
@@ -189,7 +194,7 @@ async def mixed_load(url: str, path: str, model: str, pool: list[str], clients: 
             await http.aclose()
     small.sort()
     n = len(small)
-    return {"small": n, "large": len(large), "errors": errors, "p50_ms": 1000 * statistics.median(small),
+    return {"small": n, "large": len(large), "errors": errors, "codes": dict(codes), "p50_ms": 1000 * statistics.median(small),
             "p99_ms": 1000 * small[min(n - 1, int(0.99 * n))], "max_ms": 1000 * small[-1]}
 
 
@@ -199,7 +204,8 @@ def run_mixed(targets: list[tuple[str, str, str, str]], args: argparse.Namespace
             r = asyncio.run(mixed_load(url, path, model, pool, args.mixed, share, 2048, args.requests, args.seconds))
             print(f"{name:9s} mixed {args.mixed} clients, {share:.0%} of requests 2048 texts: small requests "
                   f"p50 {r['p50_ms']:.0f} ms p99 {r['p99_ms']:.0f} ms max {r['max_ms']:.0f} ms "
-                  f"({r['small']} small, {r['large']} large, {r['errors']} errors)", flush=True)
+                  f"({r['small']} small, {r['large']} large, {r['errors']} errors{': ' if r['codes'] else ''}"
+                  f"{', '.join(f'{k} x{v}' for k, v in r['codes'].items())})", flush=True)
 
 
 def free_port() -> int:
@@ -247,21 +253,42 @@ def infinity(python: str) -> Iterator[tuple[str, str, str, str] | None]:
             proc.kill()
 
 
-def rss(server, counts: list[int], pool: list[str]) -> None:
+def rss(server, counts: list[int], pool: list[str], clients: int = 8) -> None:
+    """The server's RSS (and its peak, VmHWM) after each count of small requests, sent by
+    ``clients`` threads at once (one text each, every one checked for 200)."""
+    import threading
+
     import httpx
     import psutil
 
     process = psutil.Process(server.proc.pid)
     done = 0
-    with httpx.Client(timeout=30) as http:
-        for target in counts:
-            start, before = time.monotonic(), done
-            while done < target:
-                r = http.post(server.url + "/v1/embeddings", json={"input": pool[done % len(pool)]})
+    lock = threading.Lock()
+
+    def client(target: int) -> None:
+        nonlocal done
+        with httpx.Client(timeout=60) as http:
+            while True:
+                with lock:
+                    if done >= target:
+                        return
+                    k = done
+                    done += 1
+                r = http.post(server.url + "/v1/embeddings", json={"input": pool[k % len(pool)]})
                 assert r.status_code == 200, r.text
-                done += 1
-            print(f"server RSS after {done:7d} small requests: {process.memory_info().rss / 2**20:7.1f} MiB "
-                  f"({done - before} requests in {time.monotonic() - start:.0f} s)", flush=True)
+
+    for target in counts:
+        start, before = time.monotonic(), done
+        threads = [threading.Thread(target=client, args=(target,)) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        peak = next((line.split()[1] for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines()
+                     if line.startswith("VmHWM")), "0")
+        print(f"server RSS after {done:7d} small requests ({clients} clients): {process.memory_info().rss / 2**20:7.1f} "
+              f"MiB, peak {int(peak) / 1024:7.1f} MiB ({done - before} requests in {time.monotonic() - start:.0f} s)",
+              flush=True)
 
 
 def ceiling(backbone: str, pool: list[str], n: int = 512) -> float:

@@ -136,3 +136,24 @@ def test_cosine_distances_stay_in_their_range_on_approximate_indexes():
     for index in ("hnsw", "ivfpq"):
         d, _ = FaissNearestNeighbors(n_neighbors=5, metric="cosine", index=index).fit(X).kneighbors(Q)
         assert 0.0 <= d.min() and d.max() <= 2.0
+
+
+@pytest.mark.parametrize("index", ["flat", "ivfpq"])
+def test_memory_mapped_rows_added_in_chunks_give_the_index_of_the_array(tmp_path, monkeypatch, index):
+    """Rows are normalised and added a chunk at a time (so a memory-mapped store is never copied
+    whole): with chunks far smaller than the set, a memory map gives exactly the neighbours and
+    distances of the same rows in memory, and of one chunk holding everything."""
+    import embedkit.heads.knn as knn
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(3000, 32)).astype(np.float32)
+    path = tmp_path / "rows.f32"
+    X.tofile(path)
+    mapped = np.memmap(path, dtype=np.float32, mode="r", shape=X.shape)
+    Q = rng.normal(size=(20, 32)).astype(np.float32)
+    whole = FaissNearestNeighbors(n_neighbors=10, metric="cosine", index=index).fit(X).kneighbors(Q)
+    monkeypatch.setattr(knn, "ADD_ROWS", 700)  # 5 chunks, the last one short
+    for rows in (X, mapped):
+        got = FaissNearestNeighbors(n_neighbors=10, metric="cosine", index=index).fit(rows).kneighbors(Q)
+        np.testing.assert_array_equal(got[1], whole[1])
+        np.testing.assert_allclose(got[0], whole[0], rtol=0, atol=1e-6)

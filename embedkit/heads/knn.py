@@ -12,7 +12,9 @@ vector reaches an index. The index is chosen from the data size and a memory bud
 ``ivfpq``                  ``IndexIVFPQ``: compressed codes for sets beyond the memory budget:
                            ``nlist = 4 sqrt(N)`` lists (at most N / 39), ``m`` sub-quantizers
                            of 8 bits, the largest of 64, 48, 32, ... dividing ``d``, trained
-                           on a seeded sample of ``256 nlist`` rows; ``nprobe`` lists per query.
+                           on a seeded sample of ``64 nlist`` rows (at least 9,984 = 39 x 256,
+                           FAISS' minimum for the 256 codes of a sub-quantizer; at most all);
+                           ``nprobe`` lists per query.
                            At least 256 rows (:data:`IVFPQ_MIN_ROWS`): each sub-quantizer learns
                            2^8 codes by k-means, which needs a training row per code (FAISS
                            recommends 39 per code); fewer is refused as an
@@ -43,6 +45,8 @@ METRICS = ("euclidean", "cosine", "inner_product")
 INDEXES = ("auto", "flat", "hnsw", "ivfpq")
 PQ_BITS = 8  # bits of each IVF-PQ sub-quantizer code: 2^8 centroids, learnt by k-means
 IVFPQ_MIN_ROWS = 2 ** PQ_BITS  # k-means of 2^8 centroids needs at least as many training rows (FAISS refuses fewer)
+TRAIN_PER_LIST = 64  # IVF-PQ training rows per list: FAISS warns below 39 and samples down to 256 itself
+ADD_ROWS = 65536  # rows prepared and added to an index at a time (cosine: normalised copies of this many)
 
 
 def ivf_lists(n: int) -> int:
@@ -170,10 +174,12 @@ class FaissNearestNeighbors(BaseEstimator):
             index = faiss.IndexIVFPQ(quantizer, d, nlist, m, PQ_BITS, metric)
             self.index_params_ = {"nlist": nlist, "m": m, "nbits": PQ_BITS}
             rng = np.random.default_rng(self.random_state)
-            sample = X[rng.choice(n, size=min(n, 256 * nlist), replace=False)]
-            index.train(sample)
+            size = min(n, max(TRAIN_PER_LIST * nlist, 39 * IVFPQ_MIN_ROWS))
+            rows = np.arange(n) if size == n else np.sort(rng.choice(n, size=size, replace=False))
+            index.train(self._prepare(X[rows]))
             index.nprobe = min(self.nprobe, nlist)
-        index.add(X)
+        for start in range(0, n, ADD_ROWS):  # a chunk at a time: memory-mapped rows are never copied whole
+            index.add(self._prepare(X[start:start + ADD_ROWS]))
         self.index_kind_ = kind
         return index
 
@@ -186,7 +192,7 @@ class FaissNearestNeighbors(BaseEstimator):
         if not isinstance(self.n_neighbors, (int, np.integer)) or self.n_neighbors < 1:
             raise ValueError(f"n_neighbors must be a positive int, got {self.n_neighbors!r}")
         X = validate_data(self, X, dtype=[np.float32, np.float64], ensure_min_samples=1)
-        self._index = self._build(self._prepare(X))
+        self._index = self._build(X)
         self.n_samples_fit_ = X.shape[0]
         return self
 
