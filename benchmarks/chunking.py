@@ -22,26 +22,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu  # noqa: E402  (benchmarks/machine.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "text"
-
-
-def cpu() -> str:
-    model, flags = platform.processor() or "?", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and model in ("?", "", "x86_64"):
-            model = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model}; {len(os.sched_getaffinity(0))} usable CPUs; flags: {' '.join(have) or 'none'}"
 
 
 def banking_docs(split: str, rng: np.random.Generator) -> tuple[list[str], list[str]]:

@@ -24,29 +24,19 @@ Targets: int8 accuracy within 0.5 points of float32; binary + rescoring recall@1
 from __future__ import annotations
 
 import csv
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu  # noqa: E402  (benchmarks/machine.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "text" / "banking77"
 CACHE = ROOT / ".bench" / "compact-banking77.npz"
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 K = 10
-
-
-def cpu() -> str:
-    model, flags = platform.processor() or "?", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and model in ("?", "", "x86_64"):
-            model = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    have = [f for f in FLAGS if f in flags]
-    return f"{model}; {len(os.sched_getaffinity(0))} usable CPUs; flags: {' '.join(have) or 'none'}"
 
 
 def read(name: str) -> tuple[list[str], list[str]]:

@@ -34,7 +34,6 @@ import collections
 import contextlib
 import csv
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -44,25 +43,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu  # noqa: E402  (benchmarks/machine.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "text" / "banking77" / "test.csv"
 sys.path.insert(0, str(ROOT / "tests"))
-
-FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16")
-
-
-def cpu() -> str:
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    shown = " ".join(f for f in FLAGS if f in flags) or "none of " + ",".join(FLAGS)
-    return f"{model}; {os.cpu_count()} logical cores; flags: {shown}"
 
 
 def texts() -> list[str]:
