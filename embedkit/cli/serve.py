@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..serve.settings import SERVE_MAX_PIXELS
+from ..serve.settings import SERVE_MAX_INFLIGHT_IMAGE_BYTES, SERVE_MAX_PIXELS
 from .common import existing_file, non_negative_float, non_negative_int, positive_float, positive_int, store_arg
 
 DEFAULT_BACKBONE = "minilm-l6"
@@ -52,6 +52,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--max-inflight-bytes", type=positive_int, default=64 * 2**20,
                    help="body bytes of all requests in flight together, 429 with Retry-After beyond "
                    "(default 67108864: 64 MiB)")
+    p.add_argument("--max-inflight-image-bytes", type=positive_int, default=SERVE_MAX_INFLIGHT_IMAGE_BYTES,
+                   help="decoded image bytes (3 x H x W float32 model inputs: 602112 bytes a 224 x 224 image) of all "
+                   "requests in flight together, from before decoding to the answer; 429 image_budget_full with "
+                   "Retry-After beyond, 413 too_many_image_bytes for one request over it (default "
+                   f"{SERVE_MAX_INFLIGHT_IMAGE_BYTES}: {SERVE_MAX_INFLIGHT_IMAGE_BYTES // 2**20} MiB, 891 images of "
+                   "224 x 224)")
     p.add_argument("--max-items", type=positive_int, default=2048, help="items per request, 413 beyond (default 2048)")
     p.add_argument("--max-chars", type=positive_int, default=100_000,
                    help="characters per text, 413 beyond (default 100000)")
@@ -144,7 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--chunk-overlap and --max-chunks apply with --long chunk")
 
     limits = Limits(max_body_bytes=args.max_body_bytes, max_items=args.max_items, max_chars=args.max_chars,
-                    max_pixels=args.max_pixels, max_inflight_bytes=max(args.max_inflight_bytes, args.max_body_bytes))
+                    max_pixels=args.max_pixels, max_inflight_bytes=max(args.max_inflight_bytes, args.max_body_bytes),
+                    max_inflight_image_bytes=args.max_inflight_image_bytes)
     settings = Settings(
         backbones=args.backbone or ([] if args.model else [DEFAULT_BACKBONE]), models=args.model, store=args.store,
         api_key=_api_key(args), limits=limits, max_batch_tokens=args.max_batch_tokens,

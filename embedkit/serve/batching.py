@@ -137,7 +137,7 @@ class Batcher:
         self._closed = False
         self._idle = 0  # workers waiting for items
         self.item_seconds = 0.05  # measured seconds per item of a batch (moving average): Retry-After
-        streams = max(1, len(getattr(runtime, "sessions", [None])))
+        self.streams = streams = max(1, len(getattr(runtime, "sessions", [None])))  # one worker each
         self._threads = [
             threading.Thread(target=self._work, args=(k,), name=f"embedkit-batch-{name}-{k}", daemon=True)
             for k in range(streams)

@@ -15,7 +15,8 @@ class Metrics:
     ``embedkit_batch_size{model}`` (items per model batch, histogram), ``embedkit_batch_seconds{model}``,
     ``embedkit_queue_depth{model}`` (items waiting now), ``embedkit_items_embedded_total{model}``,
     ``embedkit_item_errors_total{code}``, ``embedkit_items_dropped_total{model}`` (queued items of
-    clients that went away).
+    clients that went away), ``embedkit_inflight_image_bytes`` (decoded image bytes the requests in
+    flight hold now, see :mod:`embedkit.serve.image_budget`).
     """
 
     def __init__(self) -> None:
@@ -37,6 +38,8 @@ class Metrics:
         self.item_errors = Counter("embedkit_item_errors", "items that failed, by error code", ["code"], registry=r)
         self.dropped = Counter("embedkit_items_dropped", "queued items dropped because the client went away",
                                ["model"], registry=r)
+        self.image_bytes = Gauge("embedkit_inflight_image_bytes", "decoded image bytes held by requests in flight",
+                                 registry=r)
 
     @staticmethod
     def timer() -> float:
@@ -55,4 +58,5 @@ class Metrics:
 
         for name, depth in service.depths().items():
             self.queue_depth.labels(name).set(depth)
+        self.image_bytes.set(service.image_budget.used)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -32,6 +32,7 @@ from ..runtimes.cpu import cpu_count
 from . import bodies, openai_api
 from .api_error import ApiError
 from .batching import Batcher, Job, QueueFullError
+from .image_budget import ImageBudget
 from .metrics import Metrics
 from .settings import Settings
 
@@ -72,6 +73,7 @@ class Service:
         self.failed: str | None = None
         self.draining = False
         self._jobs: set[Job] = set()  # jobs awaited by requests now: failed with 503 at the drain deadline
+        self.image_budget = ImageBudget(self.limits.max_inflight_image_bytes)  # decoded images, all requests
         self._decoders = ThreadPoolExecutor(cpu_count(), thread_name_prefix="embedkit-serve-decode")
         # Images decode on a pool of their own: a request of large photos cannot hold the threads that
         # parse and tokenise other requests, and at most IMAGE_DECODERS images are in memory at once
@@ -310,12 +312,14 @@ class Service:
             except Exception as exc:  # an unforeseen decoder error costs its item only
                 return None, ItemError(index, "decode_failed", "decode", type(exc).__name__)
 
-        decoded = await asyncio.gather(*(loop.run_in_executor(self._image_decoders, decode, i, p)
-                                         for i, p in enumerate(payloads)))
-        job = self._job(len(payloads), served.artifact.dim)
-        job.errors = [e for _, e in decoded if e is not None]
-        rows = [i for i, (x, _) in enumerate(decoded) if x is not None]
-        return await self._run(served, job, rows, [decoded[i][0] for i in rows], request)
+        # Their decoded bytes are held from before decoding until the answer (413 / 429 when they do not fit).
+        with self.image_budget.hold(len(payloads), processor.preprocess.crop, served.batcher):
+            decoded = await asyncio.gather(*(loop.run_in_executor(self._image_decoders, decode, i, p)
+                                             for i, p in enumerate(payloads)))
+            job = self._job(len(payloads), served.artifact.dim)
+            job.errors = [e for _, e in decoded if e is not None]
+            rows = [i for i, (x, _) in enumerate(decoded) if x is not None]
+            return await self._run(served, job, rows, [decoded[i][0] for i in rows], request)
 
     async def _inputs(self, served_kind: str, body: dict[str, Any], text_key: str,
                       request: Any) -> tuple[Served, np.ndarray, list[ItemError], dict[str, int]]:

@@ -8,19 +8,26 @@ from typing import Any
 # the library's 89 Mpx, which suits a user's own files. Issue 22 measured +1.47 GB peak for one
 # 81 Mpx PNG (~18 bytes a pixel while decoding and resizing): ~0.3 GB at this limit.
 SERVE_MAX_PIXELS = 4096 * 4096
+# Decoded images (model inputs, 3 x H x W float32) of all requests in flight together: 512 MiB, so
+# tiny compressed images cannot make the queues hold GBs (4096 queued 224 x 224 inputs are 2.4 GB).
+# It is 891 images of 224 x 224 (602 KB each): 55 batches of 16, far more than the few per stream
+# that keep every stream busy, and a request of up to 891 such images (303 of 384 x 384) fits.
+SERVE_MAX_INFLIGHT_IMAGE_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
 class Limits:
     """Per-request limits: body bytes (checked before parsing), items, characters per text,
-    pixels per image (larger images fail as ``too_large``), and the body bytes of all the requests
-    in flight together (beyond it: 429 with ``Retry-After``)."""
+    pixels per image (larger images fail as ``too_large``), and the body bytes and the decoded image
+    bytes of all the requests in flight together (beyond them: 429 with ``Retry-After``; see
+    :mod:`embedkit.serve.image_budget`)."""
 
     max_body_bytes: int = 16 * 2**20
     max_items: int = 2048
     max_chars: int = 100_000
     max_pixels: int = SERVE_MAX_PIXELS
     max_inflight_bytes: int = 64 * 2**20
+    max_inflight_image_bytes: int = SERVE_MAX_INFLIGHT_IMAGE_BYTES
 
 
 @dataclass
