@@ -170,12 +170,19 @@ def long_args(p: argparse.ArgumentParser, what: str = "use") -> None:
                    help="with --long chunk: the namespace chunked with at most N windows (when the store holds several)")
 
 
+def chunk_rows_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """``--chunk-rows`` of ``index`` and ``search``: the per-chunk rows of chunked texts, not their pooled vectors."""
+    p.add_argument("--chunk-rows", action="store_true", default=None,
+                   help=f"with --long chunk: {what} the per-chunk rows (made by extract --long chunk --chunk-rows), "
+                   "one per window, so each match names its item, chunk and passage")
+
+
 def variant_args(args: argparse.Namespace) -> dict[str, Any]:
     """The namespace a command asked for (``precision``, ``dimensions``, ``long``, ``chunk_overlap``,
-    ``max_chunks``: whichever the command has), as :meth:`FeatureStore.find` takes it.
+    ``max_chunks``, ``chunk_rows``: whichever the command has), as :meth:`FeatureStore.find` takes it.
 
     Raises:
-        UsageError: ``--chunk-overlap`` / ``--max-chunks`` without ``--long chunk``.
+        UsageError: ``--chunk-overlap`` / ``--max-chunks`` / ``--chunk-rows`` without ``--long chunk``.
     """
     out: dict[str, Any] = {k: getattr(args, k) for k in ("precision", "dimensions") if getattr(args, k, None) is not None}
     long = getattr(args, "long", None) or "truncate"
@@ -183,6 +190,10 @@ def variant_args(args: argparse.Namespace) -> dict[str, Any]:
     if narrowed and long != "chunk":
         raise UsageError(f"{' and '.join(narrowed)} choose among chunked namespaces: add --long chunk")
     out["long"] = long
+    if getattr(args, "chunk_rows", None):
+        if long != "chunk":
+            raise UsageError("--chunk-rows reads the per-chunk rows of chunked texts: add --long chunk")
+        out["chunk_rows"] = True
     out.update({k: getattr(args, k) for k in ("chunk_overlap", "max_chunks") if getattr(args, k, None) is not None})
     return out
 

@@ -94,6 +94,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--chunk-overlap", type=non_negative_int,
                    help="--long chunk: tokens shared by neighbouring windows (default 32)")
     p.add_argument("--max-chunks", type=positive_int, help="--long chunk: windows per text at most (default 64)")
+    p.add_argument("--chunk-rows", action="store_true",
+                   help="--long chunk: also store every window as a row of its own (item id, chunk, token and "
+                   "character spans), so `index` / `search --long chunk --chunk-rows` return the passage")
     add_compact_arguments(p, "extract")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -262,6 +265,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
         if given:
             raise UsageError(f"{', '.join(given)} apply to --engine ray")
     refuse_idle_calibration_rows(args)
+    if args.chunk_rows and args.long != "chunk":
+        raise UsageError("--chunk-rows stores the windows of texts chunked by --long chunk: add --long chunk")
+    if args.chunk_rows and ray:
+        raise UsageError("--chunk-rows runs on --engine local only (the Ray engine stores pooled vectors)")
     check_output(args.out, "feature-store", inputs=[args.source])  # before the backbone is resolved (or exported)
     artifact = resolve(args.backbone, args.store)
     options: dict[str, Any] = {"device": args.device, "threads": args.threads, "runtime": args.runtime}
@@ -275,7 +282,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     elif args.batch_size or args.workers:
         raise UnsupportedInputError("--batch-size and --workers apply to image backbones (or --workers to --engine ray)")
     options.update(long_options(args, artifact.modality), precision=args.precision, dimensions=args.dimensions,
-                   calibration_rows=args.calibration_rows)
+                   calibration_rows=args.calibration_rows, **({"chunk_rows": True} if args.chunk_rows else {}))
     from tqdm import tqdm
 
     total = None if args.no_progress else count_items(args.source, artifact.modality)
@@ -302,6 +309,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         print(f"compact: {report.compact['rows']} {report.compact['precision']} vectors of "
               f"{report.compact['dimensions']} dims ({report.compact['converted']} converted), "
               f"{report.compact['vector_bytes']} bytes/vector -> {report.compact['namespace']}", file=sys.stderr)
+    if report.rows_namespace:
+        print(f"per-chunk rows: {report.chunk_rows} committed -> {report.rows_namespace}", file=sys.stderr)
     if noise["counts"]["died"]:
         print(f"note: Ray reported {noise['counts']['died']} worker process(es) dying during the run; their work was retried "
               "and reconciled from the commit records: the counts above are the outcome", file=sys.stderr)

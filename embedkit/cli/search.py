@@ -11,6 +11,7 @@ from typing import Any
 from ..errors import EmbedkitError
 from .common import (
     backbone_arg,
+    chunk_rows_arg,
     existing_dir,
     existing_file,
     long_args,
@@ -62,6 +63,7 @@ def add_parsers(sub: Any) -> None:
                    help="index memory budget in MB (--kind auto on float rows: IVF-PQ when HNSW would exceed it)")
     compact_args(p, "index")
     long_args(p, "index")
+    chunk_rows_arg(p, "index")
     p.add_argument("--nprobe", type=positive_int,
                    help="IVF indexes: lists searched per query, recorded as search's default (default 16)")
 
@@ -80,6 +82,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--backbone", help="a feature store: the backbone (default: the store's only one)")
     compact_args(p, "search")
     long_args(p, "search (a feature store)")
+    chunk_rows_arg(p, "search (a feature store)")
     p.add_argument("--nprobe", type=positive_int, help="IVF index: lists searched per query (default: as indexed)")
     p.add_argument("--features", type=existing_dir, metavar="DIR",
                    help="binary index: the feature store whose float32 rows rescore it (default: the one indexed, "
@@ -113,15 +116,16 @@ def cmd_index(args: argparse.Namespace) -> int:
         chunked = {k: namespace.variant[k] for k in ("long", "chunk_overlap", "max_chunks") if k in namespace.variant}
         path = save_index(args.features, namespace.digest, args.out, metric=args.metric, index=args.kind,
                           memory_budget_mb=args.memory_budget_mb, precision=args.precision, dimensions=args.dimensions,
-                          rescore=args.rescore, nprobe=args.nprobe, **chunked)
+                          rescore=args.rescore, nprobe=args.nprobe, chunk_rows=bool(args.chunk_rows), **chunked)
     meta = json.loads((path / "index.json").read_text())
     compact = meta.get("compact") or {}
     made = f"{compact['precision']} rows of {meta['dim']} dimensions, " if compact else ""
     if chunked:
-        made += f"chunked texts (overlap {chunked['chunk_overlap']}, at most {chunked['max_chunks']} windows), "
+        made += ("per-chunk rows (windows) of " if meta.get("chunk_rows") else "") + \
+            f"chunked texts (overlap {chunked['chunk_overlap']}, at most {chunked['max_chunks']} windows), "
     ivf = meta.get("ivf") or {}
     built = ", ".join(f"{k} {v}" for k, v in ivf.items())
-    print(f"{meta['rows']} items of {meta['backbone']['name']} ({meta['backbone']['digest'][:12]}), "
+    print(f"{meta['rows']} {'rows' if meta.get('chunk_rows') else 'items'} of {meta['backbone']['name']} ({meta['backbone']['digest'][:12]}), "
           f"{made}{meta['index_kind']} index{f' ({built})' if built else ''}, {meta['metric']} -> {path}")
     return 0
 
@@ -167,7 +171,8 @@ def matched_texts(hits: list[dict[str, Any]], source: str | None, column: str | 
 
 
 def describe(hit: dict[str, Any], metric: str, texts: dict[str, tuple[int, Any, str]]) -> dict[str, Any]:
-    """A hit with ``score``, ``row`` (0-based, or None) and ``match`` (the text or path, or None)."""
+    """A hit with ``score``, ``row`` (0-based, or None) and ``match`` (the text or path, or None; of a
+    per-chunk row, its passage: ``text[start:end]`` of its ``char_span``)."""
     name, value, _ = score(metric, hit["distance"])
     row: dict[str, Any] = dict(hit, score=value, row=None, match=None)
     locator = _LOCATOR.match(hit["source"])
@@ -176,8 +181,11 @@ def describe(hit: dict[str, Any], metric: str, texts: dict[str, tuple[int, Any, 
     elif hit["source"] in texts:
         position, payload, item_id = texts[hit["source"]]
         row["row"] = position
-        if item_id == hit["id"] or not _CONTENT_ID.match(hit["id"]):  # a user id column cannot be checked
+        parent = hit.get("parent", hit["id"])  # a per-chunk row: its item's id
+        if item_id == parent or not _CONTENT_ID.match(parent):  # a user id column cannot be checked
             row["match"] = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
+            if "char_span" in hit and isinstance(row["match"], str):
+                row["match"] = row["match"][hit["char_span"][0]:hit["char_span"][1]]
         else:
             row["note"] = f"{locator['file']} changed since extraction: that row holds other content now"
     elif locator["unit"] == "row":
@@ -190,7 +198,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from ..heads.indexes import search, search_store
     from .common import namespace_of
 
-    chosen = ("backbone", "precision", "dimensions", "long", "chunk_overlap", "max_chunks")
+    chosen = ("backbone", "precision", "dimensions", "long", "chunk_overlap", "max_chunks", "chunk_rows")
     if (Path(args.index) / "index.json").is_file():
         given = [f"--{k.replace('_', '-')}" for k in chosen if getattr(args, k) is not None]
         if given:
@@ -210,7 +218,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             chunked = {k: namespace.variant[k] for k in ("long", "chunk_overlap", "max_chunks") if k in namespace.variant}
             results = search_store(args.index, namespace.digest, list(args.queries), k=args.k,
                                    precision=args.precision or "float32", dimensions=args.dimensions,
-                                   rescore=args.rescore, store=args.store, **chunked)
+                                   rescore=args.rescore, store=args.store, chunk_rows=bool(args.chunk_rows), **chunked)
         metric, indexed = "cosine", args.index
     rescored = {h.get("rescored", "") for hits in results for h in hits if "error" not in h}
     if None in rescored:
@@ -241,12 +249,15 @@ def cmd_search(args: argparse.Namespace) -> int:
                 print(f"  error {hit['error']}: {hit['message']}")
                 continue
             locator = _LOCATOR.match(hit["source"])
+            name = hit.get("parent", hit["id"])[:12]
+            if "chunk" in hit:  # a per-chunk row: which window of the item, and where its passage lies
+                name += f", chunk {hit['chunk']}, chars {hit['char_span'][0]}:{hit['char_span'][1]}"
             if locator is None:
-                where = f"id {hit['id'][:12]}"
+                where = f"id {name}"
             elif hit["row"] is not None:
-                where = f"{locator['file']} row {hit['row']}, id {hit['id'][:12]}"
+                where = f"{locator['file']} row {hit['row']}, id {name}"
             else:
-                where = f"{hit['source']}, id {hit['id'][:12]}"
+                where = f"{hit['source']}, id {name}"
             shown = hit["match"] if hit["match"] is not None else hit.get("note", "(text not shown)")
             unknown = unknown or (hit["match"] is None and "note" not in hit)
             print(f"  {rank:>3}  {hit['score']:8.4f}  {shown}  [{where}]")

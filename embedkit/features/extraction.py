@@ -18,7 +18,10 @@ fixed and extracted again.
 Variants (:mod:`embedkit.features.variants`): with ``long="chunk"`` the vectors go into the chunk
 variant's namespace (its overlap and window count in its name), never beside truncated ones;
 with ``precision`` / ``dimensions`` the float namespace is extracted as always, then its compact
-namespace derived from it (:func:`embedkit.features.compaction.compact_namespace`).
+namespace derived from it (:func:`embedkit.features.compaction.compact_namespace`). With
+``long="chunk", chunk_rows=True`` every window is also stored as a row of its own in the chunk
+variant's per-chunk rows namespace (:mod:`embedkit.features.chunk_rows`), committed by the same
+shard jobs just before their pooled vectors; an item counts as stored when both namespaces hold it.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from ..fs.outputs import check_output
 from ..inputs.sources import Item, iter_items
 from ..inputs.windows import long_policy
 from ..models.resolve import resolve
+from . import chunk_rows as rows_of
 from . import variants
 from .compaction import compact_namespace, rows_for
 from .ray import RayRunner
@@ -71,6 +75,7 @@ def extract(
     precision: str = "float32",
     dimensions: int | None = None,
     calibration_rows: int | None = None,
+    chunk_rows: bool = False,
     **options: Any,
 ) -> ExtractReport:
     """Extract features of every item of ``source`` into a :class:`FeatureStore`.
@@ -95,6 +100,12 @@ def extract(
             :func:`embedkit.compact_features`, whose report is ``report.compact``. Default: none.
         calibration_rows: int8 / uint8, the compact namespace's first run: fit the ranges on at
             most this many stored vectors (a seeded sample; None: 100,000); refused with another precision.
+        chunk_rows: with ``long="chunk"``, also store every window as a row of its own (id
+            ``<item id>#<chunk>``; parent id, chunk number, token and character spans, float32
+            ``(D,)`` vector: :class:`~embedkit.features.chunk_rows.ChunkRows`) in the variant
+            ``<digest>.chunk-o<O>-m<M>.rows``, read with ``FeatureStore.chunk_rows`` or
+            ``load(..., long="chunk", chunk_rows=True)``; ``report.chunk_rows`` counts the rows
+            committed, ``report.rows_namespace`` names the folder. Local engine only.
         options: encoder options (device, threads, batch_tokens, batch_size, workers, ...);
             text ``long="chunk"`` (with ``chunk_overlap``, ``max_chunks``) writes into the chunk
             variant's namespace.
@@ -104,7 +115,8 @@ def extract(
             or lies inside ``source``, or it exists and is not a feature store (nor empty).
         ValueError: an unknown ``engine``, or Ray options with the local engine.
         UsageError: (a ValueError) an unknown ``precision``, ``dimensions`` above the backbone's,
-            bad long-text options; refused before any work.
+            bad long-text options, ``chunk_rows`` without ``long="chunk"`` (or with engine ``ray``);
+            refused before any work.
         RayClusterError: (engine ``ray``) the cluster at ``address`` cannot be reached.
         RayResourcesError: (engine ``ray``) ``cpus_per_worker`` / ``gpus_per_worker`` fit no node.
         IncompleteExtractionError: (engine ``ray``) planned shards are neither committed nor failed.
@@ -120,6 +132,7 @@ def extract(
         given = ", ".join(k for k, v in ray_options.items() if v is not None)
         raise ValueError(f"{given} apply to engine='ray' only")
     variants.Wanted(precision, dimensions)  # UsageError before any work
+    _check_chunk_rows(chunk_rows, options, engine)
     calibration_rows = rows_for(precision, calibration_rows)
     check_output(store, "feature-store", inputs=[source])  # before any work: not an input, not a foreign folder
     start = time.perf_counter()
@@ -135,13 +148,22 @@ def extract(
         runner = _LocalRunner(encoder_for(artifact, **options))
     namespace = FeatureStore(store).namespace(artifact, variant)
     namespace.check_writable()  # a read-only or full store fails before any compute
+    rows = FeatureStore(store).namespace(artifact, {**variant, "rows": True}) if chunk_rows else None
+    if rows is not None:
+        rows.check_writable()
     _refuse_unchecked_truncations(namespace, artifact, options)
-    report = ExtractReport(backbone=artifact.name, digest=artifact.digest, namespace=str(namespace.path), engine=engine)
+    report = ExtractReport(backbone=artifact.name, digest=artifact.digest, namespace=str(namespace.path), engine=engine,
+                           rows_namespace=str(rows.path) if rows is not None else "")
     if verify:
-        problems = namespace.verify(deep=True)
-        namespace.quarantine(problems)
-        report.quarantined = len(problems)
+        problems = [(ns, ns.verify(deep=True)) for ns in (namespace, rows) if ns is not None]
+        for ns, found in problems:
+            ns.quarantine(found)
+        report.quarantined = sum(len(found) for _, found in problems)
     stored = namespace.stored()  # id -> content fingerprint, from earlier runs
+    if rows is not None:  # stored only when its windows are too (a kill -9 may fall between the two commits)
+        parents = rows_of.stored_parents(rows)
+        stored = {item: fp for item, fp in stored.items() if parents.get(item) == fp}
+        runner.rows = rows  # the local engine's (chunk_rows is refused with Ray)
     run = Run(report, progress, bool(id_column), artifact.modality)
     size = shard_size or SHARD_SIZE[artifact.modality]
     try:
@@ -158,6 +180,17 @@ def extract(
         logger.info("%d ids had another content (or none recorded) in the store: recomputed", report.changed)
     logger.info("extract %s (%s): %s", artifact.name, artifact.digest[:12], report.summary())
     return report
+
+
+def _check_chunk_rows(chunk_rows: Any, options: dict[str, Any], engine: str) -> None:
+    """UsageError unless ``chunk_rows`` is a bool that may apply: with ``long="chunk"``, local engine."""
+    if not isinstance(chunk_rows, bool):
+        raise UsageError(f"chunk_rows must be True or False, got {chunk_rows!r}")
+    if chunk_rows and options.get("long") != "chunk":
+        raise UsageError(f"chunk_rows=True stores the windows of texts chunked by long='chunk'; long is "
+                         f"{options.get('long') or 'truncate'!r}: add long='chunk'")
+    if chunk_rows and engine != "local":
+        raise UsageError("chunk_rows=True runs on engine='local' only (the Ray engine stores pooled vectors)")
 
 
 def _refuse_unchecked_truncations(namespace: Namespace, artifact: Any, options: dict[str, Any]) -> None:
@@ -224,12 +257,15 @@ class _LocalRunner:
 
     def __init__(self, encoder: Any) -> None:
         self.encoder = encoder
+        self.rows: Namespace | None = None  # the per-chunk rows namespace (chunk_rows=True)
 
     def start(self, namespace: Namespace, run: Run) -> None:
         self.namespace, self.run = namespace, run
 
     def submit(self, job: ShardJob) -> None:
-        settle(job, compute_shard(job, self.encoder, self.namespace), self.run)
+        outcome = compute_shard(job, self.encoder, self.namespace, rows=self.rows)
+        self.run.report.chunk_rows += outcome.rows
+        settle(job, outcome, self.run)
 
     def close(self) -> None:
         pass

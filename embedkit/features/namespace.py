@@ -34,7 +34,7 @@ from ..fs.atomic import fsync_dir, write_atomic
 from ..fs.locks import held
 from ..fs.paths import member
 from ..models.store import sha256_file
-from . import cache, garbage, variants, verification
+from . import cache, chunk_rows, garbage, variants, verification
 from .garbage import GC_WAIT
 from .verification import Problem
 
@@ -206,7 +206,7 @@ class Namespace:
             for failure in record.get("failures", []):
                 served.pop(failure["id"], None)
                 failed[failure["id"]] = failure
-        return served, failed
+        return (chunk_rows.by_parent(records, served) if self.variant.get("rows") else served), failed
 
     def served_view(self) -> tuple[dict[str, str], list[dict[str, Any]], int]:
         """``(served ids -> fingerprint, failure records, damaged shards)``, leaving damaged
@@ -284,15 +284,15 @@ class Namespace:
     # -- writing ----------------------------------------------------------------------------
     def commit(self, ids: Sequence[str], vectors: np.ndarray, sources: Sequence[str] | None = None,
                failures: Sequence[dict[str, Any]] = (), stats: dict[str, Any] | None = None,
-               contents: Sequence[str | None] | None = None) -> str:
+               contents: Sequence[str | None] | None = None, extra_columns: dict[str, Any] | None = None) -> str:
         """Write one shard (embeddings + failure records) and commit it; returns the shard name.
 
         ``vectors`` are ``(len(ids), width)`` of :attr:`dtype`: float (cast to float32) in a float
         namespace, exactly int8 / uint8 in a compact one. ``contents`` are the items' content
         fingerprints (given when ids are user ids), so a later run can tell that an id's content
-        changed. Raises StoreError on a wrong dtype or shape or non-finite vectors,
-        StoreWriteError (an OSError) when the store cannot be written; then nothing of this
-        shard is left behind.
+        changed; ``extra_columns`` (name -> a value per id) are stored beside (chunk rows' spans).
+        Raises StoreError on a wrong dtype or shape or non-finite vectors, StoreWriteError (an
+        OSError) when the store cannot be written; then nothing of this shard is left behind.
         """
         import pyarrow as pa
 
@@ -305,9 +305,8 @@ class Namespace:
             "failures": list(failures), "stats": stats or {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        shards = self.path / "shards"
+        target = shards = self.path / "shards"
         tmp, final = shards / f".{shard}.arrow.tmp", shards / f"{shard}.arrow"
-        target = shards
         with self._lock():
             try:
                 if len(ids):
@@ -317,6 +316,7 @@ class Namespace:
                         columns["source"] = pa.array(list(sources), type=pa.string())
                     if contents is not None:
                         columns["content"] = pa.array([c or None for c in contents], type=pa.string())
+                    columns.update({k: pa.array(np.asarray(v).tolist()) for k, v in (extra_columns or {}).items()})
                     table = pa.table({
                         **columns,
                         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.width),

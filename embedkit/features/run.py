@@ -26,7 +26,9 @@ class ExtractReport:
     ``conflicts`` counts ids that named two contents in this run (their rows are ``failed``).
     ``namespace`` is the float namespace written (plain, or the chunk variant); ``compact`` the
     :class:`~embedkit.features.compaction.CompactReport` (as JSON) of the compact namespace derived
-    from it when ``extract`` was given ``precision`` / ``dimensions``, else None.
+    from it when ``extract`` was given ``precision`` / ``dimensions``, else None. With
+    ``chunk_rows=True``, ``rows_namespace`` is the per-chunk rows namespace written and
+    ``chunk_rows`` the rows (windows) committed by this run (``""`` and 0 otherwise).
     """
 
     total: int = 0
@@ -47,6 +49,8 @@ class ExtractReport:
     digest: str = ""
     namespace: str = ""
     compact: dict[str, Any] | None = None
+    rows_namespace: str = ""
+    chunk_rows: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

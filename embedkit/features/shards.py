@@ -5,7 +5,8 @@ is a hash of the artifact digest and the job's ids and contents, so a retried jo
 key. :func:`compute_shard` decodes / tokenises, encodes and commits one job (vectors and the
 per-item failure records in one commit record, which also names the key). It is idempotent:
 given the keys already committed, a committed job is never computed again, its outcome is
-read back from the commit record.
+read back from the commit record. With a namespace of per-chunk rows (``rows``), each job's
+windows are committed there first, then its pooled vectors (:mod:`embedkit.features.chunk_rows`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..inputs.sources import Item
+from . import chunk_rows
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class ShardOutcome:
     truncated: int = 0
     shard: str | None = None
     recomputed: bool = True  # False: read back from an earlier commit of the same key
+    rows: int = 0  # per-chunk rows committed (extract with chunk_rows=True)
 
 
 def job_key(items: Sequence[Item], contents: Sequence[str | None], extra: Sequence[dict[str, Any]] = ()) -> str:
@@ -92,12 +95,14 @@ def outcome_from_record(job: ShardJob, record: dict[str, Any]) -> ShardOutcome:
 
 
 def compute_shard(job: ShardJob, encoder: Any, namespace: Any, done: dict[str, dict[str, Any]] | None = None,
-                  ) -> ShardOutcome:
+                  rows: Any = None) -> ShardOutcome:
     """Encode ``job``'s items and commit them with their failure records, once.
 
     ``done`` maps keys already committed to their records (see :func:`committed_keys`): a job
-    found there is not computed again. Raises StoreWriteError when the store cannot be written
-    (nothing of the job is committed then) and ArtifactError when the model returns a wrong shape.
+    found there is not computed again. ``rows``: the namespace of per-chunk rows (a text encoder
+    with ``long="chunk"``), where the job's windows are committed before its pooled vectors.
+    Raises StoreWriteError when the store cannot be written (nothing of the job is committed
+    then) and ArtifactError when the model returns a wrong shape.
     """
     if done is not None and job.key in done:
         logger.info("shard job %s was committed already (%s): not computed again", job.key[:12], done[job.key]["shard"])
@@ -107,8 +112,9 @@ def compute_shard(job: ShardJob, encoder: Any, namespace: Any, done: dict[str, d
     vectors = np.empty((0, namespace.dim), np.float32)
     stats: dict[str, Any] = {"key": job.key}
     truncated = 0
+    result = None
     if job.items:
-        result = encoder.encode([item.payload for item in job.items])
+        result = encoder.encode([item.payload for item in job.items], **({"chunk_rows": True} if rows is not None else {}))
         ok = np.asarray(result.ok, dtype=bool)
         for error in result.errors:
             item = job.items[error.index]
@@ -125,9 +131,10 @@ def compute_shard(job: ShardJob, encoder: Any, namespace: Any, done: dict[str, d
     good = [item for item, k in zip(job.items, ok) if k]
     fps = [c for c, k in zip(job.contents, ok) if k] if job.user_ids else None
     stats.update(computed=len(good), failed=len(failures), conflicts=len(job.extra), truncated=truncated)
+    windows = chunk_rows.commit(rows, job, result) if rows is not None else 0  # first: see chunk_rows
     shard = namespace.commit([item.id for item in good], vectors, [item.source for item in good],
                              failures + list(job.extra), stats, contents=fps)
-    return ShardOutcome([bool(k) for k in ok], failures, truncated, shard)
+    return ShardOutcome([bool(k) for k in ok], failures, truncated, shard, rows=windows)
 
 
 def crashed_outcome(job: ShardJob, namespace: Any, crashed: Iterable[Item], attempts: int) -> None:

@@ -28,7 +28,9 @@ Variants (:mod:`embedkit.features.variants`): vectors of one artifact made anoth
 texts chunked and pooled; compact int8 / uint8 / binary or truncated vectors) live in a
 namespace of their own, ``<digest>.<tag>``, whose ``namespace.json`` records the ``variant``
 (for int8 / uint8, the calibration every vector of it was quantised with). Readers choose by
-what they ask (:meth:`FeatureStore.find`): a plain request never gets a variant.
+what they ask (:meth:`FeatureStore.find`): a plain request never gets a variant. Per-chunk rows
+(``extract(..., long="chunk", chunk_rows=True)``: every window a row, ``<digest>.chunk-o32-m64.rows``)
+are read with :meth:`FeatureStore.chunk_rows` (:mod:`embedkit.features.chunk_rows`).
 
 Shards open without embedkit: ``pandas.read_feather``, ``pyarrow.ipc.open_file``,
 ``polars.read_ipc``.
@@ -47,6 +49,7 @@ import numpy as np
 from ..errors import EmbedkitError, StoreError, StoreWriteError
 from ..fs.atomic import write_atomic
 from ..fs.locks import held
+from . import chunk_rows as rows_of
 from . import variants
 from .namespace import LOCK, NAMESPACE, READABLE_SCHEMAS, SCHEMA_VERSION, Namespace
 from .verification import Problem
@@ -151,22 +154,26 @@ class FeatureStore:
         return found
 
     def find(self, backbone: str, *, precision: str = "float32", dimensions: int | None = None,
-             long: str = "truncate", chunk_overlap: int | None = None, max_chunks: int | None = None) -> Namespace:
+             long: str = "truncate", chunk_overlap: int | None = None, max_chunks: int | None = None,
+             chunk_rows: bool = False) -> Namespace:
         """A namespace by backbone name (the newest digest that has the variant asked for), digest or
         digest prefix (>= 8 hex), and variant.
 
         The variant is what the vectors are: ``precision`` (``float32`` | ``int8`` | ``uint8`` |
         ``binary``), ``dimensions`` (None: all), ``long`` (``truncate`` | ``chunk``; a chunk
-        request may name ``chunk_overlap`` / ``max_chunks``). The defaults ask for the plain
-        float32 namespace, which a compact or chunked namespace never answers, however new.
+        request may name ``chunk_overlap`` / ``max_chunks``; ``chunk_rows=True`` asks for its
+        per-chunk rows instead of its pooled vectors). The defaults ask for the plain float32
+        namespace, which a compact or chunked namespace never answers, however new; a request for
+        pooled vectors is never answered by per-chunk rows, nor the reverse.
 
         Raises:
             StoreError: no namespace of that backbone and variant (the message lists what is
                 present), or two variants of one digest answer (name ``chunk_overlap`` /
                 ``max_chunks``).
-            UsageError: an unknown precision or long-text policy, or bad dimensions.
+            UsageError: an unknown precision or long-text policy, bad dimensions, or
+                ``chunk_rows`` without ``long="chunk"`` (or with a compact precision / dimensions).
         """
-        want = variants.Wanted(precision, dimensions, long, chunk_overlap, max_chunks)
+        want = variants.Wanted(precision, dimensions, long, chunk_overlap, max_chunks, chunk_rows)
         spaces, bad = self._scan()
         named = [n for n in spaces if n.name == backbone]
         if not named and len(backbone) >= 8:
@@ -189,17 +196,34 @@ class FeatureStore:
 
     def load(self, backbone: str, *, precision: str = "float32", dimensions: int | None = None,
              long: str = "truncate", chunk_overlap: int | None = None, max_chunks: int | None = None,
-             ) -> tuple[np.ndarray, np.ndarray]:
+             chunk_rows: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, X)`` of a backbone's features of one variant (see :meth:`find`), every id once.
 
         X is memory-mapped, ``(N, width)``: float32 ``(N, D)`` (``(N, d)`` with ``dimensions``)
         for float32, int8 / uint8 ``(N, d)``, packed sign bits uint8 ``(N, ceil(d / 8))`` for
-        binary (``Namespace.compact.restore`` maps rows back to approximate floats). The first
+        binary (``Namespace.compact.restore`` maps rows back to approximate floats); with
+        ``chunk_rows=True`` the per-chunk rows, ids ``<parent>#<chunk>`` (their spans:
+        :meth:`chunk_rows`). The first
         load after a commit builds the consolidated cache under ``cache/`` (derived, disposable,
         about the size of the shards again; ``store info`` shows its size). Raises as :meth:`find`.
         """
         return self.find(backbone, precision=precision, dimensions=dimensions, long=long,
-                         chunk_overlap=chunk_overlap, max_chunks=max_chunks).load()
+                         chunk_overlap=chunk_overlap, max_chunks=max_chunks, chunk_rows=chunk_rows).load()
+
+    def chunk_rows(self, backbone: str, *, chunk_overlap: int | None = None,
+                   max_chunks: int | None = None) -> rows_of.ChunkRows:
+        """Every per-chunk row of a backbone's chunked texts (made by ``extract(..., long="chunk",
+        chunk_rows=True)``), once: ids ``<parent>#<chunk>``, parent ids, float32 ``(M, D)`` vectors
+        (memory-mapped), chunk numbers, token and character spans ``(M, 2)`` int64 and sources (see
+        :class:`~embedkit.features.chunk_rows.ChunkRows`); ``text[start:end]`` of a row's
+        ``char_span`` is its passage.
+
+        Raises:
+            StoreError: no per-chunk rows of ``backbone`` (the message lists what is present), two
+                chunk settings answer (name ``chunk_overlap`` / ``max_chunks``), a damaged shard.
+        """
+        return rows_of.load(self.find(backbone, long="chunk", chunk_overlap=chunk_overlap, max_chunks=max_chunks,
+                                      chunk_rows=True))
 
     def failures(self, backbone: str, **variant: Any) -> list[dict[str, Any]]:
         """Failure records of the namespace :meth:`find` gives for ``backbone`` and ``variant``."""
@@ -210,7 +234,8 @@ class FeatureStore:
         shards, items written by two writers counted twice), ``damaged`` (shards that do not
         open or belong elsewhere, left out of the counts; ``verify`` names them), ``bytes``
         (everything but the cache) and ``cache_bytes`` (the derived cache, deletable); the
-        ``variant`` (its tag, ``""`` when plain; ``precision``, ``dimensions`` kept, ``long``),
+        ``variant`` (its tag, ``""`` when plain; ``precision``, ``dimensions`` kept, ``long``,
+        ``chunk_rows``: whether its rows are windows),
         ``vector_bytes`` (one vector's values: 4 d float32, d int8 / uint8, ceil(d / 8) binary)
         and ``bytes_per_row`` (shard bytes per stored row: the vector, its id, source and
         fingerprint strings and Arrow's framing; 0.0 when no rows)."""
@@ -225,7 +250,7 @@ class FeatureStore:
             out.append({
                 "backbone": ns.name, "digest": ns.digest, "dim": ns.dim, "path": str(ns.path),
                 "variant": ns.tag, "precision": compact.precision, "dimensions": compact.output_dim(ns.dim),
-                "long": ns.variant.get("long", "truncate"),
+                "long": ns.variant.get("long", "truncate"), "chunk_rows": bool(ns.variant.get("rows")),
                 "shards": sum(1 for r in records if r.get("rows")), "rows": len(stored),
                 "shard_rows": shard_rows,
                 "failures": len(failed), "damaged": damaged, "bytes": size - cache_bytes, "cache_bytes": cache_bytes,

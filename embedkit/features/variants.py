@@ -16,11 +16,15 @@ compact vectors        ``{"compact": Compact.describe()}``: precision,  ``int8-1
                        dimensions, the int8 / uint8 calibration (with   ``d256-binary``
                        its sha256)
 both                   both keys                                        ``chunk-o32-m64.int8-1a2b3c4d``
+per-chunk rows         the chunk keys and ``"rows": true`` (one row     ``chunk-o32-m64.rows``
+                       per window, float32 only:
+                       :mod:`embedkit.features.chunk_rows`)
 =====================  ===============================================  =====================
 
 The tag is derived from the record (:func:`tag`), so a folder whose name disagrees with its
 record is refused on read. A reader asks for a variant by what it means (:class:`Wanted`:
-precision, dimensions, long-text policy); a plain request never matches a variant.
+precision, dimensions, long-text policy, per-chunk rows); a plain request never matches a variant,
+and a request for pooled vectors never matches per-chunk rows (nor the reverse).
 """
 from __future__ import annotations
 
@@ -34,15 +38,17 @@ from ..errors import StoreError, UsageError
 from ..inputs.text import TextTokenizer
 
 READ_LONG = ("truncate", "chunk")  # "error" stores its vectors with the truncated ones: same vectors
-_KEYS = ("long", "chunk_overlap", "max_chunks", "compact")
+_KEYS = ("long", "chunk_overlap", "max_chunks", "rows", "compact")
+ROWS_TAG = "rows"  # the per-chunk rows of a chunk variant: ``chunk-o32-m64.rows``
 
 
 def normalize(variant: Any) -> dict[str, Any]:
     """The canonical record of a variant (``{}`` for plain); raises UsageError when malformed.
 
     Accepts None, ``{}``, or a dict of ``long`` / ``chunk_overlap`` / ``max_chunks`` (all three,
-    ``long == "chunk"``) and ``compact`` (a :meth:`Compact.describe` record; a float32 one with all
-    dimensions is plain and dropped).
+    ``long == "chunk"``), ``rows`` (True: one row per window of the chunked texts, not their pooled
+    vectors; needs the chunk keys, float32 only; False is dropped) and ``compact`` (a
+    :meth:`Compact.describe` record; a float32 one with all dimensions is plain and dropped).
     """
     if variant is None:
         return {}
@@ -64,6 +70,14 @@ def normalize(variant: Any) -> dict[str, Any]:
         compact = Compact.from_record(variant["compact"])
         if not compact.is_float:
             out["compact"] = compact.describe()
+    rows = variant.get("rows", False)
+    if not isinstance(rows, bool):
+        raise UsageError(f"a variant's rows is True or False, got {rows!r}")
+    if rows and (out.get("long") != "chunk" or "compact" in out):
+        raise UsageError("per-chunk rows (a variant's rows=True) are the float32 windows of chunked texts: they need "
+                         "long='chunk' and no compact record")
+    if rows:
+        out["rows"] = True
     return out
 
 
@@ -74,10 +88,13 @@ def compact_of(variant: dict[str, Any]) -> Compact:
 
 
 def tag(variant: dict[str, Any]) -> str:
-    """The folder suffix of a (normalised) variant, e.g. ``chunk-o32-m64.int8-1a2b3c4d``; ``""`` when plain."""
+    """The folder suffix of a (normalised) variant, e.g. ``chunk-o32-m64.int8-1a2b3c4d`` or
+    ``chunk-o32-m64.rows``; ``""`` when plain."""
     parts = []
     if variant.get("long") == "chunk":
         parts.append(f"chunk-o{variant['chunk_overlap']}-m{variant['max_chunks']}")
+    if variant.get("rows"):
+        parts.append(ROWS_TAG)
     if variant.get("compact"):
         parts.append(compact_of(variant).tag())
     return ".".join(parts)
@@ -104,13 +121,16 @@ def vector_bytes(compact: Compact, dim: int) -> int:
 class Wanted:
     """What a reader asks for: ``precision``, ``dimensions`` (None: all) and ``long``
     (``truncate`` or ``chunk``); ``chunk_overlap`` / ``max_chunks`` narrow a chunk request
-    (None: any). Raises UsageError on an unknown value."""
+    (None: any); ``chunk_rows`` asks for the per-chunk rows of a chunk request instead of its
+    pooled vectors (float32, every dimension). Raises UsageError on an unknown value or
+    ``chunk_rows`` without ``long="chunk"`` (or with a compact precision / dimensions)."""
 
     precision: str = "float32"
     dimensions: int | None = None
     long: str = "truncate"
     chunk_overlap: int | None = None
     max_chunks: int | None = None
+    chunk_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -124,6 +144,12 @@ class Wanted:
             raise UsageError(f"long must be one of {', '.join(READ_LONG)}, got {self.long!r}{hint}")
         if self.long != "chunk" and (self.chunk_overlap is not None or self.max_chunks is not None):
             raise UsageError("chunk_overlap and max_chunks narrow a long='chunk' request only")
+        if not isinstance(self.chunk_rows, bool):
+            raise UsageError(f"chunk_rows must be True or False, got {self.chunk_rows!r}")
+        if self.chunk_rows and self.long != "chunk":
+            raise UsageError("chunk_rows=True asks for the per-chunk rows of chunked texts: it needs long='chunk'")
+        if self.chunk_rows and (self.precision != "float32" or self.dimensions is not None):
+            raise UsageError("chunk_rows=True: per-chunk rows are stored as float32 with every dimension only")
 
     def matches(self, variant: dict[str, Any], dim: int | None = None) -> bool:
         """Whether a namespace of ``variant`` holds these vectors; with the backbone's ``dim``,
@@ -131,7 +157,7 @@ class Wanted:
         if dim is not None and self.dimensions == dim:
             return replace(self, dimensions=None).matches(variant)
         chunked = variant.get("long") == "chunk"
-        if chunked != (self.long == "chunk"):
+        if chunked != (self.long == "chunk") or bool(variant.get("rows")) != self.chunk_rows:
             return False
         if chunked and any(want is not None and want != variant.get(key)
                            for key, want in (("chunk_overlap", self.chunk_overlap), ("max_chunks", self.max_chunks))):
@@ -145,7 +171,7 @@ class Wanted:
         parts.append(f"long={self.long}")
         parts += [f"{k}={v}" for k, v in (("chunk_overlap", self.chunk_overlap), ("max_chunks", self.max_chunks))
                   if v is not None]
-        return ", ".join(parts)
+        return ", ".join(parts + (["chunk_rows=True"] if self.chunk_rows else []))
 
 
 def commit_rows(key: str, compact: Compact, dim: int, n: int, vectors: Any) -> np.ndarray:
@@ -196,10 +222,11 @@ def request(variant: dict[str, Any], style: str = "python", chunking: bool = Tru
     pairs = [("precision", compact.get("precision")), ("dimensions", compact.get("dimensions"))]
     pairs += [(k, variant.get(k)) for k in (LONG_KEYS if chunking else LONG_KEYS[:1])]
     pairs = [(k, v) for k, v in pairs if v is not None and v != "float32"]
+    pairs += [("chunk_rows", True)] if variant.get("rows") else []
     if not pairs:
         return "no option (the plain namespace)"
     if style == "cli":
-        return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in pairs)
+        return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in pairs)
     return ", ".join(f"{k}={v!r}" for k, v in pairs)
 
 

@@ -27,7 +27,9 @@ time, when gone, falls back to them).
 
 Over a namespace of chunked texts (``long="chunk"``) the index records its long-text policy
 (``"long"``: ``long``, ``chunk_overlap``, ``max_chunks``) and :func:`search` embeds the queries
-with it, as the indexed items were. Options that do not apply to the index are refused
+with it, as the indexed items were; over its per-chunk rows (``chunk_rows=True``) the index also
+keeps each row's chunk and spans and every hit names its parent item, chunk and passage span
+(:mod:`embedkit.heads.passages`). Options that do not apply to the index are refused
 (:class:`UsageError`), not ignored: ``rescore`` and ``features`` on anything but binary rows,
 ``nprobe`` on an index without IVF lists, ``memory_budget_mb`` but for a float ``auto`` index,
 ``ivfpq`` (product quantisation of floats) for binary rows.
@@ -49,6 +51,7 @@ from ..features.variants import label
 from ..fs.atomic import current, staged_folder
 from ..fs.outputs import check_output, replaceable, stamp
 from ..models.store import sha256_file
+from . import passages
 from .binary import RESCORE, BinaryNearestNeighbors
 from .knn import FaissNearestNeighbors
 from .namespaces import find, long_of
@@ -122,12 +125,14 @@ def build(namespace: Any, compact: Compact, metric: str = "cosine", index: str =
 def save_index(store: Any, backbone: str, path: str | os.PathLike[str], metric: str = "cosine",
                index: str = "auto", memory_budget_mb: float | None = None, precision: str = "float32",
                dimensions: int | None = None, rescore: int | None = None, nprobe: int | None = None,
-               long: str = "truncate", chunk_overlap: int | None = None, max_chunks: int | None = None) -> Path:
+               long: str = "truncate", chunk_overlap: int | None = None, max_chunks: int | None = None,
+               chunk_rows: bool = False) -> Path:
     """A nearest-neighbour index over a feature store namespace, saved with ids and sources.
 
     ``precision`` / ``dimensions`` choose a compact namespace of ``backbone`` and ``long`` (with
     ``chunk_overlap`` / ``max_chunks`` when several answer) a namespace of chunked texts (see the
-    module table and :meth:`FeatureStore.find`); ``rescore`` (binary rows only: Hamming candidates
+    module table and :meth:`FeatureStore.find`; ``chunk_rows=True``: its per-chunk rows, each hit
+    then naming its passage); ``rescore`` (binary rows only: Hamming candidates
     rescored, 0: none; default 100) and ``nprobe`` (IVF lists searched; default 16) are recorded as
     the defaults of :func:`search`. ``path`` is checked before any work (its folder must exist; it
     must not be or lie inside the feature store; it must be new, an empty folder or an earlier
@@ -147,7 +152,7 @@ def save_index(store: Any, backbone: str, path: str | os.PathLike[str], metric: 
     folder = store.path if is_namespace else store.root if isinstance(store, FeatureStore) else store
     final = check_output(path, "index", inputs=[folder])
     namespace = _find(store, backbone, precision, dimensions, long=long, chunk_overlap=chunk_overlap,
-                      max_chunks=max_chunks)
+                      max_chunks=max_chunks, chunk_rows=chunk_rows)
     compact = _compact_of(namespace, precision, dimensions)
     rescore = RESCORE if rescore is None else rescore
     nprobe = NPROBE if nprobe is None else nprobe
@@ -159,15 +164,17 @@ def save_index(store: Any, backbone: str, path: str | os.PathLike[str], metric: 
         (faiss.write_index_binary if binary else faiss.write_index)(nn._index, str(staging / "index.faiss"))
         np.save(staging / "ids.npy", ids, allow_pickle=False)
         np.save(staging / "sources.npy", sources, allow_pickle=False)
+        chunked = passages.save(staging, passages.of_namespace(namespace, ids))
         meta = {
             **stamp("index"),
             "format": FORMAT if compact.is_float else COMPACT_FORMAT,
             "backbone": {"name": namespace.name, "digest": namespace.digest,
                          "spec": namespace.info.get("spec") or namespace.name},
             "metric": metric, "index_kind": nn.index_kind_, "rows": int(len(ids)), "dim": int(dim),
-            "nprobe": nprobe, "files": {f: sha256_file(staging / f) for f in INDEX_FILES},
+            "nprobe": nprobe, "files": {f: sha256_file(staging / f) for f in passages.files(chunked, INDEX_FILES)},
             "versions": {d: version_of(d) for d in ("embedkit", "faiss-cpu")},
             **({"ivf": made} if made else {}), **({"long": long_of(namespace.variant)} if namespace.variant.get("long") else {}),
+            **chunked,
         }
         if not compact.is_float:
             meta.update(compact=compact.describe(), rescore=rescore,
@@ -236,7 +243,8 @@ def _attach_rescoring(nn: Any, features: Any, digest: str, ids: np.ndarray, long
 
 
 def _hits(nn: Any, compact: Compact, artifact: Any, ids: np.ndarray, sources: np.ndarray, queries: list[Any],
-          k: int, rescored: str | None, long: dict[str, Any] | None = None) -> list[list[dict[str, Any]]]:
+          k: int, rescored: str | None, long: dict[str, Any] | None = None,
+          spans: np.ndarray | None = None) -> list[list[dict[str, Any]]]:
     # an empty query has no neighbours; queries are embedded as the indexed texts were (long-text policy)
     options = {"empty": "error", **(long or {})} if artifact.modality == "text" else {}
     result = encoder_for(artifact, **options).encode(queries)
@@ -245,7 +253,9 @@ def _hits(nn: Any, compact: Compact, artifact: Any, ids: np.ndarray, sources: np
     if len(good):
         distances, indices = query(nn, compact, result.vectors[good], min(k, len(ids)))
         for row, dist, idx in zip(good, distances, indices):
-            out[row] = [{"id": str(ids[i]), "source": str(sources[i]), "distance": float(d)} for d, i in zip(dist, idx)]
+            out[row] = [{"id": str(ids[i]), "source": str(sources[i]), "distance": float(d),
+                         **(passages.describe(str(ids[i]), spans[i]) if spans is not None else {})}
+                        for d, i in zip(dist, idx)]
             if compact.precision == "binary":
                 for hit in out[row]:
                     hit["rescored"] = rescored
@@ -273,7 +283,8 @@ def _refuse(folder: Path, meta: dict[str, Any], binary: bool, rescore: int | Non
 def search(path: str | os.PathLike[str], queries: list[Any], k: int = 10, store: str | None = None,
            rescore: int | None = None, nprobe: int | None = None,
            features: str | os.PathLike[str] | None = None) -> list[list[dict[str, Any]]]:
-    """The ``k`` nearest stored items (id, source, distance) for each raw query, nearest first.
+    """The ``k`` nearest stored items (id, source, distance) for each raw query, nearest first; on
+    per-chunk rows also ``parent``, ``chunk``, ``token_span`` and ``char_span`` (:mod:`.passages`).
 
     ``rescore`` (binary rows) and ``nprobe`` (IVF indexes) override what the index recorded;
     ``features`` (binary rows) is the feature store whose float32 rows rescore the candidates
@@ -294,7 +305,7 @@ def search(path: str | os.PathLike[str], queries: list[Any], k: int = 10, store:
 
     folder = current(Path(path), INDEX_FILE)
     meta = read_meta(folder, INDEX_FILE, "index")
-    files = checked_files(folder, meta.get("files"), INDEX_FILES, "index")
+    files = checked_files(folder, meta.get("files"), passages.files(meta, INDEX_FILES), "index")
     try:
         compact = Compact.from_record(meta["compact"]) if "compact" in meta else Compact()
     except UsageError as exc:
@@ -313,6 +324,7 @@ def search(path: str | os.PathLike[str], queries: list[Any], k: int = 10, store:
     width = (meta["dim"] + 7) // 8 if binary else meta["dim"]
     if (index.code_size if binary else index.d) != width or index.ntotal != len(ids) or not dims_ok:
         raise ArtifactError(f"{folder}: the index does not match its ids or its backbone (dimension or rows)")
+    spans = passages.load(files, len(ids))
     nprobe = nprobe or meta.get("nprobe", NPROBE)
     rescored: str | None = None
     if binary:
@@ -322,18 +334,20 @@ def search(path: str | os.PathLike[str], queries: list[Any], k: int = 10, store:
                                      strict=features is not None)
     else:
         nn = FaissNearestNeighbors.from_index(index, metric=meta["metric"], nprobe=nprobe)
-    return _hits(nn, compact, artifact, ids, sources, queries, k, rescored, long)
+    return _hits(nn, compact, artifact, ids, sources, queries, k, rescored, long, spans)
 
 
 def search_store(features: str | os.PathLike[str], backbone: str, queries: list[Any], k: int = 10,
                  precision: str = "float32", dimensions: int | None = None, metric: str = "cosine",
                  rescore: int | None = None, store: str | None = None, long: str = "truncate",
-                 chunk_overlap: int | None = None, max_chunks: int | None = None) -> list[list[dict[str, Any]]]:
+                 chunk_overlap: int | None = None, max_chunks: int | None = None,
+                 chunk_rows: bool = False) -> list[list[dict[str, Any]]]:
     """:func:`search` straight on a feature store's namespace, through an exact index built in
     memory (flat; binary rows: flat Hamming, the top ``rescore`` (default 100) candidates rescored
     by the float rows of the same store when they cover every id). ``long`` (with
     ``chunk_overlap`` / ``max_chunks``) chooses a namespace of chunked texts, and the queries are
-    embedded the same way. ``store`` is the model store the backbone is found in.
+    embedded the same way; ``chunk_rows=True`` searches its per-chunk rows (hits name their passage).
+    ``store`` is the model store the backbone is found in.
 
     Raises:
         StoreError: no namespace of ``backbone`` of that variant, or no rows.
@@ -342,11 +356,12 @@ def search_store(features: str | os.PathLike[str], backbone: str, queries: list[
     """
     check_options(precision, "flat", rescore, None)
     namespace = _find(features, backbone, precision, dimensions, long=long, chunk_overlap=chunk_overlap,
-                      max_chunks=max_chunks)
+                      max_chunks=max_chunks, chunk_rows=chunk_rows)
     compact = _compact_of(namespace, precision, dimensions)
     nn, ids, sources = build(namespace, compact, metric, "flat", rescore=RESCORE if rescore is None else rescore)
+    spans = passages.of_namespace(namespace, ids)
     record = {"digest": namespace.digest, "name": namespace.name, "spec": namespace.info.get("spec")}
     artifact = backbone_artifact(record, store, needed_by=str(namespace.path))
     chunked = long_of(namespace.variant) or None
     rescored = _attach_rescoring(nn, features, namespace.digest, ids, chunked) if compact.precision == "binary" else None
-    return _hits(nn, compact, artifact, ids, sources, queries, k, rescored, chunked)
+    return _hits(nn, compact, artifact, ids, sources, queries, k, rescored, chunked, spans)

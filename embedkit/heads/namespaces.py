@@ -24,6 +24,8 @@ def kind(variant: dict[str, Any]) -> str:
     what = compact.get("precision", "float32")
     if compact.get("dimensions"):
         what = f"{what} {compact['dimensions']}-d"
+    if variant.get("rows"):
+        return "per-chunk rows"
     if variant.get("long") == "chunk":
         return "chunked vectors" if what == "float32" else f"{what} vectors of chunked texts"
     return "plain vectors" if what == "float32" else f"{what} vectors"
@@ -48,18 +50,20 @@ def _newest(spaces: list[Namespace]) -> Namespace:
 
 def find(features: Any, backbone: str | None, *, precision: str = "float32", dimensions: int | None = None,
          long: str = "truncate", chunk_overlap: int | None = None, max_chunks: int | None = None,
-         style: str = "python") -> Namespace:
+         chunk_rows: bool = False, style: str = "python") -> Namespace:
     """The namespace of ``backbone`` (None: the only backbone with such vectors) in the feature
     store ``features`` (a folder or a :class:`FeatureStore`) made as asked; see
-    :meth:`FeatureStore.find` for the variant's parameters.
+    :meth:`FeatureStore.find` for the variant's parameters (``chunk_rows=True``: the per-chunk
+    rows of chunked texts, never their pooled vectors).
 
     Raises:
         StoreError: none answers (the message lists what the store holds and the options that ask
             for it), several backbones do (``backbone`` None), or several namespaces of one digest
             do (what differs: chunk settings to name, or calibrations no request can name).
-        UsageError: an unknown precision or long-text policy, or bad dimensions.
+        UsageError: an unknown precision or long-text policy, bad dimensions, or ``chunk_rows``
+            without ``long="chunk"``.
     """
-    want = Wanted(precision, dimensions, long, chunk_overlap, max_chunks)
+    want = Wanted(precision, dimensions, long, chunk_overlap, max_chunks, chunk_rows)
     store = features if isinstance(features, FeatureStore) else FeatureStore(features)
     spaces = store.namespaces()
     named = _named(spaces, backbone)
@@ -67,8 +71,8 @@ def find(features: Any, backbone: str | None, *, precision: str = "float32", dim
     where = store.root if isinstance(features, FeatureStore) else os.fspath(features)
     if not fits:
         if backbone is not None and not named:
-            return store.find(backbone, precision=precision, dimensions=dimensions, long=long,
-                              chunk_overlap=chunk_overlap, max_chunks=max_chunks)  # its message lists the store
+            return store.find(backbone, precision=precision, dimensions=dimensions, long=long, chunk_overlap=chunk_overlap,
+                              max_chunks=max_chunks, chunk_rows=chunk_rows)  # its message lists the store
         if not spaces:
             run = f"`embedkit extract SOURCE --out {where}`" if style == "cli" else "embedkit.extract"
             raise StoreError(f"{where} holds no features; run {run} first")
@@ -93,7 +97,7 @@ def find(features: Any, backbone: str | None, *, precision: str = "float32", dim
 
 def _variant_of(want: Wanted) -> dict[str, Any]:
     """A variant record shaped like what ``want`` asks for (for :func:`kind`)."""
-    out: dict[str, Any] = {"long": "chunk"} if want.long == "chunk" else {}
+    out: dict[str, Any] = {"long": "chunk", **({"rows": True} if want.chunk_rows else {})} if want.long == "chunk" else {}
     if want.precision != "float32" or want.dimensions is not None:
         out["compact"] = {"precision": want.precision, "dimensions": want.dimensions}
     return out
