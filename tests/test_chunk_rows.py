@@ -289,3 +289,58 @@ def test_cli_refuses_chunk_rows_without_long_chunk(tiny, words, tmp_path: Path):
     assert built.returncode == 0, built.stderr
     refused = run_cli("search", str(tmp_path / "ix"), "a query", "--chunk-rows")
     assert refused.returncode == 1 and "--chunk-rows" in refused.stderr
+
+
+def test_a_chunk_rerun_without_chunk_rows_keeps_the_stored_rows_up_to_date(tiny, words, tmp_path: Path):
+    """A store that keeps per-chunk rows: a later long="chunk" extract without chunk_rows=True
+    (a text of an id changed) updates its rows too, so no stale window is served."""
+    source = tmp_path / "items.jsonl"
+
+    def write(texts: dict[str, str]) -> str:
+        source.write_text("".join(json.dumps({"key": k, "text": t}) + "\n" for k, t in texts.items()))
+        return str(source)
+
+    long, short = " ".join(words[:190]), " ".join(words[400:420])
+    options = dict(id_column="key", long="chunk", chunk_overlap=OVERLAP)
+    embedkit.extract(write({"a": long, "c": short}), tiny, str(tmp_path / "fs"), chunk_rows=True, **options)
+    report = embedkit.extract(write({"a": short, "c": short}), tiny, str(tmp_path / "fs"), **options)
+    assert report.changed == 1 and report.chunk_rows == 1 and report.rows_namespace
+    rows = FeatureStore(tmp_path / "fs").chunk_rows(tiny.name)
+    assert sorted(rows.ids.tolist()) == ["a#0", "c#0"]
+    a = int(np.flatnonzero(rows.ids == "a#0")[0])
+    pooled = dict(zip(*FeatureStore(tmp_path / "fs").load(tiny.name, long="chunk")))
+    np.testing.assert_array_equal(rows.vectors[a], pooled["a"])  # one window: the pooled vector itself
+    # the Ray engine cannot update the rows: refused before any work
+    with pytest.raises(UsageError, match="per-chunk rows"):
+        embedkit.extract(write({"a": long, "c": short}), tiny, str(tmp_path / "fs"), engine="ray", **options)
+
+
+def test_search_never_cuts_a_passage_from_a_text_changed_since_extraction(tiny, words, tmp_path: Path):
+    """Ids from a column: the file's text at a hit's row changed after extraction. The hit shows
+    no passage (``match`` None, a note), on the store and on a saved index, never text[c0:c1] of
+    the new text; the unchanged text's passage is still shown."""
+    source = tmp_path / "docs.csv"
+    texts = {"k1": " ".join(words[:190]), "k2": " ".join(words[200:300])}
+
+    def write(rows: dict[str, str]) -> None:
+        source.write_text("key,text\n" + "".join(f"{k},{t}\n" for k, t in rows.items()))
+
+    write(texts)
+    store, index = tmp_path / "fs", tmp_path / "ix"
+    done = run_cli("extract", str(source), "--backbone", tiny.digest, "--out", str(store), "--no-progress",
+                   "--id-column", "key", "--long", "chunk", "--chunk-overlap", str(OVERLAP), "--chunk-rows")
+    assert done.returncode == 0, done.stderr
+    built = run_cli("index", str(store), "--out", str(index), "--long", "chunk", "--chunk-rows")
+    assert built.returncode == 0, built.stderr
+    write({"k1": texts["k1"].replace(words[110], "EDITED"), "k2": texts["k2"]})
+    for where, extra in ((str(index), []), (str(store), ["--long", "chunk", "--chunk-rows"])):
+        for query, parent, changed in ((" ".join(words[104:166]), "k1", True), (" ".join(words[200:262]), "k2", False)):
+            found = run_cli("search", where, query, "-k", "1", "--json", "--source", str(source), *extra)
+            assert found.returncode == 0, found.stderr
+            top = json.loads(found.stdout)[0]["neighbours"][0]
+            assert top["parent"] == parent and len(top["content"]) == 32
+            if changed:
+                assert top["match"] is None and "changed since extraction" in top["note"]
+            else:
+                c0, c1 = top["char_span"]
+                assert top["match"] == texts["k2"][c0:c1] == query

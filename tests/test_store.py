@@ -91,11 +91,18 @@ def test_gc_removes_orphans_and_temp_files(tmp_path: Path):
     ns = FeatureStore(tmp_path).namespace(FakeArtifact())
     ns.commit(["a"], vectors(1))
     (ns.path / "shards" / "99999999999999999999-1-deadbeef.arrow").write_bytes(b"half a shard, never committed")
-    (ns.path / "shards" / ".x.arrow.tmp").write_bytes(b"tmp")
+    (ns.path / "shards" / ".99999999999999999999-1-deadbeef.arrow.tmp").write_bytes(b"tmp")
+    # files a user put there are not embedkit's: never removed, whatever their name
+    mine = ["mybackup.arrow", ".x.arrow.tmp", "notes.txt", "99999999999999999999-1-deadbeef.arrow.bak"]
+    for name in mine:
+        (ns.path / "shards" / name).write_bytes(b"the user's")
+    (ns.path / "shards" / "a-folder.arrow").mkdir()
     removed = FeatureStore(tmp_path).gc()
     [(key, counts)] = removed.items()
     assert counts["orphan_shards"] == 1 and counts["temp_files"] == 1
     assert ns.verify() == [] and list(ns.load()[0]) == ["a"]
+    assert all((ns.path / "shards" / name).read_bytes() == b"the user's" for name in mine)
+    assert (ns.path / "shards" / "a-folder.arrow").is_dir()
 
 
 def test_wrong_commit_is_refused(tmp_path: Path):

@@ -26,7 +26,7 @@ def test_load_index_and_train_head_on_a_read_only_store(tiny, tmp_path: Path):
     store = tmp_path / "fs"
     embedkit.extract(texts, str(tiny.path), str(store), shard_size=16)
     [ns] = FeatureStore(store).namespaces()
-    (ns.path / "shards" / ".left-by-a-crash.arrow.tmp").write_bytes(b"x")  # something for gc to remove
+    (ns.path / "shards" / ".99999999999999999999-1-deadbeef.arrow.tmp").write_bytes(b"x")  # something for gc to remove
     before = files_of(store)
     assert not any("cache" in name for name in before)  # nothing loaded yet: no cache to lean on
     expected = embedkit.embed(texts, backbone=str(tiny.path)).vectors
@@ -57,7 +57,7 @@ def test_load_index_and_train_head_on_a_read_only_store(tiny, tmp_path: Path):
     for action, code in (("info", 0), ("verify", 0), ("gc", 1)):
         run = confined(cli + ["store", action, str(store)], ro)
         assert run.returncode == code and "Traceback" not in run.stderr, (action, run.stderr)
-    assert run.stderr.startswith("error: cannot write ") and ".left-by-a-crash.arrow.tmp" in run.stderr
+    assert run.stderr.startswith("error: cannot write ") and ".99999999999999999999-1-deadbeef.arrow.tmp" in run.stderr
     assert files_of(store) == before
 
 

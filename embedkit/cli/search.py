@@ -31,6 +31,7 @@ RESCORE = 100  # embedkit.heads.binary.RESCORE (not imported: --help stays light
 # "file.txt:line 3", an image path, or "item 4" for an in-memory iterable.
 _LOCATOR = re.compile(r"^(?P<file>.+):(?P<unit>row|line) (?P<n>\d+)$")
 _CONTENT_ID = re.compile(r"^[0-9a-f]{32}$")
+_ONE_LINE = {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 # The library's errors name its Python parameters (``nprobe: ...``, ``k=100``); the user typed flags.
 _PARAMETER = re.compile(r"(?<![\w/.-])(k|nprobe|rescore|features|memory_budget_mb|index|chunk_overlap|max_chunks)(=|: )")
 _FLAGS = {"k": "-k", "index": "--kind"}
@@ -182,7 +183,10 @@ def describe(hit: dict[str, Any], metric: str, texts: dict[str, tuple[int, Any, 
         position, payload, item_id = texts[hit["source"]]
         row["row"] = position
         parent = hit.get("parent", hit["id"])  # a per-chunk row: its item's id
-        if item_id == parent or not _CONTENT_ID.match(parent):  # a user id column cannot be checked
+        # what was embedded: the fingerprint kept beside a user id, else the id is the content's hash
+        # (an index saved before fingerprints were kept, over user ids: not checkable)
+        embedded = hit.get("content") or (parent if _CONTENT_ID.match(parent) else None)
+        if embedded is None or item_id == embedded:
             row["match"] = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
             if "char_span" in hit and isinstance(row["match"], str):
                 row["match"] = row["match"][hit["char_span"][0]:hit["char_span"][1]]
@@ -259,6 +263,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             else:
                 where = f"{hit['source']}, id {name}"
             shown = hit["match"] if hit["match"] is not None else hit.get("note", "(text not shown)")
+            shown = shown.translate(_ONE_LINE)  # a hit per line: line breaks in a passage shown as \n
             unknown = unknown or (hit["match"] is None and "note" not in hit)
             print(f"  {rank:>3}  {hit['score']:8.4f}  {shown}  [{where}]")
     if unknown:

@@ -1,7 +1,13 @@
-"""Garbage collection of a namespace: orphan shards, temp files, quarantined shards, stale caches."""
+"""Garbage collection of a namespace: orphan shards, temp files, quarantined shards, stale caches.
+
+Only files named as a commit names them (``<20-digit ns time>-<pid>-<8 hex>.arrow`` and its
+``.<name>.arrow.tmp``) are ever removed from ``shards/``, and elsewhere only the staging copies
+of :func:`embedkit.fs.atomic.write_atomic` (``.<name>.<pid>-<8 hex>.tmp``): anything else is left alone.
+"""
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from typing import Any
 
@@ -10,6 +16,8 @@ from . import cache
 
 logger = logging.getLogger("embedkit.features.namespace")  # the namespace's log: its messages keep their name
 
+SHARD_FILE = re.compile(r"^(?P<temp>\.)?(?P<shard>\d{20}-\d+-[0-9a-f]{8})\.arrow(?(temp)\.tmp)$")
+STAGED_FILE = re.compile(r"^\..+\.\d+-[0-9a-f]{8}\.tmp$")  # embedkit.fs.atomic's staging copies
 GC_WAIT = 60.0  # seconds gc waits for readers and writers of a namespace to pause
 
 
@@ -24,15 +32,19 @@ def collect(ns: Any, wait: float = GC_WAIT) -> dict[str, int]:
         try:
             committed = {p.stem for p in (ns.path / "commits").glob("*.json")}
             for path in (ns.path / "shards").glob("*") if (ns.path / "shards").is_dir() else []:
-                if path.name.startswith("."):
+                made = SHARD_FILE.match(path.name)  # only what a commit writes: other files are the user's
+                if made is None or not path.is_file():
+                    continue
+                if made["temp"]:
                     path.unlink(missing_ok=True)
                     removed["temp_files"] += 1
-                elif path.stem not in committed:
+                elif made["shard"] not in committed:
                     path.unlink(missing_ok=True)
                     removed["orphan_shards"] += 1
             for path in [*ns.path.glob("*/.*.tmp"), *ns.path.glob(".*.tmp")]:
-                path.unlink(missing_ok=True)
-                removed["temp_files"] += 1
+                if path.parent.name != "shards" and STAGED_FILE.match(path.name) and path.is_file():
+                    path.unlink(missing_ok=True)  # a write_atomic copy left by a crash
+                    removed["temp_files"] += 1
             if (ns.path / "quarantine").is_dir():
                 removed["quarantined"] = len(list((ns.path / "quarantine").iterdir()))
                 shutil.rmtree(ns.path / "quarantine")

@@ -99,8 +99,9 @@ def _compact_of(namespace: Any, precision: str, dimensions: int | None) -> Compa
 
 
 def build(namespace: Any, compact: Compact, metric: str = "cosine", index: str = "auto",
-          memory_budget_mb: float | None = None, rescore: int = RESCORE, nprobe: int = NPROBE) -> tuple[Any, Any, Any]:
-    """``(estimator, ids, sources)`` over a namespace's rows made by ``compact``.
+          memory_budget_mb: float | None = None, rescore: int = RESCORE, nprobe: int = NPROBE) -> tuple[Any, ...]:
+    """``(estimator, ids, sources, contents)`` over a namespace's rows made by ``compact`` (``contents``:
+    each row's content fingerprint, ``""`` where its id is the content's own hash).
 
     Raises:
         StoreError: the namespace holds no rows.
@@ -108,7 +109,7 @@ def build(namespace: Any, compact: Compact, metric: str = "cosine", index: str =
         UnsupportedInputError: too few rows for the index (``ivfpq``: 256 at least).
     """
     check_options(compact.precision, index, None, None)
-    ids, X, sources = namespace.load_with_sources()
+    ids, X, sources, contents = namespace.load_all()
     if len(ids) == 0:  # every item of the extraction failed: nothing to search
         raise StoreError(f"{namespace.path} holds no vectors (0 rows; see `embedkit store failures`): "
                          "nothing to index")
@@ -119,7 +120,7 @@ def build(namespace: Any, compact: Compact, metric: str = "cosine", index: str =
         rows = compact.restore(np.asarray(X)) if compact.precision != "float32" else np.asarray(X)
         nn = FaissNearestNeighbors(metric=metric, index="ivfpq" if index == "ivf" else index,
                                    memory_budget_mb=memory_budget_mb, nprobe=nprobe).fit(rows)
-    return nn, ids, sources
+    return nn, ids, sources, contents
 
 
 def save_index(store: Any, backbone: str, path: str | os.PathLike[str], metric: str = "cosine",
@@ -156,7 +157,7 @@ def save_index(store: Any, backbone: str, path: str | os.PathLike[str], metric: 
     compact = _compact_of(namespace, precision, dimensions)
     rescore = RESCORE if rescore is None else rescore
     nprobe = NPROBE if nprobe is None else nprobe
-    nn, ids, sources = build(namespace, compact, metric, index, memory_budget_mb, rescore, nprobe)
+    nn, ids, sources, contents = build(namespace, compact, metric, index, memory_budget_mb, rescore, nprobe)
     binary = compact.precision == "binary"
     dim = nn.n_bits_ if binary else nn.n_features_in_
     made = getattr(nn, "index_params_", None) or ({"nlist": int(nn._index.nlist)} if nn.index_kind_ == "ivf" else {})
@@ -164,7 +165,7 @@ def save_index(store: Any, backbone: str, path: str | os.PathLike[str], metric: 
         (faiss.write_index_binary if binary else faiss.write_index)(nn._index, str(staging / "index.faiss"))
         np.save(staging / "ids.npy", ids, allow_pickle=False)
         np.save(staging / "sources.npy", sources, allow_pickle=False)
-        chunked = passages.save(staging, passages.of_namespace(namespace, ids))
+        chunked = passages.save(staging, passages.of_namespace(namespace, ids), contents)
         meta = {
             **stamp("index"),
             "format": FORMAT if compact.is_float else COMPACT_FORMAT,
@@ -244,7 +245,7 @@ def _attach_rescoring(nn: Any, features: Any, digest: str, ids: np.ndarray, long
 
 def _hits(nn: Any, compact: Compact, artifact: Any, ids: np.ndarray, sources: np.ndarray, queries: list[Any],
           k: int, rescored: str | None, long: dict[str, Any] | None = None,
-          spans: np.ndarray | None = None) -> list[list[dict[str, Any]]]:
+          spans: np.ndarray | None = None, contents: np.ndarray | None = None) -> list[list[dict[str, Any]]]:
     # an empty query has no neighbours; queries are embedded as the indexed texts were (long-text policy)
     options = {"empty": "error", **(long or {})} if artifact.modality == "text" else {}
     result = encoder_for(artifact, **options).encode(queries)
@@ -254,7 +255,8 @@ def _hits(nn: Any, compact: Compact, artifact: Any, ids: np.ndarray, sources: np
         distances, indices = query(nn, compact, result.vectors[good], min(k, len(ids)))
         for row, dist, idx in zip(good, distances, indices):
             out[row] = [{"id": str(ids[i]), "source": str(sources[i]), "distance": float(d),
-                         **(passages.describe(str(ids[i]), spans[i]) if spans is not None else {})}
+                         **(passages.describe(str(ids[i]), spans[i]) if spans is not None else {}),
+                         **({"content": str(contents[i])} if contents is not None and contents[i] else {})}
                         for d, i in zip(dist, idx)]
             if compact.precision == "binary":
                 for hit in out[row]:
@@ -325,6 +327,7 @@ def search(path: str | os.PathLike[str], queries: list[Any], k: int = 10, store:
     if (index.code_size if binary else index.d) != width or index.ntotal != len(ids) or not dims_ok:
         raise ArtifactError(f"{folder}: the index does not match its ids or its backbone (dimension or rows)")
     spans = passages.load(files, len(ids))
+    contents = passages.load_contents(files, len(ids))
     nprobe = nprobe or meta.get("nprobe", NPROBE)
     rescored: str | None = None
     if binary:
@@ -334,7 +337,7 @@ def search(path: str | os.PathLike[str], queries: list[Any], k: int = 10, store:
                                      strict=features is not None)
     else:
         nn = FaissNearestNeighbors.from_index(index, metric=meta["metric"], nprobe=nprobe)
-    return _hits(nn, compact, artifact, ids, sources, queries, k, rescored, long, spans)
+    return _hits(nn, compact, artifact, ids, sources, queries, k, rescored, long, spans, contents)
 
 
 def search_store(features: str | os.PathLike[str], backbone: str, queries: list[Any], k: int = 10,
@@ -358,10 +361,10 @@ def search_store(features: str | os.PathLike[str], backbone: str, queries: list[
     namespace = _find(features, backbone, precision, dimensions, long=long, chunk_overlap=chunk_overlap,
                       max_chunks=max_chunks, chunk_rows=chunk_rows)
     compact = _compact_of(namespace, precision, dimensions)
-    nn, ids, sources = build(namespace, compact, metric, "flat", rescore=RESCORE if rescore is None else rescore)
+    nn, ids, sources, contents = build(namespace, compact, metric, "flat", rescore=RESCORE if rescore is None else rescore)
     spans = passages.of_namespace(namespace, ids)
     record = {"digest": namespace.digest, "name": namespace.name, "spec": namespace.info.get("spec")}
     artifact = backbone_artifact(record, store, needed_by=str(namespace.path))
     chunked = long_of(namespace.variant) or None
     rescored = _attach_rescoring(nn, features, namespace.digest, ids, chunked) if compact.precision == "binary" else None
-    return _hits(nn, compact, artifact, ids, sources, queries, k, rescored, chunked, spans)
+    return _hits(nn, compact, artifact, ids, sources, queries, k, rescored, chunked, spans, contents)
