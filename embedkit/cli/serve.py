@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import sys
@@ -9,10 +10,24 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..serve.addresses import check_allowed_host, check_allowed_origin, check_port
 from ..serve.settings import SERVE_MAX_INFLIGHT_IMAGE_BYTES, SERVE_MAX_PIXELS
 from .common import existing_file, non_negative_float, non_negative_int, positive_float, positive_int, store_arg
 
 DEFAULT_BACKBONE = "minilm-l6"
+MAX_HEADER_BYTES = 65536
+SEND_TIMEOUT = 60.0
+
+
+def _checked(check: Any) -> Any:
+    """An argparse type from a check that raises ValueError saying the expected form."""
+    def parse(value: str) -> Any:
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def add_parsers(sub: Any) -> None:
@@ -28,16 +43,17 @@ def add_parsers(sub: Any) -> None:
                    help="saved model folder (the model/ that train-head --out writes) served by /predict, "
                    "optionally NAME=PATH (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=non_negative_int, default=8000,
+    p.add_argument("--port", type=_checked(check_port), default=8000,
                    help="TCP port (default 8000; 0: any free port, the one bound is printed)")
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (visible in ps: prefer --api-key-file "
                      "or EMBEDKIT_API_KEY)")
     key.add_argument("--api-key-file", type=existing_file, help="file holding the API key (first line)")
-    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME", type=_checked(check_allowed_host),
                    help="without an API key, a Host header this server answers besides 127.0.0.1, localhost, "
                    "::1 and the --host address (repeatable; '*': any; default none: a guard against DNS rebinding)")
     p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   type=_checked(check_allowed_origin),
                    help="a browser Origin (scheme://host[:port]) allowed besides pages on an allowed host "
                    "(repeatable; '*': any; default none)")
     p.add_argument("--max-batch-tokens", type=positive_int,
@@ -93,27 +109,44 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--keep-alive", type=positive_float, default=5.0,
                    help="seconds an idle keep-alive connection is held (default 5)")
     p.add_argument("--max-connections", type=positive_int, default=1000,
-                   help="open connections (and requests) at most; beyond, 503 (default 1000)")
+                   help="open connections (and requests) allowed at once; a request on one more gets 503 "
+                   "(default 1000)")
+    p.add_argument("--max-header-bytes", type=positive_int, default=MAX_HEADER_BYTES,
+                   help="bytes of a request's line and headers at most; beyond, 431 headers_too_large and the "
+                   f"connection is closed (default {MAX_HEADER_BYTES}: 64 KiB)")
+    p.add_argument("--send-timeout", type=positive_float, default=SEND_TIMEOUT,
+                   help="seconds a client may take none of its response while some waits to be sent; then the "
+                   "connection is aborted (default 60)")
     store_arg(p)
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key-file (its first line; a UTF-8 BOM is not part of it), --api-key or
+    EMBEDKIT_API_KEY, or None. One that is given but empty is refused (it would turn the key off),
+    as is one a client cannot send (whitespace, control or other unprintable characters)."""
     if args.api_key_file:
+        where = f"--api-key-file {args.api_key_file}"
         try:
-            lines = Path(args.api_key_file).read_text().splitlines()
+            lines = Path(args.api_key_file).read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read --api-key-file {args.api_key_file}: {exc}") from None
-        key = lines[0].strip() if lines else ""
+            raise UsageError(f"cannot read {where}: {exc}") from None
+        key: str | None = lines[0].strip() if lines else ""
     else:
-        key = args.api_key or os.environ.get("EMBEDKIT_API_KEY") or ""
-        where = "--api-key" if args.api_key else "EMBEDKIT_API_KEY"
-        if key != key.strip():  # a client could never send it: 'Bearer KEY' is read stripped
+        where = "--api-key" if args.api_key is not None else "EMBEDKIT_API_KEY"
+        key = args.api_key if args.api_key is not None else os.environ.get("EMBEDKIT_API_KEY")
+        if key is not None and key != key.strip():  # a client could never send it: 'Bearer KEY' is read stripped
             raise UsageError(f"{where} has leading or trailing whitespace; remove it")
-    if (args.api_key_file or args.api_key) and not key:
-        raise UsageError("the API key is empty")
+    if key is None:
+        return None
+    if not key:
+        raise UsageError(f"the API key is empty ({where}): it would turn authentication off; give a key, "
+                         "or unset it to serve without one")
     if any(c.isspace() for c in key):
         raise UsageError("the API key contains whitespace; a client cannot send it in 'Authorization: Bearer KEY'")
-    return key or None
+    if not key.isprintable() or not key.isascii():
+        raise UsageError(f"the API key ({where}) holds a control or non-ASCII character; a client cannot send "
+                         "it in 'Authorization: Bearer KEY'")
+    return key
 
 
 def _calibrations(files: list[str], policy: dict[str, Any]) -> list[tuple[str | None, Any]]:
@@ -144,7 +177,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise MissingDependencyError("uvicorn", "serve", "embedkit serve") from None
     from ..encoders.calibrations import policy_of
     from ..serve.app import Limits, Settings, create_app
-    from ..serve.server import FLUSH_SECONDS, Server, timed_protocol
+    from ..serve.connections import bounded_protocol
+    from ..serve.server import FLUSH_SECONDS, Server
 
     if args.long != "chunk" and (args.chunk_overlap is not None or args.max_chunks is not None):
         raise UsageError("--chunk-overlap and --max-chunks apply with --long chunk")
@@ -174,10 +208,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings, on_fatal=fatal)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=args.drain_seconds + FLUSH_SECONDS, lifespan="on",
-                            http=timed_protocol(args.header_timeout, args.body_timeout),
-                            timeout_keep_alive=args.keep_alive, limit_concurrency=args.max_connections)
+                            http=bounded_protocol(args.header_timeout, args.body_timeout, args.max_header_bytes,
+                                                  args.send_timeout),
+                            # uvicorn refuses when len(connections) >= limit, the new one counted: +1
+                            # allows --max-connections open at once
+                            timeout_keep_alive=args.keep_alive, limit_concurrency=args.max_connections + 1)
     service = app.service
-    server = Server(config, on_drain=lambda: service.begin_drain(args.drain_seconds))
+
+    def drain() -> None:  # the first SIGTERM / SIGINT: queued and unqueued requests meet one deadline
+        service.begin_drain(args.drain_seconds)
+        asyncio.get_running_loop().call_later(args.drain_seconds, app.inflight.abort)
+
+    def force() -> None:  # a second Ctrl-C: the deadline now
+        service.abort()
+        app.inflight.abort()
+
+    server = Server(config, on_drain=drain, on_force=force, failed=lambda: bool(failed or service.failed),
+                    settled=lambda: bool(service.ready or service.failed))
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was there
     # before it: a no-op here, so a drained shutdown exits 0 instead of dying by the signal.
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -198,7 +245,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not server._captured_signals:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-    return 1 if failed or not server.started else 0
+    code = 1 if failed or service.failed or not server.started else 0
+    if code:
+        print(f"embedkit serve: not serving: {service.failed or 'the server did not start'}", file=sys.stderr,
+              flush=True)
+    if not service.ready and not service.failed:
+        # Stopped while the models load in a native thread (an export, an ONNX Runtime session):
+        # finalising the interpreter under it aborts (SIGABRT, exit 134). The model store is
+        # crash-safe (a half export is a staging folder, swept by the next export), so end here.
+        print("embedkit serve: stopped while the models were still loading", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 COMMANDS = {"serve": cmd_serve}

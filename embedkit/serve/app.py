@@ -16,13 +16,10 @@ FastAPI (the ``serve`` extra), so ``import embedkit`` never imports it.
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 import hmac
 import json
 import logging
-import math
-import time
 from contextlib import asynccontextmanager
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -35,6 +32,8 @@ from starlette.requests import ClientDisconnect
 
 from . import openai_api
 from .api_error import ApiError, error_body
+from .inflight import InFlight
+from .retry import Holds
 from .service import Service
 from .settings import Limits, Settings
 
@@ -60,33 +59,56 @@ def _host_name(value: str) -> str:
 
 
 class Budget:
-    """The body bytes of the requests in flight, bounded; ``Retry-After`` from the bytes per second
-    served over the last ``window`` seconds (measured, not guessed)."""
+    """The body bytes of the requests in flight, bounded (``--max-inflight-bytes``).
 
-    def __init__(self, limit: int, window: float = 30.0):
-        self.limit, self.window = limit, window
+    ``Retry-After`` is measured, not guessed: a request gives back all its bytes when it is
+    answered, so :meth:`retry_after` is the time until enough whole requests in flight finish, from
+    the measured durations of answered requests of their size (kept for the server's life, not a
+    window that forgets them while a long burst runs) and each holder's age; a holder that has run
+    longer than measured (or before any was measured) is expected to need as long again as it has
+    run. In seconds, an integer, at least 1 (the rule: :mod:`embedkit.serve.retry`).
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
         self.used = 0
-        self._done: collections.deque[tuple[float, int]] = collections.deque()
+        self.holds = Holds()
+        # (token, bytes) of each take: a request's give() is matched to its take by size (a chunked
+        # body takes as it arrives: its pieces are given back together, newest first).
+        self._taken: list[tuple[int, int]] = []
 
     def take(self, size: int) -> bool:
         if self.used and self.used + size > self.limit:
             return False
         self.used += size
+        if size > 0:
+            self._taken.append((self.holds.start(size), size))
         return True
 
     def give(self, size: int) -> None:
         self.used -= size
-        now = time.monotonic()
-        self._done.append((now, size))
-        while self._done and self._done[0][0] < now - self.window:
-            self._done.popleft()
+        if size <= 0 or not self._taken:
+            return
+        exact = next((k for k, (_, n) in enumerate(self._taken) if n == size), None)
+        if exact is not None:
+            self.holds.finish(self._taken.pop(exact)[0])
+        else:
+            total, pieces = size, []
+            while size > 0 and self._taken:  # the pieces of a chunked body: one request, from its first
+                token, n = self._taken.pop()
+                size -= n
+                pieces.append(token)
+            for token in pieces[:-1]:
+                self.holds.drop(token)
+            self.holds.finish(pieces[-1], size=total)
+        if self.used == 0 and self._taken:  # nothing in flight: a mismatched piece is stale, forgotten
+            self.holds.live.clear()
+            self._taken.clear()
 
     def retry_after(self, size: int) -> int:
-        now = time.monotonic()
-        served = sum(n for t, n in self._done if t >= now - self.window)
-        rate = served / self.window if served else 0.0
-        excess = self.used + size - self.limit
-        return max(1, math.ceil(excess / rate)) if rate else 1
+        """Seconds (integer, >= 1) until the requests in flight will have given back enough bytes for
+        ``size`` more to fit."""
+        return self.holds.retry_after(self.used + size - self.limit)
 
 
 async def _send_error(send: Callable, error: ApiError) -> None:
@@ -114,6 +136,7 @@ class Guard:
                       *(_host_name(h) for h in settings.allowed_hosts)}
         self.origins = {o.strip().rstrip("/").lower() for o in settings.allowed_origins}
         self.budget = Budget(service.limits.max_inflight_bytes)
+        self.inflight = InFlight()  # answered 503 shutting_down at the drain deadline
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -160,7 +183,7 @@ class Guard:
                 return message
 
             try:
-                await self.app(scope, receiving, sending)
+                await self.inflight.run(lambda out: self.app(scope, receiving, out), sending)
             except ApiError as error:  # raised outside the app's handlers
                 if not started:
                     await _send_error(sending, error)
@@ -309,6 +332,7 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
 
     @app.get("/v1/models")
     async def models() -> dict:
+        service.require_ready()  # not an empty list while loading: 503 not_ready, as /ready
         return {"object": "list", "data": service.describe()}
 
     @app.get("/metrics")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import re
 from concurrent.futures import Executor
@@ -9,12 +11,14 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect
 
+from ..inputs.items import ItemError
 from .api_error import ApiError
 from .settings import Limits
 
 # A JSON string (escapes included): removed before counting the values outside strings.
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 SPARE_VALUES = 256  # values a body may hold beyond its items: keys, options, nesting
+_WHITESPACE = str.maketrans("", "", " \t\n\r\f\v")  # ASCII whitespace: removed from base64 text
 
 
 def count_values(raw: bytes) -> int:
@@ -58,6 +62,10 @@ async def payload(request: Any, limits: Limits, executor: Executor) -> dict[str,
     """A JSON body, or a multipart form of ``images`` files (and an optional ``model`` field)."""
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         return await json_body(request, executor, limits)
+    raw = await request.body()  # kept: the form below is parsed from it
+    if not closed_form(raw, request.headers.get("content-type", "")):
+        raise ApiError(400, "invalid_form", "the multipart form is unfinished: its closing boundary "
+                       "('--BOUNDARY--') is missing")
     try:  # one file more than allowed, so that too many files is the 413 of items
         form = await request.form(max_files=limits.max_items + 1, max_fields=8)
     except (ApiError, ClientDisconnect):
@@ -106,3 +114,42 @@ def check_queue(rows: int, max_queue: int, unit: str = "items") -> None:
         raise ApiError(413, f"too_many_{unit}", f"this request needs {rows} {unit} in the batching queue, which "
                        f"holds {max_queue} (--max-queue) at most: it can never be queued; send fewer or shorter "
                        "texts per request" + (" (a long text is one item per window)" if unit == "windows" else ""))
+
+
+def closed_form(raw: bytes, content_type: str) -> bool:
+    """Whether the multipart body ``raw`` ends its parts with the closing delimiter ``--BOUNDARY--``
+    (RFC 2046; an epilogue may follow). A body cut short parses to fewer parts, or none, without an
+    error from the parser: it is a malformed form, not an empty request."""
+    found = re.search(r'boundary="?([^";]+)"?', content_type, re.IGNORECASE)
+    if found is None:
+        return True  # the parser's own error (400 invalid_form) names it
+    close = b"--" + found.group(1).strip().encode("latin-1") + b"--"
+    return raw.startswith(close) or b"\n" + close in raw
+
+
+def image_bytes(index: int, payload: Any) -> tuple[bytes | None, ItemError | None]:
+    """The bytes of an ``images`` item: bytes as sent (multipart), or a base64 string (JSON), or a
+    ``data:[<media type>];base64,`` URL (RFC 2397: the scheme and ``;base64`` in any case). ASCII
+    whitespace inside base64 is ignored (``base64`` prints a line break every 76 characters); any
+    other character outside the base64 alphabet, or wrong padding, is ``invalid_base64``."""
+    if isinstance(payload, bytes):
+        return payload, None
+    if not isinstance(payload, str):
+        return None, ItemError(index, "invalid_base64", "decode", f"expected a base64 string, got {type(payload).__name__}")
+    text = payload.strip(" \t\n\r\f\v")
+    if text[:5].lower() == "data:":
+        head, comma, text = text.partition(",")
+        if not comma or not head.rstrip().lower().endswith(";base64"):
+            return None, ItemError(index, "invalid_base64", "decode", "a data: URL must be ';base64,' data")
+    try:
+        return base64.b64decode(text.translate(_WHITESPACE), validate=True), None
+    except (binascii.Error, ValueError):
+        return None, ItemError(index, "invalid_base64", "decode", "not valid base64")
+
+
+def refuse_predict_dimensions(body: dict[str, Any]) -> None:
+    """``/predict`` runs a saved model's head on the vectors it was trained on: ``dimensions`` is a 422
+    (``unsupported_dimensions``, as on ``/embed``), never silently ignored."""
+    if "dimensions" in body:
+        raise ApiError(422, "unsupported_dimensions", "/predict takes no 'dimensions': a served model's head "
+                       "is given the vectors it was trained on; ask /v1/embeddings for 'dimensions' of texts")

@@ -14,9 +14,12 @@ queued, in a batch):
 * a request that can never fit (more decoded bytes than the whole budget) gets 413
   ``too_many_image_bytes``, naming how many images of that model fit: a retry cannot succeed;
 * a request that does not fit beside those in flight gets 429 ``image_budget_full`` before any of its
-  images is decoded, with ``Retry-After`` the time the service takes to answer that many decoded bytes
-  at its measured throughput (bytes answered per second of time with image requests in flight, over
-  the last 30 s; before one is answered, from the model's measured seconds per batched item).
+  images is decoded, with ``Retry-After`` the time until enough *whole* requests in flight are
+  answered (a request gives back all its bytes at once, when it is answered): from the measured
+  durations of answered image requests of their size and each holder's age (before any was
+  answered, the batch wait plus the model's measured seconds per batched item); a holder that has
+  run longer than that is expected to need as long again as it has run. Seconds, an integer, at
+  least 1 (the rule: :mod:`embedkit.serve.retry`).
 
 The working memory of an image while it is decoded and resized (~18 bytes a source pixel, up to
 ``--max-pixels``) is bounded separately: the decode pool decodes a few images at once
@@ -24,13 +27,11 @@ The working memory of an image while it is decoded and resized (~18 bytes a sour
 """
 from __future__ import annotations
 
-import collections
-import math
-import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from .api_error import ApiError
+from .retry import Holds
 
 FLOAT32 = 4
 
@@ -41,25 +42,19 @@ def item_bytes(crop: tuple[int, int]) -> int:
 
 
 class ImageBudget:
-    """Decoded image bytes held by the requests in flight, at most ``limit`` (used on the event loop only).
+    """Decoded image bytes held by the requests in flight, at most ``limit`` (used on the event loop only)."""
 
-    Throughput is measured as bytes answered per second *busy* (while some image request was in
-    flight), so an idle minute before a burst does not make the server look slow.
-    """
-
-    def __init__(self, limit: int, window: float = 30.0):
-        self.limit, self.window = limit, window
+    def __init__(self, limit: int):
+        self.limit = limit
         self.used = 0
-        self._since = time.monotonic()  # the last change of ``used``
-        self._busy = 0.0  # seconds with images in flight since the last answered request
-        self._done: collections.deque[tuple[float, int, float]] = collections.deque()  # (when, bytes, busy s)
+        self.holds = Holds()
 
     @contextmanager
     def hold(self, count: int, crop: tuple[int, int], batcher: Any) -> Iterator[int]:
         """Hold the decoded bytes of ``count`` images of input ``crop`` while the block runs.
 
-        ``batcher`` (the model's :class:`~embedkit.serve.batching.Batcher`) gives the throughput
-        estimate before any request was measured.
+        ``batcher`` (the model's :class:`~embedkit.serve.batching.Batcher`) gives the duration estimate
+        before any request was measured.
 
         Raises:
             ApiError: 413 ``too_many_image_bytes`` (can never fit), 429 ``image_budget_full`` (not now).
@@ -76,43 +71,20 @@ class ImageBudget:
             raise ApiError(429, "image_budget_full", f"the image requests in flight hold {self.used} decoded bytes; "
                            f"this one needs {size} more, over the limit of {self.limit} "
                            f"(--max-inflight-image-bytes); retry after {retry} s", headers={"Retry-After": str(retry)})
-        self._tick()
         self.used += size
+        token = self.holds.start(size)
         try:
             yield size
         finally:
-            self._tick()
             self.used -= size
-            now = time.monotonic()
-            self._done.append((now, size, self._busy))
-            self._busy = 0.0
-            while self._done and self._done[0][0] < now - self.window:
-                self._done.popleft()
-
-    def _tick(self) -> None:
-        now = time.monotonic()
-        if self.used:
-            self._busy += now - self._since
-        self._since = now
-
-    def rate(self) -> float | None:
-        """Decoded bytes answered per busy second over the last ``window`` s (None: none answered)."""
-        now = time.monotonic()
-        recent = [(n, busy) for when, n, busy in self._done if when >= now - self.window]
-        # The time spent since the last answer counts too: a stall lowers the measured rate at once.
-        busy = sum(b for _, b in recent) + self._busy + (now - self._since if self.used else 0.0)
-        if not recent or busy <= 0.0:
-            return None
-        return sum(n for n, _ in recent) / busy
+            self.holds.finish(token)
 
     def retry_after(self, size: int, each: int, batcher: Any) -> int:
-        """Seconds until the requests in flight will have answered enough bytes for ``size`` more: at the
-        measured rate, or (none answered yet) the batch wait plus the model's measured seconds per item
-        on each of its streams, as ``queue_full``'s Retry-After."""
-        excess = self.used + size - self.limit
-        rate = self.rate()
-        if rate:
-            seconds = excess / rate
-        else:
-            seconds = batcher.max_wait + excess / each * batcher.item_seconds / max(1, getattr(batcher, "streams", 1))
-        return max(1, math.ceil(seconds))
+        """Seconds (integer, >= 1) until the requests in flight will have given back enough bytes for
+        ``size`` more: when enough of them will be answered (the module docstring)."""
+        streams = max(1, getattr(batcher, "streams", 1))
+
+        def unmeasured(held: int) -> float:  # the batch wait plus the model's measured seconds per item
+            return batcher.max_wait + held / each * batcher.item_seconds / streams
+
+        return self.holds.retry_after(self.used + size - self.limit, unmeasured)

@@ -12,8 +12,8 @@ nginx (``client_header_timeout``, ``client_body_timeout``) and TEI's axum server
 
 Past either, the connection is closed (a route reading the body sees a disconnect: 499).
 
-Beyond ``limit_concurrency`` (``--max-connections``) uvicorn answers its own plain-text 503; here
-that answer is the service's JSON error instead (503 ``too_many_connections``, ``Retry-After: 1``,
+Beyond ``limit_concurrency`` (``--max-connections`` + 1: that many may be open) uvicorn answers its
+own plain-text 503; here that answer is the service's JSON error instead (503 ``too_many_connections``, ``Retry-After: 1``,
 ``Connection: close``), so a client parses every refusal the same way.
 
 :class:`Server` starts the drain deadline on SIGTERM / SIGINT (:meth:`Service.begin_drain`) and
@@ -34,6 +34,9 @@ from .api_error import ApiError, error_body
 
 # How long after the drain deadline uvicorn waits for the 503s to be written before it cancels.
 FLUSH_SECONDS = 2.0
+# How long the banner waits, once bound, for the models to load or fail (a bad name fails in ~1 s):
+# a start that fails that early prints no address; a later failure says "not serving".
+BANNER_WAIT = 3.0
 
 
 class TimedProtocol(HttpToolsProtocol):
@@ -102,12 +105,18 @@ def timed_protocol(header_timeout: float, body_timeout: float) -> type[TimedProt
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server that starts ``on_drain()`` on the first SIGTERM / SIGINT and prints the
-    address it bound (the real port when asked for port 0)."""
+    """uvicorn's server that starts ``on_drain()`` on the first SIGTERM / SIGINT (``on_force()`` on a
+    second SIGINT, when uvicorn stops waiting) and prints the address it bound (the real port when
+    asked for port 0) once it is bound, unless the models already failed to load."""
 
-    def __init__(self, config: uvicorn.Config, on_drain: Callable[[], None], banner: str = "embedkit serve"):
+    def __init__(self, config: uvicorn.Config, on_drain: Callable[[], None], banner: str = "embedkit serve",
+                 on_force: Callable[[], None] | None = None, failed: Callable[[], bool] = lambda: False,
+                 settled: Callable[[], bool] = lambda: True):
         super().__init__(config)
         self.on_drain = on_drain
+        self.on_force = on_force  # a second Ctrl-C: the drain deadline at once
+        self.failed = failed  # the models cannot be loaded: no banner, the process is about to exit 1
+        self.settled = settled  # the models are loaded or failed
         self.banner = banner
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
@@ -115,6 +124,11 @@ class Server(uvicorn.Server):
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        until = self._loop.time() + BANNER_WAIT
+        while not self.settled() and not self.should_exit and self._loop.time() < until:
+            await asyncio.sleep(0.05)
+        if self.failed():
+            return
         for server in self.servers:
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
@@ -122,8 +136,17 @@ class Server(uvicorn.Server):
                 print(f"{self.banner}: http://{shown}:{port} (SIGTERM or Ctrl-C drains and stops)",
                       file=sys.stderr, flush=True)
 
+    async def shutdown(self, sockets: Any = None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:  # uvicorn skips the app's shutdown then: stop its workers all the same
+            await self.lifespan.shutdown()
+
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
-        if not self._draining and self._loop is not None:
+        if self._loop is None:
+            return
+        if not self._draining:
             self._draining = True
             self._loop.call_soon_threadsafe(self.on_drain)
+        elif self.force_exit and self.on_force is not None:  # uvicorn stops waiting: answer what is in flight now
+            self._loop.call_soon_threadsafe(self.on_force)

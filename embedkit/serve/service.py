@@ -2,16 +2,15 @@
 
 :class:`Service` holds the served backbones and saved models (loaded once, from the command
 line) and one :class:`~embedkit.serve.batching.Batcher` per artifact. The encoders' own tokenizer and
-image processor apply the library's input policy, so a response equals :func:`embedkit.embed`
-for the same items (rows of failed items are ``null``, each with an error record). The options are
+image processor apply the library's input policy, so a response equals :func:`embedkit.embed` for
+the same items within float32 rounding (docs/serve.md, Parity; rows of failed items are ``null``,
+each with an error record). The options are
 :mod:`embedkit.serve.settings`, the typed error :mod:`embedkit.serve.api_error`, the request bodies
 :mod:`embedkit.serve.bodies` and OpenAI's route :mod:`embedkit.serve.openai_api`.
 """
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
 import threading
@@ -209,7 +208,8 @@ class Service:
             names = ", ".join(n for n, s in self.served.items() if s.kind == kind) or "none"
             raise ApiError(404, "model_not_found", f"no {kind} of that name is served; served: {names}")
         if modality is not None and served.artifact.modality != modality:
-            raise ApiError(422, "wrong_modality", f"{name} is a {served.artifact.modality} model; "
+            article = "an" if served.artifact.modality[0] in "aeiou" else "a"
+            raise ApiError(422, "wrong_modality", f"{name} is {article} {served.artifact.modality} model; "
                            f"this request sent {modality} items")
         return served
 
@@ -293,18 +293,9 @@ class Service:
         processor = served.encoder.processor
 
         def decode(index: int, payload: Any) -> tuple[np.ndarray | None, ItemError | None]:
-            if isinstance(payload, str):  # base64, or a data: URL ("data:image/png;base64,....")
-                head, comma, tail = payload.partition(",")
-                text = tail if payload.startswith("data:") else payload
-                if payload.startswith("data:") and (not comma or not head.endswith(";base64")):
-                    return None, ItemError(index, "invalid_base64", "decode", "a data: URL must be ';base64,' data")
-                try:
-                    payload = base64.b64decode(text, validate=True)
-                except (binascii.Error, ValueError):
-                    return None, ItemError(index, "invalid_base64", "decode", "not valid base64")
-            if not isinstance(payload, bytes):
-                return None, ItemError(index, "invalid_base64", "decode",
-                                       f"expected a base64 string, got {type(payload).__name__}")
+            payload, error = bodies.image_bytes(index, payload)
+            if error is not None:
+                return None, error
             try:
                 return processor(payload)[0], None
             except ItemFailure as failure:
@@ -325,7 +316,7 @@ class Service:
                       request: Any) -> tuple[Served, np.ndarray, list[ItemError], dict[str, int]]:
         has_texts, has_images = text_key in body, "images" in body
         if has_texts == has_images:
-            raise ApiError(422, "invalid_request", f"send exactly one of '{text_key}' (texts) or 'images'")
+            raise ApiError(422, "invalid_request", f"send exactly one of '{text_key}' or 'images'")
         if has_texts:
             served = self.lookup(body.get("model"), served_kind, "text")
             texts = bodies.items(body, text_key, self.limits)
@@ -359,6 +350,7 @@ class Service:
 
     async def predict(self, body: dict[str, Any], request: Any) -> bytes:
         """``POST /predict``: a saved model's label (and class probabilities) per item."""
+        bodies.refuse_predict_dimensions(body)
         served, vectors, errors, usage = await self._inputs("model", body, "inputs", request)
         failed = {e.index for e in errors}
         good = [i for i in range(len(vectors)) if i not in failed]
