@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -254,9 +255,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # finalising the interpreter under it aborts (SIGABRT, exit 134). The model store is
         # crash-safe (a half export is a staging folder, swept by the next export), so end here.
         print("embedkit serve: stopped while the models were still loading", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(code)
-    return code
+    # Served and drained: end here too. Finalising the interpreter resets the signal handlers to
+    # their defaults, so a supervisor's repeated SIGTERM during a slow wind-down (native runtime
+    # threads, a loaded machine) turned a clean drain into death by signal (-15); and nothing is
+    # left to write (every answer was sent, the model store commits atomically).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 COMMANDS = {"serve": cmd_serve}

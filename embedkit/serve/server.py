@@ -124,6 +124,13 @@ class Server(uvicorn.Server):
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        # The banner waits for the models in a task of its own: startup returns at once, so a
+        # SIGTERM in those seconds meets the main loop and its drain (uvicorn skips shutdown when
+        # should_exit is set before startup returns).
+        self._announcing = asyncio.ensure_future(self._announce())
+
+    async def _announce(self) -> None:
+        assert self._loop is not None
         until = self._loop.time() + BANNER_WAIT
         while not self.settled() and not self.should_exit and self._loop.time() < until:
             await asyncio.sleep(0.05)
