@@ -107,3 +107,19 @@ if __name__ == "__main__":  # the embedkit command with the tiny backbones insta
 
     register()
     sys.exit(main(sys.argv[1:]))
+
+
+def table(path, texts, labels):
+    """A CSV ``text,label`` of ``texts`` and ``labels`` at ``path`` (returned): the CLI tests' input."""
+    import csv
+
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(zip(texts, labels))
+    return path
+
+
+def errors(stderr: str) -> list[str]:
+    """The ``error: `` lines of a command's stderr."""
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]

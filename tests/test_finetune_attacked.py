@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from finetune_support import errors as _errors
+from finetune_support import table as _table
 
 SUPPORT = str(Path(__file__).with_name("finetune_support.py"))
 FAST = dict(epochs=1, batch_size=4, lr=1e-2, head_lr=1e-2)
@@ -29,18 +31,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "EMBEDKIT_TUNE": "0"})
 
 
-def _table(path: Path, texts, labels) -> Path:
-    import csv
-
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows(zip(texts, labels))
-    return path
-
-
-def _errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error: ")]
 
 
 def _tree(folder: Path) -> dict[str, bytes]:

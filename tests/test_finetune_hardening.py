@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from finetune_support import errors as _errors
+from finetune_support import table as _table
 
 SUPPORT = str(Path(__file__).with_name("finetune_support.py"))
 FAST = dict(epochs=2, batch_size=4, lr=1e-2, head_lr=1e-2)
@@ -35,18 +37,6 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})})
 
 
-def _table(path: Path, texts, labels) -> Path:
-    import csv
-
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows(zip(texts, labels))
-    return path
-
-
-def _errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error: ")]
 
 
 # -- item 6: every bad label is a typed error ---------------------------------------------------

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from finetune_support import errors as _errors
+from finetune_support import table as _table
 
 SUPPORT = str(Path(__file__).with_name("finetune_support.py"))
 HEAD = dict(unfreeze="head", batch_size=4, lr=1e-2, head_lr=1e-2, validation=None)
@@ -27,18 +29,6 @@ def tiny():
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, SUPPORT, *args], capture_output=True, text=True, timeout=600,
                           env=dict(os.environ))
-
-
-def _errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error: ")]
-
-
-def _table(path: Path, texts, labels) -> Path:
-    import csv
-
-    with path.open("w", newline="") as f:
-        csv.writer(f).writerows([("text", "label"), *zip(texts, labels)])
-    return path
 
 
 # -- 1. a default name identifies the run, not only its weights ---------------------------------
