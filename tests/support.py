@@ -28,3 +28,20 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
         [sys.executable, "-m", "embedkit.cli", *args], capture_output=True, text=True,
         env={**os.environ, **(env or {})}, cwd=cwd, timeout=900,
     )
+
+
+def kill_when(proc, ready, timeout: float) -> bool:
+    """Poll ``ready()`` (every 2 ms) until it holds, ``proc`` ends or ``timeout`` s pass; then
+    ``kill -9`` the process group of ``proc`` (started with ``start_new_session=True``) if it still
+    runs and wait for it. True when it was killed."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline and not ready():
+        time.sleep(0.002)
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    return killed

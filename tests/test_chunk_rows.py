@@ -11,18 +11,15 @@ each, so a window's token span is a span of words and its passage can be written
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from store_support import tiny_fixture  # noqa: F401 (the tiny fixture)
-from support import run_cli
+from support import kill_when, run_cli
 
 import embedkit
 from embedkit.errors import StoreError, UsageError
@@ -214,15 +211,7 @@ def test_kill_9_during_extract_then_rerun_gives_every_row_once(tiny, words, tmp_
     for at_least in (1, 8, 16):  # commits of the rows namespace seen before the kill (they add up over runs)
         proc = subprocess.Popen(command + ["--out", str(crashed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline:
-            if rows_commits() >= at_least:
-                break
-            time.sleep(0.002)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait(timeout=60)
+        kills += kill_when(proc, lambda: rows_commits() >= at_least, 300)
     assert kills >= 2
     final = subprocess.run(command + ["--out", str(crashed), "--json"], capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from store_support import tiny_fixture  # noqa: F401 (the tiny fixture)
+from support import kill_when
 
 import embedkit
 from embedkit import Calibration, Compact
@@ -305,17 +303,12 @@ def test_kill_9_during_compact_then_rerun_gives_the_uninterrupted_rows(tmp_path:
     for at_least in (0, 3, 40):  # as soon as the namespace folder appears, then after some commits
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
+        def committed(at_least: int = at_least) -> bool:
             folder = _compact_namespace(crashed)
-            commits = len(list((folder / "commits").glob("*.json"))) if folder and (folder / "commits").is_dir() else -1
-            if folder is not None and commits >= at_least:
-                break
-            time.sleep(0.002)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait(timeout=60)
+            return folder is not None and (folder / "commits").is_dir() and \
+                len(list((folder / "commits").glob("*.json"))) >= at_least
+
+        kills += kill_when(proc, committed, 120)
     assert kills >= 2
     report = embedkit.compact_features(crashed, "toy", **settings)
     assert report.converted < 20_000 and report.rows == 20_000
