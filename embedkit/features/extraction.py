@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from ..encoder import encoder_for
@@ -142,7 +141,7 @@ def extract(
     if dimensions == artifact.dim:
         dimensions = None  # every dimension: the plain vectors (float32: no compact namespace), no d<D> twin
     variant = variants.long_variant(artifact, options)
-    if not chunk_rows and options.get("long") == "chunk" and _has_rows(store, artifact, variant):
+    if not chunk_rows and options.get("long") == "chunk" and FeatureStore(store).holds(artifact, {**variant, "rows": True}):
         # the store keeps per-chunk rows of this variant: they follow the pooled vectors (a text whose
         # content changed gets its new windows), else search would answer with stale passages
         if engine != "local":
@@ -188,12 +187,6 @@ def extract(
         logger.info("%d ids had another content (or none recorded) in the store: recomputed", report.changed)
     logger.info("extract %s (%s): %s", artifact.name, artifact.digest[:12], report.summary())
     return report
-
-
-def _has_rows(store: Any, artifact: Any, variant: dict[str, Any]) -> bool:
-    """Whether ``store`` holds a per-chunk rows namespace of ``artifact`` made with ``variant``."""
-    folder = Path(store) / artifact.name / variants.folder_name(artifact.digest, variants.normalize({**variant, "rows": True}))
-    return (folder / "namespace.json").is_file() or (folder / "commits").is_dir()
 
 
 def _check_chunk_rows(chunk_rows: Any, options: dict[str, Any], engine: str) -> None:

@@ -70,6 +70,16 @@ class FeatureStore:
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.root)!r})"
 
+    def _folder(self, artifact: Any, variant: dict[str, Any]) -> Path:
+        """Where the namespace of ``artifact`` made the (normalised) ``variant`` way lives."""
+        return self.root / artifact.name / variants.folder_name(artifact.digest, variant)
+
+    def holds(self, artifact: Any, variant: dict[str, Any] | None = None) -> bool:
+        """Whether the namespace of ``artifact`` made the ``variant`` way exists (as :meth:`namespaces`
+        finds it: a ``namespace.json`` or a ``commits/`` folder), without creating it."""
+        folder = self._folder(artifact, variants.normalize(variant))
+        return (folder / NAMESPACE).is_file() or (folder / "commits").is_dir()
+
     def namespace(self, artifact: Any, variant: dict[str, Any] | None = None) -> Namespace:
         """The namespace of an artifact made one way, created on first use (the writer's entry point).
 
@@ -83,7 +93,7 @@ class FeatureStore:
         (an OSError) when the store cannot be written.
         """
         variant = variants.normalize(variant)
-        folder = self.root / artifact.name / variants.folder_name(artifact.digest, variant)
+        folder = self._folder(artifact, variant)
         info = {
             "schema": SCHEMA_VERSION,
             "backbone": artifact.name,
